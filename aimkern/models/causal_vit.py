@@ -1,0 +1,168 @@
+"""CausalViT: a lean Vision Transformer for autoregressive (next-patch, raster-order) pretraining.
+
+images -> PatchEmbed (+ positions) -> depth x Block (prefix/block-causal attention) -> norm -> features
+features -> PredictionHead -> next_patch_pixel_loss (pixel objective) or linear_cross_entropy (token objective)
+
+No class token; tokens are patches in raster order. Every op runs through aimkern's public ops, so each
+Triton kernel swaps in through ``config.backend`` without touching the model.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..nn import Attention, Block, PatchEmbed, PredictionHead, make_mlp, make_norm, sincos_pos_embed_2d
+from ..ops.cross_entropy import linear_cross_entropy
+from ..ops.pixel_loss import next_patch_pixel_loss
+from .config import ViTConfig
+
+PrefixLen = Union[None, int, torch.Tensor]
+
+
+class CausalViT(nn.Module):
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        if not isinstance(config, ViTConfig):
+            raise TypeError(f"CausalViT: config must be a ViTConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        norm = partial(make_norm, cfg.norm, eps=cfg.norm_eps, bias=cfg.bias)
+
+        self.patch_embed = PatchEmbed(
+            cfg.patch_size, cfg.in_chans, cfg.dim, bias=cfg.bias,
+            norm_layer=norm(cfg.dim) if cfg.patch_norm else None, backend=cfg.backend,
+        )
+        n = cfg.num_patches
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, n, cfg.dim))
+        else:
+            pos = sincos_pos_embed_2d(cfg.dim, cfg.grid_size, cfg.grid_size).unsqueeze(0)
+            self.register_buffer("pos_embed", pos, persistent=False)
+
+        self.blocks = nn.ModuleList(
+            Block(
+                attn=Attention(
+                    cfg.dim, cfg.num_heads, qkv_bias=cfg.qkv_bias, proj_bias=cfg.bias,
+                    is_causal=cfg.is_causal, block_size=cfg.block_size, backend=cfg.backend,
+                ),
+                mlp=make_mlp(cfg.mlp, cfg.dim, cfg.mlp_hidden_dim, bias=cfg.bias),
+                norm1=norm(cfg.dim),
+                norm2=norm(cfg.dim),
+            )
+            for _ in range(cfg.depth)
+        )
+        self.norm = norm(cfg.dim)
+
+        head_width = cfg.head_dim or cfg.dim
+        out_dim = cfg.patch_size**2 * cfg.in_chans if cfg.head == "pixel" else cfg.vocab_size
+        self.head = PredictionHead(
+            cfg.dim, out_dim, depth=cfg.head_depth, hidden_dim=head_width,
+            make_block_mlp=lambda w: make_mlp(cfg.mlp, w, int(w * cfg.mlp_ratio), bias=cfg.bias),
+            make_norm=norm, bias=cfg.bias,
+        )
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CausalViT":
+        """Build a named preset (``ViTConfig.from_preset``), with optional config overrides."""
+        return cls(ViTConfig.from_preset(name, **overrides))
+
+    def reset_parameters(self) -> None:
+        # ViT/MAE initialization: truncated normal (std 0.02) for linears and learned positions, the patch
+        # projection like a linear layer (xavier on its flattened view), zero biases, unit norms.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def num_parameters(self, trunk_only: bool = False) -> int:
+        """Parameter count; ``trunk_only`` leaves out the prediction head (the published sizes count the trunk)."""
+        params = self.parameters() if not trunk_only else (
+            p for name, p in self.named_parameters() if not name.startswith("head.")
+        )
+        return sum(p.numel() for p in params)
+
+    def sample_prefix_len(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """AIM's prefix sampling: an int64 (batch_size,) tensor uniform in [1, N - 1]."""
+        n = self.config.num_patches
+        return torch.randint(1, n, (batch_size,), generator=generator).to(device or self.pos_embed.device)
+
+    # ----------------------------------------------------------------------------------------------
+    def forward_features(
+        self, images: torch.Tensor, prefix_len: PrefixLen = None, is_causal: Optional[bool] = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, N, dim) features after the final norm.
+
+        ``is_causal=None`` uses the config's mask; False gives full attention (evaluation, probing).
+        ``prefix_len`` (None, int or (B,) tensor) makes the first tokens of each image bidirectional.
+        """
+        cfg = self.config
+        if images.dim() != 4 or images.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            raise ValueError(
+                f"CausalViT: images must be (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        x = self.patch_embed(images, self.pos_embed.to(images.dtype))
+        for block in self.blocks:
+            x = block(x, prefix_len=prefix_len, is_causal=is_causal)
+        return self.norm(x)
+
+    def forward(
+        self, images: torch.Tensor, prefix_len: PrefixLen = None, targets: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The pretraining loss (a scalar) for a batch of images.
+
+        Row i of the features predicts patch i + block_size. With the pixel head the target is the patch's
+        normalized pixels; with the token head it is ``targets[:, i + block_size]`` from the (B, N) token
+        ids. In training with ``config.prefix`` on and no ``prefix_len`` given, a prefix is sampled per image
+        (AIM); prefix patches are context, never targets.
+        """
+        cfg = self.config
+        if prefix_len is None and self.training and cfg.prefix and cfg.is_causal:
+            prefix_len = self.sample_prefix_len(images.shape[0], images.device)
+        x = self.forward_features(images, prefix_len=prefix_len)
+        offset = cfg.block_size
+        if cfg.head == "pixel":
+            pred = self.head(x)
+            return next_patch_pixel_loss(
+                pred, images, patch_size=cfg.patch_size, offset=offset, prefix_len=prefix_len,
+                norm_pix=cfg.norm_pix, backend=cfg.backend,
+            )
+        return self._token_loss(x, targets, prefix_len, offset)
+
+    def _token_loss(self, x: torch.Tensor, targets, prefix_len: PrefixLen, offset: int) -> torch.Tensor:
+        cfg = self.config
+        b, n, _ = x.shape
+        if targets is None:
+            raise ValueError("CausalViT: the token head needs targets, the (B, N) token ids of the patches")
+        if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (b, n):
+            raise ValueError(f"CausalViT: targets must be a (B, N) = ({b}, {n}) tensor of token ids")
+        ignore_index = -100
+        tgt = targets[:, offset:].long()
+        if prefix_len is not None:
+            j = torch.arange(offset, n, device=x.device).view(1, -1)
+            prefix = prefix_len if isinstance(prefix_len, torch.Tensor) else torch.tensor(prefix_len, device=x.device)
+            tgt = tgt.masked_fill(j < prefix.view(-1, 1).to(x.device), ignore_index)
+        h = self.head.features(x[:, : n - offset])
+        return linear_cross_entropy(
+            h, self.head.out.weight, tgt, linear_bias=self.head.out.bias, ignore_index=ignore_index,
+            backend=cfg.backend,
+        )
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (
+            f"img={cfg.img_size}, patch={cfg.patch_size}, N={cfg.num_patches}, causal={cfg.is_causal}, "
+            f"block_size={cfg.block_size}, head={cfg.head}, params={self.num_parameters() / 1e6:.1f}M"
+        )

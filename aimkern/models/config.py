@@ -1,0 +1,126 @@
+"""ViTConfig: one small dataclass describing a causal ViT, and the named presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass
+class ViTConfig:
+    # --- input ---
+    img_size: int = 224  # square input resolution in pixels (a multiple of patch_size)
+    patch_size: int = 16  # P: each token is a P x P patch
+    in_chans: int = 3  # image channels C
+    # --- trunk ---
+    dim: int = 768  # token width
+    depth: int = 12  # number of transformer blocks
+    num_heads: int = 12  # attention heads; head dim = dim // num_heads (a multiple of 8 in [16, 256])
+    mlp_ratio: float = 4.0  # MLP hidden width = int(dim * mlp_ratio) (the gated width for SwiGLU)
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-6  # epsilon of every norm
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    qkv_bias: bool = True  # bias on the qkv projection
+    bias: bool = True  # bias on every other linear (attention output, MLPs, heads) and the norms
+    patch_norm: bool = False  # a norm right after the patch projection (AIMv2)
+    pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2-D sine-cosine, AIMv1 / MAE)
+    # --- attention mask (raster order; see aimkern.attention) ---
+    is_causal: bool = True  # causal pretraining; forward_features(is_causal=False) gives full attention
+    block_size: int = 1  # tokens per causal block; the next-patch offset too
+    prefix: bool = True  # AIM prefix sampling in training: a random bidirectional prefix per image
+    # --- prediction head and objective ---
+    head: str = "pixel"  # "pixel" (normalized next-patch pixels) | "token" (next patch's token id)
+    head_depth: int = 0  # MLP-only residual blocks in the head (AIMv1: 12)
+    head_dim: int = 0  # width of those blocks; 0 means the trunk's dim (AIMv1: 2048)
+    vocab_size: int = 8192  # token head: number of token ids
+    norm_pix: bool = True  # pixel head: regress per-patch standardized pixels (MAE / AIM)
+    # --- execution ---
+    backend: str = "auto"  # op backend: "auto" (Triton on CUDA, reference on CPU) | "triton" | "reference"
+
+    def __post_init__(self) -> None:
+        def bad(msg):
+            raise ValueError(f"ViTConfig: {msg}")
+
+        if self.img_size % self.patch_size:
+            bad(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        if self.dim % self.num_heads:
+            bad(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
+        head_dim = self.dim // self.num_heads
+        if head_dim % 8 or not 16 <= head_dim <= 256:
+            bad(f"head dim dim // num_heads = {head_dim} must be a multiple of 8 in [16, 256]")
+        for name, allowed in (
+            ("norm", ("layernorm", "rmsnorm")),
+            ("mlp", ("gelu", "swiglu")),
+            ("pos_embed", ("learned", "sincos")),
+            ("head", ("pixel", "token")),
+            ("backend", ("auto", "triton", "reference")),
+        ):
+            if getattr(self, name) not in allowed:
+                bad(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.pos_embed == "sincos" and self.dim % 4:
+            bad(f"pos_embed='sincos' needs dim divisible by 4, got {self.dim}")
+        if self.block_size < 1 or self.depth < 1 or self.head_depth < 0 or self.vocab_size < 2:
+            bad("block_size and depth must be >= 1, head_depth >= 0, vocab_size >= 2")
+        if self.block_size >= self.num_patches:
+            bad(f"block_size={self.block_size} leaves no next patch to predict among N={self.num_patches}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"ViTConfig.from_dict: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ViTConfig":
+        """A named preset (see ``PRESETS``), with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+def _vit(**kw) -> ViTConfig:
+    # Classic ViT trunks (timm's names), without class token, learned positions, biases everywhere.
+    return ViTConfig(**kw)
+
+
+def _aim_v1(dim: int, depth: int, num_heads: int) -> ViTConfig:
+    # AIMv1 (El-Nouby et al., 2024): patch 14 at 224 px, no biases, sin-cos positions, prefix-causal
+    # pretraining, and an MLP-only pixel head of 12 residual blocks at width 2048.
+    return ViTConfig(
+        img_size=224, patch_size=14, dim=dim, depth=depth, num_heads=num_heads, qkv_bias=False, bias=False,
+        pos_embed="sincos", head_depth=12, head_dim=2048,
+    )
+
+
+PRESETS = {
+    # A toy for CPUs: 32 px images of 4 px patches (N = 64), trains in seconds.
+    "vit-tiny": _vit(img_size=32, patch_size=4, dim=64, depth=4, num_heads=4),
+    "vit-s16": _vit(dim=384, depth=12, num_heads=6),
+    "vit-b16": _vit(dim=768, depth=12, num_heads=12),
+    "vit-l16": _vit(dim=1024, depth=24, num_heads=16),
+    "vit-h14": _vit(patch_size=14, dim=1280, depth=32, num_heads=16),
+    "aim-600m": _aim_v1(1536, 24, 12),
+    "aim-1b": _aim_v1(2048, 24, 16),
+    "aim-3b": _aim_v1(3072, 24, 24),
+    "aim-7b": _aim_v1(4096, 32, 32),
+    # AIMv2-L (Fini et al., 2024): RMSNorm, SwiGLU (hidden 2816), no biases, a norm after the patch embed.
+    "aimv2-large": ViTConfig(
+        img_size=224, patch_size=14, dim=1024, depth=24, num_heads=8, mlp_ratio=2.75, norm="rmsnorm",
+        norm_eps=1e-5, mlp="swiglu", qkv_bias=False, bias=False, patch_norm=True,
+    ),
+}

@@ -1,0 +1,15 @@
+"""Public ops: one file each (input checks, backend dispatch, autograd and custom-op registration)."""
+from .attention import AttentionParams, attention
+from .cross_entropy import CrossEntropyParams, linear_cross_entropy
+from .patch_embed import patch_embed
+from .pixel_loss import PixelLossParams, next_patch_pixel_loss
+
+__all__ = [
+    "AttentionParams",
+    "CrossEntropyParams",
+    "PixelLossParams",
+    "attention",
+    "linear_cross_entropy",
+    "next_patch_pixel_loss",
+    "patch_embed",
+]

@@ -1,0 +1,103 @@
+"""Shared input checks and backend resolution for the public ops.
+
+Every public op validates its arguments here, once, at the boundary, so that a bad input gets a
+ValueError/TypeError naming the argument instead of a wrong result or a CUDA crash deep inside a kernel.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+# Dtypes the Triton kernels accept. The reference path also takes float64 (tests use it as ground truth).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, ref: torch.Tensor, op: str) -> str:
+    """Map ``backend`` to "triton" or "reference" for tensors living on ``ref.device``.
+
+    "auto" runs Triton on CUDA and the reference elsewhere. "triton" on CPU tensors needs Triton's
+    interpreter, which must be switched on (TRITON_INTERPRET=1) before aimkern's kernels are imported.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if ref.is_cuda else "reference"
+    if backend == "triton" and not ref.is_cuda and not interpreting():
+        raise ValueError(
+            f"{op}: backend='triton' got tensors on {ref.device}; Triton kernels run on CUDA tensors, or on "
+            "CPU tensors under Triton's interpreter (set TRITON_INTERPRET=1 before importing aimkern)"
+        )
+    return backend
+
+
+def check_tensor(x, name: str, op: str, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_float_dtype(x: torch.Tensor, name: str, op: str, backend: str) -> None:
+    allowed = KERNEL_DTYPES if backend == "triton" else REFERENCE_DTYPES
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{op}: {name} must be one of {names} for backend={backend!r}, got {x.dtype}")
+
+
+def check_same_device(tensors: Iterable[tuple[str, Optional[torch.Tensor]]], op: str) -> None:
+    first = None
+    for name, t in tensors:
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first[0]} is on {first[1]}; put them on one device")
+
+
+def can_inspect_values() -> bool:
+    """Whether value checks (which read tensor data, a host sync on CUDA) may run.
+
+    Under torch.compile tracing, tensors are fake and data-dependent checks would break the graph, so
+    they are skipped there; the kernels clamp indices themselves so a bad value can never crash them.
+    """
+    return not torch.compiler.is_compiling()
+
+
+def normalize_prefix_len(prefix_len, batch: int, n: int, device: torch.device, op: str) -> Optional[torch.Tensor]:
+    """Check ``prefix_len`` (None, int, or an int tensor of shape (B,)) and return None or an int32 (B,) tensor."""
+    if prefix_len is None:
+        return None
+    if isinstance(prefix_len, bool):
+        raise TypeError(f"{op}: prefix_len must be None, an int or an integer tensor of shape (B,), got a bool")
+    if isinstance(prefix_len, int):
+        if not 0 <= prefix_len <= n:
+            raise ValueError(f"{op}: prefix_len must be in [0, N={n}], got {prefix_len}")
+        return torch.full((batch,), prefix_len, dtype=torch.int32, device=device)
+    if not isinstance(prefix_len, torch.Tensor):
+        raise TypeError(
+            f"{op}: prefix_len must be None, an int or an integer tensor of shape (B,), got {type(prefix_len).__name__}"
+        )
+    if prefix_len.dtype.is_floating_point or prefix_len.dtype.is_complex or prefix_len.dtype == torch.bool:
+        raise TypeError(f"{op}: prefix_len must be an integer tensor, got {prefix_len.dtype}")
+    if prefix_len.shape != (batch,):
+        raise ValueError(f"{op}: prefix_len must have shape (B,) = ({batch},), got {tuple(prefix_len.shape)}")
+    if prefix_len.device != device:
+        raise ValueError(f"{op}: prefix_len is on {prefix_len.device} but the inputs are on {device}")
+    if can_inspect_values() and batch > 0:
+        lo, hi = int(prefix_len.min()), int(prefix_len.max())
+        if lo < 0 or hi > n:
+            raise ValueError(f"{op}: prefix_len values must be in [0, N={n}], got min {lo} and max {hi}")
+    return prefix_len.to(torch.int32)

@@ -1,0 +1,54 @@
+"""Plain-PyTorch reference of `aimkern.next_patch_pixel_loss` (AIM's normalized next-patch objective)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .patch_embed import patchify
+
+
+def pixel_targets(images: torch.Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, P*P*C) targets in MAE/AIM (p, q, c) order, per-patch standardized when norm_pix."""
+    t = patchify(images, patch_size, order="pqc")
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    if norm_pix:
+        mean = t.mean(dim=-1, keepdim=True)
+        var = t.var(dim=-1, keepdim=True)  # unbiased, as in MAE and AIM
+        t = (t - mean) / torch.sqrt(var + eps)
+    return t
+
+
+def target_mask(batch: int, n: int, offset: int, prefix_len: Optional[torch.Tensor], device) -> torch.Tensor:
+    """(B, N) bool: target patch j counts when j >= offset and j >= prefix_len[b]."""
+    j = torch.arange(n, device=device).view(1, n)
+    counted = (j >= offset).expand(batch, n)
+    if prefix_len is not None:
+        counted = counted & (j >= prefix_len.view(-1, 1).to(device))
+    return counted
+
+
+def next_patch_pixel_loss_reference(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    *,
+    patch_size: int,
+    offset: int = 1,
+    prefix_len: Optional[torch.Tensor] = None,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Mean squared error of pred[:, i] against the (normalized) patch i + offset, over counted targets.
+
+    pred (B, N, P*P*C), images (B, C, H, W). Returns a float32 scalar (float64 for float64 inputs). When no
+    target counts (e.g. prefix_len = N everywhere) the loss is 0 with a zero gradient.
+    """
+    b, n, _ = pred.shape
+    target = pixel_targets(images, patch_size, norm_pix, eps)
+    counted = target_mask(b, n, offset, prefix_len, pred.device)
+    # Row i of pred predicts patch i + offset: shift the targets back by `offset` rows.
+    shifted_target = target[:, offset:]
+    shifted_pred = pred[:, : max(n - offset, 0)].to(target.dtype)
+    per_patch = ((shifted_pred - shifted_target) ** 2).mean(dim=-1)
+    weight = counted[:, offset:].to(per_patch.dtype)
+    return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
