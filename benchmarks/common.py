@@ -13,7 +13,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+# Reports go to $AIMKERN_BENCH_OUT when set (gpu_check.sh points it at the device tool's $OUT).
+OUT_DIR = os.environ.get("AIMKERN_BENCH_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 # Ceilings measured on the H200 (DESIGN.md): bf16 dense matmul and device-to-device copy.
 MATMUL_CEILING_TFLOPS = 765.0
