@@ -138,3 +138,15 @@ def test_device_mismatch_is_named():
         aimkern.attention(q, q.to("meta"), q)
     with pytest.raises(ValueError, match="pos_embed is on meta"):
         aimkern.patch_embed(torch.randn(1, 3, 4, 4), torch.randn(5, 3, 2, 2), None, torch.randn(4, 5, device="meta"))
+
+
+def test_prefix_len_checked_again_after_in_place_change():
+    q = torch.randn(2, 1, 8, 16)
+    pl = torch.tensor([2, 3])
+    aimkern.attention(q, q, q, is_causal=True, prefix_len=pl)
+    aimkern.attention(q, q, q, is_causal=True, prefix_len=pl)  # same tensor: validated once, still fine
+    pl[1] = 9  # out of [0, 8] now
+    with pytest.raises(ValueError, match="prefix_len values"):
+        aimkern.attention(q, q, q, is_causal=True, prefix_len=pl)
+    with pytest.raises(ValueError, match="prefix_len values"):  # a longer N was fine, a shorter one is checked
+        aimkern.attention(q[:, :, :4], q[:, :, :4], q[:, :, :4], is_causal=True, prefix_len=torch.tensor([2, 5]))

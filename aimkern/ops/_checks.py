@@ -6,6 +6,7 @@ ValueError/TypeError naming the argument instead of a wrong result or a CUDA cra
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Iterable, Optional
 
 import torch
@@ -96,8 +97,25 @@ def normalize_prefix_len(prefix_len, batch: int, n: int, device: torch.device, o
         raise ValueError(f"{op}: prefix_len must have shape (B,) = ({batch},), got {tuple(prefix_len.shape)}")
     if prefix_len.device != device:
         raise ValueError(f"{op}: prefix_len is on {prefix_len.device} but the inputs are on {device}")
-    if can_inspect_values() and batch > 0:
-        lo, hi = int(prefix_len.min()), int(prefix_len.max())
+    if can_inspect_values() and batch > 0 and not _already_validated(prefix_len, n):
+        lo, hi = int(prefix_len.min()), int(prefix_len.max())  # a host sync on CUDA
         if lo < 0 or hi > n:
             raise ValueError(f"{op}: prefix_len values must be in [0, N={n}], got min {lo} and max {hi}")
+        _remember_validated(prefix_len, n)
     return prefix_len.to(torch.int32)
+
+
+# A model passes one prefix_len tensor to every block: remember the last one that passed the range check
+# (by identity and version counter, so an in-place change is checked again) and sync once per step, not
+# once per layer.
+_last_validated: tuple = (None, -1, -1)
+
+
+def _already_validated(t: torch.Tensor, n: int) -> bool:
+    ref, version, checked_n = _last_validated
+    return ref is not None and ref() is t and version == t._version and checked_n >= 0 and n >= checked_n
+
+
+def _remember_validated(t: torch.Tensor, n: int) -> None:
+    global _last_validated
+    _last_validated = (weakref.ref(t), t._version, n)
