@@ -1,7 +1,14 @@
 """`aimkern.patch_embed`: patchify + linear projection + bias + position embedding, raster order.
 
-Backend dispatch and input checks live here; the Triton launcher, autograd and custom-op registration
-join this file when the kernel lands (kernels/patch_embed.py).
+Backend dispatch, input checks, the Triton launchers (kernels/patch_embed.py), their custom-op
+registration (``aimkern::patch_embed_fwd``, ``aimkern::patch_embed_bwd_params``,
+``aimkern::patch_embed_bwd_images``) and the autograd formula:
+
+    out     = patches(images) @ W^T + bias + pos   patches: (B*N, K) gathered in-kernel, never stored
+    dW      = dOut^T @ patches                     fp32 partials per slice, summed in a fixed order
+    d(pos)  = dOut summed over the batch           in the same pass over dOut as dW
+    db      = d(pos) summed over the tokens
+    dImages = dOut @ W scattered back to NCHW      only when images require grad
 """
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..reference.patch_embed import patch_embed_reference
-from ._checks import check_float_dtype, check_same_device, check_tensor, resolve_backend
+from ._checks import check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend
 
 OP = "patch_embed"
 
@@ -41,10 +48,177 @@ def _check_inputs(images, weight, bias, pos_embed, backend: str) -> None:
             check_float_dtype(t, name, OP, backend)
 
 
-def _patch_embed_triton(images, weight, bias, pos_embed) -> torch.Tensor:
-    raise NotImplementedError(
-        "aimkern.patch_embed: the Triton kernel has not landed yet; use backend='reference' (or 'auto' on CPU)"
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 GEMMs stay fp32 ("ieee"), like torch.matmul's default; tf32 would miss the fp32 tolerances.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _kernels():
+    from aimkern.kernels import patch_embed as kern  # imported late: TRITON_INTERPRET must be decided first
+
+    return kern
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def _geometry(images: torch.Tensor, weight: torch.Tensor):
+    """(B, C, P, GW, N, E, K) of one call."""
+    b, c, h, w = images.shape
+    e, _, p, _ = weight.shape
+    return b, c, p, w // p, (h // p) * (w // p), e, c * p * p
+
+
+def _launch_forward(images, weight, bias, pos_embed) -> torch.Tensor:
+    import triton
+
+    b, _, p, gw, n, e, k = _geometry(images, weight)
+    m = b * n
+    out = torch.empty((b, n, e), device=images.device, dtype=images.dtype)
+    if m == 0:
+        return out
+    pos = pos_embed.reshape(n, e) if pos_embed is not None else None
+    kernel, meta = _kernels().forward_kernel(interpreting())
+    grid = lambda META: (triton.cdiv(e, META["BLOCK_E"]) * triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
+    kernel[grid](
+        images, weight, bias if bias is not None else out, pos if pos is not None else out, out,
+        m, n, gw, e, k,
+        *images.stride(), *weight.stride(), *(pos.stride() if pos is not None else (0, 0)),
+        P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None, PRECISION=_precision(images.dtype), **meta,
     )
+    return out
+
+
+def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: bool):
+    """(dW in weight's dtype or an empty tensor, d(pos) as fp32 (N, E) or an empty tensor)."""
+    b, _, p, gw, n, e, k = _geometry(images, weight)
+    dw = weight.new_zeros(weight.shape) if want_weight else weight.new_empty(0)
+    dpos = grad.new_zeros((n, e), dtype=torch.float32) if want_pos else grad.new_empty(0, dtype=torch.float32)
+    if b == 0 or not (want_weight or want_pos):
+        return dw, dpos
+    kern = _kernels()
+    cfg = kern.dw_config(b, n, e, k, want_weight, interpreting(), _sm_count(images.device))
+    slices = cfg["n_blocks"] * cfg["b_chunks"]
+    dw_part = grad.new_empty((slices, e, k) if want_weight else (0,), dtype=torch.float32)
+    dpos_part = grad.new_empty((cfg["b_chunks"], n, e) if want_pos else (0,), dtype=torch.float32)
+    k_tiles = -(-k // cfg["BLOCK_K"]) if want_weight else 1
+    grid = (-(-e // cfg["BLOCK_E"]) * k_tiles, slices)
+    kern.patch_embed_dw_kernel[grid](
+        grad, images, dw_part, dpos_part,
+        b, n, gw, e, k, cfg["b_per_slice"], cfg["n_blocks"],
+        *grad.stride(), *images.stride(),
+        P=p, WANT_W=want_weight, WANT_POS=want_pos, PRECISION=_precision(images.dtype),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    # Fixed-order sums of the per-slice partials: deterministic, and tiny next to the GEMM.
+    if want_weight:
+        dw = dw_part.sum(0).reshape(weight.shape).to(weight.dtype)
+    if want_pos:
+        dpos = dpos_part.sum(0)
+    return dw, dpos
+
+
+def _launch_backward_images(grad, weight, images) -> torch.Tensor:
+    import triton
+
+    b, _, p, gw, n, e, k = _geometry(images, weight)
+    m = b * n
+    dx = torch.empty(images.shape, device=images.device, dtype=images.dtype)
+    if m == 0:
+        return dx
+    kernel, meta = _kernels().dx_kernel(interpreting())
+    grid = lambda META: (triton.cdiv(k, META["BLOCK_K"]) * triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
+    kernel[grid](
+        grad, weight, dx,
+        m, n, gw, e, k,
+        *grad.stride(), *weight.stride(), *dx.stride(),
+        P=p, PRECISION=_precision(images.dtype), **meta,
+    )
+    return dx
+
+
+# ------------------------------------------------------------------------------ custom ops + autograd
+@torch.library.custom_op("aimkern::patch_embed_fwd", mutates_args=())
+def _patch_embed_fwd(
+    images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor]
+) -> torch.Tensor:
+    return _launch_forward(images, weight, bias, pos_embed)
+
+
+@_patch_embed_fwd.register_fake
+def _(images, weight, bias, pos_embed):
+    b, _, _, _, n, e, _ = _geometry(images, weight)
+    return images.new_empty((b, n, e))
+
+
+@torch.library.custom_op("aimkern::patch_embed_bwd_params", mutates_args=())
+def _patch_embed_bwd_params(
+    grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, want_weight: bool, want_pos: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_backward_params(grad, images, weight, want_weight, want_pos)
+
+
+@_patch_embed_bwd_params.register_fake
+def _(grad, images, weight, want_weight, want_pos):
+    _, _, _, _, n, e, _ = _geometry(images, weight)
+    dw = weight.new_empty(weight.shape) if want_weight else weight.new_empty(0)
+    dpos = grad.new_empty((n, e) if want_pos else (0,), dtype=torch.float32)
+    return dw, dpos
+
+
+@torch.library.custom_op("aimkern::patch_embed_bwd_images", mutates_args=())
+def _patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    return _launch_backward_images(grad, weight, images)
+
+
+@_patch_embed_bwd_images.register_fake
+def _(grad, weight, images):
+    return torch.empty(images.shape, device=images.device, dtype=images.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, pos_embed = inputs
+    ctx.save_for_backward(images, weight)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.pos_meta = (tuple(pos_embed.shape), pos_embed.dtype) if pos_embed is not None else None
+
+
+def _backward(ctx, grad):
+    images, weight = ctx.saved_tensors
+    need_x, need_w, need_b, need_pos = ctx.needs_input_grad
+    dx = dw = db = dpos = None
+    if need_w or need_b or need_pos:
+        dw, dpos32 = _patch_embed_bwd_params(grad, images, weight, need_w, need_b or need_pos)
+        dw = dw if need_w else None
+        if need_b:
+            db = dpos32.sum(0).to(ctx.bias_dtype)  # db = dOut summed over batch and tokens
+        if need_pos:
+            shape, dtype = ctx.pos_meta
+            dpos = dpos32.reshape(shape).to(dtype)
+    if need_x:
+        dx = _patch_embed_bwd_images(grad, weight, images)
+    return dx, dw, db, dpos
+
+
+_patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _patch_embed_triton(images, weight, bias, pos_embed) -> torch.Tensor:
+    # The fused GEMM multiplies images by weight in one dtype (as F.linear would require).
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != images.dtype:
+            raise TypeError(f"{OP}: {name} must have the images' dtype {images.dtype} for backend='triton', got {t.dtype}")
+    return _patch_embed_fwd(images, weight, bias, pos_embed)
 
 
 def patch_embed(

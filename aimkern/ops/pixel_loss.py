@@ -1,7 +1,15 @@
 """`aimkern.next_patch_pixel_loss`: AIM's normalized next-patch pixel regression, fused.
 
-Backend dispatch and input checks live here; the Triton launcher, autograd and custom-op registration
-join this file when the kernel lands (kernels/pixel_loss.py).
+Backend dispatch, input checks, the Triton launcher (kernels/pixel_loss.py), its custom-op registration
+(``aimkern::next_patch_pixel_loss_fwd`` / ``_bwd``) and the autograd formula. The Triton path reads pred
+and images once in the forward and once in the backward, which writes d(pred) directly:
+
+    d(pred)[b, i] = 2 * grad * (pred[b, i] - t[b, i + offset]) / (P*P*C * count)   for counted targets,
+                    0 for rows that predict nothing counted,
+
+recomputing the normalized targets t in registers (never stored). The images are data: the Triton path
+gives them no gradient and refuses images that require grad (the reference does differentiate through
+the targets' normalization).
 """
 from __future__ import annotations
 
@@ -11,7 +19,14 @@ from typing import Optional, Union
 import torch
 
 from ..reference.pixel_loss import next_patch_pixel_loss_reference
-from ._checks import check_float_dtype, check_same_device, check_tensor, normalize_prefix_len, resolve_backend
+from ._checks import (
+    check_float_dtype,
+    check_same_device,
+    check_tensor,
+    interpreting,
+    normalize_prefix_len,
+    resolve_backend,
+)
 
 OP = "next_patch_pixel_loss"
 
@@ -51,11 +66,109 @@ def _check_inputs(pred, images, params: PixelLossParams, backend: str) -> None:
     check_float_dtype(images, "images", OP, backend)
 
 
-def _pixel_loss_triton(pred, images, prefix_len: Optional[torch.Tensor], params: PixelLossParams) -> torch.Tensor:
-    raise NotImplementedError(
-        "aimkern.next_patch_pixel_loss: the Triton kernel has not landed yet; use backend='reference' "
-        "(or 'auto' on CPU)"
+def _kernels():
+    from aimkern.kernels import pixel_loss as kern  # imported late: TRITON_INTERPRET must be decided first
+
+    return kern
+
+
+def _count(prefix: Optional[torch.Tensor], batch: int, n: int, offset: int, device) -> torch.Tensor:
+    """Number of counted targets (fp32 scalar tensor): sum over b of #{j : max(offset, prefix_len[b]) <= j < N}."""
+    if prefix is None:
+        return torch.full((), float(batch * max(n - offset, 0)), device=device, dtype=torch.float32)
+    first = prefix.clamp_min(offset)
+    return (n - first).clamp_min(0).sum().to(torch.float32)
+
+
+def _launch(pred, images, prefix, scale, params: PixelLossParams, backward: bool) -> torch.Tensor:
+    """Forward: (B * row blocks,) fp32 partial sums. Backward: d(pred) (B, N, D) in pred's dtype."""
+    b, n, d = pred.shape
+    p = params.patch_size
+    c = images.shape[1]
+    kern = _kernels()
+    cfg = kern.launch_config(n, d, interpreting())
+    r_blocks = -(-n // cfg["BLOCK_R"])
+    if backward:
+        out = torch.empty((b, n, d), device=pred.device, dtype=pred.dtype)
+    else:
+        out = torch.empty((b * r_blocks,), device=pred.device, dtype=torch.float32)
+    if b * n == 0:
+        return out
+    kern.pixel_loss_kernel[(b * r_blocks,)](
+        pred, images, prefix if prefix is not None else out, scale if scale is not None else out, out,
+        n, images.shape[3] // p, params.offset, d, r_blocks, params.eps,
+        *pred.stride(), *images.stride(),
+        P=p, C=c, HAS_PREFIX=prefix is not None, NORM_PIX=params.norm_pix, BACKWARD=backward,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
+    return out
+
+
+# ------------------------------------------------------------------------------ custom ops + autograd
+def _params(patch_size: int, offset: int, norm_pix: bool, eps: float) -> PixelLossParams:
+    return PixelLossParams(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=eps)
+
+
+@torch.library.custom_op("aimkern::next_patch_pixel_loss_fwd", mutates_args=())
+def _pixel_loss_fwd(
+    pred: torch.Tensor, images: torch.Tensor, prefix: Optional[torch.Tensor],
+    patch_size: int, offset: int, norm_pix: bool, eps: float,
+) -> torch.Tensor:
+    b, n, _ = pred.shape
+    partials = _launch(pred, images, prefix, None, _params(patch_size, offset, norm_pix, eps), backward=False)
+    # Loss 0 (partials all 0) when no target counts.
+    return partials.sum() / _count(prefix, b, n, offset, pred.device).clamp_min(1.0)
+
+
+@_pixel_loss_fwd.register_fake
+def _(pred, images, prefix, patch_size, offset, norm_pix, eps):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("aimkern::next_patch_pixel_loss_bwd", mutates_args=())
+def _pixel_loss_bwd(
+    grad: torch.Tensor, pred: torch.Tensor, images: torch.Tensor, prefix: Optional[torch.Tensor],
+    patch_size: int, offset: int, norm_pix: bool, eps: float,
+) -> torch.Tensor:
+    b, n, d = pred.shape
+    count = _count(prefix, b, n, offset, pred.device).clamp_min(1.0)
+    scale = (grad.to(torch.float32) * 2.0 / (d * count)).reshape(1)  # d/dpred of mean_d (pred - t)^2 / count
+    return _launch(pred, images, prefix, scale, _params(patch_size, offset, norm_pix, eps), backward=True)
+
+
+@_pixel_loss_bwd.register_fake
+def _(grad, pred, images, prefix, patch_size, offset, norm_pix, eps):
+    return torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, images, prefix, patch_size, offset, norm_pix, eps = inputs
+    ctx.save_for_backward(pred, images, prefix)
+    ctx.options = (patch_size, offset, norm_pix, eps)
+
+
+def _backward(ctx, grad):
+    pred, images, prefix = ctx.saved_tensors
+    dpred = _pixel_loss_bwd(grad, pred, images, prefix, *ctx.options) if ctx.needs_input_grad[0] else None
+    # The images are data: no gradient flows to them through this op (the caller refuses images that
+    # require grad; see _pixel_loss_triton).
+    return dpred, None, None, None, None, None, None
+
+
+_pixel_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _images_need_grad(images: torch.Tensor) -> bool:
+    return images.requires_grad and torch.is_grad_enabled()
+
+
+def _pixel_loss_triton(pred, images, prefix_len: Optional[torch.Tensor], params: PixelLossParams) -> torch.Tensor:
+    if _images_need_grad(images):
+        raise ValueError(
+            f"{OP}: backend='triton' treats images as data and gives them no gradient, but images.requires_grad "
+            "is True; detach the images, or use backend='reference' (which differentiates through the targets)"
+        )
+    return _pixel_loss_fwd(pred, images, prefix_len, params.patch_size, params.offset, params.norm_pix, params.eps)
 
 
 def next_patch_pixel_loss(
@@ -78,6 +191,9 @@ def next_patch_pixel_loss(
         prefix_len: None, an int or an int tensor (B,) in [0, N]: patches j < prefix_len[b] are context,
             not targets.
         norm_pix: standardize each target patch by its mean and unbiased variance (with eps).
+        backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference". The Triton path
+            treats the images as data (no gradient): with images that require grad, "triton" raises a
+            ValueError and "auto" runs the reference, which differentiates through the targets.
 
     Returns:
         float32 scalar (float64 for float64 inputs): the per-value squared error averaged within each
@@ -86,6 +202,8 @@ def next_patch_pixel_loss(
     params = PixelLossParams(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=float(eps))
     check_tensor(pred, "pred", OP)
     be = resolve_backend(backend, pred, OP)
+    if be == "triton" and backend == "auto" and isinstance(images, torch.Tensor) and _images_need_grad(images):
+        be = "reference"  # only the reference gives the images a gradient
     _check_inputs(pred, images, params, be)
     prefix = normalize_prefix_len(prefix_len, pred.shape[0], pred.shape[1], pred.device, OP)
     if be == "reference":

@@ -1,0 +1,239 @@
+"""Triton kernels of `aimkern.patch_embed`: patchify + GEMM + bias + position embedding, and its backward.
+
+Shapes: images (B, C, H, W), weight (E, C, P, P) in nn.Conv2d layout, tokens M = B * N with
+N = (H // P) * (W // P) in raster order, K = C * P * P with k = c * P * P + p * P + q (the order of
+``weight.reshape(E, K)``). No patch copy is ever made: the kernels gather the (token, k) matrix straight
+from the strided images with the separable address ``row(token) + col(k)``.
+
+Kernels:
+  * ``patch_embed_fwd_kernel``: out[m, e] = sum_k x[m, k] W[e, k] + bias[e] + pos[n(m), e], tile (M, E).
+  * ``patch_embed_dw_kernel``: dW partials and d(pos) partials in one pass over dOut. A program owns one
+    (E, K) tile of dW and one slice = (block of token positions n, chunk of images b); it loops over its
+    images. Slices write fp32 partials that the launcher sums in a fixed order (deterministic, no
+    atomics). The programs of k-tile 0 also sum dOut over their images: d(pos) partials (b chunk, N, E);
+    db = d(pos) summed over n.
+  * ``patch_embed_dx_kernel``: dImages[m, k] = sum_e dOut[m, e] W[e, k], scattered back to NCHW (patches
+    do not overlap, so every pixel is written once, by one program).
+
+Launch configs live here too: one fixed config under Triton's interpreter (autotune cannot benchmark
+there), autotuned Hopper configs on CUDA for the two GEMMs with a fixed epilogue/prologue, and a
+per-shape heuristic for the dW split (its partial buffer depends on the tiling, so it is not autotuned).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _token_offsets(offs_m, N_TOK, GW, s_b, s_h, s_w, P: tl.constexpr):
+    """Image offset of the top-left pixel of token m = b * N + gh * GW + gw (int64: B * C * H * W may be large)."""
+    b = offs_m // N_TOK
+    n = offs_m % N_TOK
+    gh = n // GW
+    gw = n % GW
+    return b.to(tl.int64) * s_b + (gh * P) * s_h + (gw * P) * s_w
+
+
+@triton.jit
+def _patch_offsets(offs_k, s_c, s_h, s_w, P: tl.constexpr):
+    """Offset of value k = c * P * P + p * P + q inside a patch (nn.Conv2d weight order)."""
+    c = offs_k // (P * P)
+    r = offs_k % (P * P)
+    p = r // P
+    q = r % P
+    return c * s_c + p * s_h + q * s_w
+
+
+@triton.jit
+def patch_embed_fwd_kernel(
+    img_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
+    M, N_TOK, GW, E, K,
+    s_ib, s_ic, s_ih, s_iw,
+    s_we, s_wc, s_wh, s_ww,
+    s_pn, s_pe,
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One flat grid (no 65,535 limit on M tiles). E tiles vary fastest so the programs sharing one
+    # block of tokens run together and the image tile they all gather is served from L2.
+    pid = tl.program_id(0)
+    e_tiles = tl.cdiv(E, BLOCK_E)
+    pid_e = pid % e_tiles
+    pid_m = pid // e_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_ok = offs_m < M
+    e_ok = offs_e < E
+    row = _token_offsets(offs_m, N_TOK, GW, s_ib, s_ih, s_iw, P)
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K  # K = C * P * P is rarely a power of two
+        x = tl.load(img_ptr + row[:, None] + _patch_offsets(offs_k, s_ic, s_ih, s_iw, P)[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_e[None, :] * s_we + _patch_offsets(offs_k, s_wc, s_wh, s_ww, P)[:, None],
+                    mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_POS:
+        n = offs_m % N_TOK
+        pos = tl.load(pos_ptr + n[:, None] * s_pn + offs_e[None, :] * s_pe,
+                      mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+        acc += pos.to(tl.float32)
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * E + offs_e[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def patch_embed_dw_kernel(
+    g_ptr, img_ptr, dw_ptr, dpos_ptr,
+    B, N_TOK, GW, E, K, B_PER_SLICE, N_BLOCKS,
+    s_gb, s_gn, s_ge,
+    s_ib, s_ic, s_ih, s_iw,
+    P: tl.constexpr, WANT_W: tl.constexpr, WANT_POS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # dw_ptr: fp32 (S, E, K) partials, S = slices; dpos_ptr: fp32 (b chunks, N, E) partials.
+    pid_ek = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    if WANT_W:
+        k_tiles = tl.cdiv(K, BLOCK_K)
+    else:
+        k_tiles = 1  # only d(pos) wanted: one program per (e tile, slice)
+    pid_e = pid_ek // k_tiles
+    pid_k = pid_ek % k_tiles
+    n_blk = pid_s % N_BLOCKS
+    b_chunk = pid_s // N_BLOCKS
+
+    offs_t = n_blk * BLOCK_T + tl.arange(0, BLOCK_T)  # token positions n inside one image
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    t_ok = offs_t < N_TOK
+    e_ok = offs_e < E
+    k_ok = offs_k < K
+    # Token offsets within one image (b = 0); the image term is added per loop step.
+    x_off = _token_offsets(offs_t, N_TOK, GW, s_ib, s_ih, s_iw, P)[:, None] \
+        + _patch_offsets(offs_k, s_ic, s_ih, s_iw, P)[None, :]
+    g_off = offs_t[:, None] * s_gn + offs_e[None, :] * s_ge  # strides may be 0 (expanded gradients)
+
+    acc_w = tl.zeros((BLOCK_E, BLOCK_K), dtype=tl.float32)
+    acc_pos = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    b_lo = b_chunk * B_PER_SLICE
+    b_hi = tl.minimum(b_lo + B_PER_SLICE, B)
+    # Pointers advance one image per step (pointer arithmetic is 64-bit, so no int32 overflow).
+    g_img = g_ptr + b_lo.to(tl.int64) * s_gb
+    x_img = img_ptr + b_lo.to(tl.int64) * s_ib
+    for _ in range(b_lo, b_hi):
+        g = tl.load(g_img + g_off, mask=t_ok[:, None] & e_ok[None, :], other=0.0)
+        if WANT_POS:
+            acc_pos += g.to(tl.float32)
+        if WANT_W:
+            x = tl.load(x_img + x_off, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            acc_w += tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PRECISION)
+        g_img += s_gb
+        x_img += s_ib
+    if WANT_W:
+        dw = dw_ptr + pid_s.to(tl.int64) * E * K + offs_e[:, None] * K + offs_k[None, :]
+        tl.store(dw, acc_w, mask=e_ok[:, None] & k_ok[None, :])
+    if WANT_POS:
+        # Only the k-tile-0 program of each (e tile, slice) owns these d(pos) values.
+        dpos = dpos_ptr + (b_chunk * N_TOK + offs_t)[:, None].to(tl.int64) * E + offs_e[None, :]
+        tl.store(dpos, acc_pos, mask=t_ok[:, None] & e_ok[None, :] & (pid_k == 0))
+
+
+@triton.jit
+def patch_embed_dx_kernel(
+    g_ptr, w_ptr, dx_ptr,
+    M, N_TOK, GW, E, K,
+    s_gb, s_gn, s_ge,
+    s_we, s_wc, s_wh, s_ww,
+    s_xb, s_xc, s_xh, s_xw,
+    P: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)  # flat grid, K tiles fastest (they share the dOut rows)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pid_k = pid % k_tiles
+    pid_m = pid // k_tiles
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    b = offs_m // N_TOK
+    n = offs_m % N_TOK
+    g_row = b.to(tl.int64) * s_gb + n * s_gn
+    w_col = _patch_offsets(offs_k, s_wc, s_wh, s_ww, P)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        e_ok = offs_e < E
+        g = tl.load(g_ptr + g_row[:, None] + offs_e[None, :] * s_ge, mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_e[:, None] * s_we + w_col[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(g.to(w.dtype), w, input_precision=PRECISION)
+    dx = dx_ptr + _token_offsets(offs_m, N_TOK, GW, s_xb, s_xh, s_xw, P)[:, None] \
+        + _patch_offsets(offs_k, s_xc, s_xh, s_xw, P)[None, :]
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------ configs
+# Hopper: 128 x 128 output tiles, 4-8 warps, a 3-4 stage software pipeline on the K loop. The gathered
+# operand cannot use TMA (its addresses are not a plain 2-D box), so cp.async pipelining does the work.
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_E": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_E": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_E": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_E": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+]
+_DX_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_E": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_E": 64}, num_warps=4, num_stages=4),
+]
+# Under the interpreter every program is a numpy loop: few, large tiles are fastest.
+INTERPRETER_FWD_META = {"BLOCK_M": 64, "BLOCK_E": 64, "BLOCK_K": 32}
+INTERPRETER_DX_META = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_E": 32}
+
+_autotuned: dict = {}
+
+
+def forward_kernel(interpreting: bool):
+    """(kernel, meta): the forward GEMM and the block sizes to pass (empty when autotuned)."""
+    if interpreting:
+        return patch_embed_fwd_kernel, dict(INTERPRETER_FWD_META)
+    if "fwd" not in _autotuned:
+        _autotuned["fwd"] = triton.autotune(_GEMM_CONFIGS, key=["M", "E", "K"])(patch_embed_fwd_kernel)
+    return _autotuned["fwd"], {}
+
+
+def dx_kernel(interpreting: bool):
+    """(kernel, meta): the dImages GEMM and the block sizes to pass (empty when autotuned)."""
+    if interpreting:
+        return patch_embed_dx_kernel, dict(INTERPRETER_DX_META)
+    if "dx" not in _autotuned:
+        _autotuned["dx"] = triton.autotune(_DX_CONFIGS, key=["M", "E", "K"])(patch_embed_dx_kernel)
+    return _autotuned["dx"], {}
+
+
+def dw_config(batch: int, n_tok: int, e: int, k: int, want_w: bool, interpreting: bool, sm_count: int) -> dict:
+    """Tiling and slicing of the dW / d(pos) kernel.
+
+    Returns block sizes, warps and stages plus ``b_per_slice`` (images per program) and ``n_blocks``.
+    On the GPU the images are split into chunks until there are about two waves of programs, which keeps
+    the fp32 partial buffer (slices x E x K) small: each slice costs one E x K fp32 write and read.
+    """
+    if interpreting:
+        meta = {"BLOCK_T": 32, "BLOCK_E": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+        # Two image chunks whenever B > 1, so the tests exercise the partial reduction.
+        b_chunks = min(batch, 2)
+    else:
+        meta = {"BLOCK_T": 64, "BLOCK_E": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+        ek_tiles = triton.cdiv(e, meta["BLOCK_E"]) * (triton.cdiv(k, meta["BLOCK_K"]) if want_w else 1)
+        n_blocks = triton.cdiv(n_tok, meta["BLOCK_T"])
+        b_chunks = max(1, min(batch, triton.cdiv(2 * sm_count, ek_tiles * n_blocks)))
+    b_per_slice = triton.cdiv(batch, max(b_chunks, 1)) if batch else 1
+    meta["b_per_slice"] = b_per_slice
+    meta["b_chunks"] = triton.cdiv(batch, b_per_slice) if batch else 0
+    meta["n_blocks"] = triton.cdiv(n_tok, meta["BLOCK_T"])
+    return meta
