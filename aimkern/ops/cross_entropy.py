@@ -1,18 +1,25 @@
 """`aimkern.linear_cross_entropy`: linear head + cross-entropy without the (tokens, V) logits.
 
-Mirrors ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) and adds z-loss. Backend dispatch and
-input checks live here; the Triton launcher, autograd and custom-op registration join this file when the
-kernel lands (kernels/cross_entropy.py).
+Mirrors ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) and adds z-loss. Backend dispatch,
+input checks, the Triton launchers (kernels/cross_entropy.py) and their custom-op + autograd registration.
+
+Triton path: ``aimkern::linear_cross_entropy_fwd`` returns the per-token loss (fp32, 0 where ignored) and
+the per-token logsumexp saved for the backward; the reduction ("mean" / "sum" / "none") is plain torch on
+that (T,) vector, so its gradient reaches ``aimkern::linear_cross_entropy_bwd`` as per-token scales (often
+a stride-0 expanded view, read with its stride). The backward recomputes the logits tile by tile.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..reference.cross_entropy import linear_cross_entropy_reference
-from ._checks import can_inspect_values, check_float_dtype, check_same_device, check_tensor, resolve_backend
+from ._checks import (
+    can_inspect_values, check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend,
+)
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -67,11 +74,240 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
                 )
 
 
-def _linear_cross_entropy_triton(input, weight, target, bias, params: CrossEntropyParams) -> torch.Tensor:
-    raise NotImplementedError(
-        "aimkern.linear_cross_entropy: the Triton kernel has not landed yet; use backend='reference' "
-        "(or 'auto' on CPU)"
+def _check_triton_inputs(input, weight, bias) -> None:
+    """Extra conditions of the Triton path (the reference gets them from F.linear's own errors)."""
+    for name, t in (("linear_weight", weight), ("linear_bias", bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{OP}: {name} must have input's dtype {input.dtype}, got {t.dtype}")
+    e = input.shape[-1]
+    if e < 1:
+        raise ValueError(f"{OP}: input's last dimension E must be >= 1 (a multiple of 8 is the fast case), got {e}")
+
+
+def _kernels():
+    from aimkern.kernels import cross_entropy as kern  # imported late: TRITON_INTERPRET must be decided first
+
+    return kern
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (like torch's default matmul), not TF32; 16-bit ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    # About two waves on the card; under the interpreter a small number, so small tests split the vocab.
+    return 4 if device.type != "cuda" else 2 * _sm_count(device.index if device.index is not None else 0)
+
+
+def _tile_launch(name: str, t: int, v: int, e: int, grid_fn):
+    """(kernel, grid, meta): a fixed config under the interpreter, the autotuned kernel on CUDA."""
+    kern = _kernels()
+    if interpreting():
+        meta = kern.interpreter_tile_config(t, v, e)
+        kernel = kern.ce_fwd_kernel if name == "fwd" else kern.ce_dlogits_kernel
+        return kernel, grid_fn(meta), meta
+    return kern.tuned(name), grid_fn, {}
+
+
+def _launch_forward(x, w, b, tgt, params: CrossEntropyParams):
+    """Per-token statistics over vocabulary slices -> (lse, target logit, logit sum or None), each (T,) fp32."""
+    import triton
+
+    kern = _kernels()
+    t, e = x.shape
+    v = w.shape[0]
+    block_t = kern.interpreter_tile_config(t, v, e)["BLOCK_T"] if interpreting() else kern.CUDA_BLOCK_T
+    vs = kern.vocab_split(triton.cdiv(t, block_t), v, _programs_wanted(x.device))
+    slices = triton.cdiv(v, vs)
+    need_sum = params.label_smoothing != 0.0
+    stats = torch.empty((3 if need_sum else 2, slices, t), device=x.device, dtype=torch.float32)
+    kernel, grid, meta = _tile_launch("fwd", t, v, e, lambda m: (triton.cdiv(t, m["BLOCK_T"]), slices))
+    bias_arg = b if b is not None else stats  # never read without HAS_BIAS
+    kernel[grid](
+        x, w, bias_arg, tgt, stats[0], stats[1], stats[-1],
+        t, v, e, vs,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
+        HAS_BIAS=b is not None, NEED_SUM=need_sum, PRECISION=_precision(x.dtype), **meta,
     )
+    # Combining a few slices per token in torch is a fixed-order reduction: deterministic.
+    lse = stats[0, 0] if slices == 1 else torch.logsumexp(stats[0], dim=0)
+    return lse, stats[1].sum(0), stats[2].sum(0) if need_sum else None
+
+
+def _token_losses(lse, tgt_logit, logit_sum, tgt, v: int, params: CrossEntropyParams) -> torch.Tensor:
+    """Per-token loss from the statistics: (1 - eps) * nll + eps * mean_c(-log p_c) + z * lse^2, 0 if ignored."""
+    eps = params.label_smoothing
+    loss = (lse - tgt_logit) * (1.0 - eps)
+    if logit_sum is not None:
+        loss = loss + (lse - logit_sum / v) * eps
+    if params.z_loss != 0.0:
+        loss = loss + params.z_loss * lse * lse
+    keep = tgt != params.ignore_index
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    # Under torch.compile the host-side range check is skipped: an out-of-range target gives NaN there,
+    # never a plausible-looking wrong loss.
+    bad = keep & ((tgt < 0) | (tgt >= v))
+    return torch.where(bad, torch.full_like(loss, float("nan")), loss)
+
+
+def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_dx: bool, need_dw: bool,
+                     need_db: bool):
+    """(dx (T, E) in x's dtype or None, dW32 (V, E) fp32 or None, db32 (V,) fp32 or None), chunk by chunk."""
+    import triton
+
+    kern = _kernels()
+    t, e = x.shape
+    v = w.shape[0]
+    dev = x.device
+    dx = torch.empty((t, e), device=dev, dtype=x.dtype) if need_dx else None
+    dw32 = torch.empty((v, e), device=dev, dtype=torch.float32) if need_dw else None
+    db32 = torch.zeros((v,), device=dev, dtype=torch.float32) if need_db else None
+    chunk = kern.bwd_chunk_tokens(t, v, x.element_size(), interpreting())
+    dbuf = torch.empty((chunk, v), device=dev, dtype=x.dtype)
+    precision = _precision(x.dtype)
+    eps = params.label_smoothing
+    for t0 in range(0, t, chunk):
+        tc = min(chunk, t - t0)
+        d = dbuf[:tc]
+        xc = x[t0 : t0 + tc]
+        kernel, grid, meta = _tile_launch(
+            "dlogits", tc, v, e, lambda m: (triton.cdiv(tc, m["BLOCK_T"]), triton.cdiv(v, m["BLOCK_V"]))
+        )
+        kernel[grid](
+            xc, w, b if b is not None else lse, tgt[t0:], lse[t0:], grad[t0:], d,
+            tc, v, e, params.ignore_index, eps / v, 1.0 - eps, 2.0 * params.z_loss,
+            xc.stride(0), xc.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
+            grad.stride(0), d.stride(0),
+            HAS_BIAS=b is not None, PRECISION=precision, **meta,
+        )
+        if need_dx:  # dx[chunk] = dlogits @ W
+            _matmul(d, w, dx[t0 : t0 + tc], None, accumulate=False, precision=precision)
+        if need_dw:  # dW += dlogits^T @ x[chunk]; its A-operand row sums are d(bias)
+            _matmul(d.t(), xc, dw32, db32, accumulate=t0 > 0, precision=precision)
+        elif need_db:
+            db32 += d.sum(0, dtype=torch.float32)
+    return dx, dw32, db32
+
+
+def _matmul(a, b, c, rs, *, accumulate: bool, precision: str) -> None:
+    """c (+)= a @ b (fp32 accumulation); rs (+)= a.sum(1) in fp32 when rs is given."""
+    import triton
+
+    kern = _kernels()
+    m, k = a.shape
+    n = b.shape[1]
+    rs_arg = rs if rs is not None else c  # never touched without ROWSUM
+    args = (a, b, c, rs_arg, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    flags = dict(ACCUMULATE=accumulate, ROWSUM=rs is not None, PRECISION=precision)
+    if interpreting():
+        meta = kern.interpreter_matmul_config(m, n, k)
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        kern.matmul_kernel[grid](*args, **flags, **meta)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        kern.tuned("matmul")[grid](*args, **flags)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph break), fake implementations give the output shapes.
+
+
+@torch.library.custom_op("aimkern::linear_cross_entropy_fwd", mutates_args=())
+def _lce_fwd(
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
+    ignore_index: int, label_smoothing: float, z_loss: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, E), w (V, E), b (V,) or None, tgt (T,) int64 -> (per-token loss (T,) fp32, lse (T,) fp32)."""
+    params = CrossEntropyParams("none", ignore_index, label_smoothing, z_loss)
+    t = x.shape[0]
+    if t == 0:
+        empty = torch.empty((0,), device=x.device, dtype=torch.float32)
+        return empty, empty.clone()
+    lse, tgt_logit, logit_sum = _launch_forward(x, w, b, tgt, params)
+    return _token_losses(lse, tgt_logit, logit_sum, tgt, w.shape[0], params), lse.contiguous()
+
+
+@_lce_fwd.register_fake
+def _(x, w, b, tgt, ignore_index, label_smoothing, z_loss):
+    t = x.shape[0]
+    return x.new_empty((t,), dtype=torch.float32), x.new_empty((t,), dtype=torch.float32)
+
+
+@torch.library.custom_op("aimkern::linear_cross_entropy_bwd", mutates_args=())
+def _lce_bwd(
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
+    lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+    need_dx: bool, need_dw: bool, need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx like x, dW like w, db like b); an output not asked for is an empty (0,) tensor."""
+    params = CrossEntropyParams("none", ignore_index, label_smoothing, z_loss)
+    need_db = need_db and b is not None
+    t, e = x.shape
+    v = w.shape[0]
+    if t == 0:
+        dx = x.new_zeros((t, e)) if need_dx else None
+        dw32 = x.new_zeros((v, e), dtype=torch.float32) if need_dw else None
+        db32 = x.new_zeros((v,), dtype=torch.float32) if need_db else None
+    else:
+        dx, dw32, db32 = _launch_backward(grad, x, w, b, tgt, lse, params, need_dx, need_dw, need_db)
+    none = x.new_empty((0,))
+    return (
+        dx if need_dx else none,
+        dw32.to(w.dtype) if need_dw else none.clone(),
+        db32.to(b.dtype) if need_db else none.clone(),
+    )
+
+
+@_lce_bwd.register_fake
+def _(grad, x, w, b, tgt, lse, ignore_index, label_smoothing, z_loss, need_dx, need_dw, need_db):
+    def out(need, like):
+        return torch.empty_like(like) if need and like is not None else x.new_empty((0,))
+
+    return out(need_dx, x), out(need_dw, w), out(need_db, b)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, tgt, ignore_index, label_smoothing, z_loss = inputs
+    _, lse = output
+    ctx.save_for_backward(x, w, b, tgt, lse)
+    ctx.params = (ignore_index, label_smoothing, z_loss)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_loss, _grad_lse):
+    x, w, b, tgt, lse = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.aimkern.linear_cross_entropy_bwd(
+        grad_loss, x, w, b, tgt, lse, *ctx.params, need_dx, need_dw, need_db and b is not None
+    )
+    return (
+        dx if need_dx else None, dw if need_dw else None, db if need_db and b is not None else None,
+        None, None, None, None,
+    )
+
+
+_lce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _linear_cross_entropy_triton(input, weight, target, bias, params: CrossEntropyParams) -> torch.Tensor:
+    _check_triton_inputs(input, weight, bias)
+    x = input.reshape(-1, input.shape[-1])
+    tgt = target.reshape(-1).to(torch.int64)
+    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(
+        x, weight, bias, tgt, params.ignore_index, params.label_smoothing, params.z_loss
+    )
+    if params.reduction == "none":
+        return loss.reshape(target.shape)
+    if params.reduction == "sum":
+        return loss.sum()
+    # Like F.cross_entropy: the mean over non-ignored tokens, NaN (0 / 0) when all are ignored.
+    return loss.sum() / (tgt != params.ignore_index).sum()
 
 
 def linear_cross_entropy(
