@@ -1,0 +1,249 @@
+"""aimkern.linear_cross_entropy, backend="triton", against a float64 reference (loss and every gradient).
+
+Under Triton's interpreter (no GPU) in fp32 and fp16; bf16 and large shapes on CUDA only. The tolerance is
+relative to the same-dtype PyTorch computation: err(kernel) <= 2 * err(torch same dtype) + atol.
+Interpreter shapes stay small; the backward chunk is 64 tokens there, so T > 64 covers the fp32
+accumulation of dW / d(bias) across chunks, and small T covers the forward's vocabulary splits.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aimkern
+from aimkern.reference.cross_entropy import linear_cross_entropy_reference
+
+from conftest import HAS_CUDA, requires_cuda
+from tolerances import assert_close_relative
+
+IGNORE = -100
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+
+
+def _problem(shape, v, e, *, bias=True, ignore_frac=0.25, device="cpu"):
+    """float64 leaves (x, w, b) with logits of std ~2, and targets with about ignore_frac ignored."""
+    x = torch.randn(*shape, e, dtype=torch.float64, device=device)
+    w = torch.randn(v, e, dtype=torch.float64, device=device) * (2.0 / e**0.5)
+    b = torch.randn(v, dtype=torch.float64, device=device) * 0.5 if bias else None
+    t = torch.randint(0, v, shape, device=device)
+    t = torch.where(torch.rand(shape, device=device) < ignore_frac, torch.full_like(t, IGNORE), t)
+    return x, w, b, t
+
+
+def _loss_and_grads(x, w, b, t, dtype, backend, upstream=None, **kw):
+    """Loss and (dx, dw[, db]) with leaves cast to dtype; reduction="none" is weighted by `upstream`."""
+    leaves = [a.detach().to(dtype).requires_grad_() for a in (x, w, b) if a is not None]
+    bias = leaves[2] if b is not None else None
+    if backend == "reference":
+        loss = linear_cross_entropy_reference(leaves[0], leaves[1], t, linear_bias=bias, **kw)
+    else:
+        loss = aimkern.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=bias, backend=backend, **kw)
+    total = loss.sum() if upstream is None else (loss * upstream.to(loss.dtype)).sum()
+    return loss.detach(), torch.autograd.grad(total, leaves)
+
+
+def _check(x, w, b, t, dtype, *, triton_target=None, **kw):
+    upstream = torch.rand(t.shape, dtype=torch.float64, device=x.device) if kw.get("reduction") == "none" else None
+    tt = t if triton_target is None else triton_target
+    got, got_g = _loss_and_grads(x, w, b, tt, dtype, "triton", upstream, **kw)
+    same, same_g = _loss_and_grads(x, w, b, t, dtype, "reference", upstream, **kw)
+    # The float64 reference starts from the same dtype-rounded inputs: input rounding is common to all
+    # three and would otherwise dominate (and randomly cancel in) a mean over a few dozen tokens.
+    rounded = [a.to(dtype).double() if a is not None else None for a in (x, w, b)]
+    ref, ref_g = _loss_and_grads(*rounded, t, torch.float64, "reference", upstream, **kw)
+    assert got.dtype == torch.float32
+    assert_close_relative(got, same, ref, name="loss", atol=_atol(dtype, ref))
+    for name, g, s, r in zip(("d(input)", "d(weight)", "d(bias)"), got_g, same_g, ref_g):
+        assert g.dtype == dtype, f"{name} has dtype {g.dtype}, want {dtype}"
+        assert_close_relative(g, s, r, name=name, atol=_atol(dtype, r))
+
+
+def _atol(dtype, ref):
+    # Relative to the magnitude: a "sum" loss of ~80 carries fp32 rounding ~1e-5 in any summation order.
+    return ATOL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+
+
+# (input shape, V, E): odd token counts, V not a multiple of any tile, the 8192-way case on a few tokens.
+SHAPES = [
+    ((37,), 300, 48),
+    ((2, 37), 517, 80),  # 74 tokens: two backward chunks
+    ((1,), 300, 80),
+    ((23,), 4096, 48),  # few tokens, wide vocab: several vocabulary splits
+    ((5,), 8192, 48),
+]
+OPTIONS = [  # (bias, reduction, label_smoothing, z_loss)
+    (True, "mean", 0.0, 0.0),
+    (False, "sum", 0.1, 1e-3),
+    (True, "none", 0.2, 1e-2),
+]
+
+
+@pytest.mark.parametrize("shape,v,e", SHAPES, ids=lambda s: str(s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_matches_float64_reference(shape, v, e, dtype):
+    # One option set per shape (rotating through them) keeps the interpreter time small; the options
+    # test below crosses every option with one shape.
+    bias, reduction, eps, z = OPTIONS[SHAPES.index((shape, v, e)) % len(OPTIONS)]
+    x, w, b, t = _problem(shape, v, e, bias=bias)
+    _check(x, w, b, t, dtype, reduction=reduction, label_smoothing=eps, z_loss=z)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias,eps,z", [(True, 0.0, 0.0), (False, 0.1, 0.0), (True, 0.0, 1e-2), (True, 1.0, 1e-3)])
+def test_every_option_and_reduction(reduction, bias, eps, z):
+    x, w, b, t = _problem((13,), 300, 48, bias=bias)
+    _check(x, w, b, t, torch.float32, reduction=reduction, label_smoothing=eps, z_loss=z)
+
+
+def test_longer_sequence_fp16_several_chunks():
+    # 197 tokens (a ViT-224 image's patch count): four backward chunks accumulate dW and db in fp32.
+    x, w, b, t = _problem((197,), 517, 80)
+    _check(x, w, b, t, torch.float16, reduction="mean", label_smoothing=0.1, z_loss=1e-4)
+
+
+def test_other_ignore_index_and_int32_targets():
+    x, w, b, t = _problem((19,), 300, 48, ignore_frac=0.0)
+    t[::4] = 7  # ignore_index may be a valid class id: those tokens drop out
+    # int32 targets for the kernel (the API accepts any integer dtype); F.cross_entropy wants int64.
+    _check(x, w, b, t, torch.float32, triton_target=t.to(torch.int32), ignore_index=7, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored(reduction):
+    x, w, b, t = _problem((9,), 300, 48, ignore_frac=1.0)
+    got, grads = _loss_and_grads(x, w, b, t, torch.float32, "triton", label_smoothing=0.1, z_loss=1e-3,
+                                 reduction=reduction)
+    want, _ = _loss_and_grads(x, w, b, t, torch.float64, "reference", label_smoothing=0.1, z_loss=1e-3,
+                              reduction=reduction)
+    if reduction == "mean":
+        assert torch.isnan(got) and torch.isnan(want)  # 0 / 0, like F.cross_entropy
+    else:
+        assert torch.equal(got, want.float()) and not got.any()
+    for g in grads:  # the reference's gradients are exactly zero here too
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_gradient_of_a_subset_of_inputs():
+    x, w, b, t = _problem((11,), 300, 48)
+    xs, ws, bs = x.float().requires_grad_(), w.float(), b.float().requires_grad_()
+    loss = aimkern.linear_cross_entropy(xs, ws, t, linear_bias=bs, backend="triton")
+    dx, db = torch.autograd.grad(loss, (xs, bs))
+    ref = linear_cross_entropy_reference(x.requires_grad_(), w, t, linear_bias=b.requires_grad_())
+    rdx, rdb = torch.autograd.grad(ref, (x, b))
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(db.double(), rdb, rtol=1e-4, atol=1e-6)
+
+
+def test_strided_inputs_and_expanded_upstream_gradient():
+    x, w, b, t = _problem((21,), 300, 48)
+    # x seen through a transpose, W as every other row of a taller matrix, bias with stride 2.
+    xs = x.float().t().contiguous().t().requires_grad_()
+    wbig = torch.zeros(600, 48, dtype=torch.float32)
+    wbig[::2] = w.float()
+    wbig.requires_grad_()
+    bbig = torch.zeros(600, dtype=torch.float32)
+    bbig[::2] = b.float()
+    bbig.requires_grad_()
+    loss = aimkern.linear_cross_entropy(xs, wbig[::2], t, linear_bias=bbig[::2], reduction="none", backend="triton")
+    # The gradient of a sum is an expanded (stride-0) view: the kernel must read it by its stride.
+    loss.backward(torch.full((), 0.5).expand(21))
+    x64, w64, b64 = (a.requires_grad_() for a in (x, w, b))
+    ref = linear_cross_entropy_reference(x64, w64, t, linear_bias=b64, reduction="none")
+    ref.backward(torch.full((21,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wbig.grad[::2].double(), w64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bbig.grad[::2].double(), b64.grad, rtol=1e-4, atol=1e-6)
+    assert not wbig.grad[1::2].any() and not bbig.grad[1::2].any()
+
+
+def test_backward_is_deterministic():
+    x, w, b, t = _problem((150,), 300, 48)
+    runs = [_loss_and_grads(x, w, b, t, torch.float32, "triton", label_smoothing=0.1)[1] for _ in range(2)]
+    for g1, g2 in zip(*runs):
+        assert torch.equal(g1, g2)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    x, w, b, t = _problem((2, 9), 300, 48)
+
+    def f(x, w, b, t):
+        return aimkern.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1, z_loss=1e-3,
+                                            backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [a.float().requires_grad_() for a in (x, w, b)]
+    got = compiled(*leaves, t)
+    got_g = torch.autograd.grad(got, leaves)
+    eager_leaves = [a.float().requires_grad_() for a in (x, w, b)]
+    want = f(*eager_leaves, t)
+    want_g = torch.autograd.grad(want, eager_leaves)
+    torch.testing.assert_close(got, want)
+    for g, h in zip(got_g, want_g):
+        torch.testing.assert_close(g, h)
+
+
+def test_out_of_range_target_is_an_error_not_a_wrong_loss():
+    x, w, _, t = _problem((6,), 300, 48, ignore_frac=0.0)
+    t[2] = 300
+    with pytest.raises(ValueError, match="target values"):
+        aimkern.linear_cross_entropy(x.float(), w.float(), t, backend="triton")
+    # Under torch.compile the host-side check is skipped; the op itself then marks the token NaN.
+    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(x.float(), w.float(), None, t, IGNORE, 0.0, 0.0)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(6) != 2]).all()
+
+
+def test_triton_path_rejects_mixed_dtypes():
+    x, w, b, t = _problem((4,), 300, 48)
+    with pytest.raises(TypeError, match="linear_weight"):
+        aimkern.linear_cross_entropy(x.float(), w.half(), t, backend="triton")
+    with pytest.raises(TypeError, match="linear_bias"):
+        aimkern.linear_cross_entropy(x.float(), w.float(), t, linear_bias=b.half(), backend="triton")
+
+
+def test_empty_batch():
+    x = torch.randn(0, 48, requires_grad=True)
+    w = torch.randn(300, 48, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long)
+    assert torch.isnan(aimkern.linear_cross_entropy(x, w, t, backend="triton"))
+    loss = aimkern.linear_cross_entropy(x, w, t, reduction="sum", backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and not w.grad.any()
+
+
+@settings(max_examples=8)
+@given(
+    t=st.integers(1, 40), v=st.integers(1, 300), e=st.sampled_from([8, 12, 48, 80]), bias=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]), eps=st.sampled_from([0.0, 0.1]),
+    z=st.sampled_from([0.0, 1e-3]), ignore_frac=st.sampled_from([0.0, 0.3]),
+)
+def test_fuzz_fp32(t, v, e, bias, reduction, eps, z, ignore_frac):
+    x, w, b, tgt = _problem((t,), v, e, bias=bias, ignore_frac=ignore_frac)
+    if reduction == "mean" and (tgt == IGNORE).all():
+        tgt[0] = 0  # the all-ignored NaN case has its own test
+    _check(x, w, b, tgt, torch.float32, reduction=reduction, label_smoothing=eps, z_loss=z)
+
+
+# ------------------------------------------------------------------------------------------- GPU only
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("t,v,e", [(4096, 8192, 768), (1000, 65536, 256), (777, 8192, 80)])
+def test_gpu_large_shapes(dtype, t, v, e):
+    x, w, b, tgt = _problem((t,), v, e, device="cuda")
+    _check(x, w, b, tgt, dtype, reduction="mean", label_smoothing=0.1, z_loss=1e-4)
+
+
+@requires_cuda
+def test_gpu_fp32_is_not_tf32():
+    x, w, b, tgt = _problem((300,), 8192, 768, device="cuda")
+    _check(x, w, b, tgt, torch.float32, reduction="sum")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the interpreter's chunking assumption")
+def test_interpreter_uses_several_backward_chunks():
+    # The accumulation tests above rely on chunks of at most 64 tokens under the interpreter.
+    from aimkern.kernels import cross_entropy as kern
+
+    assert kern.bwd_chunk_tokens(197, 517, 2, interpreting=True) == 64
