@@ -1,7 +1,15 @@
 """`aimkern.attention`: block-causal raster-order attention with AIM's prefix, SDPA's (B, H, N, D) layout.
 
-Backend dispatch and input checks live here; the Triton launcher, autograd and custom-op registration
-join this file when the kernel lands (kernels/attention.py).
+Backend dispatch, input checks, the Triton launchers (kernels/attention.py picks configs; the kernels are
+in kernels/attention_fwd.py and kernels/attention_bwd.py), their custom-op registration
+(``aimkern::attention_fwd``, ``aimkern::attention_bwd``) and the autograd wiring.
+
+    forward:  o, lse = attention_fwd(q, k, v)     lse (B, H, N) fp32, natural log, saved for backward
+    backward: dq, dk, dv = attention_bwd(do, q, k, v, o, lse)   deterministic, no atomics
+
+Outputs (o, dq, dk, dv) are (B, N, H, D) memory returned as (B, H, N, D) views: ``o.transpose(1, 2)`` is
+then contiguous, so a ViT block's reshape to (B, N, H * D) before the output projection copies nothing.
+Inputs are read through their strides (strided views of a packed qkv, stride-0 expanded gradients).
 """
 from __future__ import annotations
 
@@ -15,11 +23,13 @@ from ._checks import (
     check_float_dtype,
     check_same_device,
     check_tensor,
+    interpreting,
     normalize_prefix_len,
     resolve_backend,
 )
 
 OP = "attention"
+_LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,139 @@ def _check_inputs(q, k, v, params: AttentionParams, backend: str) -> None:
         raise TypeError(f"{OP}: scale must be None or a float, got {type(params.scale).__name__}")
 
 
-def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
-    raise NotImplementedError(
-        "aimkern.attention: the Triton kernel has not landed yet; use backend='reference' (or 'auto' on CPU)"
+def _kernels():
+    from aimkern.kernels import attention as kern  # imported late: TRITON_INTERPRET must be decided first
+
+    return kern
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bhnd_empty(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, H, N, D) tensor laid out as (B, N, H, D) memory."""
+    b, h, n, d = q.shape
+    return q.new_empty((b, n, h, d)).permute(0, 2, 1, 3)
+
+
+def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale: float):
+    b, h, n, d = q.shape
+    o = _bhnd_empty(q)
+    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    if b * h == 0:
+        return o, lse
+    kern = _kernels()
+    kernel, meta = kern.forward(d, q.dtype, n)
+    grid = lambda META: (_cdiv(n, META["BLOCK_M"]), b * h)  # noqa: E731
+    kernel[grid](
+        q, k, v, o, lse, prefix_len if prefix_len is not None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        h, n, block_size, scale * _LOG2E,
+        HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None,
+        DOT_PRECISION=kern.dot_precision(q.dtype), **meta,
     )
+    return o, lse
+
+
+def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_size: int, scale: float):
+    b, h, n, d = q.shape
+    dq, dk, dv = _bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v)
+    if b * h == 0:
+        return dq, dk, dv
+    kern = _kernels()
+    common = dict(
+        HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None,
+        DOT_PRECISION=kern.dot_precision(q.dtype),
+    )
+    prefix = prefix_len if prefix_len is not None else lse  # never read when HAS_PREFIX is False
+    scalars = (h, n, block_size, scale * _LOG2E, scale)
+    if kern.use_fused_backward(d, q.dtype, n):
+        kernel, meta = kern.backward_fused(d, q.dtype, n)
+        kernel[(b * h,)](
+            q, k, v, o, do, lse, dq, dk, dv, prefix,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(),
+            *scalars, **common, **meta,
+        )
+        return dq, dk, dv
+
+    delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    kernel, meta = kern.backward_preprocess()
+    kernel[(_cdiv(n, meta["BLOCK_M"]), b * h)](
+        o, do, delta, *o.stride(), *do.stride(), h, n, HEAD_D=d, BLOCK_D=kern.block_d(d), **meta
+    )
+    in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    kernel, meta = kern.backward_dkdv(d, q.dtype, n)
+    grid = lambda META: (_cdiv(n, META["BLOCK_N"]), b * h)  # noqa: E731
+    kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, prefix, *in_strides, *dk.stride(), *dv.stride(),
+        *scalars, **common, **meta,
+    )
+    kernel, meta = kern.backward_dq(d, q.dtype, n)
+    grid = lambda META: (_cdiv(n, META["BLOCK_M"]), b * h)  # noqa: E731
+    kernel[grid](q, k, v, do, lse, delta, dq, prefix, *in_strides, *dq.stride(), *scalars, **common, **meta)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------ custom ops + autograd
+@torch.library.custom_op("aimkern::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: Optional[torch.Tensor],
+    is_causal: bool, block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(q, k, v, prefix_len, is_causal, block_size, scale)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, prefix_len, is_causal, block_size, scale):
+    b, h, n, _ = q.shape
+    return _bhnd_empty(q), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("aimkern::attention_bwd", mutates_args=())
+def _attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale)
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale):
+    return _bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_len, is_causal, block_size, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, prefix_len)
+    ctx.mask = (is_causal, block_size, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, prefix_len = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, prefix_len, *ctx.mask)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
+    n = q.shape[2]
+    if interpreting() and not q.is_cuda and q.dtype == torch.bfloat16:
+        raise TypeError(
+            f"{OP}: bfloat16 is not supported under Triton's interpreter (its bf16 tl.dot is wrong); "
+            "use float16 / float32 on CPU, or run bfloat16 on a CUDA GPU"
+        )
+    is_causal = params.is_causal and params.block_size < n  # one causal block spanning N is full attention
+    if not is_causal:
+        prefix_len = None  # every key is visible anyway
+    o, _ = _attention_fwd(q, k, v, prefix_len, is_causal, params.block_size if is_causal else 1,
+                          params.resolved_scale(q.shape[3]))
+    return o
 
 
 def attention(

@@ -1,0 +1,225 @@
+"""Attention backward kernels: deterministic (no atomics), with the forward's tile classes.
+
+Two paths:
+
+* Short sequences (the whole K, V of a head fits on chip): ``attn_bwd_fused_kernel``, one program per
+  (batch, head) holding K, V, dK, dV; it walks the query tiles once, so q, k, v, o, do are read once and
+  dq, dk, dv written once, with no separate dQ pass and no delta pre-pass. At these sizes the backward is
+  bound by memory, so computing the masked-out part of the (BLOCK_M, N) scores costs nothing measurable.
+* Long sequences: ``attn_bwd_preprocess_kernel`` (delta = rowsum(dO * O)), then ``attn_bwd_dkdv_kernel``
+  (one program per key tile, looping over the query tiles that see it) and ``attn_bwd_dq_kernel`` (one
+  program per query tile, looping over its visible key tiles). Each output tile is owned by one program.
+
+Gradients, with p = exp(s - lse) and s = scale * q k^T:  dv = p^T do,  dp = do v^T,
+ds = p * (dp - delta),  dq = scale * ds k,  dk = scale * ds^T q.
+Padded query rows (i >= N) load lse = +inf, so p = 0 there and they add nothing, with no mask arithmetic.
+"""
+import triton
+import triton.language as tl
+
+from .attention_fwd import key_bounds, load_rows, query_bounds, store_rows, visible
+
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
+                               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d] in fp32, stored (B, H, N)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_rows(O + b * sob + h * soh, offs_m, N, offs_d, son, sod, HEAD_D, BLOCK_D, True)
+    do = load_rows(DO + b * sdb + h * sdh, offs_m, N, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, offs_n, offs_d,
+                sqn, sqd, sdn, sdd, n, prefix, block_size, qk_scale,
+                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base, offs_m, n, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
+        do = load_rows(do_base, offs_m, n, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < n, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=offs_m < n, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            vis = visible(offs_m[None, :], offs_n[:, None], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+            p_t = tl.where(vis, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
+    H, N, block_size, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (key tile, batch * head): dK, dV of BLOCK_N keys; query tiles seeing none are skipped."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    b64 = b.to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(K + b64 * skb + h64 * skh, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v = load_rows(V + b64 * svb + h64 * svh, offs_n, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+    else:
+        prefix = 0
+
+    lo, full_start = query_bounds(n0, N, prefix, block_size, BLOCK_N, IS_CAUSAL)
+    m_lo = (lo // BLOCK_M) * BLOCK_M
+    m_full = ((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # first query tile wholly past the band
+
+    q_base = Q + b64 * sqb + h64 * sqh
+    do_base = DO + b64 * sdb + h64 * sdh
+    lse_base = LSE + bh.to(tl.int64) * N
+    delta_base = DELTA + bh.to(tl.int64) * N
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m_lo, m_full, offs_n, offs_d,
+                         sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
+                         HEAD_D, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m_full, N, offs_n, offs_d,
+                         sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
+                         HEAD_D, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_PREFIX, False, DOT_PRECISION)
+    store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, N, offs_d,
+               skgn, skgd, HEAD_D)
+    store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, N, offs_d, svgn, svgd, HEAD_D)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_d,
+              skn, skd, svn, svd, n, prefix, block_size, qk_scale,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, offs_n, n, offs_d, skn, skd, HEAD_D, BLOCK_D, MASKED)
+        v = load_rows(v_base, offs_n, n, offs_d, svn, svd, HEAD_D, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            vis = visible(offs_m[:, None], offs_n[None, :], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+            s = tl.where(vis, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    sqgb, sqgh, sqgn, sqgd,
+    H, N, block_size, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (query tile, batch * head): dQ of BLOCK_M queries over the forward's key classes."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    b64 = b.to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q + b64 * sqb + h64 * sqh, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
+    do = load_rows(DO + b64 * sdb + h64 * sdh, offs_m, N, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
+    row_base = bh.to(tl.int64) * N
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N, other=0.0)
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+    else:
+        prefix = 0
+
+    full_end, hi = key_bounds(m0, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
+    n_full = (full_end // BLOCK_N) * BLOCK_N
+    k_base = K + b64 * skb + h64 * skh
+    v_base = V + b64 * svb + h64 * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, 0, n_full, offs_m, offs_d,
+                   skn, skd, svn, svd, N, prefix, block_size, qk_scale,
+                   HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, n_full, hi, offs_m, offs_d,
+                   skn, skd, svn, svd, N, prefix, block_size, qk_scale,
+                   HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
+    store_rows(DQ + b64 * sqgb + h64 * sqgh, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, N, offs_d,
+               sqgn, sqgd, HEAD_D)
+
+
+@triton.jit
+def attn_bwd_fused_kernel(
+    Q, K, V, O, DO, LSE, DQ, DK, DV, PREFIX,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sdb, sdh, sdn, sdd,
+    sqgb, sqgh, sqgn, sqgd, skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
+    H, N, block_size, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (batch * head), N <= BLOCK_KV: K, V, dK, dV stay on chip; dQ of each query tile is
+    complete after one pass, so every tensor is read once and written once."""
+    bh = tl.program_id(0)
+    b = bh // H
+    b64 = b.to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_KV)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(K + b64 * skb + h64 * skh, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v = load_rows(V + b64 * svb + h64 * svh, offs_n, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+    else:
+        prefix = 0
+    q_base = Q + b64 * sqb + h64 * sqh
+    o_base = O + b64 * sob + h64 * soh
+    do_base = DO + b64 * sdb + h64 * sdh
+    dq_base = DQ + b64 * sqgb + h64 * sqgh
+    lse_base = LSE + bh.to(tl.int64) * N
+
+    dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
+        do = load_rows(do_base, offs_m, N, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
+        o = load_rows(o_base, offs_m, N, offs_d, son, sod, HEAD_D, BLOCK_D, True)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf")) * 1.4426950408889634
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_KV)
+        vis = visible(offs_m[:, None], offs_n[None, :], N, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+        store_rows(dq_base, dq.to(DQ.dtype.element_ty), offs_m, N, offs_d, sqgn, sqgd, HEAD_D)
+        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, N, offs_d,
+               skgn, skgd, HEAD_D)
+    store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, N, offs_d, svgn, svgd, HEAD_D)
