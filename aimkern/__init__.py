@@ -5,6 +5,7 @@ Public API (see DESIGN.md): the fused ops ``attention``, ``patch_embed``, ``line
 ``CausalViT`` with its ``ViTConfig`` and presets, and the modules in ``aimkern.nn``.
 """
 from . import nn, reference
+from . import tokenizers
 from .models import PRESETS, CausalViT, ViTConfig
 from .ops import attention, linear_cross_entropy, next_patch_pixel_loss, patch_embed
 
