@@ -8,6 +8,7 @@ from . import nn, reference
 from . import tokenizers
 from .models import PRESETS, CausalViT, ViTConfig
 from .ops import attention, linear_cross_entropy, next_patch_pixel_loss, patch_embed
+from .integrations.timm import patch_timm
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,6 @@ __all__ = [
     "next_patch_pixel_loss",
     "nn",
     "patch_embed",
+    "patch_timm",
     "reference",
 ]
