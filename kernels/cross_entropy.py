@@ -227,9 +227,10 @@ def interpreter_matmul_config(m: int, n: int, k: int) -> dict:
     )
 
 
-# Hopper (H100 / H200, 228 KB shared memory per SM). Forward / dlogits: a (BLOCK_T x BLOCK_V) fp32 logits
-# block per program, fed by a BLOCK_E-deep pipelined K loop; 8 warps = two warpgroups of wgmma.
-# Every BLOCK_V divides VOCAB_SPLIT_QUANTUM.
+# Hopper (H100 / H200, 228 KB shared memory per SM), 16-bit operands. Forward / dlogits: a
+# (BLOCK_T x BLOCK_V) fp32 logits block per program, fed by a BLOCK_E-deep pipelined K loop; 8 warps = two
+# warpgroups of wgmma. Every BLOCK_V divides VOCAB_SPLIT_QUANTUM. Shared memory per stage:
+# (BLOCK_T + BLOCK_V) * BLOCK_E * 2 bytes, 96-196 KB over the stages below.
 _TILE_CONFIGS = [
     triton.Config({"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_T": 128, "BLOCK_V": 256, "BLOCK_E": 64}, num_warps=8, num_stages=3),
@@ -242,13 +243,34 @@ _MATMUL_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
+# fp32 operands (true fp32 products, not a speed path): one config whose stages fit shared memory.
+_TILE_CONFIG_FP32 = triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_E": 32}, num_warps=4, num_stages=3)
+_MATMUL_CONFIG_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                                    num_stages=3)
 # The token-tile size the CUDA launcher assumes when choosing the forward's vocabulary split.
 CUDA_BLOCK_T = 128
+# Below this many multiply-adds (T * V * E, or M * N * K) a launch takes a fixed config: tuning would cost
+# more than it saves, and small test shapes would each trigger a tuning round.
+AUTOTUNE_MIN_WORK = 1 << 31
+
+
+def cuda_fixed_config(kind: str, elem_bytes: int) -> dict:
+    """The untuned CUDA config of a kernel family ("tile" or "matmul") as launch keyword arguments."""
+    if elem_bytes >= 4:
+        cfg = _TILE_CONFIG_FP32 if kind == "tile" else _MATMUL_CONFIG_FP32
+    else:
+        cfg = (_TILE_CONFIGS if kind == "tile" else _MATMUL_CONFIGS)[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def use_autotune(work: int, elem_bytes: int) -> bool:
+    """Autotune 16-bit launches that are big enough to repay it (only ever on CUDA)."""
+    return elem_bytes == 2 and work >= AUTOTUNE_MIN_WORK
 
 
 @functools.lru_cache(maxsize=None)
 def tuned(name: str):
-    """The autotuned CUDA version of a kernel (built on first use: never under the interpreter)."""
+    """The autotuned CUDA version of a kernel, 16-bit operands (built on first use: never under the interpreter)."""
     if name == "fwd":
         return triton.autotune(_TILE_CONFIGS, key=["V", "E", "HAS_BIAS", "NEED_SUM"])(ce_fwd_kernel)
     if name == "dlogits":

@@ -132,6 +132,11 @@ def test_gradient_of_a_subset_of_inputs():
     rdx, rdb = torch.autograd.grad(ref, (x, b))
     torch.testing.assert_close(dx.double(), rdx, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(db.double(), rdb, rtol=1e-4, atol=1e-6)
+    # Only the weight: no d(input) is computed.
+    ws.requires_grad_()
+    (dw,) = torch.autograd.grad(aimkern.linear_cross_entropy(xs.detach(), ws, t, backend="triton"), (ws,))
+    (rdw,) = torch.autograd.grad(linear_cross_entropy_reference(x.detach(), w.requires_grad_(), t), (w,))
+    torch.testing.assert_close(dw.double(), rdw, rtol=1e-4, atol=1e-6)
 
 
 def test_strided_inputs_and_expanded_upstream_gradient():
@@ -209,6 +214,21 @@ def test_empty_batch():
     loss = aimkern.linear_cross_entropy(x, w, t, reduction="sum", backend="triton")
     loss.backward()
     assert loss.item() == 0.0 and not w.grad.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_launch_configs_compute_the_same(monkeypatch, dtype):
+    # Runs the fixed CUDA configs (Hopper tiles) through the interpreter, so a GPU-only tiling bug (a
+    # BLOCK_V that does not tile a vocabulary slice, masks at 128-wide tiles) shows up here too.
+    from aimkern.kernels import cross_entropy as kern
+    from aimkern.ops import cross_entropy as ops
+
+    assert all(kern.VOCAB_SPLIT_QUANTUM % c.kwargs["BLOCK_V"] == 0
+               for c in kern._TILE_CONFIGS + [kern._TILE_CONFIG_FP32])
+    elem = torch.tensor([], dtype=dtype).element_size()
+    monkeypatch.setattr(ops, "_fixed_config", lambda kind, m, n, k, eb: kern.cuda_fixed_config(kind, elem))
+    x, w, b, t = _problem((37,), 300, 80)
+    _check(x, w, b, t, dtype, reduction="mean", label_smoothing=0.1, z_loss=1e-3)
 
 
 @settings(max_examples=8)

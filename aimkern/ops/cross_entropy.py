@@ -105,14 +105,24 @@ def _programs_wanted(device: torch.device) -> int:
     return 4 if device.type != "cuda" else 2 * _sm_count(device.index if device.index is not None else 0)
 
 
-def _tile_launch(name: str, t: int, v: int, e: int, grid_fn):
-    """(kernel, grid, meta): a fixed config under the interpreter, the autotuned kernel on CUDA."""
+def _fixed_config(kind: str, m: int, n: int, k: int, elem_bytes: int) -> Optional[dict]:
+    """The launch config to use as is, or None to autotune (16-bit work on CUDA big enough to repay it)."""
     kern = _kernels()
     if interpreting():
-        meta = kern.interpreter_tile_config(t, v, e)
-        kernel = kern.ce_fwd_kernel if name == "fwd" else kern.ce_dlogits_kernel
-        return kernel, grid_fn(meta), meta
-    return kern.tuned(name), grid_fn, {}
+        return (kern.interpreter_tile_config if kind == "tile" else kern.interpreter_matmul_config)(m, n, k)
+    if kern.use_autotune(m * n * k, elem_bytes):
+        return None
+    return kern.cuda_fixed_config(kind, elem_bytes)
+
+
+def _tile_launch(name: str, t: int, v: int, e: int, elem_bytes: int, grid_fn):
+    """(kernel, grid, meta) for the forward / dlogits kernels."""
+    kern = _kernels()
+    meta = _fixed_config("tile", t, v, e, elem_bytes)
+    if meta is None:
+        return kern.tuned(name), grid_fn, {}
+    kernel = kern.ce_fwd_kernel if name == "fwd" else kern.ce_dlogits_kernel
+    return kernel, grid_fn(meta), meta
 
 
 def _launch_forward(x, w, b, tgt, params: CrossEntropyParams):
@@ -122,12 +132,15 @@ def _launch_forward(x, w, b, tgt, params: CrossEntropyParams):
     kern = _kernels()
     t, e = x.shape
     v = w.shape[0]
-    block_t = kern.interpreter_tile_config(t, v, e)["BLOCK_T"] if interpreting() else kern.CUDA_BLOCK_T
+    fixed = _fixed_config("tile", t, v, e, x.element_size())
+    block_t = fixed["BLOCK_T"] if fixed is not None else kern.CUDA_BLOCK_T
     vs = kern.vocab_split(triton.cdiv(t, block_t), v, _programs_wanted(x.device))
     slices = triton.cdiv(v, vs)
     need_sum = params.label_smoothing != 0.0
     stats = torch.empty((3 if need_sum else 2, slices, t), device=x.device, dtype=torch.float32)
-    kernel, grid, meta = _tile_launch("fwd", t, v, e, lambda m: (triton.cdiv(t, m["BLOCK_T"]), slices))
+    kernel, grid, meta = _tile_launch(
+        "fwd", t, v, e, x.element_size(), lambda m: (triton.cdiv(t, m["BLOCK_T"]), slices)
+    )
     bias_arg = b if b is not None else stats  # never read without HAS_BIAS
     kernel[grid](
         x, w, bias_arg, tgt, stats[0], stats[1], stats[-1],
@@ -177,7 +190,7 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
         d = dbuf[:tc]
         xc = x[t0 : t0 + tc]
         kernel, grid, meta = _tile_launch(
-            "dlogits", tc, v, e, lambda m: (triton.cdiv(tc, m["BLOCK_T"]), triton.cdiv(v, m["BLOCK_V"]))
+            "dlogits", tc, v, e, x.element_size(), lambda m: (triton.cdiv(tc, m["BLOCK_T"]), triton.cdiv(v, m["BLOCK_V"]))
         )
         kernel[grid](
             xc, w, b if b is not None else lse, tgt[t0:], lse[t0:], grad[t0:], d,
@@ -205,8 +218,8 @@ def _matmul(a, b, c, rs, *, accumulate: bool, precision: str) -> None:
     rs_arg = rs if rs is not None else c  # never touched without ROWSUM
     args = (a, b, c, rs_arg, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     flags = dict(ACCUMULATE=accumulate, ROWSUM=rs is not None, PRECISION=precision)
-    if interpreting():
-        meta = kern.interpreter_matmul_config(m, n, k)
+    meta = _fixed_config("matmul", m, n, k, a.element_size())
+    if meta is not None:
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         kern.matmul_kernel[grid](*args, **flags, **meta)
     else:
