@@ -190,7 +190,8 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
         d = dbuf[:tc]
         xc = x[t0 : t0 + tc]
         kernel, grid, meta = _tile_launch(
-            "dlogits", tc, v, e, x.element_size(), lambda m: (triton.cdiv(tc, m["BLOCK_T"]), triton.cdiv(v, m["BLOCK_V"]))
+            "dlogits", tc, v, e, x.element_size(),
+            lambda m: (triton.cdiv(tc, m["BLOCK_T"]), triton.cdiv(v, m["BLOCK_V"])),
         )
         kernel[grid](
             xc, w, b if b is not None else lse, tgt[t0:], lse[t0:], grad[t0:], d,

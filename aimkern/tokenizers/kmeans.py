@@ -106,7 +106,9 @@ class KMeansPatchTokenizer:
         if h % p or w % p:
             raise ValueError(f"KMeansPatchTokenizer: image H={h} and W={w} must be multiples of patch_size={p}")
         if self.in_chans is not None and c != self.in_chans:
-            raise ValueError(f"KMeansPatchTokenizer: images have {c} channels, the tokenizer was fit on {self.in_chans}")
+            raise ValueError(
+                f"KMeansPatchTokenizer: images have {c} channels, the tokenizer was fit on {self.in_chans}"
+            )
         return pixel_targets(images, p, self.norm_pix, self.eps).float()
 
     def _centroids_on(self, device: torch.device) -> torch.Tensor:
@@ -142,7 +144,8 @@ class KMeansPatchTokenizer:
 
     # ------------------------------------------------------------------------------------------- fit
     def _gather(self, data: ImagesOrBatches, max_patches: Optional[int]) -> torch.Tensor:
-        if max_patches is not None and (isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1):
+        bad_cap = isinstance(max_patches, bool) or not isinstance(max_patches, int) or max_patches < 1
+        if max_patches is not None and bad_cap:
             raise ValueError(f"KMeansPatchTokenizer.fit: max_patches must be None or an int >= 1, got {max_patches!r}")
         batches = [data] if isinstance(data, torch.Tensor) else data
         self.in_chans = None  # a new fit may see a different channel count; taken from the first batch
@@ -183,7 +186,9 @@ class KMeansPatchTokenizer:
             have += r
         return torch.cat(centers)
 
-    def fit(self, data: ImagesOrBatches, *, max_patches: Optional[int] = None, verbose: bool = False) -> "KMeansPatchTokenizer":
+    def fit(
+        self, data: ImagesOrBatches, *, max_patches: Optional[int] = None, verbose: bool = False
+    ) -> "KMeansPatchTokenizer":
         """Fit the centroids on images: a (B, C, H, W) tensor, or an iterable of such batches (or of tuples
         whose first item is the batch). All patches are gathered (up to ``max_patches``, the first ones), on
         the device of the batches: pass CUDA tensors to fit on the GPU. Returns self.
@@ -265,5 +270,6 @@ class KMeansPatchTokenizer:
         tok.inertia_ = list(state["inertia"])
         expected = (tok.vocab_size, tok.patch_dim)
         if tuple(tok.centroids.shape) != expected:
-            raise ValueError(f"KMeansPatchTokenizer.load: centroids of shape {tuple(tok.centroids.shape)}, want {expected}")
+            got = tuple(tok.centroids.shape)
+            raise ValueError(f"KMeansPatchTokenizer.load: centroids of shape {got}, want {expected}")
         return tok
