@@ -166,3 +166,18 @@ class CausalViT(nn.Module):
             f"img={cfg.img_size}, patch={cfg.patch_size}, N={cfg.num_patches}, causal={cfg.is_causal}, "
             f"block_size={cfg.block_size}, head={cfg.head}, params={self.num_parameters() / 1e6:.1f}M"
         )
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_timm(cls, vit: nn.Module, **overrides) -> "CausalViT":
+        """Convert timm's AIMv2 or class-token-free ViT, weights included (``aimkern.integrations.timm_convert``):
+        ``forward_features(x, is_causal=False)`` then equals ``vit.forward_features(x)``."""
+        from ..integrations.timm_convert import from_timm
+
+        return from_timm(vit, **overrides)
+
+    def to_timm(self) -> nn.Module:
+        """This trunk as timm's ``VisionTransformer`` (class_token=False, global_pool='avg'), weights included."""
+        from ..integrations.timm_convert import to_timm
+
+        return to_timm(self)
