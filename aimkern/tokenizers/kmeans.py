@@ -41,7 +41,8 @@ class KMeansPatchTokenizer:
         seed_rounds: batched k-means++: the K seeds are drawn in at most this many rounds, each round
             sampling K / seed_rounds new seeds with probability proportional to the squared distance to the
             nearest seed so far (exact k-means++ when K <= seed_rounds + 1).
-        seed: random seed of the seeding (fits are reproducible on one device).
+        seed: random seed of the seeding (CPU fits are reproducible; on CUDA the centroid sums use
+            index_add_, whose atomics may vary in the last bits).
     """
 
     def __init__(
