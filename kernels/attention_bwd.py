@@ -67,7 +67,7 @@ def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
-    H, N, block_size, qk_scale, sm_scale,
+    H, N, N_BUCKET, block_size, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -135,7 +135,7 @@ def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     sqgb, sqgh, sqgn, sqgd,
-    H, N, block_size, qk_scale, sm_scale,
+    H, N, N_BUCKET, block_size, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):

@@ -116,11 +116,15 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, lo, hi, offs_m, offs_d,
 def attn_fwd_kernel(
     Q, K, V, O, LSE, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    H, N, block_size, qk_scale,
+    H, N, N_BUCKET, block_size, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (query tile, batch * head). Writes O (B, H, N, D strides) and LSE (B, H, N) fp32."""
+    """One program per (query tile, batch * head). Writes O (B, H, N, D strides) and LSE (B, H, N) fp32.
+
+    N_BUCKET (N rounded up to a power of two) is unused in the body: it is the autotuning key, so configs
+    are tuned once per sequence band rather than once per N.
+    """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

@@ -79,6 +79,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _bucket(n: int) -> int:
+    """The autotuning key's sequence band: N rounded up to a power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _bhnd_empty(q: torch.Tensor) -> torch.Tensor:
     """An uninitialised (B, H, N, D) tensor laid out as (B, N, H, D) memory."""
     b, h, n, d = q.shape
@@ -97,7 +102,7 @@ def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale
     kernel[grid](
         q, k, v, o, lse, prefix_len if prefix_len is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        h, n, block_size, scale * _LOG2E,
+        h, n, _bucket(n), block_size, scale * _LOG2E,
         HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None,
         DOT_PRECISION=kern.dot_precision(q.dtype), **meta,
     )
@@ -115,14 +120,13 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
         DOT_PRECISION=kern.dot_precision(q.dtype),
     )
     prefix = prefix_len if prefix_len is not None else lse  # never read when HAS_PREFIX is False
-    scalars = (h, n, block_size, scale * _LOG2E, scale)
     if kern.use_fused_backward(d, q.dtype, n):
         kernel, meta = kern.backward_fused(d, q.dtype, n)
         kernel[(b * h,)](
             q, k, v, o, do, lse, dq, dk, dv, prefix,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
             *dq.stride(), *dk.stride(), *dv.stride(),
-            *scalars, **common, **meta,
+            h, n, block_size, scale * _LOG2E, scale, **common, **meta,
         )
         return dq, dk, dv
 
@@ -132,6 +136,7 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
         o, do, delta, *o.stride(), *do.stride(), h, n, HEAD_D=d, BLOCK_D=kern.block_d(d), **meta
     )
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    scalars = (h, n, _bucket(n), block_size, scale * _LOG2E, scale)
     kernel, meta = kern.backward_dkdv(d, q.dtype, n)
     grid = lambda META: (_cdiv(n, META["BLOCK_N"]), b * h)  # noqa: E731
     kernel[grid](
@@ -199,6 +204,8 @@ def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: Atten
     is_causal = params.is_causal and params.block_size < n  # one causal block spanning N is full attention
     if not is_causal:
         prefix_len = None  # every key is visible anyway
+    elif prefix_len is not None:
+        prefix_len = prefix_len.contiguous()  # the kernels read prefix_len[b] at stride 1
     o, _ = _attention_fwd(q, k, v, prefix_len, is_causal, params.block_size if is_causal else 1,
                           params.resolved_scale(q.shape[3]))
     return o
