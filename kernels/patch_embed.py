@@ -193,7 +193,7 @@ _DX_CONFIGS = [
 ]
 # Under the interpreter every program is a numpy loop: few, large tiles are fastest.
 INTERPRETER_FWD_META = {"BLOCK_M": 64, "BLOCK_E": 64, "BLOCK_K": 32}
-INTERPRETER_DX_META = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_E": 32}
+INTERPRETER_DX_META = {"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_E": 32}
 
 _autotuned: dict = {}
 
@@ -224,7 +224,7 @@ def dw_config(batch: int, n_tok: int, e: int, k: int, want_w: bool, interpreting
     the fp32 partial buffer (slices x E x K) small: each slice costs one E x K fp32 write and read.
     """
     if interpreting:
-        meta = {"BLOCK_T": 32, "BLOCK_E": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+        meta = {"BLOCK_T": 32, "BLOCK_E": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
         # Two image chunks whenever B > 1, so the tests exercise the partial reduction.
         b_chunks = min(batch, 2)
     else:

@@ -1,0 +1,179 @@
+"""aimkern.patch_embed, Triton backend: outputs and every gradient against float64 references.
+
+Runs under Triton's interpreter on CPU (fp32, fp16) and compiled on CUDA (plus bf16). Tolerances are
+relative to the same-dtype PyTorch error (tests/tolerances.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aimkern
+from aimkern.nn import PatchEmbed
+from aimkern.reference.patch_embed import patch_embed_reference
+
+from conftest import HAS_CUDA, requires_cuda
+from tolerances import assert_close_relative
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+NAMES = ("images", "weight", "bias", "pos_embed")
+
+
+def make_inputs(b, c, h, w, p, e, dtype, *, bias=True, pos="1NE", pos_dtype=None, images_grad=True):
+    """Leaf tensors (images, weight, bias, pos_embed) in ``dtype``; weight scaled so outputs are O(1)."""
+    n = (h // p) * (w // p)
+    images = torch.randn(b, c, h, w, device=DEV, dtype=dtype)
+    weight = (torch.randn(e, c, p, p, device=DEV) * (c * p * p) ** -0.5).to(dtype)
+    bias_t = torch.randn(e, device=DEV, dtype=dtype) if bias else None
+    pos_t = None
+    if pos is not None:
+        shape = (1, n, e) if pos == "1NE" else (n, e)
+        pos_t = torch.randn(shape, device=DEV, dtype=pos_dtype or dtype)
+    for t in (weight, bias_t, pos_t):
+        if t is not None:
+            t.requires_grad_()
+    return [images.requires_grad_(images_grad), weight, bias_t, pos_t]
+
+
+def run(fn, inputs, grad_out=None):
+    """(output, gradients of the inputs that require grad, in NAMES order with None elsewhere)."""
+    out = fn(*inputs)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out))
+    return out, [next(grads) if t is not None and t.requires_grad else None for t in inputs], grad_out
+
+
+def check_against_references(inputs, fn=None, grad_out=None):
+    """Triton (``fn``) vs the same-dtype reference vs the float64 reference: output and every gradient."""
+    fn = fn or (lambda *a: aimkern.patch_embed(*a, backend="triton"))
+    out, grads, grad_out = run(fn, inputs, grad_out)
+    out_t, grads_t, _ = run(patch_embed_reference, inputs, grad_out)
+    inputs64 = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    out64, grads64, _ = run(patch_embed_reference, inputs64, grad_out.double())
+    atol = ATOL[inputs[0].dtype]
+    assert out.dtype == out_t.dtype
+    assert_close_relative(out, out_t, out64, name="output", atol=atol)
+    for name, g, g_t, g64, t in zip(NAMES, grads, grads_t, grads64, inputs):
+        if t is None or not t.requires_grad:
+            assert g is None
+            continue
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert_close_relative(g, g_t, g64, name=f"d{name}", atol=atol)
+
+
+SHAPES = [  # (B, C, H, W, P, E): any C, P that is not a power of two, K = C*P*P not a power of two, H != W
+    (2, 3, 32, 40, 4, 64),
+    (3, 1, 10, 15, 5, 24),  # B = 3: an image chunk of the dW kernel loops over two images
+    (1, 4, 28, 14, 14, 40),
+    (2, 3, 32, 16, 16, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_all_gradients(shape):
+    check_against_references(make_inputs(*shape, torch.float32))
+
+
+@pytest.mark.parametrize(
+    "bias,pos,images_grad",
+    [(False, None, False), (True, "NE", False), (False, "1NE", True), (True, None, True)],
+)
+def test_optional_parts(bias, pos, images_grad):
+    check_against_references(make_inputs(2, 3, 12, 20, 4, 40, torch.float32, bias=bias, pos=pos, images_grad=images_grad))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 40, 4, 64), (1, 4, 28, 14, 14, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_fp16(shape):
+    check_against_references(make_inputs(*shape, torch.float16))
+
+
+def test_fp16_images_with_fp32_pos_embed():
+    # CausalViT keeps pos_embed in fp32; the kernel adds it in fp32 and returns d(pos) in fp32.
+    check_against_references(make_inputs(2, 3, 16, 20, 4, 32, torch.float16, pos_dtype=torch.float32))
+
+
+def test_only_bias_and_pos_need_grad():
+    """The dW-free path (WANT_W off) still gives db and d(pos)."""
+    images, weight, bias, pos = make_inputs(2, 3, 16, 12, 4, 24, torch.float32, images_grad=False)
+    check_against_references([images, weight.detach(), bias, pos])
+
+
+def test_non_contiguous_inputs_and_expanded_grad():
+    """Strided images (channels_last, a crop), a transposed-storage weight, and the stride-0 grad of .sum()."""
+    b, c, h, w, p, e = 2, 3, 16, 24, 4, 32
+    big = torch.randn(b, c, h + 3, w + 5, device=DEV)[:, :, 1 : h + 1, 2 : w + 2]  # a crop: no unit strides
+    images = big.contiguous(memory_format=torch.channels_last)[:, :, :, :].requires_grad_()
+    weight = torch.randn(c, p, p, e, device=DEV).mul(0.1).permute(3, 0, 1, 2).requires_grad_()
+    pos = torch.randn(e, (h // p) * (w // p), device=DEV).t().requires_grad_()
+    bias = torch.randn(e, device=DEV).requires_grad_()
+    assert not images.is_contiguous() and not weight.is_contiguous() and not pos.is_contiguous()
+    inputs = [images, weight, bias, pos]
+    n = (h // p) * (w // p)
+    check_against_references(inputs, grad_out=torch.ones(1, 1, 1, device=DEV).expand(b, n, e))
+    crop = [big.requires_grad_(), weight, bias, pos]
+    check_against_references(crop)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    inputs = make_inputs(2, 3, 12, 16, 4, 32, torch.float32)
+    fn = torch.compile(lambda *a: aimkern.patch_embed(*a, backend="triton"), fullgraph=True, backend="aot_eager")
+    check_against_references(inputs, fn=fn)
+
+
+def test_dtype_mismatch_is_a_type_error():
+    images, weight, bias, pos = make_inputs(1, 3, 8, 8, 4, 16, torch.float32)
+    with pytest.raises(TypeError, match="weight"):
+        aimkern.patch_embed(images, weight.detach().half(), bias, pos, backend="triton")
+    with pytest.raises(TypeError, match="bias"):
+        aimkern.patch_embed(images, weight, bias.detach().half(), pos, backend="triton")
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_patch_embed_module_matches_reference_backend(norm):
+    """aimkern.nn.PatchEmbed: timm state-dict names, Triton and reference backends agree, gradients too."""
+    torch.manual_seed(1)
+    kw = dict(patch_size=4, in_chans=3, dim=32, norm_layer=torch.nn.LayerNorm(32) if norm else None)
+    tri = PatchEmbed(backend="triton", **kw).to(DEV)
+    ref = PatchEmbed(backend="reference", **kw).to(DEV)
+    assert {"proj.weight", "proj.bias"} <= set(tri.state_dict())
+    ref.load_state_dict(tri.state_dict())
+    images = torch.randn(2, 3, 12, 16, device=DEV)
+    pos = torch.randn(1, 12, 32, device=DEV)
+    out_t, out_r = tri(images, pos), ref(images, pos)
+    torch.testing.assert_close(out_t, out_r, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(out_t)
+    out_t.backward(g)
+    out_r.backward(g)
+    for (name, pt), pr in zip(tri.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(pt.grad, pr.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@settings(max_examples=12)
+@given(
+    b=st.integers(1, 3),
+    c=st.sampled_from([1, 3, 4]),
+    p=st.sampled_from([2, 3, 4, 5]),
+    gh=st.integers(1, 5),
+    gw=st.integers(1, 5),
+    e=st.sampled_from([8, 24, 40]),
+    bias=st.booleans(),
+    pos=st.sampled_from([None, "NE", "1NE"]),
+    images_grad=st.booleans(),
+    half=st.booleans(),
+)
+def test_fuzz(b, c, p, gh, gw, e, bias, pos, images_grad, half):
+    dtype = torch.float16 if half else torch.float32
+    check_against_references(make_inputs(b, c, gh * p, gw * p, p, e, dtype, bias=bias, pos=pos, images_grad=images_grad))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_vit_size(dtype):
+    """ViT-B/16 geometry on the GPU (bf16 needs real tensor cores; the interpreter's bf16 dot is wrong)."""
+    check_against_references(make_inputs(8, 3, 224, 224, 16, 768, dtype))
+    check_against_references(make_inputs(4, 3, 224, 160, 14, 384, dtype, bias=False, pos="NE"))
