@@ -132,6 +132,15 @@ def test_linear_cross_entropy_matches_torch_builtin_when_present():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_linear_cross_entropy_accepts_narrow_integer_targets(dtype):
+    x = torch.randn(6, 8, dtype=torch.float64)
+    w = torch.randn(5, 8, dtype=torch.float64)
+    t = torch.randint(0, 5, (6,))
+    want = aimkern.linear_cross_entropy(x, w, t)
+    torch.testing.assert_close(aimkern.linear_cross_entropy(x, w, t.to(dtype)), want)
+
+
 def test_linear_cross_entropy_all_ignored_mean_is_nan_like_torch():
     x = torch.randn(4, 8, dtype=torch.float64)
     w = torch.randn(5, 8, dtype=torch.float64)

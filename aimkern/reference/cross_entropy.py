@@ -27,7 +27,7 @@ def linear_cross_entropy_reference(
     """
     logits = F.linear(input, linear_weight, linear_bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, linear_weight.shape[0])
-    flat_target = target.reshape(-1)
+    flat_target = target.reshape(-1).long()  # F.cross_entropy wants int64 class ids
     loss = F.cross_entropy(
         logits, flat_target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
     )
