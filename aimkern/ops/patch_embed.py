@@ -101,8 +101,11 @@ def _launch_forward(images, weight, bias, pos_embed) -> torch.Tensor:
 def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: bool):
     """(dW in weight's dtype or an empty tensor, d(pos) as fp32 (N, E) or an empty tensor)."""
     b, _, p, gw, n, e, k = _geometry(images, weight)
-    dw = weight.new_zeros(weight.shape) if want_weight else weight.new_empty(0)
-    dpos = grad.new_zeros((n, e), dtype=torch.float32) if want_pos else grad.new_empty(0, dtype=torch.float32)
+    dw = weight.new_empty(0)
+    dpos = grad.new_empty(0, dtype=torch.float32)
+    if b == 0:  # no tokens: the gradients are exactly zero
+        dw = weight.new_zeros(weight.shape) if want_weight else dw
+        dpos = grad.new_zeros((n, e), dtype=torch.float32) if want_pos else dpos
     if b == 0 or not (want_weight or want_pos):
         return dw, dpos
     kern = _kernels()
