@@ -194,29 +194,40 @@ _DX_CONFIGS = [
 # Under the interpreter every program is a numpy loop: few, large tiles are fastest.
 INTERPRETER_FWD_META = {"BLOCK_M": 64, "BLOCK_E": 64, "BLOCK_K": 32}
 INTERPRETER_DX_META = {"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_E": 32}
+# Small GEMMs (tests, odd shapes) and fp32 (whose tiles are twice the bytes) take one fixed config:
+# autotuning them would cost more compile and benchmark time than it could ever save.
+SMALL_FWD_META = {"BLOCK_M": 64, "BLOCK_E": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+SMALL_DX_META = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_E": 32, "num_warps": 4, "num_stages": 2}
+AUTOTUNE_MIN_MACS = 1 << 28  # M * E * K; ViT-B/16 is 2.9e10 at batch 256, 9e8 at batch 8 (the GPU test)
 
 _autotuned: dict = {}
 
 
-def forward_kernel(interpreting: bool):
-    """(kernel, meta): the forward GEMM and the block sizes to pass (empty when autotuned)."""
+def _pick(name: str, kernel, configs, interpreter_meta: dict, small_meta: dict, interpreting: bool, macs: int,
+          sixteen_bit: bool):
     if interpreting:
-        return patch_embed_fwd_kernel, dict(INTERPRETER_FWD_META)
-    if "fwd" not in _autotuned:
-        _autotuned["fwd"] = triton.autotune(_GEMM_CONFIGS, key=["M", "E", "K"])(patch_embed_fwd_kernel)
-    return _autotuned["fwd"], {}
+        return kernel, dict(interpreter_meta)
+    if macs < AUTOTUNE_MIN_MACS or not sixteen_bit:
+        return kernel, dict(small_meta)
+    if name not in _autotuned:
+        _autotuned[name] = triton.autotune(configs, key=["M", "E", "K"])(kernel)
+    return _autotuned[name], {}
 
 
-def dx_kernel(interpreting: bool):
-    """(kernel, meta): the dImages GEMM and the block sizes to pass (empty when autotuned)."""
-    if interpreting:
-        return patch_embed_dx_kernel, dict(INTERPRETER_DX_META)
-    if "dx" not in _autotuned:
-        _autotuned["dx"] = triton.autotune(_DX_CONFIGS, key=["M", "E", "K"])(patch_embed_dx_kernel)
-    return _autotuned["dx"], {}
+def forward_kernel(interpreting: bool, macs: int, sixteen_bit: bool):
+    """(kernel, meta): the forward GEMM and the launch meta to pass (empty when autotuned)."""
+    return _pick("fwd", patch_embed_fwd_kernel, _GEMM_CONFIGS, INTERPRETER_FWD_META, SMALL_FWD_META,
+                 interpreting, macs, sixteen_bit)
 
 
-def dw_config(batch: int, n_tok: int, e: int, k: int, want_w: bool, interpreting: bool, sm_count: int) -> dict:
+def dx_kernel(interpreting: bool, macs: int, sixteen_bit: bool):
+    """(kernel, meta): the dImages GEMM and the launch meta to pass (empty when autotuned)."""
+    return _pick("dx", patch_embed_dx_kernel, _DX_CONFIGS, INTERPRETER_DX_META, SMALL_DX_META,
+                 interpreting, macs, sixteen_bit)
+
+
+def dw_config(batch: int, n_tok: int, e: int, k: int, want_w: bool, interpreting: bool, sm_count: int,
+              sixteen_bit: bool) -> dict:
     """Tiling and slicing of the dW / d(pos) kernel.
 
     Returns block sizes, warps and stages plus ``b_per_slice`` (images per program) and ``n_blocks``.
@@ -228,7 +239,10 @@ def dw_config(batch: int, n_tok: int, e: int, k: int, want_w: bool, interpreting
         # Two image chunks whenever B > 1, so the tests exercise the partial reduction.
         b_chunks = min(batch, 2)
     else:
-        meta = {"BLOCK_T": 64, "BLOCK_E": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+        if sixteen_bit:  # 2 x 16 KB of operands per stage
+            meta = {"BLOCK_T": 64, "BLOCK_E": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+        else:  # fp32: keep the stages within shared memory
+            meta = {"BLOCK_T": 32, "BLOCK_E": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
         ek_tiles = triton.cdiv(e, meta["BLOCK_E"]) * (triton.cdiv(k, meta["BLOCK_K"]) if want_w else 1)
         n_blocks = triton.cdiv(n_tok, meta["BLOCK_T"])
         b_chunks = max(1, min(batch, triton.cdiv(2 * sm_count, ek_tiles * n_blocks)))

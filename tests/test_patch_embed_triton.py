@@ -5,6 +5,8 @@ relative to the same-dtype PyTorch error (tests/tolerances.py).
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -151,6 +153,15 @@ def test_patch_embed_module_matches_reference_backend(norm):
     out_r.backward(g)
     for (name, pt), pr in zip(tri.named_parameters(), ref.parameters()):
         torch.testing.assert_close(pt.grad, pr.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runs these tilings natively")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_tilings_under_interpreter(monkeypatch, dtype):
+    """The CUDA launch configs (fixed small-GEMM tiles, the dW tiling and split) computed in the interpreter."""
+    op = importlib.import_module("aimkern.ops.patch_embed")  # the module (aimkern.ops.patch_embed is shadowed)
+    monkeypatch.setattr(op, "interpreting", lambda: False)
+    check_against_references(make_inputs(3, 3, 12, 20, 4, 40, dtype))
 
 
 @settings(max_examples=12)

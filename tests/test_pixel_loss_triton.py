@@ -5,6 +5,8 @@ relative to the same-dtype PyTorch error (tests/tolerances.py).
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -146,6 +148,15 @@ def test_pred_without_grad():
     loss = triton_loss(pred.detach(), images, patch_size=4)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, reference_loss(pred.detach(), images, patch_size=4))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runs this tiling natively")
+def test_gpu_tiling_under_interpreter(monkeypatch):
+    """The CUDA launch config (rows per program, block of values) computed in the interpreter."""
+    op = importlib.import_module("aimkern.ops.pixel_loss")  # the module (aimkern.ops.pixel_loss is shadowed)
+    monkeypatch.setattr(op, "interpreting", lambda: False)
+    pred, images = make_inputs(2, 3, 16, 48, 16, torch.float32)
+    check_against_references(pred, images, patch_size=16, prefix_len=torch.tensor([0, 1], device=DEV))
 
 
 @settings(max_examples=12)

@@ -87,7 +87,7 @@ def _launch_forward(images, weight, bias, pos_embed) -> torch.Tensor:
     if m == 0:
         return out
     pos = pos_embed.reshape(n, e) if pos_embed is not None else None
-    kernel, meta = _kernels().forward_kernel(interpreting())
+    kernel, meta = _kernels().forward_kernel(interpreting(), m * e * k, images.element_size() == 2)
     grid = lambda META: (triton.cdiv(e, META["BLOCK_E"]) * triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     kernel[grid](
         images, weight, bias if bias is not None else out, pos if pos is not None else out, out,
@@ -109,7 +109,9 @@ def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: b
     if b == 0 or not (want_weight or want_pos):
         return dw, dpos
     kern = _kernels()
-    cfg = kern.dw_config(b, n, e, k, want_weight, interpreting(), _sm_count(images.device))
+    cfg = kern.dw_config(
+        b, n, e, k, want_weight, interpreting(), _sm_count(images.device), images.element_size() == 2
+    )
     slices = cfg["n_blocks"] * cfg["b_chunks"]
     dw_part = grad.new_empty((slices, e, k) if want_weight else (0,), dtype=torch.float32)
     dpos_part = grad.new_empty((cfg["b_chunks"], n, e) if want_pos else (0,), dtype=torch.float32)
@@ -139,7 +141,7 @@ def _launch_backward_images(grad, weight, images) -> torch.Tensor:
     dx = torch.empty(images.shape, device=images.device, dtype=images.dtype)
     if m == 0:
         return dx
-    kernel, meta = _kernels().dx_kernel(interpreting())
+    kernel, meta = _kernels().dx_kernel(interpreting(), m * e * k, images.element_size() == 2)
     grid = lambda META: (triton.cdiv(k, META["BLOCK_K"]) * triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     kernel[grid](
         grad, weight, dx,
