@@ -54,7 +54,8 @@ def measure(args) -> list[dict]:
     grad = torch.randn(b, n, e, device="cuda", dtype=dtype)
     itemsize = images.element_size()
     gemm_flop = 2.0 * b * n * k * e
-    moved = {"fwd": (images.numel() + grad.numel()) * itemsize, "fwd+bwd": 2 * (images.numel() + grad.numel()) * itemsize}
+    once = (images.numel() + grad.numel()) * itemsize  # images read + tokens written (or dOut read)
+    moved = {"fwd": once, "fwd+bwd": 2 * once}
     flops = {"fwd": gemm_flop, "fwd+bwd": 2 * gemm_flop}  # forward GEMM + dW GEMM (no dImages)
 
     peers = {

@@ -86,7 +86,8 @@ def test_fp32_all_gradients(shape):
     [(False, None, False), (True, "NE", False), (False, "1NE", True), (True, None, True)],
 )
 def test_optional_parts(bias, pos, images_grad):
-    check_against_references(make_inputs(2, 3, 12, 20, 4, 40, torch.float32, bias=bias, pos=pos, images_grad=images_grad))
+    inputs = make_inputs(2, 3, 12, 20, 4, 40, torch.float32, bias=bias, pos=pos, images_grad=images_grad)
+    check_against_references(inputs)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 32, 40, 4, 64), (1, 4, 28, 14, 14, 40)], ids=lambda s: "x".join(map(str, s)))
@@ -179,7 +180,8 @@ def test_gpu_tilings_under_interpreter(monkeypatch, dtype):
 )
 def test_fuzz(b, c, p, gh, gw, e, bias, pos, images_grad, half):
     dtype = torch.float16 if half else torch.float32
-    check_against_references(make_inputs(b, c, gh * p, gw * p, p, e, dtype, bias=bias, pos=pos, images_grad=images_grad))
+    inputs = make_inputs(b, c, gh * p, gw * p, p, e, dtype, bias=bias, pos=pos, images_grad=images_grad)
+    check_against_references(inputs)
 
 
 @requires_cuda

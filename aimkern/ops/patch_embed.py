@@ -222,7 +222,9 @@ def _patch_embed_triton(images, weight, bias, pos_embed) -> torch.Tensor:
     # The fused GEMM multiplies images by weight in one dtype (as F.linear would require).
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != images.dtype:
-            raise TypeError(f"{OP}: {name} must have the images' dtype {images.dtype} for backend='triton', got {t.dtype}")
+            raise TypeError(
+                f"{OP}: {name} must have the images' dtype {images.dtype} for backend='triton', got {t.dtype}"
+            )
     return _patch_embed_fwd(images, weight, bias, pos_embed)
 
 
