@@ -168,6 +168,8 @@ def _pixel_loss_triton(pred, images, prefix_len: Optional[torch.Tensor], params:
             f"{OP}: backend='triton' treats images as data and gives them no gradient, but images.requires_grad "
             "is True; detach the images, or use backend='reference' (which differentiates through the targets)"
         )
+    if prefix_len is not None:
+        prefix_len = prefix_len.contiguous()  # the kernel reads prefix_len[b] at offset b
     return _pixel_loss_fwd(pred, images, prefix_len, params.patch_size, params.offset, params.norm_pix, params.eps)
 
 
