@@ -85,7 +85,7 @@ def test_prefix_forms(prefix_len):
     pred, images = make_inputs(2, 1, 10, 15, 5, torch.float32)  # N = 6
     if prefix_len == "tensor":
         # One sample with no target at all; a strided int32 view, as a sliced batch would pass it.
-        prefix_len = torch.tensor([6, 0, 2, 0], device=DEV, dtype=torch.int32)[::2]
+        prefix_len = torch.tensor([6, 0, 4, 0], device=DEV, dtype=torch.int32)[::2]
     check_against_references(pred, images, patch_size=5, offset=2, prefix_len=prefix_len)
 
 
