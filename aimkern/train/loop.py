@@ -1,0 +1,290 @@
+"""The pretraining loop behind ``python -m aimkern.train``.
+
+One step: the next global batch (this rank's rows), AIM's per-image prefix, the next-patch loss under bf16
+autocast (CUDA), backward, global-norm clipping, AdamW, the LR schedule. Everything random in a step is
+drawn from generators seeded by (seed, step), so a run is a pure function of its seed and a resumed run
+repeats an uninterrupted one exactly.
+
+The loss of a batch is the mean over its counted targets (patches after the prefix). With W ranks each
+rank's loss is reweighted by W * (its targets) / (all targets), so the averaged gradient of DDP / FSDP is
+the gradient of the global batch's mean: ``--batch-size`` is global and a 2-process run takes the same steps
+as a 1-process run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .data import make_stream, mix_seed
+from .distributed import DistEnv, all_reduce_sum, gather_objects, setup, teardown, wrap
+from .model import build_model, enable_activation_checkpointing
+from .schedule import build_optimizer, build_scheduler
+
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_prefix(model, step: int, seed: int, global_batch: int, env: DistEnv):
+    """AIM's prefix for this rank's rows of the global batch at ``step`` (None when the model has no prefix
+    sampling), with the number of counted targets of this rank and of the global batch."""
+    cfg = model.config
+    n, offset = cfg.num_patches, cfg.block_size
+    local = global_batch // env.world
+    rows = slice(env.rank * local, (env.rank + 1) * local)
+    if not (cfg.prefix and cfg.is_causal):
+        per_image = max(0, n - offset)
+        return None, per_image * local, per_image * global_batch
+    gen = torch.Generator().manual_seed(mix_seed(seed, step, 4))
+    prefix = model.sample_prefix_len(global_batch, device="cpu", generator=gen)
+    counted = (n - prefix.clamp_min(offset)).clamp_min(0)
+    return prefix[rows].to(env.device, non_blocking=True), int(counted[rows].sum()), int(counted.sum())
+
+
+class MetricsLog:
+    """``OUT/metrics.jsonl``: one JSON object per logged step (rank 0 only). A resumed run first drops the
+    lines after its checkpoint's step (written by the interrupted run after its last save)."""
+
+    def __init__(self, out_dir: str, start_step: int, enabled: bool):
+        self.path = os.path.join(out_dir, METRICS_NAME)
+        self.enabled = enabled
+        if not enabled:
+            return
+        kept = []
+        if start_step > 0 and os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="pretrain")
+
+
+def _say(msg: str, env: DistEnv, bar=None) -> None:
+    if env.is_main:
+        (bar.write if bar is not None else print)(msg, flush=True)
+
+
+def save_checkpoint(core, optimizer, scheduler, *, step: int, samples_seen: int, args, env: DistEnv) -> dict:
+    """Collective: gather the full state and every rank's RNGs; rank 0 writes OUT/checkpoint.pt atomically.
+    Returns the full model state dict (on rank 0; empty elsewhere under FSDP)."""
+    model_sd, optim_sd = ckpt.model_and_optimizer_state(core, optimizer)
+    rngs = gather_objects(ckpt.capture_rng(), env)
+    if env.is_main:
+        ckpt.save_atomic({
+            "model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
+            "samples_seen": samples_seen, "rng": rngs, "world_size": env.world, "config": core.config.to_dict(),
+            "args": vars(args),
+        }, ckpt.checkpoint_path(args.out))
+    return model_sd
+
+
+def run(args) -> dict:
+    """Train as ``args`` (from ``parse_args``) says; returns the run's summary (on every rank)."""
+    env = setup(args.device)
+    try:
+        return _train(args, env)
+    finally:
+        teardown(env)
+
+
+def _train(args, env: DistEnv) -> dict:
+    t_start = time.perf_counter()
+    if args.batch_size % env.world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({env.world})")
+    if env.is_main:
+        os.makedirs(args.out, exist_ok=True)
+
+    state: Optional[dict] = None
+    if args.resume:
+        path = ckpt.checkpoint_path(args.out)
+        if os.path.isfile(path):
+            state = ckpt.load(path)
+            _say(f"resuming from {path} at step {state['step']}", env)
+        else:
+            _say(f"--resume: no checkpoint in {args.out} yet, starting from scratch", env)
+
+    # ---- model (identical initialization on every rank), tokenizer, optimizer, schedule ----------------
+    seed_everything(args.seed)
+    vocab_size, tok = args.vocab_size, None
+    if args.objective == "token":
+        from .tokens import prepare_tokenizer, tokenizer_vocab_size
+
+        probe_cfg = build_model(args.preset, img_size=args.img_size).config  # patch size / image geometry
+        vocab_size = vocab_size or probe_cfg.vocab_size
+        tok = prepare_tokenizer(
+            path=args.tokenizer, out_dir=args.out, resume=state is not None, vocab_size=vocab_size,
+            patch_size=probe_cfg.patch_size, fit_images=args.tokenizer_images, env=env,
+            fit_batches=make_stream(args.data, img_size=probe_cfg.img_size, in_chans=probe_cfg.in_chans,
+                                    global_batch=args.batch_size, rank=0, world=1, seed=args.seed, start=0,
+                                    device=env.device, workers=args.workers),
+        )
+        vocab_size = tokenizer_vocab_size(tok, vocab_size)
+        seed_everything(args.seed)  # fitting may draw random numbers: initialize as a pixel run would
+    core = build_model(args.preset, img_size=args.img_size, objective=args.objective, vocab_size=vocab_size,
+                       backend=args.backend).to(env.device)
+    cfg = core.config
+    if args.checkpointing:
+        enable_activation_checkpointing(core)
+    model = wrap(core, env, args.fsdp)
+    optimizer = build_optimizer(core, args.lr, args.weight_decay)
+    scheduler = build_scheduler(optimizer, total=args.steps, warmup=args.warmup_steps, lr=args.lr, min_lr=args.min_lr)
+    torch.manual_seed(mix_seed(args.seed, env.rank, 3))  # distinct per-rank streams from here on
+
+    start_step, samples_seen = 0, 0
+    if state is not None:
+        ckpt.load_model_and_optimizer_state(core, optimizer, state["model"], state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, samples_seen = state["step"], state["samples_seen"]
+        if state["world_size"] == env.world:
+            ckpt.restore_rng(state["rng"][env.rank])
+        else:
+            _say(f"note: checkpoint written by {state['world_size']} processes, resumed on {env.world}: "
+                 "RNG states are reseeded", env)
+        del state
+
+    step_fn = torch.compile(model, backend=args.compile_backend) if args.compile else model
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if env.device.type == "cuda" and args.precision == "bf16" else contextlib.nullcontext()
+    )
+    stop = min(args.steps, args.stop_at or args.steps)
+    stream = iter(make_stream(args.data, img_size=cfg.img_size, in_chans=cfg.in_chans, global_batch=args.batch_size,
+                              rank=env.rank, world=env.world, seed=args.seed, start=samples_seen, device=env.device,
+                              workers=args.workers))
+    metrics = MetricsLog(args.out, start_step, env.is_main)
+    n_params = core.num_parameters()  # DTensor.numel() is the global size, so FSDP counts right too
+    _say(f"aimkern.train: {args.preset} ({n_params / 1e6:.2f}M params, {cfg.num_patches} patches of "
+         f"{cfg.patch_size}px at {cfg.img_size}px), data={args.data}, objective={args.objective}, "
+         f"{env.world} process(es) on {env.device.type}{' (FSDP2)' if args.fsdp and env.distributed else ''}, "
+         f"global batch {args.batch_size}, steps {start_step}->{stop} of {args.steps}", env)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    bar = _progress(stop, start_step, env.is_main and not args.no_progress)
+    losses, throughput = [], []
+    acc_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+    acc_count, last_t, last_step, model_sd = 0, time.perf_counter(), start_step, None
+    for step in range(start_step, stop):
+        images = next(stream)
+        prefix, count_local, count_global = step_prefix(core, step, args.seed, args.batch_size, env)
+        targets = None
+        if tok is not None:
+            from .tokens import encode
+
+            targets = encode(tok, images)
+        lr = scheduler.get_last_lr()[0]
+        with autocast:
+            loss = step_fn(images, prefix_len=prefix, targets=targets)
+        (loss * (env.world * count_local / count_global)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        samples_seen += args.batch_size
+        acc_loss += loss.detach().double() * count_local
+        acc_count += count_local
+        done = step + 1
+        if done % args.log_every == 0 or done == stop:
+            totals = all_reduce_sum(torch.stack([acc_loss, acc_loss.new_tensor(float(acc_count))]), env)
+            mean_loss = (totals[0] / totals[1]).item()
+            if not np.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} at step {done}; lower --lr or check the data")
+            now = time.perf_counter()
+            img_per_s = (done - last_step) * args.batch_size / (now - last_t)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            record = {"step": done, "loss": mean_loss, "lr": lr, "img_per_s": img_per_s,
+                      "grad_norm": float(grad_norm), "samples_seen": samples_seen,
+                      "elapsed_s": now - t_start}
+            metrics.write(record)
+            losses.append(mean_loss)
+            throughput.append(img_per_s)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_per_s:.0f}", lr=f"{lr:.2e}")
+            acc_loss.zero_()
+            acc_count, last_t, last_step = 0, now, done
+        if bar is not None:
+            bar.update(1)
+        if done == stop or (args.save_every and done % args.save_every == 0):
+            model_sd = save_checkpoint(core, optimizer, scheduler, step=done, samples_seen=samples_seen,
+                                       args=args, env=env)
+    if bar is not None:
+        bar.close()
+
+    # ---- summary and probe -------------------------------------------------------------------------
+    summary = {
+        "preset": args.preset, "data": args.data, "objective": args.objective, "processes": env.world,
+        "steps": stop, "of_steps": args.steps, "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        # the first logged interval includes warm-up (and compilation): leave it out when there are others
+        "img_per_s": float(np.mean(throughput[1:] if len(throughput) > 1 else throughput)) if throughput else None,
+        "params_m": n_params / 1e6, "out": args.out,
+    }
+    if args.probe:
+        summary.update(_probe(args, env, model_sd))
+    summary["wall_s"] = time.perf_counter() - t_start
+    if env.is_main:
+        with open(os.path.join(args.out, SUMMARY_NAME), "w") as f:
+            json.dump(summary, f, indent=1)
+        _say(_format_summary(summary), env)
+    return summary
+
+
+def _probe(args, env: DistEnv, model_sd: Optional[dict]) -> dict:
+    """Rank 0: linear probe of the trained model beside a random-init one (plain copies, so FSDP is fine)."""
+    from .probe import compare
+
+    if not env.is_main:
+        return {}
+    if model_sd is None:  # nothing trained in this invocation: the checkpoint holds the model
+        model_sd = ckpt.load(ckpt.checkpoint_path(args.out))["model"]
+    vocab = model_sd["head.out.weight"].shape[0] if args.objective == "token" else None
+    kwargs = dict(img_size=args.img_size, objective=args.objective, vocab_size=vocab, backend=args.backend)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)  # the very initialization the run started from
+        random_init = build_model(args.preset, **kwargs).to(env.device)
+    trained = build_model(args.preset, **kwargs)
+    trained.load_state_dict(model_sd)
+    t0 = time.perf_counter()
+    result = compare(trained.to(env.device), random_init, env.device)
+    result["probe_s"] = time.perf_counter() - t0
+    return result
+
+
+def _format_summary(s: dict) -> str:
+    lines = [
+        f"done: {s['steps']}/{s['of_steps']} steps in {s['wall_s']:.1f}s, loss {s['first_loss']} -> {s['final_loss']}"
+        if s["final_loss"] is None else
+        f"done: {s['steps']}/{s['of_steps']} steps in {s['wall_s']:.1f}s, loss {s['first_loss']:.4f} -> "
+        f"{s['final_loss']:.4f}, {s['img_per_s']:.0f} img/s ({s['processes']} process(es))",
+    ]
+    if "probe_pretrained" in s:
+        lines.append(
+            f"linear probe on digits (test accuracy): pretrained {s['probe_pretrained']:.4f} vs random init "
+            f"{s['probe_random_init']:.4f}"
+        )
+    lines.append(f"outputs: {s['out']}/ ({METRICS_NAME}, {ckpt.CHECKPOINT_NAME}, {SUMMARY_NAME})")
+    return "\n".join(lines)

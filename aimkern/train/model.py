@@ -1,0 +1,51 @@
+"""Build the CausalViT of a run, and add activation checkpointing from the outside."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..models import CausalViT
+
+
+def build_model(preset: str, *, img_size: Optional[int] = None, objective: str = "pixel",
+                vocab_size: Optional[int] = None, backend: str = "auto") -> CausalViT:
+    """The preset's CausalViT with the run's overrides (image size, token head and vocabulary, op backend)."""
+    overrides = {"backend": backend, "head": objective}
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    if objective == "token" and vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    return CausalViT.from_preset(preset, **overrides)
+
+
+def checkpointed_modules(model: CausalViT) -> list:
+    """The modules whose activations are recomputed: every trunk block and every pixel-head block."""
+    return list(model.blocks) + list(model.head.blocks)
+
+
+def enable_activation_checkpointing(model: CausalViT) -> CausalViT:
+    """Recompute each block in the backward instead of keeping its activations (non-reentrant
+    ``torch.utils.checkpoint``). Each block's bound ``forward`` is wrapped on the instance, so parameter
+    names, state dicts and the model class are unchanged. Returns ``model``."""
+    for block in checkpointed_modules(model):
+        if getattr(block, "_aimkern_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        block._aimkern_checkpointed = True
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
