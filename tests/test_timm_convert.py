@@ -72,7 +72,8 @@ def test_round_trip_through_to_timm(name):
 def test_aimv2_config_is_recognized():
     cv = CausalViT.from_timm(timm.create_model("aimv2_large_patch14_224", pretrained=False, **SMALL))
     c = cv.config
-    assert (c.norm, c.mlp, c.patch_norm, c.bias, c.qkv_bias, c.norm_eps) == ("rmsnorm", "swiglu", True, False, False, 1e-5)
+    got = (c.norm, c.mlp, c.patch_norm, c.bias, c.qkv_bias, c.norm_eps)
+    assert got == ("rmsnorm", "swiglu", True, False, False, 1e-5)
     assert c.mlp_hidden_dim == int(64 * 2.75) and (c.img_size, c.patch_size, c.depth, c.num_heads) == (28, 7, 2, 4)
     assert cv.patch_embed.proj.bias is not None  # AIMv2's patch projection keeps its bias
 

@@ -122,7 +122,8 @@ def config_from_timm(vit: nn.Module, **overrides) -> ViTConfig:
         if not (isinstance(blk.ls1, nn.Identity) and isinstance(blk.ls2, nn.Identity)):
             _fail(f"blocks.{i}: layer scale (init_values) is not supported")
         a = blk.attn
-        if not all(isinstance(m, nn.Identity) for m in (a.q_norm, a.k_norm, a.norm)) or getattr(a, "gate", None) is not None:
+        plain = all(isinstance(m, nn.Identity) for m in (a.q_norm, a.k_norm, a.norm))
+        if not plain or getattr(a, "gate", None) is not None:
             _fail(f"blocks.{i}.attn: q/k norm, attention output norm and gating are not supported")
         if a.num_heads != first.attn.num_heads or a.head_dim * a.num_heads != dim:
             _fail(f"blocks.{i}.attn: every block needs the same heads, with head_dim * num_heads == embed_dim")

@@ -64,19 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per rank for an ImageFolder (default: min(8, CPUs))")
     g.add_argument("--objective", default="pixel", choices=("pixel", "token"),
-                   help="'pixel': normalized next-patch pixels; 'token': next patch's k-means token id (default: pixel)")
+                   help="'pixel': normalized next-patch pixels; 'token': next patch's k-means token id "
+                   "(default: pixel)")
     g.add_argument("--tokenizer", default=None,
                    help="token objective: a saved KMeansPatchTokenizer to load (default: fit one on the training "
                    "data and save it as OUT/tokenizer.pt)")
     g.add_argument("--vocab-size", type=_positive_int, default=None,
                    help="token objective: vocabulary of a tokenizer fitted on the fly (default: the preset's, 8192)")
     g.add_argument("--tokenizer-images", type=_positive_int, default=4096,
-                   help="token objective: how many training images a tokenizer fitted on the fly clusters (default: 4096)")
+                   help="token objective: how many training images a tokenizer fitted on the fly clusters "
+                   "(default: 4096)")
     g.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                    help="aimkern op backend: 'auto' runs Triton kernels on CUDA and the reference on CPU (default)")
 
     g = p.add_argument_group("optimization (AIM's recipe)")
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="GLOBAL batch size, over all ranks (default: 64)")
+    g.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="GLOBAL batch size, over all ranks (default: 64)")
     g.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps in the schedule (default: 300)")
     g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default: 2e-3)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine (default: 0)")
@@ -84,13 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warmup steps (default: 10%% of --steps)")
     g.add_argument("--weight-decay", type=float, default=0.05,
                    help="AdamW weight decay on matrices; biases, norms and positions get none (default: 0.05)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm; 0 disables (default: 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialization, data order and prefixes (default: 0)")
+    g.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the global gradient norm; 0 disables (default: 1.0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialization, data order and prefixes (default: 0)")
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
                    help="bf16 autocast on CUDA (default), or fp32; the CPU always runs fp32")
 
     g = p.add_argument_group("execution")
-    g.add_argument("--device", default=None, help="'cuda' or 'cpu' (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    g.add_argument("--device", default=None,
+                   help="'cuda' or 'cpu' (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile (default: inductor; 'aot_eager' traces without codegen)")
@@ -101,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of DistributedDataParallel; for the big presets")
 
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="run directory: metrics.jsonl, checkpoint.pt, summary.json (default: runs/PRESET)")
+    g.add_argument("--out", default=None,
+                   help="run directory: metrics.jsonl, checkpoint.pt, summary.json (default: runs/PRESET)")
     g.add_argument("--resume", action="store_true",
                    help="continue exactly from OUT/checkpoint.pt (model, optimizer, schedule, data position, RNGs)")
-    g.add_argument("--log-every", type=_positive_int, default=10, help="steps between metrics.jsonl lines (default: 10)")
+    g.add_argument("--log-every", type=_positive_int, default=10,
+                   help="steps between metrics.jsonl lines (default: 10)")
     g.add_argument("--save-every", type=_non_negative_int, default=100,
                    help="steps between checkpoints; 0 saves only at the end (default: 100)")
     g.add_argument("--stop-at", type=_positive_int, default=None,

@@ -26,7 +26,8 @@ SYNTHETIC_POOL = 512  # random images kept on the device for --data synthetic
 
 def mix_seed(*values: int) -> int:
     """A well-mixed 63-bit seed from a tuple of ints (stable across processes and runs)."""
-    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFFFFFFFFFF for v in values]).generate_state(1, np.uint64)[0] >> 1)
+    words = [int(v) & 0xFFFFFFFFFFFFFFFF for v in values]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ------------------------------------------------------------------------------------------------------

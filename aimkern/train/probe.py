@@ -50,4 +50,7 @@ def linear_probe(model: CausalViT, device: torch.device) -> float:
 
 def compare(pretrained: CausalViT, random_init: CausalViT, device: torch.device) -> dict:
     """Probe accuracies of the pretrained model and of a random-init model of the same preset."""
-    return {"probe_pretrained": linear_probe(pretrained, device), "probe_random_init": linear_probe(random_init, device)}
+    return {
+        "probe_pretrained": linear_probe(pretrained, device),
+        "probe_random_init": linear_probe(random_init, device),
+    }
