@@ -12,9 +12,10 @@ times, in the same run:
 Masks: full, causal (token), prefix (AIM: causal after a per-sample prefix in [1, N)), block (block-causal,
 block_size = grid width sqrt(N), row by row). TFLOP/s counts visible (query, key) pairs only: forward
 4 * D per pair and head, fwd+bwd 3.5x that (backward = 5 matmuls including the recompute of the scores).
+Each shape also checks the (autotuned) aimkern forward against an fp32 reference on 2 samples ("max err").
 
     python benchmarks/attn_throughput.py            # all shapes, all masks
-    python benchmarks/attn_throughput.py --quick    # 3 shapes, 3 masks (for gpu_check.sh)
+    python benchmarks/attn_throughput.py --quick    # 3 shapes, 3 masks, Flex fwd+bwd only (gpu_check.sh)
 
 Prints a table; writes out/attn_throughput.json and .png. Without CUDA it says so and runs a small
 correctness sweep of the kernels under Triton's interpreter instead (no timing).
@@ -64,6 +65,11 @@ def mask_options(mask: str, b: int, n: int) -> dict:
     if mask == "block":
         return dict(is_causal=True, block_size=max(1, math.isqrt(n)))
     raise ValueError(mask)
+
+
+def _first_two(opts: dict) -> dict:
+    """Mask options for the first two samples (the reference check runs on those)."""
+    return {k: (v[:2] if torch.is_tensor(v) else v) for k, v in opts.items()}
 
 
 def _dense_mask(opts: dict, b: int, n: int) -> torch.Tensor:
@@ -136,7 +142,7 @@ def _aimkern_fn(opts: dict, split: bool):
     return run
 
 
-def _bench(b: int, n: int, d: int, mask: str, rows: list, warmup: int, rep: int) -> None:
+def _bench(b: int, n: int, d: int, mask: str, rows: list, warmup: int, rep: int, quick: bool) -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, H, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn(b, H, n, d, device="cuda", dtype=torch.bfloat16)
@@ -144,6 +150,8 @@ def _bench(b: int, n: int, d: int, mask: str, rows: list, warmup: int, rep: int)
     fwd_flops = 4.0 * d * H * _visible_pairs(opts, b, n)
     results = {"fwd": {}, "fwd+bwd": {}}
     mem = {}
+    errors = {}
+    ref = attention_reference(*(t[:2].detach().float() for t in (q, k, v)), **_first_two(opts))
     for peer in PEERS:
         if peer == "aimkern split bwd" and n > 256:
             continue
@@ -168,7 +176,12 @@ def _bench(b: int, n: int, d: int, mask: str, rows: list, warmup: int, rep: int)
         def fwd_bwd(fn=fn):
             return torch.autograd.grad(fn(q, k, v), (q, k, v), do)
 
-        for name, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        if peer == "aimkern":  # the autotuned kernels are checked here, at the benchmark's shapes
+            errors[peer] = try_run(lambda: (fwd()[:2].float() - ref).abs().max().item())
+        passes = (("fwd", fwd), ("fwd+bwd", fwd_bwd))
+        if quick and peer == "Flex":
+            passes = passes[1:]  # each Flex pass is a compile of several seconds; the goals are on fwd+bwd
+        for name, step in passes:
             ok = try_run(lambda: (step(), torch.cuda.synchronize(), 0.0)[-1])  # compile, autotune, warm-up
             results[name][peer] = try_run(lambda: time_ms(step, warmup=warmup, rep=rep)) if ok is not None else None
         if results["fwd+bwd"].get(peer) is not None:
@@ -186,6 +199,9 @@ def _bench(b: int, n: int, d: int, mask: str, rows: list, warmup: int, rep: int)
         sdpa = [t for p, t in times.items() if p.startswith("SDPA") and t]
         row["x vs best SDPA"] = min(sdpa) / ours if ours and sdpa else None
         row["x vs Flex"] = times["Flex"] / ours if ours and times.get("Flex") else None
+        if name == "fwd":
+            err = errors.get("aimkern")
+            row["aimkern max err"] = f"{err:.1e}" if err is not None else None  # bf16: expect ~1e-2
         if name == "fwd+bwd":
             row["aimkern extra MiB"] = mem.get("aimkern")
             row["Flex extra MiB"] = mem.get("Flex")
@@ -214,10 +230,10 @@ def run_gpu(quick: bool) -> None:
     rows: list = []
     for b, n, d in QUICK_SHAPES if quick else SHAPES:
         for mask in QUICK_MASKS if quick else MASKS:
-            _bench(b, n, d, mask, rows, warmup, rep)
+            _bench(b, n, d, mask, rows, warmup, rep, quick)
     cols = ["B", "N", "D", "mask", "pass", "aimkern ms", "aimkern TFLOP/s", "x vs best SDPA", "x vs Flex",
             "SDPA cuDNN ms", "SDPA FA2 ms", "SDPA mem-eff + mask ms", "Flex ms", "aimkern split bwd ms",
-            "% matmul ceiling", "aimkern extra MiB", "Flex extra MiB"]
+            "% matmul ceiling", "aimkern extra MiB", "Flex extra MiB", "aimkern max err"]
     write_report(NAME, rows, cols, chart=_chart(rows))
 
 

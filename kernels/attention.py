@@ -29,6 +29,10 @@ from .attention_fwd import attn_fwd_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# Autotuning on CUDA (off: the first config of each family, one compile instead of two; the GPU tests use
+# that to fit their time budget, and AIMKERN_ATTN_AUTOTUNE=0 does it from the environment).
+AUTOTUNE = os.environ.get("AIMKERN_ATTN_AUTOTUNE", "1") != "0"
+
 # The fused one-program-per-head backward holds K, V (16-bit) and dK, dV (fp32) of a whole head on chip:
 # allowed up to this many padded elements of one (N, D) tile (256 x 64 on Hopper). Module-level so a
 # benchmark or test can move the switch point (tests force both paths under the interpreter).
@@ -114,7 +118,12 @@ def _select(kind: str, head_dim: int, dtype: torch.dtype, n: int):
         tile = _interpret_tile(n)
         kernel = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}[kind]
         return kernel, dict(BLOCK_M=tile, BLOCK_N=tile)
-    return _tuned(kind, block_d(head_dim), dtype == torch.float32, _band(n)), {}
+    bd, fp32, band = block_d(head_dim), dtype == torch.float32, _band(n)
+    if not AUTOTUNE:
+        first = configs(kind, bd, fp32, band)[0]
+        kernel = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}[kind]
+        return kernel, dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
+    return _tuned(kind, bd, fp32, band), {}
 
 
 def forward(head_dim: int, dtype: torch.dtype, n: int):

@@ -22,6 +22,14 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKEND = "triton" if HAS_CUDA else "reference"  # the interpreter path is covered by one test below
 
 
+@pytest.fixture(autouse=True)
+def _one_config_per_family(monkeypatch):
+    """On CUDA: no autotuning of the attention kernels (fewer compiles; the benchmark covers tuning)."""
+    import aimkern.kernels.attention as kern
+
+    monkeypatch.setattr(kern, "AUTOTUNE", False)
+
+
 def tiny_vit(**kw):
     torch.manual_seed(0)
     args = dict(pretrained=False, img_size=32, depth=2, num_classes=5)
