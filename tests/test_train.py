@@ -217,12 +217,15 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, mode, baseline):
 
 
 # ------------------------------------------------------------------------------------------------------
-def test_probe_compares_with_the_random_init(tmp_path):
-    summary, _ = run(tmp_path, "--probe", "--img-size", 16, steps=1)  # 16 px: N = 16, a cheap probe
-    for key in ("probe_pretrained", "probe_random_init"):
-        assert 0.1 < summary[key] <= 1.0  # ten classes: anything near 0.1 would mean broken features
+def test_pretraining_beats_the_random_init_probe(tmp_path):
+    """The main job's claim, scaled down (16 px, N = 16, 150 steps of 32: seconds): pretraining lifts the
+    linear probe well above the same model's random initialization (0.85 vs 0.76 here; the default run,
+    32 px and 300 steps of 64, reaches 0.91 vs 0.76)."""
+    summary, _ = run(tmp_path, "--probe", "--img-size", 16, "--batch-size", 32, steps=150)
+    assert 0.5 < summary["probe_random_init"] < 0.95  # ten classes: a broken probe would sit near 0.1
+    assert summary["probe_pretrained"] > summary["probe_random_init"] + 0.03
     with open(tmp_path / "summary.json") as f:
-        assert "probe_pretrained" in json.load(f)
+        assert json.load(f)["probe_pretrained"] == summary["probe_pretrained"]
 
 
 def test_token_objective(tmp_path):

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--device", default=None,
                    help="'cuda' or 'cpu' (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU intra-op threads (default: $OMP_NUM_THREADS if set, else 1: the CPU toy's ops are too "
+                   "small to gain from more, and extra threads stall when the cores are shared)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile (default: inductor; 'aot_eager' traces without codegen)")
