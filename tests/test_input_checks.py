@@ -150,3 +150,20 @@ def test_prefix_len_checked_again_after_in_place_change():
         aimkern.attention(q, q, q, is_causal=True, prefix_len=pl)
     with pytest.raises(ValueError, match="prefix_len values"):  # a longer N was fine, a shorter one is checked
         aimkern.attention(q[:, :, :4], q[:, :, :4], q[:, :, :4], is_causal=True, prefix_len=torch.tensor([2, 5]))
+
+
+def test_gemm_ops_follow_autocast_like_f_linear():
+    # Custom ops are invisible to autocast: the GEMM-like ops apply its cast themselves (CPU autocast here).
+    images, weight = torch.randn(2, 3, 8, 8), torch.randn(16, 3, 4, 4)
+    q = torch.randn(1, 2, 5, 16)
+    x, w, t = torch.randn(6, 16), torch.randn(7, 16), torch.randint(0, 7, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert aimkern.patch_embed(images, weight).dtype == torch.bfloat16
+        assert aimkern.attention(q, q, q, is_causal=True).dtype == torch.bfloat16
+        loss = aimkern.linear_cross_entropy(x, w, t)
+        assert loss.dtype == torch.float32  # logits and loss in fp32, as F.cross_entropy under autocast
+        want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), t)
+    torch.testing.assert_close(loss, want)
+    q64 = q.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as autocast does
+        assert aimkern.attention(q64, q64, q64).dtype == torch.float64

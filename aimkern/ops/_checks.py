@@ -41,6 +41,24 @@ def resolve_backend(backend: str, ref: torch.Tensor, op: str) -> str:
     return backend
 
 
+def autocast_inputs(*tensors):
+    """Cast floating inputs to the autocast dtype when autocast is on for their device, as F.linear and SDPA do.
+
+    Custom ops are invisible to autocast, so the GEMM-like ops (attention, patch_embed,
+    linear_cross_entropy) apply its rule themselves: under ``torch.autocast("cuda", torch.bfloat16)``
+    fp32 images and weights reach the kernel as bf16 instead of running an fp32 GEMM. Like autocast,
+    float64 is left alone. Non-tensors (None) pass through.
+    """
+    ref = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if ref is None or ref.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(ref.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(ref.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+        for t in tensors
+    )
+
+
 def check_tensor(x, name: str, op: str, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")

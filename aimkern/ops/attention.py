@@ -20,6 +20,7 @@ import torch
 
 from ..reference.attention import attention_reference
 from ._checks import (
+    autocast_inputs,
     check_float_dtype,
     check_same_device,
     check_tensor,
@@ -249,6 +250,7 @@ def attention(
     """
     params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale)
     check_tensor(q, "q", OP)
+    q, k, v = autocast_inputs(q, k, v)
     be = resolve_backend(backend, q, OP)
     _check_inputs(q, k, v, params, be)
     prefix = normalize_prefix_len(prefix_len, q.shape[0], q.shape[2], q.device, OP)

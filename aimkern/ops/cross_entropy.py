@@ -18,7 +18,7 @@ import torch
 
 from ..reference.cross_entropy import linear_cross_entropy_reference
 from ._checks import (
-    can_inspect_values, check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend,
+    autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend,
 )
 
 OP = "linear_cross_entropy"
@@ -352,6 +352,7 @@ def linear_cross_entropy(
     """
     params = CrossEntropyParams(reduction, ignore_index, float(label_smoothing), float(z_loss))
     check_tensor(input, "input", OP)
+    input, linear_weight, linear_bias = autocast_inputs(input, linear_weight, linear_bias)
     be = resolve_backend(backend, input, OP)
     _check_inputs(input, linear_weight, target, linear_bias, params, be)
     if be == "reference":

@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 
 from ..reference.patch_embed import patch_embed_reference
-from ._checks import check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend
+from ._checks import (
+    autocast_inputs, check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend,
+)
 
 OP = "patch_embed"
 
@@ -41,7 +43,9 @@ def _check_inputs(images, weight, bias, pos_embed, backend: str) -> None:
     if pos_embed is not None:
         check_tensor(pos_embed, "pos_embed", OP)
         if tuple(pos_embed.shape) not in ((n, e), (1, n, e)):
-            raise ValueError(f"{OP}: pos_embed must have shape (N, E) or (1, N, E) = (1, {n}, {e}), got {tuple(pos_embed.shape)}")
+            raise ValueError(
+                f"{OP}: pos_embed must have shape (N, E) or (1, N, E) = (1, {n}, {e}), got {tuple(pos_embed.shape)}"
+            )
     check_same_device((("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)), OP)
     for name, t in (("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
         if t is not None:
@@ -249,6 +253,7 @@ def patch_embed(
         (B, N, E) tokens in raster order, in the dtype of ``images @ weight``.
     """
     check_tensor(images, "images", OP)
+    images, weight, bias, pos_embed = autocast_inputs(images, weight, bias, pos_embed)
     be = resolve_backend(backend, images, OP)
     _check_inputs(images, weight, bias, pos_embed, be)
     if be == "reference":
