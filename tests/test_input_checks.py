@@ -56,11 +56,11 @@ def test_attention_bad_inputs(kwargs, exc, match):
         aimkern.attention(args["q"], args["k"], args["v"], is_causal=True, **kwargs)
 
 
-def test_attention_rejects_integer_and_float64_on_triton():
-    q = torch.randint(0, 3, (1, 1, 4, 16))
+def test_attention_rejects_integer_and_float64_on_triton(device):
+    q = torch.randint(0, 3, (1, 1, 4, 16), device=device)
     with pytest.raises(TypeError, match="q must be one of"):
         aimkern.attention(q, q, q)
-    q = torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    q = torch.randn(1, 1, 4, 16, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="q must be one of"):
         aimkern.attention(q, q, q, backend="triton")
 
