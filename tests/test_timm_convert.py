@@ -76,6 +76,9 @@ def test_aimv2_config_is_recognized():
     assert got == ("rmsnorm", "swiglu", True, False, False, 1e-5)
     assert c.mlp_hidden_dim == int(64 * 2.75) and (c.img_size, c.patch_size, c.depth, c.num_heads) == (28, 7, 2, 4)
     assert cv.patch_embed.proj.bias is not None  # AIMv2's patch projection keeps its bias
+    assert c.patch_bias is True
+    fresh = CausalViT(c)  # the converted weights load into a model built from the converted config alone
+    fresh.load_state_dict(cv.state_dict(), strict=True)
 
 
 @pytest.mark.parametrize("preset,overrides", [

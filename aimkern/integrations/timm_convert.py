@@ -22,9 +22,9 @@ State-dict mapping. aimkern's modules use timm's parameter names, so the trunk m
     head                                 - (aimkern's ``head`` is the pretraining head)
 
 Where the two layouts differ in which biases exist, a bias missing on one side is zero on the other:
-aimkern gains the bias as a parameter (AIMv2's patch projection has a bias while its other layers have
-none; a ViTConfig has one ``bias`` switch), and ``to_timm`` writes zeros where timm has a bias aimkern
-lacks (timm's patch projection and LayerNorms always have one). When timm normalizes after pooling
+aimkern gains the bias as a zero parameter (e.g. timm's LayerNorms always have one; the patch projection's
+bias has its own ``ViTConfig.patch_bias`` switch, so AIMv2 converts exactly), and ``to_timm`` writes zeros
+where timm has a bias aimkern lacks. When timm normalizes after pooling
 (``fc_norm``, the default with ``global_pool="avg"``), its ``forward_features`` has no final norm: the
 converted model's ``norm`` is ``nn.Identity`` and timm's ``fc_norm`` is kept as ``cv.fc_norm`` (unused by
 ``forward``; ``to_timm`` puts it back). Unsupported features (class/register tokens, layer scale, q/k norm,
@@ -45,7 +45,7 @@ from ..models import CausalViT, ViTConfig
 # Config fields that the timm trunk determines; from_timm's overrides may set any other field.
 _TRUNK_FIELDS = frozenset({
     "img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "mlp_ratio", "norm", "norm_eps", "mlp",
-    "qkv_bias", "bias", "patch_norm", "pos_embed",
+    "qkv_bias", "bias", "patch_bias", "patch_norm", "pos_embed",
 })
 _HEAD_SIDE = ("head.", "fc_norm.", "attn_pool.")  # timm modules after forward_features
 
@@ -145,7 +145,8 @@ def config_from_timm(vit: nn.Module, **overrides) -> ViTConfig:
     return ViTConfig(
         img_size=img, patch_size=patch, in_chans=pe.proj.in_channels, dim=dim, depth=len(blocks),
         num_heads=first.attn.num_heads, mlp_ratio=ratio, norm=norm, norm_eps=eps, mlp=mlp,
-        qkv_bias=first.attn.qkv.bias is not None, bias=first.attn.proj.bias is not None, patch_norm=patch_norm,
+        qkv_bias=first.attn.qkv.bias is not None, bias=first.attn.proj.bias is not None,
+        patch_bias=pe.proj.bias is not None, patch_norm=patch_norm,
         pos_embed="learned", **overrides,
     )
 

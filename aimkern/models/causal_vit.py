@@ -32,7 +32,7 @@ class CausalViT(nn.Module):
         norm = partial(make_norm, cfg.norm, eps=cfg.norm_eps, bias=cfg.bias)
 
         self.patch_embed = PatchEmbed(
-            cfg.patch_size, cfg.in_chans, cfg.dim, bias=cfg.bias,
+            cfg.patch_size, cfg.in_chans, cfg.dim, bias=cfg.has_patch_bias,
             norm_layer=norm(cfg.dim) if cfg.patch_norm else None, backend=cfg.backend,
         )
         n = cfg.num_patches

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ViTConfig:
     mlp: str = "gelu"  # "gelu" | "swiglu"
     qkv_bias: bool = True  # bias on the qkv projection
     bias: bool = True  # bias on every other linear (attention output, MLPs, heads) and the norms
+    patch_bias: Optional[bool] = None  # bias on the patch projection; None follows `bias` (AIMv2 has one)
     patch_norm: bool = False  # a norm right after the patch projection (AIMv2)
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2-D sine-cosine, AIMv1 / MAE)
     # --- attention mask (raster order; see aimkern.attention) ---
@@ -61,6 +63,10 @@ class ViTConfig:
             bad("block_size and depth must be >= 1, head_depth >= 0, vocab_size >= 2")
         if self.block_size >= self.num_patches:
             bad(f"block_size={self.block_size} leaves no next patch to predict among N={self.num_patches}")
+
+    @property
+    def has_patch_bias(self) -> bool:
+        return self.bias if self.patch_bias is None else self.patch_bias
 
     @property
     def grid_size(self) -> int:
@@ -118,9 +124,10 @@ PRESETS = {
     "aim-1b": _aim_v1(2048, 24, 16),
     "aim-3b": _aim_v1(3072, 24, 24),
     "aim-7b": _aim_v1(4096, 32, 32),
-    # AIMv2-L (Fini et al., 2024): RMSNorm, SwiGLU (hidden 2816), no biases, a norm after the patch embed.
+    # AIMv2-L (Fini et al., 2024): RMSNorm, SwiGLU (hidden 2816), no biases but the patch projection's, a norm
+    # after the patch embed.
     "aimv2-large": ViTConfig(
         img_size=224, patch_size=14, dim=1024, depth=24, num_heads=8, mlp_ratio=2.75, norm="rmsnorm",
-        norm_eps=1e-5, mlp="swiglu", qkv_bias=False, bias=False, patch_norm=True,
+        norm_eps=1e-5, mlp="swiglu", qkv_bias=False, bias=False, patch_bias=True, patch_norm=True,
     ),
 }
