@@ -6,14 +6,16 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..ops.attention import attention
+from ..ops.attention import attention_qkvpacked
 
 
 class Attention(nn.Module):
     """Self-attention over (B, N, dim) tokens: qkv linear, masked attention, output projection.
 
-    Parameter names match timm's ``Attention`` (``qkv``, ``proj``). q, k and v are passed to the kernel as
-    strided views of the packed (B, N, 3, H, D) qkv activation: no permute or contiguous copy is made.
+    Parameter names match timm's ``Attention`` (``qkv``, ``proj``). The packed (B, N, 3, H, D) qkv activation
+    goes to ``attention_qkvpacked`` as is: the kernels read q, k, v through its strides, write the output in
+    (B, N, H, D) order (the reshape to (B, N, dim) is free) and the qkv gradient as one packed tensor, so no
+    permute, stack or contiguous copy is made, forward or backward.
     Mask defaults (``is_causal``, ``block_size``) are set at construction and can be overridden per call.
     """
 
@@ -47,14 +49,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D), strided views
-        o = attention(
-            q,
-            k,
-            v,
+        o = attention_qkvpacked(  # (B, N, H, D)
+            qkv,
             is_causal=self.is_causal if is_causal is None else is_causal,
             block_size=self.block_size if block_size is None else block_size,
             prefix_len=prefix_len,
             backend=self.backend,
         )
-        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+        return self.proj(o.reshape(b, n, c))

@@ -1,5 +1,5 @@
 """Public ops: one file each (input checks, backend dispatch, autograd and custom-op registration)."""
-from .attention import AttentionParams, attention
+from .attention import AttentionParams, attention, attention_qkvpacked
 from .cross_entropy import CrossEntropyParams, linear_cross_entropy
 from .patch_embed import patch_embed
 from .pixel_loss import PixelLossParams, next_patch_pixel_loss
@@ -9,6 +9,7 @@ __all__ = [
     "CrossEntropyParams",
     "PixelLossParams",
     "attention",
+    "attention_qkvpacked",
     "linear_cross_entropy",
     "next_patch_pixel_loss",
     "patch_embed",

@@ -10,6 +10,11 @@ in kernels/attention_fwd.py and kernels/attention_bwd.py), their custom-op regis
 Outputs (o, dq, dk, dv) are (B, N, H, D) memory returned as (B, H, N, D) views: ``o.transpose(1, 2)`` is
 then contiguous, so a ViT block's reshape to (B, N, H * D) before the output projection copies nothing.
 Inputs are read through their strides (strided views of a packed qkv, stride-0 expanded gradients).
+
+``attention_qkvpacked(qkv)`` takes the packed (B, N, 3, H, D) activation of a ViT block and is its own
+custom-op pair (``aimkern::attention_qkvpacked_fwd`` / ``_bwd``): the backward kernels write dq, dk, dv
+through strides straight into one (B, N, 3, H, D) gradient, where ``attention`` on unbound views would
+make autograd stack them into (3, B, H, N, D) and copy that again into the packed order.
 """
 from __future__ import annotations
 
@@ -45,29 +50,29 @@ class AttentionParams:
         return head_dim**-0.5 if self.scale is None else float(self.scale)
 
 
-def _check_inputs(q, k, v, params: AttentionParams, backend: str) -> None:
+def _check_inputs(q, k, v, params: AttentionParams, backend: str, op: str = OP) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(t, name, OP, ndim=4)
+        check_tensor(t, name, op, ndim=4)
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
-            f"{OP}: q, k and v must have the same shape (B, H, N, D), got q {tuple(q.shape)}, "
+            f"{op}: q, k and v must have the same shape (B, H, N, D), got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    check_same_device((("q", q), ("k", k), ("v", v)), OP)
+    check_same_device((("q", q), ("k", k), ("v", v)), op)
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{OP}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_float_dtype(q, "q", OP, backend)
+        raise TypeError(f"{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_float_dtype(q, "q", op, backend)
     n, d = q.shape[2], q.shape[3]
     if n < 1:
-        raise ValueError(f"{OP}: sequence length N must be >= 1, got {n}")
+        raise ValueError(f"{op}: sequence length N must be >= 1, got {n}")
     if d % 8 != 0 or not 16 <= d <= 256:
-        raise ValueError(f"{OP}: head dim D must be a multiple of 8 in [16, 256], got {d}")
+        raise ValueError(f"{op}: head dim D must be a multiple of 8 in [16, 256], got {d}")
     if not isinstance(params.is_causal, bool):
-        raise TypeError(f"{OP}: is_causal must be a bool, got {type(params.is_causal).__name__}")
+        raise TypeError(f"{op}: is_causal must be a bool, got {type(params.is_causal).__name__}")
     if isinstance(params.block_size, bool) or not isinstance(params.block_size, int) or params.block_size < 1:
-        raise ValueError(f"{OP}: block_size must be an int >= 1, got {params.block_size!r}")
+        raise ValueError(f"{op}: block_size must be an int >= 1, got {params.block_size!r}")
     if params.scale is not None and not isinstance(params.scale, (int, float)):
-        raise TypeError(f"{OP}: scale must be None or a float, got {type(params.scale).__name__}")
+        raise TypeError(f"{op}: scale must be None or a float, got {type(params.scale).__name__}")
 
 
 def _kernels():
@@ -110,9 +115,13 @@ def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale
     return o, lse
 
 
-def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_size: int, scale: float):
+def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_size: int, scale: float,
+                     out: Optional[tuple] = None):
+    """dq, dk, dv of (B, H, N, D) inputs. ``out``: optional preallocated (dq, dk, dv), any (B, H, N, D)
+    strided views (the packed op passes slices of one (B, N, 3, H, D) buffer); every kernel stores
+    through the output strides, so nothing is copied afterwards."""
     b, h, n, d = q.shape
-    dq, dk, dv = _bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v)
+    dq, dk, dv = out if out is not None else (_bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v))
     if b * h == 0:
         return dq, dk, dv
     kern = _kernels()
@@ -195,7 +204,8 @@ def _backward(ctx, do, _dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
+def _triton_mask(q, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> tuple:
+    """The kernels' mask arguments (prefix_len, is_causal, block_size, scale) for (B, H, N, D) ``q``."""
     n = q.shape[2]
     if interpreting() and not q.is_cuda and q.dtype == torch.bfloat16:
         raise TypeError(
@@ -207,9 +217,68 @@ def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: Atten
         prefix_len = None  # every key is visible anyway
     elif prefix_len is not None:
         prefix_len = prefix_len.contiguous()  # the kernels read prefix_len[b] at stride 1
-    o, _ = _attention_fwd(q, k, v, prefix_len, is_causal, params.block_size if is_causal else 1,
-                          params.resolved_scale(q.shape[3]))
+    return prefix_len, is_causal, params.block_size if is_causal else 1, params.resolved_scale(q.shape[3])
+
+
+def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
+    o, _ = _attention_fwd(q, k, v, *_triton_mask(q, prefix_len, params))
     return o
+
+
+# ------------------------------------------------------------------- packed qkv: custom ops + autograd
+OP_PACKED = "attention_qkvpacked"
+
+
+def _unpack(qkv: torch.Tensor) -> tuple:
+    """q, k, v as (B, H, N, D) strided views of a (B, N, 3, H, D) tensor (no copy)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@torch.library.custom_op("aimkern::attention_qkvpacked_fwd", mutates_args=())
+def _attention_qkvpacked_fwd(
+    qkv: torch.Tensor, prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o, lse = _launch_forward(*_unpack(qkv), prefix_len, is_causal, block_size, scale)
+    return o.transpose(1, 2), lse  # o is (B, N, H, D) memory: this is the contiguous tensor itself
+
+
+@_attention_qkvpacked_fwd.register_fake
+def _(qkv, prefix_len, is_causal, block_size, scale):
+    b, n, _, h, d = qkv.shape
+    return qkv.new_empty((b, n, h, d)), qkv.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("aimkern::attention_qkvpacked_bwd", mutates_args=())
+def _attention_qkvpacked_bwd(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, prefix_len: Optional[torch.Tensor],
+    is_causal: bool, block_size: int, scale: float,
+) -> torch.Tensor:
+    """do, o (B, N, H, D) -> dqkv (B, N, 3, H, D): the kernels write dq, dk, dv into its slices."""
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    _launch_backward(do.transpose(1, 2), *_unpack(qkv), o.transpose(1, 2), lse, prefix_len, is_causal,
+                     block_size, scale, out=_unpack(dqkv))
+    return dqkv
+
+
+@_attention_qkvpacked_bwd.register_fake
+def _(do, qkv, o, lse, prefix_len, is_causal, block_size, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context_packed(ctx, inputs, output):
+    qkv, prefix_len, is_causal, block_size, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse, prefix_len)
+    ctx.mask = (is_causal, block_size, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_packed(ctx, do, _dlse):
+    qkv, o, lse, prefix_len = ctx.saved_tensors
+    return _attention_qkvpacked_bwd(do, qkv, o, lse, prefix_len, *ctx.mask), None, None, None, None
+
+
+_attention_qkvpacked_fwd.register_autograd(_backward_packed, setup_context=_setup_context_packed)
 
 
 def attention(
@@ -259,3 +328,42 @@ def attention(
             q, k, v, is_causal=is_causal, block_size=block_size, prefix_len=prefix, scale=params.scale
         )
     return _attention_triton(q, k, v, prefix, params)
+
+
+def attention_qkvpacked(
+    qkv: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    block_size: int = 1,
+    prefix_len: Union[None, int, torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``attention`` on a ViT block's packed qkv activation, returning the (B, N, H, D) layout it needs next.
+
+    Args:
+        qkv: (B, N, 3, H, D), any strides (e.g. ``linear(x).view(B, N, 3, H, D)``); q, k, v are
+            ``qkv[:, :, 0]``, ``qkv[:, :, 1]``, ``qkv[:, :, 2]``. Dtypes, N and D as in ``attention``.
+        is_causal, block_size, prefix_len, scale, backend: as in ``attention``.
+
+    Returns:
+        (B, N, H, D) in the input dtype; contiguous on the Triton backend, so ``.reshape(B, N, H * D)``
+        before the output projection is free. The same values as
+        ``attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), ...).transpose(1, 2)``, but the gradient of qkv
+        is one (B, N, 3, H, D) tensor written by the kernels (no stack of dq, dk, dv and no copy of it).
+    """
+    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale)
+    check_tensor(qkv, "qkv", OP_PACKED, ndim=5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"{OP_PACKED}: qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is not 3)")
+    (qkv,) = autocast_inputs(qkv)
+    be = resolve_backend(backend, qkv, OP_PACKED)
+    q, k, v = _unpack(qkv)
+    _check_inputs(q, k, v, params, be, op=OP_PACKED)
+    prefix = normalize_prefix_len(prefix_len, q.shape[0], q.shape[2], q.device, OP_PACKED)
+    if be == "reference":
+        return attention_reference(
+            q, k, v, is_causal=is_causal, block_size=block_size, prefix_len=prefix, scale=params.scale
+        ).transpose(1, 2)
+    o, _ = _attention_qkvpacked_fwd(qkv, *_triton_mask(q, prefix, params))
+    return o
