@@ -17,7 +17,7 @@ Padded query rows (i >= N) load lse = +inf, so p = 0 there and they add nothing,
 import triton
 import triton.language as tl
 
-from .attention_fwd import key_bounds, load_rows, query_bounds, store_rows, visible
+from .attention_fwd import key_bounds, key_tile_scores, load_rows, query_bounds, store_rows, visible
 
 
 
@@ -116,13 +116,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_d,
               DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, n, offs_d, skn, skd, HEAD_D, BLOCK_D, MASKED)
-        v = load_rows(v_base, offs_n, n, offs_d, svn, svd, HEAD_D, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            vis = visible(offs_m[:, None], offs_n[None, :], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
-            s = tl.where(vis, s, float("-inf"))
+        k, v, s = key_tile_scores(q, k_base, v_base, start_n, offs_m, offs_d, skn, skd, svn, svd, n, prefix,
+                                  block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, MASKED,
+                                  DOT_PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

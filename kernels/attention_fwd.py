@@ -88,6 +88,26 @@ def query_bounds(n0, n, prefix, block_size, BLOCK_N: tl.constexpr, IS_CAUSAL: tl
 
 
 @triton.jit
+def key_tile_scores(q, k_base, v_base, start_n, offs_m, offs_d, skn, skd, svn, svd, n, prefix, block_size,
+                    qk_scale, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Load the key / value tile at ``start_n``; return (k, v, s) with s = q k^T in the log2 domain.
+
+    Only MASKED (boundary) tiles check rows against N and set invisible scores to -inf; whole visible
+    tiles skip both. Shared by the forward and the dQ pass so the two see exactly the same scores.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = load_rows(k_base, offs_n, n, offs_d, skn, skd, HEAD_D, BLOCK_D, MASKED)
+    v = load_rows(v_base, offs_n, n, offs_d, svn, svd, HEAD_D, BLOCK_D, MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        vis = visible(offs_m[:, None], offs_n[None, :], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+        s = tl.where(vis, s, float("-inf"))
+    return k, v, s
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, lo, hi, offs_m, offs_d,
                skn, skd, svn, svd, n, prefix, block_size, qk_scale,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -95,13 +115,9 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, lo, hi, offs_m, offs_d,
                DOT_PRECISION: tl.constexpr):
     """Online-softmax accumulation over key tiles [lo, hi); only MASKED tiles pay for the mask."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, n, offs_d, skn, skd, HEAD_D, BLOCK_D, MASKED)
-        v = load_rows(v_base, offs_n, n, offs_d, svn, svd, HEAD_D, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            vis = visible(offs_m[:, None], offs_n[None, :], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
-            s = tl.where(vis, s, float("-inf"))
+        k, v, s = key_tile_scores(q, k_base, v_base, start_n, offs_m, offs_d, skn, skd, svn, svd, n, prefix,
+                                  block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, MASKED,
+                                  DOT_PRECISION)
         # m_i is finite after the first tile (key 0 is visible to every query), so no -inf - -inf here.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
