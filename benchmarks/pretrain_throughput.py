@@ -93,7 +93,7 @@ class PlainBlock(nn.Module):
 class PlainPatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.bias)
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.has_patch_bias)
         self.norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.bias) if cfg.patch_norm else nn.Identity()
 
 
