@@ -10,7 +10,6 @@ a stride-0 expanded view, read with its stride). The backward recomputes the log
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,8 +17,10 @@ import torch
 
 from ..reference.cross_entropy import linear_cross_entropy_reference
 from ._checks import (
-    autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend,
+    autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, interpreting,
+    resolve_backend,
 )
+from ._launch import gemm_precision, sm_count
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -90,19 +91,9 @@ def _kernels():
     return kern
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (like torch's default matmul), not TF32; 16-bit ignore it.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs_wanted(device: torch.device) -> int:
     # About two waves on the card; under the interpreter a small number, so small tests split the vocab.
-    return 4 if device.type != "cuda" else 2 * _sm_count(device.index if device.index is not None else 0)
+    return 4 if device.type != "cuda" else 2 * sm_count(device)
 
 
 def _fixed_config(kind: str, m: int, n: int, k: int, elem_bytes: int) -> Optional[dict]:
@@ -146,7 +137,7 @@ def _launch_forward(x, w, b, tgt, params: CrossEntropyParams):
         x, w, bias_arg, tgt, stats[0], stats[1], stats[-1],
         t, v, e, vs,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
-        HAS_BIAS=b is not None, NEED_SUM=need_sum, PRECISION=_precision(x.dtype), **meta,
+        HAS_BIAS=b is not None, NEED_SUM=need_sum, PRECISION=gemm_precision(x.dtype), **meta,
     )
     # Combining a few slices per token in torch is a fixed-order reduction: deterministic.
     lse = stats[0, 0] if slices == 1 else torch.logsumexp(stats[0], dim=0)
@@ -183,7 +174,7 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
     db32 = torch.zeros((v,), device=dev, dtype=torch.float32) if need_db else None
     chunk = kern.bwd_chunk_tokens(t, v, x.element_size(), interpreting())
     dbuf = torch.empty((chunk, v), device=dev, dtype=x.dtype)
-    precision = _precision(x.dtype)
+    precision = gemm_precision(x.dtype)
     eps = params.label_smoothing
     for t0 in range(0, t, chunk):
         tc = min(chunk, t - t0)

@@ -20,6 +20,7 @@ from ..reference.patch_embed import patch_embed_reference
 from ._checks import (
     autocast_inputs, check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend,
 )
+from ._launch import gemm_precision, sm_count
 
 OP = "patch_embed"
 
@@ -52,27 +53,10 @@ def _check_inputs(images, weight, bias, pos_embed, backend: str) -> None:
             check_float_dtype(t, name, OP, backend)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 GEMMs stay fp32 ("ieee"), like torch.matmul's default; tf32 would miss the fp32 tolerances.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _kernels():
     from aimkern.kernels import patch_embed as kern  # imported late: TRITON_INTERPRET must be decided first
 
     return kern
-
-
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SM_COUNT[key]
 
 
 def _geometry(images: torch.Tensor, weight: torch.Tensor):
@@ -97,7 +81,7 @@ def _launch_forward(images, weight, bias, pos_embed) -> torch.Tensor:
         images, weight, bias if bias is not None else out, pos if pos is not None else out, out,
         m, n, gw, e, k,
         *images.stride(), *weight.stride(), *(pos.stride() if pos is not None else (0, 0)),
-        P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None, PRECISION=_precision(images.dtype), **meta,
+        P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None, PRECISION=gemm_precision(images.dtype), **meta,
     )
     return out
 
@@ -114,7 +98,7 @@ def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: b
         return dw, dpos
     kern = _kernels()
     cfg = kern.dw_config(
-        b, n, e, k, want_weight, interpreting(), _sm_count(images.device), images.element_size() == 2
+        b, n, e, k, want_weight, interpreting(), sm_count(images.device), images.element_size() == 2
     )
     slices = cfg["n_blocks"] * cfg["b_chunks"]
     dw_part = grad.new_empty((slices, e, k) if want_weight else (0,), dtype=torch.float32)
@@ -125,7 +109,7 @@ def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: b
         grad, images, dw_part, dpos_part,
         b, n, gw, e, k, cfg["b_per_slice"], cfg["n_blocks"],
         *grad.stride(), *images.stride(),
-        P=p, WANT_W=want_weight, WANT_POS=want_pos, PRECISION=_precision(images.dtype),
+        P=p, WANT_W=want_weight, WANT_POS=want_pos, PRECISION=gemm_precision(images.dtype),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -151,7 +135,7 @@ def _launch_backward_images(grad, weight, images) -> torch.Tensor:
         grad, weight, dx,
         m, n, gw, e, k,
         *grad.stride(), *weight.stride(), *dx.stride(),
-        P=p, PRECISION=_precision(images.dtype), **meta,
+        P=p, PRECISION=gemm_precision(images.dtype), **meta,
     )
     return dx
 
