@@ -186,6 +186,16 @@ def test_pixel_loss_reference_matches_loops(c, p, h, w, offset, prefix, norm_pix
     torch.testing.assert_close(got, torch.as_tensor(want, dtype=got.dtype))
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3, 9])
+@pytest.mark.parametrize("prefix", [None, [0, 2, 8, 5]])
+def test_counted_targets_is_the_target_mask_count(offset, prefix):
+    from aimkern.reference import counted_targets, target_mask
+
+    pl = torch.tensor(prefix) if prefix is not None else None
+    want = target_mask(4, 8, offset, pl, "cpu").sum(1)
+    assert torch.equal(counted_targets(4, 8, offset, pl), want)
+
+
 def test_pixel_loss_nothing_counted_is_zero_with_zero_grad():
     images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     pred = torch.randn(2, 4, 48, dtype=torch.float64, requires_grad=True)

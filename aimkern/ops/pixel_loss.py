@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..reference.pixel_loss import next_patch_pixel_loss_reference
+from ..reference.pixel_loss import counted_targets, next_patch_pixel_loss_reference
 from ._checks import (
     check_float_dtype,
     check_same_device,
@@ -73,11 +73,8 @@ def _kernels():
 
 
 def _count(prefix: Optional[torch.Tensor], batch: int, n: int, offset: int, device) -> torch.Tensor:
-    """Number of counted targets (fp32 scalar tensor): sum over b of #{j : max(offset, prefix_len[b]) <= j < N}."""
-    if prefix is None:
-        return torch.full((), float(batch * max(n - offset, 0)), device=device, dtype=torch.float32)
-    first = prefix.clamp_min(offset)
-    return (n - first).clamp_min(0).sum().to(torch.float32)
+    """Number of counted targets of the batch, as an fp32 scalar tensor."""
+    return counted_targets(batch, n, offset, prefix, device).sum().to(torch.float32)
 
 
 def _launch(pred, images, prefix, scale, params: PixelLossParams, backward: bool) -> torch.Tensor:

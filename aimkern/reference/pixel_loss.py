@@ -28,6 +28,20 @@ def target_mask(batch: int, n: int, offset: int, prefix_len: Optional[torch.Tens
     return counted
 
 
+def counted_targets(
+    batch: int, n: int, offset: int, prefix_len: Optional[torch.Tensor] = None, device=None
+) -> torch.Tensor:
+    """(B,) int64: how many targets of each image count, #{j < N : j >= offset and j >= prefix_len[b]}.
+
+    The closed form of ``target_mask(...).sum(1)``, for callers that need only the count (a loss's mean).
+    """
+    device = prefix_len.device if prefix_len is not None else device
+    first = torch.full((batch,), offset, dtype=torch.int64, device=device)
+    if prefix_len is not None:
+        first = torch.maximum(first, prefix_len.to(torch.int64))
+    return (n - first).clamp_min(0)
+
+
 def next_patch_pixel_loss_reference(
     pred: torch.Tensor,
     images: torch.Tensor,

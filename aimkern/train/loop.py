@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..reference.pixel_loss import counted_targets
 from . import checkpoint as ckpt
 from .data import make_stream, mix_seed
 from .distributed import DistEnv, all_reduce_sum, gather_objects, setup, teardown, wrap
@@ -45,13 +46,13 @@ def step_prefix(model, step: int, seed: int, global_batch: int, env: DistEnv):
     n, offset = cfg.num_patches, cfg.block_size
     local = global_batch // env.world
     rows = slice(env.rank * local, (env.rank + 1) * local)
-    if not (cfg.prefix and cfg.is_causal):
-        per_image = max(0, n - offset)
-        return None, per_image * local, per_image * global_batch
-    gen = torch.Generator().manual_seed(mix_seed(seed, step, 4))
-    prefix = model.sample_prefix_len(global_batch, device="cpu", generator=gen)
-    counted = (n - prefix.clamp_min(offset)).clamp_min(0)
-    return prefix[rows].to(env.device, non_blocking=True), int(counted[rows].sum()), int(counted.sum())
+    prefix = None
+    if cfg.prefix and cfg.is_causal:
+        gen = torch.Generator().manual_seed(mix_seed(seed, step, 4))
+        prefix = model.sample_prefix_len(global_batch, device="cpu", generator=gen)
+    counted = counted_targets(global_batch, n, offset, prefix)
+    local_prefix = prefix[rows].to(env.device, non_blocking=True) if prefix is not None else None
+    return local_prefix, int(counted[rows].sum()), int(counted.sum())
 
 
 class MetricsLog:
