@@ -220,6 +220,19 @@ def _triton_mask(q, prefix_len: Optional[torch.Tensor], params: AttentionParams)
     return prefix_len, is_causal, params.block_size if is_causal else 1, params.resolved_scale(q.shape[3])
 
 
+def _resolve(q, k, v, params: AttentionParams, backend: str, prefix_len, op: str) -> tuple:
+    """(backend, prefix_len as None or an int32 (B,) tensor) for (B, H, N, D) q, k, v, after every check."""
+    be = resolve_backend(backend, q, op)
+    _check_inputs(q, k, v, params, be, op=op)
+    return be, normalize_prefix_len(prefix_len, q.shape[0], q.shape[2], q.device, op)
+
+
+def _reference(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
+    return attention_reference(
+        q, k, v, is_causal=params.is_causal, block_size=params.block_size, prefix_len=prefix_len, scale=params.scale
+    )
+
+
 def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
     o, _ = _attention_fwd(q, k, v, *_triton_mask(q, prefix_len, params))
     return o
@@ -320,13 +333,9 @@ def attention(
     params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale)
     check_tensor(q, "q", OP)
     q, k, v = autocast_inputs(q, k, v)
-    be = resolve_backend(backend, q, OP)
-    _check_inputs(q, k, v, params, be)
-    prefix = normalize_prefix_len(prefix_len, q.shape[0], q.shape[2], q.device, OP)
+    be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP)
     if be == "reference":
-        return attention_reference(
-            q, k, v, is_causal=is_causal, block_size=block_size, prefix_len=prefix, scale=params.scale
-        )
+        return _reference(q, k, v, prefix, params)
     return _attention_triton(q, k, v, prefix, params)
 
 
@@ -357,13 +366,9 @@ def attention_qkvpacked(
     if qkv.shape[2] != 3:
         raise ValueError(f"{OP_PACKED}: qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is not 3)")
     (qkv,) = autocast_inputs(qkv)
-    be = resolve_backend(backend, qkv, OP_PACKED)
     q, k, v = _unpack(qkv)
-    _check_inputs(q, k, v, params, be, op=OP_PACKED)
-    prefix = normalize_prefix_len(prefix_len, q.shape[0], q.shape[2], q.device, OP_PACKED)
+    be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP_PACKED)
     if be == "reference":
-        return attention_reference(
-            q, k, v, is_causal=is_causal, block_size=block_size, prefix_len=prefix, scale=params.scale
-        ).transpose(1, 2)
+        return _reference(q, k, v, prefix, params).transpose(1, 2)
     o, _ = _attention_qkvpacked_fwd(qkv, *_triton_mask(q, prefix, params))
     return o
