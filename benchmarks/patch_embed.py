@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch.nn.functional as F  # noqa: E402
-from common import OUT_DIR, has_cuda, no_cuda_notice, peak_extra_mib, time_ms, try_run, write_report  # noqa: E402
+from common import has_cuda, no_cuda_notice, peak_extra_mib, time_ms, try_run, write_report  # noqa: E402
 
 import aimkern  # noqa: E402
 from aimkern.reference.patch_embed import patch_embed_reference, patchify  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> None:
         r.update(batch=args.batch, img=args.img, patch=args.patch, dim=args.dim, dtype=args.dtype)
     write_report(
         "patch_embed", rows, ["peer", "mode", "ms", "TFLOP/s", "GB/s", "peak_extra_MiB"],
-        chart=chart(rows), out_dir=os.environ.get("AIMKERN_BENCH_OUT", OUT_DIR),
+        chart=chart(rows),
     )
 
 

@@ -22,7 +22,6 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     COPY_CEILING_GBPS,
-    OUT_DIR,
     has_cuda,
     no_cuda_notice,
     peak_extra_mib,
@@ -127,7 +126,7 @@ def main() -> None:
         r.update(batch=args.batch, img=args.img, patch=args.patch, dtype=args.dtype)
     write_report(
         "pixel_loss", rows, ["peer", "mode", "ms", "GB/s", "%copy", "peak_extra_MiB"],
-        chart=chart(rows), out_dir=os.environ.get("AIMKERN_BENCH_OUT", OUT_DIR),
+        chart=chart(rows),
     )
 
 
