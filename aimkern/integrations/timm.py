@@ -17,8 +17,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..ops._checks import BACKENDS
-from ..ops.attention import attention
+from ..ops._checks import check_backend_name
+from ..ops.attention import AttentionParams, attention
 
 
 def _timm_attention_classes() -> tuple:
@@ -104,16 +104,12 @@ class TimmAttention(nn.Module):
 
 
 def _check_options(is_causal, block_size, prefix_len, backend) -> None:
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"patch_timm: is_causal must be a bool, got {type(is_causal).__name__}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"patch_timm: block_size must be an int >= 1, got {block_size!r}")
+    AttentionParams(is_causal=is_causal, block_size=block_size).check("patch_timm")
     if prefix_len is not None and (isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.Tensor))):
         raise TypeError(f"patch_timm: prefix_len must be None, an int or a (B,) int tensor, got {type(prefix_len).__name__}")
     if isinstance(prefix_len, int) and prefix_len < 0:
         raise ValueError(f"patch_timm: prefix_len must be >= 0, got {prefix_len}")
-    if backend not in BACKENDS:
-        raise ValueError(f"patch_timm: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend, "patch_timm")
 
 
 def patch_timm(

@@ -23,14 +23,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_backend_name(backend, op: str) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(backend: str, ref: torch.Tensor, op: str) -> str:
     """Map ``backend`` to "triton" or "reference" for tensors living on ``ref.device``.
 
     "auto" runs Triton on CUDA and the reference elsewhere. "triton" on CPU tensors needs Triton's
     interpreter, which must be switched on (TRITON_INTERPRET=1) before aimkern's kernels are imported.
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend, op)
     if backend == "auto":
         return "triton" if ref.is_cuda else "reference"
     if backend == "triton" and not ref.is_cuda and not interpreting():

@@ -46,6 +46,15 @@ class AttentionParams:
     block_size: int = 1  # causal granularity in tokens: 1 = token causal, grid width = row by row
     scale: Optional[float] = None  # softmax scale; None means D ** -0.5
 
+    def check(self, op: str = OP) -> None:
+        """Raise a TypeError / ValueError naming the option that has the wrong type or range."""
+        if not isinstance(self.is_causal, bool):
+            raise TypeError(f"{op}: is_causal must be a bool, got {type(self.is_causal).__name__}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"{op}: block_size must be an int >= 1, got {self.block_size!r}")
+        if self.scale is not None and not isinstance(self.scale, (int, float)):
+            raise TypeError(f"{op}: scale must be None or a float, got {type(self.scale).__name__}")
+
     def resolved_scale(self, head_dim: int) -> float:
         return head_dim**-0.5 if self.scale is None else float(self.scale)
 
@@ -67,12 +76,7 @@ def _check_inputs(q, k, v, params: AttentionParams, backend: str, op: str = OP) 
         raise ValueError(f"{op}: sequence length N must be >= 1, got {n}")
     if d % 8 != 0 or not 16 <= d <= 256:
         raise ValueError(f"{op}: head dim D must be a multiple of 8 in [16, 256], got {d}")
-    if not isinstance(params.is_causal, bool):
-        raise TypeError(f"{op}: is_causal must be a bool, got {type(params.is_causal).__name__}")
-    if isinstance(params.block_size, bool) or not isinstance(params.block_size, int) or params.block_size < 1:
-        raise ValueError(f"{op}: block_size must be an int >= 1, got {params.block_size!r}")
-    if params.scale is not None and not isinstance(params.scale, (int, float)):
-        raise TypeError(f"{op}: scale must be None or a float, got {type(params.scale).__name__}")
+    params.check(op)
 
 
 def _kernels():
