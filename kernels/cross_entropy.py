@@ -28,8 +28,8 @@ every GEMM is large and well shaped, there are no atomics, and dW / d(bias) accu
 fp32 buffers in a fixed order: deterministic and fp32-accurate. Extra memory: the chunk buffer plus fp32
 dW (when W is 16-bit), independent of T.
 
-Launch configs live here too: one fixed config under Triton's interpreter (autotune cannot benchmark
-there), small autotuned Hopper sets on CUDA.
+Launch configs live here too, as Choices (kernels/launch_table.py): small autotuned Hopper sets for big
+16-bit problems, one fixed config otherwise, one interpreter config per shape.
 """
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ import functools
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .launch_table import Choice, cfg, tunable
+
+LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a constexpr (a plain float fails to compile)
 # The forward splits the vocabulary into slices that are multiples of this (the largest BLOCK_V), so every
 # autotuned BLOCK_V tiles a slice exactly and no program gets an empty slice.
 VOCAB_SPLIT_QUANTUM = 256
@@ -50,7 +52,7 @@ BWD_CHUNK_BYTES = 64 << 20
 def _logits_tile(
     x_ptr, w_ptr, offs_t, t_ok, offs_v, v_ok, E,
     s_xt, s_xe, s_wv, s_we,
-    PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """fp32 (BLOCK_T, BLOCK_V) block of x @ W^T (no bias); rows/cols outside the masks hold 0."""
     offs_e = tl.arange(0, BLOCK_E)
@@ -62,7 +64,7 @@ def _logits_tile(
         e_ok = (e0 + offs_e) < E
         xt = tl.load(x_ptrs, mask=t_ok[:, None] & e_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=e_ok[:, None] & v_ok[None, :], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_E * s_xe
         w_ptrs += BLOCK_E * s_we
     return acc
@@ -73,7 +75,7 @@ def ce_fwd_kernel(
     x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, sum_ptr,
     T, V, E, VS,
     s_xt, s_xe, s_wv, s_we, s_b,
-    HAS_BIAS: tl.constexpr, NEED_SUM: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NEED_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Per (token tile, vocab slice [s * VS, (s + 1) * VS)): partial lse, target logit, logit sum -> (S, T) fp32."""
@@ -93,7 +95,7 @@ def ce_fwd_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
         logits = _logits_tile(x_ptr, w_ptr, offs_t, t_ok, offs_v, v_ok, E, s_xt, s_xe, s_wv, s_we,
-                              PRECISION, BLOCK_T, BLOCK_V, BLOCK_E)
+                              DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_E)
         if HAS_BIAS:
             logits += tl.load(b_ptr + offs_v * s_b, mask=v_ok, other=0.0).to(tl.float32)[None, :]
         logits = tl.where(v_ok[None, :], logits, float("-inf"))
@@ -119,7 +121,7 @@ def ce_dlogits_kernel(
     x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, d_ptr,
     T, V, E, ignore_index, smooth_per_class, target_weight, two_z,
     s_xt, s_xe, s_wv, s_we, s_b, s_g, s_dt,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """d[t, v] = g_t * (p_tv * (1 + two_z * lse_t) - target_weight * [v == tgt_t] - smooth_per_class), 0 if ignored.
@@ -133,7 +135,7 @@ def ce_dlogits_kernel(
     t_ok = offs_t < T
     v_ok = offs_v < V
     logits = _logits_tile(x_ptr, w_ptr, offs_t, t_ok, offs_v, v_ok, E, s_xt, s_xe, s_wv, s_we,
-                          PRECISION, BLOCK_T, BLOCK_V, BLOCK_E)
+                          DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_E)
     if HAS_BIAS:
         logits += tl.load(b_ptr + offs_v * s_b, mask=v_ok, other=0.0).to(tl.float32)[None, :]
     tgt = tl.load(tgt_ptr + offs_t, mask=t_ok, other=ignore_index)
@@ -153,7 +155,7 @@ def ce_dlogits_kernel(
 def matmul_kernel(
     a_ptr, b_ptr, c_ptr, rs_ptr, M, N, K,
     s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
-    ACCUMULATE: tl.constexpr, ROWSUM: tl.constexpr, PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ROWSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = [C +] A (M, K) @ B (K, N), fp32 accumulation, cast once on store.
@@ -183,7 +185,7 @@ def matmul_kernel(
         k_ok = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if ROWSUM:
             rs += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += BLOCK_K * s_ak
@@ -202,86 +204,82 @@ def matmul_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Launch configs
+# Launch configs, as Choices (kernels/launch_table.py)
 
 
 def _pow2_between(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def interpreter_tile_config(t: int, v: int, e: int) -> dict:
-    """The one fixed config for the forward / dlogits kernels under the interpreter.
-
-    Large tiles mean fewer (slow, Python-level) iterations; the whole of a small E in one step.
-    """
-    return dict(
-        BLOCK_T=_pow2_between(t, 16, 32), BLOCK_V=_pow2_between(v, 16, 128), BLOCK_E=_pow2_between(e, 16, 128),
-        num_warps=4, num_stages=1,
-    )
+def interpreter_tile_config(t: int, v: int, e: int) -> triton.Config:
+    """The one config for the forward / dlogits kernels under the interpreter: large tiles mean fewer
+    (slow, Python-level) iterations; the whole of a small E in one step."""
+    return cfg(4, 1, BLOCK_T=_pow2_between(t, 16, 32), BLOCK_V=_pow2_between(v, 16, 128),
+               BLOCK_E=_pow2_between(e, 16, 128))
 
 
-def interpreter_matmul_config(m: int, n: int, k: int) -> dict:
-    return dict(
-        BLOCK_M=_pow2_between(m, 16, 64), BLOCK_N=_pow2_between(n, 16, 128), BLOCK_K=_pow2_between(k, 16, 128),
-        GROUP_M=4, num_warps=4, num_stages=1,
-    )
+def interpreter_matmul_config(m: int, n: int, k: int) -> triton.Config:
+    return cfg(4, 1, BLOCK_M=_pow2_between(m, 16, 64), BLOCK_N=_pow2_between(n, 16, 128),
+               BLOCK_K=_pow2_between(k, 16, 128), GROUP_M=4)
 
 
 # Hopper (H100 / H200, 228 KB shared memory per SM), 16-bit operands. Forward / dlogits: a
 # (BLOCK_T x BLOCK_V) fp32 logits block per program, fed by a BLOCK_E-deep pipelined K loop; 8 warps = two
 # warpgroups of wgmma. Every BLOCK_V divides VOCAB_SPLIT_QUANTUM. Shared memory per stage:
 # (BLOCK_T + BLOCK_V) * BLOCK_E * 2 bytes, 96-196 KB over the stages below.
-_TILE_CONFIGS = [
-    triton.Config({"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_T": 128, "BLOCK_V": 256, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_T": 64, "BLOCK_V": 256, "BLOCK_E": 64}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_E": 128}, num_warps=8, num_stages=3),
-]
-_MATMUL_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-]
-# fp32 operands (true fp32 products, not a speed path): one config whose stages fit shared memory.
-_TILE_CONFIG_FP32 = triton.Config({"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_E": 32}, num_warps=4, num_stages=3)
-_MATMUL_CONFIG_FP32 = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                                    num_stages=3)
+# Dropped after the compile gate (sm_90a, Triton 3.8): 128 x 256 logits tiles spill 520-544 B in the
+# forward (its online-softmax state beside a 128-register accumulator), and the 128 x 256 matmul spills
+# 384-448 B when it accumulates into C.
+TILE_CONFIGS = (
+    cfg(8, 4, BLOCK_T=128, BLOCK_V=128, BLOCK_E=64),
+    cfg(8, 4, BLOCK_T=64, BLOCK_V=256, BLOCK_E=64),
+    cfg(8, 3, BLOCK_T=128, BLOCK_V=128, BLOCK_E=128),
+)
+MATMUL_CONFIGS = (
+    cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+)
+# fp32 operands (3xTF32 products, not a speed path): one config whose stages fit shared memory.
+TILE_CONFIG_FP32 = cfg(4, 3, BLOCK_T=64, BLOCK_V=128, BLOCK_E=32)
+MATMUL_CONFIG_FP32 = cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)
 # The token-tile size the CUDA launcher assumes when choosing the forward's vocabulary split.
 CUDA_BLOCK_T = 128
-# Below this many multiply-adds (T * V * E, or M * N * K) a launch takes a fixed config: tuning would cost
-# more than it saves, and small test shapes would each trigger a tuning round.
-AUTOTUNE_MIN_WORK = 1 << 31
+
+_TILE_KERNELS = {"fwd": ce_fwd_kernel, "dlogits": ce_dlogits_kernel}
+# The dlogits chunk size T changes only on the last chunk; tuning on V and E alone avoids re-tuning there.
+_TILE_KEYS = {"fwd": ("V", "E", "HAS_BIAS", "NEED_SUM"), "dlogits": ("V", "E", "HAS_BIAS")}
 
 
-def cuda_fixed_config(kind: str, elem_bytes: int) -> dict:
-    """The untuned CUDA config of a kernel family ("tile" or "matmul") as launch keyword arguments."""
+def _configs(macs: int, elem_bytes: int, tuned: tuple, fp32: triton.Config) -> tuple:
     if elem_bytes >= 4:
-        cfg = _TILE_CONFIG_FP32 if kind == "tile" else _MATMUL_CONFIG_FP32
-    else:
-        cfg = (_TILE_CONFIGS if kind == "tile" else _MATMUL_CONFIGS)[0]
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def use_autotune(work: int, elem_bytes: int) -> bool:
-    """Autotune 16-bit launches that are big enough to repay it (only ever on CUDA)."""
-    return elem_bytes == 2 and work >= AUTOTUNE_MIN_WORK
+        return (fp32,)
+    return tuned if tunable(macs, True) else tuned[:1]
 
 
 @functools.lru_cache(maxsize=None)
-def tuned(name: str):
-    """The autotuned CUDA version of a kernel, 16-bit operands (built on first use: never under the interpreter)."""
-    if name == "fwd":
-        return triton.autotune(_TILE_CONFIGS, key=["V", "E", "HAS_BIAS", "NEED_SUM"])(ce_fwd_kernel)
-    if name == "dlogits":
-        # The chunk size T changes only on the last chunk; tuning on V and E alone avoids re-tuning there.
-        return triton.autotune(_TILE_CONFIGS, key=["V", "E", "HAS_BIAS"])(ce_dlogits_kernel)
-    if name == "matmul":
-        # ACCUMULATE calls read-modify-write C and rs: restore them after each benchmarked config.
-        return triton.autotune(
-            _MATMUL_CONFIGS, key=["M", "N", "K", "ACCUMULATE", "ROWSUM"], restore_value=["c_ptr", "rs_ptr"]
-        )(matmul_kernel)
-    raise KeyError(name)
+def _tile_choice(kind: str, configs: tuple, interpreter_key: tuple) -> Choice:
+    return Choice(_TILE_KERNELS[kind], configs, cfg(4, 1, **dict(interpreter_key)), key=_TILE_KEYS[kind])
+
+
+def tile(kind: str, t: int, v: int, e: int, elem_bytes: int) -> Choice:
+    """ce_fwd_kernel ("fwd", grid (cdiv(T, BLOCK_T), slices)) or ce_dlogits_kernel ("dlogits", grid
+    (cdiv(T, BLOCK_T), cdiv(V, BLOCK_V))) for T tokens, V classes, E features."""
+    configs = _configs(t * v * e, elem_bytes, TILE_CONFIGS, TILE_CONFIG_FP32)
+    return _tile_choice(kind, configs, tuple(interpreter_tile_config(t, v, e).kwargs.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_choice(configs: tuple, interpreter_key: tuple) -> Choice:
+    # ACCUMULATE calls read-modify-write C and rs: the autotuner restores them after each trial.
+    return Choice(matmul_kernel, configs, cfg(4, 1, **dict(interpreter_key)),
+                  key=("M", "N", "K", "ACCUMULATE", "ROWSUM"), restore=("c_ptr", "rs_ptr"))
+
+
+def matmul(m: int, n: int, k: int, elem_bytes: int) -> Choice:
+    """matmul_kernel for C (M, N) (+)= A (M, K) @ B (K, N); flat grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)."""
+    configs = _configs(m * n * k, elem_bytes, MATMUL_CONFIGS, MATMUL_CONFIG_FP32)
+    return _matmul_choice(configs, tuple(interpreter_matmul_config(m, n, k).kwargs.items()))
 
 
 def vocab_split(n_token_tiles: int, v: int, n_programs_wanted: int) -> int:

@@ -15,14 +15,16 @@ Kernels:
   * ``patch_embed_dx_kernel``: dImages[m, k] = sum_e dOut[m, e] W[e, k], scattered back to NCHW (patches
     do not overlap, so every pixel is written once, by one program).
 
-Launch configs live here too: one fixed config under Triton's interpreter (autotune cannot benchmark
-there), autotuned Hopper configs on CUDA for the two GEMMs with a fixed epilogue/prologue, and a
-per-shape heuristic for the dW split (its partial buffer depends on the tiling, so it is not autotuned).
+Launch configs live here too, as ``Choice``s (kernels/launch_table.py): autotuned Hopper configs for the
+two big 16-bit GEMMs, one fixed config for small or fp32 ones, and a per-shape heuristic for the dW split
+(its partial buffer depends on the tiling, so it is not autotuned).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .launch_table import Choice, cfg, tunable
 
 
 @triton.jit
@@ -52,7 +54,7 @@ def patch_embed_fwd_kernel(
     s_ib, s_ic, s_ih, s_iw,
     s_we, s_wc, s_wh, s_ww,
     s_pn, s_pe,
-    P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One flat grid (no 65,535 limit on M tiles). E tiles vary fastest so the programs sharing one
@@ -74,7 +76,7 @@ def patch_embed_fwd_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + offs_e[None, :] * s_we + _patch_offsets(offs_k, s_wc, s_wh, s_ww, P)[:, None],
                     mask=k_ok[:, None] & e_ok[None, :], other=0.0)
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_POS:
@@ -92,7 +94,7 @@ def patch_embed_dw_kernel(
     B, N_TOK, GW, E, K, B_PER_SLICE, N_BLOCKS,
     s_gb, s_gn, s_ge,
     s_ib, s_ic, s_ih, s_iw,
-    P: tl.constexpr, WANT_W: tl.constexpr, WANT_POS: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, WANT_W: tl.constexpr, WANT_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dw_ptr: fp32 (S, E, K) partials, S = slices; dpos_ptr: fp32 (b chunks, N, E) partials.
@@ -131,7 +133,7 @@ def patch_embed_dw_kernel(
             acc_pos += g.to(tl.float32)
         if WANT_W:
             x = tl.load(x_img + x_off, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            acc_w += tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PRECISION)
+            acc_w += tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=DOT_PRECISION)
         g_img += s_gb
         x_img += s_ib
     if WANT_W:
@@ -150,7 +152,7 @@ def patch_embed_dx_kernel(
     s_gb, s_gn, s_ge,
     s_we, s_wc, s_wh, s_ww,
     s_xb, s_xc, s_xh, s_xw,
-    P: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)  # flat grid, K tiles fastest (they share the dOut rows)
@@ -171,7 +173,7 @@ def patch_embed_dx_kernel(
         e_ok = offs_e < E
         g = tl.load(g_ptr + g_row[:, None] + offs_e[None, :] * s_ge, mask=m_ok[:, None] & e_ok[None, :], other=0.0)
         w = tl.load(w_ptr + offs_e[:, None] * s_we + w_col[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(g.to(w.dtype), w, input_precision=PRECISION)
+        acc += tl.dot(g.to(w.dtype), w, input_precision=DOT_PRECISION)
     dx = dx_ptr + _token_offsets(offs_m, N_TOK, GW, s_xb, s_xh, s_xw, P)[:, None] \
         + _patch_offsets(offs_k, s_xc, s_xh, s_xw, P)[None, :]
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :])
@@ -180,74 +182,66 @@ def patch_embed_dx_kernel(
 # ------------------------------------------------------------------------------------------ configs
 # Hopper: 128 x 128 output tiles, 4-8 warps, a 3-4 stage software pipeline on the K loop. The gathered
 # operand cannot use TMA (its addresses are not a plain 2-D box), so cp.async pipelining does the work.
-_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_E": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_E": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_E": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_E": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-]
-_DX_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_E": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_E": 64}, num_warps=4, num_stages=4),
-]
+GEMM_CONFIGS = (
+    cfg(8, 3, BLOCK_M=128, BLOCK_E=128, BLOCK_K=64),
+    cfg(4, 4, BLOCK_M=128, BLOCK_E=128, BLOCK_K=32),
+    cfg(8, 3, BLOCK_M=128, BLOCK_E=256, BLOCK_K=64),
+    cfg(4, 4, BLOCK_M=64, BLOCK_E=128, BLOCK_K=64),
+)
+DX_CONFIGS = (
+    cfg(8, 3, BLOCK_M=128, BLOCK_K=128, BLOCK_E=64),
+    cfg(4, 4, BLOCK_M=128, BLOCK_K=64, BLOCK_E=64),
+    cfg(4, 4, BLOCK_M=64, BLOCK_K=128, BLOCK_E=64),
+)
+# Small GEMMs (tests, odd shapes) and fp32 (whose tiles are twice the bytes) take one fixed config.
+SMALL_FWD = cfg(4, 2, BLOCK_M=64, BLOCK_E=64, BLOCK_K=32)
+SMALL_DX = cfg(4, 2, BLOCK_M=64, BLOCK_K=64, BLOCK_E=32)
 # Under the interpreter every program is a numpy loop: few, large tiles are fastest.
-INTERPRETER_FWD_META = {"BLOCK_M": 64, "BLOCK_E": 64, "BLOCK_K": 32}
-INTERPRETER_DX_META = {"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_E": 32}
-# Small GEMMs (tests, odd shapes) and fp32 (whose tiles are twice the bytes) take one fixed config:
-# autotuning them would cost more compile and benchmark time than it could ever save.
-SMALL_FWD_META = {"BLOCK_M": 64, "BLOCK_E": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
-SMALL_DX_META = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_E": 32, "num_warps": 4, "num_stages": 2}
-AUTOTUNE_MIN_MACS = 1 << 28  # M * E * K; ViT-B/16 is 2.9e10 at batch 256, 9e8 at batch 8 (the GPU test)
+INTERPRETER_FWD = cfg(4, 1, BLOCK_M=64, BLOCK_E=64, BLOCK_K=32)
+INTERPRETER_DX = cfg(4, 1, BLOCK_M=64, BLOCK_K=128, BLOCK_E=32)
+# dW / d(pos): one config per operand width (the partial buffer depends on the tiling, so no autotuning).
+DW_16BIT = cfg(8, 3, BLOCK_T=64, BLOCK_E=128, BLOCK_K=128)  # 2 x 16 KB of operands per stage
+DW_FP32 = cfg(4, 2, BLOCK_T=32, BLOCK_E=64, BLOCK_K=64)  # fp32: keep the stages within shared memory
+INTERPRETER_DW = cfg(4, 1, BLOCK_T=32, BLOCK_E=32, BLOCK_K=128)
 
-_autotuned: dict = {}
-
-
-def _pick(name: str, kernel, configs, interpreter_meta: dict, small_meta: dict, interpreting: bool, macs: int,
-          sixteen_bit: bool):
-    if interpreting:
-        return kernel, dict(interpreter_meta)
-    if macs < AUTOTUNE_MIN_MACS or not sixteen_bit:
-        return kernel, dict(small_meta)
-    if name not in _autotuned:
-        _autotuned[name] = triton.autotune(configs, key=["M", "E", "K"])(kernel)
-    return _autotuned[name], {}
+_FWD_BIG = Choice(patch_embed_fwd_kernel, GEMM_CONFIGS, INTERPRETER_FWD, key=("M", "E", "K"))
+_FWD_SMALL = Choice(patch_embed_fwd_kernel, (SMALL_FWD,), INTERPRETER_FWD)
+_DX_BIG = Choice(patch_embed_dx_kernel, DX_CONFIGS, INTERPRETER_DX, key=("M", "E", "K"))
+_DX_SMALL = Choice(patch_embed_dx_kernel, (SMALL_DX,), INTERPRETER_DX)
+_DW = {True: Choice(patch_embed_dw_kernel, (DW_16BIT,), INTERPRETER_DW),
+       False: Choice(patch_embed_dw_kernel, (DW_FP32,), INTERPRETER_DW)}
 
 
-def forward_kernel(interpreting: bool, macs: int, sixteen_bit: bool):
-    """(kernel, meta): the forward GEMM and the launch meta to pass (empty when autotuned)."""
-    return _pick("fwd", patch_embed_fwd_kernel, _GEMM_CONFIGS, INTERPRETER_FWD_META, SMALL_FWD_META,
-                 interpreting, macs, sixteen_bit)
+def forward(macs: int, sixteen_bit: bool) -> Choice:
+    """patch_embed_fwd_kernel; flat grid (cdiv(E, BLOCK_E) * cdiv(M, BLOCK_M),)."""
+    return _FWD_BIG if tunable(macs, sixteen_bit) else _FWD_SMALL
 
 
-def dx_kernel(interpreting: bool, macs: int, sixteen_bit: bool):
-    """(kernel, meta): the dImages GEMM and the launch meta to pass (empty when autotuned)."""
-    return _pick("dx", patch_embed_dx_kernel, _DX_CONFIGS, INTERPRETER_DX_META, SMALL_DX_META,
-                 interpreting, macs, sixteen_bit)
+def backward_images(macs: int, sixteen_bit: bool) -> Choice:
+    """patch_embed_dx_kernel; flat grid (cdiv(K, BLOCK_K) * cdiv(M, BLOCK_M),)."""
+    return _DX_BIG if tunable(macs, sixteen_bit) else _DX_SMALL
 
 
-def dw_config(batch: int, n_tok: int, e: int, k: int, want_w: bool, interpreting: bool, sm_count: int,
-              sixteen_bit: bool) -> dict:
-    """Tiling and slicing of the dW / d(pos) kernel.
+def backward_params(sixteen_bit: bool) -> Choice:
+    """patch_embed_dw_kernel (one config: ``dw_slicing`` sizes the partial buffers from its tiles)."""
+    return _DW[sixteen_bit]
 
-    Returns block sizes, warps and stages plus ``b_per_slice`` (images per program) and ``n_blocks``.
-    On the GPU the images are split into chunks until there are about two waves of programs, which keeps
-    the fp32 partial buffer (slices x E x K) small: each slice costs one E x K fp32 write and read.
+
+def dw_slicing(batch: int, n_tok: int, e: int, k: int, want_w: bool, meta: dict, sm_count: int,
+               interpreting: bool) -> dict:
+    """How the dW / d(pos) programs split the batch, for block sizes ``meta``.
+
+    Returns ``b_per_slice`` (images per program), ``b_chunks`` and ``n_blocks`` (token blocks). On the GPU
+    the images are split into chunks until there are about two waves of programs, which keeps the fp32
+    partial buffer (slices x E x K) small: each slice costs one E x K fp32 write and read. Under the
+    interpreter two chunks whenever B > 1, so the tests exercise the partial reduction.
     """
+    n_blocks = triton.cdiv(n_tok, meta["BLOCK_T"])
     if interpreting:
-        meta = {"BLOCK_T": 32, "BLOCK_E": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
-        # Two image chunks whenever B > 1, so the tests exercise the partial reduction.
         b_chunks = min(batch, 2)
     else:
-        if sixteen_bit:  # 2 x 16 KB of operands per stage
-            meta = {"BLOCK_T": 64, "BLOCK_E": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
-        else:  # fp32: keep the stages within shared memory
-            meta = {"BLOCK_T": 32, "BLOCK_E": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
         ek_tiles = triton.cdiv(e, meta["BLOCK_E"]) * (triton.cdiv(k, meta["BLOCK_K"]) if want_w else 1)
-        n_blocks = triton.cdiv(n_tok, meta["BLOCK_T"])
         b_chunks = max(1, min(batch, triton.cdiv(2 * sm_count, ek_tiles * n_blocks)))
     b_per_slice = triton.cdiv(batch, max(b_chunks, 1)) if batch else 1
-    meta["b_per_slice"] = b_per_slice
-    meta["b_chunks"] = triton.cdiv(batch, b_per_slice) if batch else 0
-    meta["n_blocks"] = triton.cdiv(n_tok, meta["BLOCK_T"])
-    return meta
+    return {"b_per_slice": b_per_slice, "b_chunks": triton.cdiv(batch, b_per_slice) if batch else 0,
+            "n_blocks": n_blocks}

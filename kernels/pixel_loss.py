@@ -18,8 +18,12 @@ d(pred) is written contiguous (B, N, D).
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
+
+from .launch_table import Choice, cfg
 
 
 @triton.jit
@@ -70,15 +74,19 @@ def pixel_loss_kernel(
         tl.store(out_ptr + pid, tl.sum(per_row, axis=0))
 
 
-def launch_config(n_tok: int, d: int, interpreting: bool) -> dict:
-    """BLOCK_R rows of BLOCK_D = next_pow2(P*P*C) values per program, and its warps.
-
-    On Hopper about 8K values per program (4-8 patches of 768) keeps 32 fp32 registers per thread and
-    tensor while leaving enough programs (B * N / BLOCK_R) to fill the card many times.
-    Under the interpreter, larger blocks mean fewer (slow) programs.
-    """
+def _config(n_tok: int, d: int, budget: int) -> triton.Config:
     block_d = triton.next_power_of_2(d)
-    budget = 16384 if interpreting else 8192
     block_r = max(1, min(budget // block_d, 16, triton.next_power_of_2(max(n_tok, 1))))
-    num_warps = 8 if block_r * block_d >= 8192 else 4
-    return {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": num_warps}
+    return cfg(8 if block_r * block_d >= 8192 else 4, 1, BLOCK_R=block_r, BLOCK_D=block_d)
+
+
+@functools.lru_cache(maxsize=None)
+def loss(n_tok: int, d: int) -> Choice:
+    """pixel_loss_kernel for N tokens of D = P*P*C values; flat grid (B * cdiv(N, BLOCK_R),).
+
+    BLOCK_R rows of BLOCK_D = next_pow2(D) values per program. On Hopper about 8K values per program (4-8
+    patches of 768) keeps 32 fp32 registers per thread and tensor while leaving enough programs
+    (B * N / BLOCK_R) to fill the card many times. Under the interpreter, larger blocks mean fewer (slow)
+    programs. One config: the launcher sizes its partial-sum buffer from BLOCK_R.
+    """
+    return Choice(pixel_loss_kernel, (_config(n_tok, d, 8192),), _config(n_tok, d, 16384))

@@ -30,5 +30,46 @@ def _seed():
 
 
 @pytest.fixture
+def use_policy():
+    """use_policy(**changes): run the rest of the test under aimkern.ops.launch_policy(**changes)."""
+    import contextlib
+
+    from aimkern.ops import launch_policy
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(launch_policy(**changes))
+
+
+@pytest.fixture
+def no_autotune():
+    """On CUDA: the first config of each family, no autotuning (one compile per family, so the GPU run of
+    the tests fits its budget); the benchmarks check the autotuned choices."""
+    from aimkern.ops import launch_policy
+
+    with launch_policy(autotune=False):
+        yield
+
+
+@pytest.fixture
+def cuda_configs(monkeypatch):
+    """cuda_configs(module, *builders): the named Choice builders of a kernels/ module hand out their first
+    CUDA config as the interpreter's, so GPU-only tilings (masks at 128-wide tiles, splits) run under the
+    interpreter too."""
+    from aimkern.kernels.launch_table import Choice
+
+    def patch(module, *names):
+        for name in names:
+            pick = getattr(module, name)
+
+            def as_cuda(*args, pick=pick, **kwargs):
+                c = pick(*args, **kwargs)
+                return Choice(c.kernel, c.configs, c.configs[0], c.key, c.restore)
+
+            monkeypatch.setattr(module, name, as_cuda)
+
+    return patch
+
+
+@pytest.fixture
 def device():
     return "cuda" if HAS_CUDA else "cpu"

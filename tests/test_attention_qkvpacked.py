@@ -14,16 +14,13 @@ import aimkern
 from aimkern.ops import attention_qkvpacked
 from aimkern.reference.attention import attention_mask, attention_reference
 from conftest import HAS_CUDA
-from test_attention_triton import ATOL, MASKS, _force_path, _mask_kwargs, _reference_kwargs, torch_same_dtype
+from test_attention_triton import ATOL, MASKS, _mask_kwargs, _reference_kwargs, torch_same_dtype
 from tolerances import assert_close_relative
 
 
 @pytest.fixture(autouse=True)
-def _one_config_per_family(monkeypatch):
-    """On CUDA: no autotuning (one compile per family), as in tests/test_attention_triton.py."""
-    import aimkern.kernels.attention as kern
-
-    monkeypatch.setattr(kern, "AUTOTUNE", False)
+def _one_config_per_family(no_autotune):
+    """On CUDA: no autotuning (one compile per family); benchmarks/attn_throughput.py checks the tuned picks."""
 
 
 def _unpack(qkv):
@@ -56,8 +53,8 @@ CASES = [  # (dtype, path, mask) x (N, D) below: every mask with both dtypes and
 
 @pytest.mark.parametrize("n,d", [(7, 16), (37, 80)], ids=["N7-D16", "N37-D80"])
 @pytest.mark.parametrize("dtype,path,mask", CASES, ids=lambda c: str(c).replace("torch.", ""))
-def test_matches_unpacked_and_reference(dtype, path, mask, n, d, monkeypatch, device):
-    _force_path(monkeypatch, path)
+def test_matches_unpacked_and_reference(dtype, path, mask, n, d, use_policy, device):
+    use_policy(attention_backward=path)
     b, h = 2, 2
     kw = _mask_kwargs(MASKS[mask], b, n, device)
     qkv = torch.randn(b, n, 3, h, d, device=device, dtype=dtype, requires_grad=True)
@@ -86,10 +83,10 @@ def test_matches_unpacked_and_reference(dtype, path, mask, n, d, monkeypatch, de
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_strided_qkv_and_expanded_gradient(path, monkeypatch, device):
+def test_strided_qkv_and_expanded_gradient(path, use_policy, device):
     """A qkv that is not (B, N, 3, H, D)-contiguous, and the stride-0 gradient of .sum(): the kernels read
     both through strides, and the gradient still comes back as one packed contiguous tensor."""
-    _force_path(monkeypatch, path)
+    use_policy(attention_backward=path)
     base = torch.randn(3, 2, 13, 2, 24, device=device, requires_grad=True)  # (3, B, N, H, D + 8)
     qkv = base[..., :16].permute(1, 2, 0, 3, 4)  # (B, N, 3, H, D) view, stride 1 only on D
     kw = dict(is_causal=True, block_size=2, prefix_len=torch.tensor([5, 0], device=device))

@@ -3,7 +3,7 @@
 Output and dq, dk, dv are held to ``err <= 2 * err(PyTorch in the same dtype) + atol`` (tests/tolerances.py),
 where PyTorch's same-dtype attention is the plain math (scores, softmax, weighted sum) in that dtype. Both
 backward paths are covered: the fused one-program-per-head path (short N) and the split dK/dV + dQ path,
-forced by moving ``FUSED_BWD_MAX_ELEMS``.
+forced through ``aimkern.ops.launch_policy(attention_backward=...)``.
 """
 import pytest
 import torch
@@ -32,26 +32,15 @@ MASKS = {
 
 
 @pytest.fixture(autouse=True)
-def _one_config_per_family(monkeypatch):
-    """On CUDA: the first config of each family, no autotuning (half the compiles, so the GPU run of this
-    file fits its budget). benchmarks/attn_throughput.py checks the autotuned choices against SDPA."""
-    import aimkern.kernels.attention as kern
-
-    monkeypatch.setattr(kern, "AUTOTUNE", False)
-
-
-def _force_path(monkeypatch, path: str) -> None:
-    """Select the backward path: the fused one runs when the whole (N, D) tile is under the limit."""
-    import aimkern.kernels.attention as kern
-
-    limit = 1 << 30 if path == "fused" else 0
-    monkeypatch.setattr(kern, "FUSED_BWD_MAX_ELEMS", limit)
-    monkeypatch.setattr(kern, "FUSED_BWD_MAX_ELEMS_FP32", limit)
+def _one_config_per_family(no_autotune):
+    """On CUDA: no autotuning (one compile per family); benchmarks/attn_throughput.py checks the tuned picks."""
 
 
 @pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    _force_path(monkeypatch, request.param)
+def path(request, use_policy):
+    """Run the test on one backward path (the interpreter runs the fused path at any N; on CUDA it is
+    refused where a head does not fit on chip)."""
+    use_policy(attention_backward=request.param)
     return request.param
 
 
@@ -138,8 +127,8 @@ def check_attention(b, h, n, d, dtype, mask: dict, device, layout="contiguous", 
 @pytest.mark.parametrize("dtype,path_name", [(torch.float32, "split"), (torch.float16, "split"),
                                              (torch.float16, "fused")], ids=["fp32-split", "fp16-split", "fp16-fused"])
 @pytest.mark.parametrize("mask", list(MASKS.values()), ids=list(MASKS))
-def test_masks(mask, dtype, path_name, monkeypatch, device):
-    _force_path(monkeypatch, path_name)
+def test_masks(mask, dtype, path_name, use_policy, device):
+    use_policy(attention_backward=path_name)
     check_attention(2, 1, 37, 80, dtype, mask, device)
 
 
@@ -195,11 +184,9 @@ def _interpret_tile(n):
 
 @pytest.mark.skipif(HAS_CUDA, reason="tile sizes are autotuned on CUDA; the interpreter's are fixed")
 @pytest.mark.parametrize("prefix", [None, "small"])
-def test_invisible_key_tiles_are_never_read(prefix, monkeypatch, device):
+def test_invisible_key_tiles_are_never_read(prefix, use_policy, device):
     """Keys no query of a tile can see are NaN: that tile's output and dq stay exact, so they were never read."""
-    import aimkern.kernels.attention as kern
-
-    monkeypatch.setattr(kern, "FUSED_BWD_MAX_ELEMS_FP32", 0)  # the fused path reads all K by design
+    use_policy(attention_backward="split")  # the fused path reads all K by design
     n, tile = 64, _interpret_tile(64)
     cut = 2 * tile  # queries < cut, causal, prefix <= cut - tile: keys >= cut are in invisible tiles
     prefix_len = None if prefix is None else torch.tensor([tile + 3, 0])
@@ -218,11 +205,9 @@ def test_invisible_key_tiles_are_never_read(prefix, monkeypatch, device):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="tile sizes are autotuned on CUDA; the interpreter's are fixed")
-def test_query_tiles_seeing_no_key_are_skipped_in_dkdv(monkeypatch, device):
+def test_query_tiles_seeing_no_key_are_skipped_in_dkdv(use_policy, device):
     """Causal: queries of the first tile see no key of later tiles, so NaN there must not reach their dk, dv."""
-    import aimkern.kernels.attention as kern
-
-    monkeypatch.setattr(kern, "FUSED_BWD_MAX_ELEMS_FP32", 0)
+    use_policy(attention_backward="split")
     n, tile = 48, _interpret_tile(48)
     q, k, v = (torch.randn(1, 2, n, 16, device=device) for _ in range(3))
     q[:, :, :tile] = float("nan")
@@ -304,7 +289,8 @@ def test_bf16_under_interpreter_is_refused():
     seed=st.integers(0, 2**16),
 )
 def test_fuzz(n, d, b, is_causal, block_size, prefix, fp16, fused, layout, seed):
-    import aimkern.kernels.attention as kern
+    from aimkern.kernels.attention import fused_backward_fits
+    from aimkern.ops import launch_policy
 
     torch.manual_seed(seed)
     device = "cuda" if HAS_CUDA else "cpu"
@@ -315,12 +301,10 @@ def test_fuzz(n, d, b, is_causal, block_size, prefix, fp16, fused, layout, seed)
     else:
         prefix_len = None
     mask = dict(is_causal=is_causal, block_size=block_size, prefix_len=prefix_len)
-    saved = kern.FUSED_BWD_MAX_ELEMS, kern.FUSED_BWD_MAX_ELEMS_FP32
-    kern.FUSED_BWD_MAX_ELEMS = kern.FUSED_BWD_MAX_ELEMS_FP32 = (1 << 30) if fused else 0
-    try:
-        check_attention(b, 1, n, d, torch.float16 if fp16 else torch.float32, mask, device, layout=layout)
-    finally:
-        kern.FUSED_BWD_MAX_ELEMS, kern.FUSED_BWD_MAX_ELEMS_FP32 = saved
+    dtype = torch.float16 if fp16 else torch.float32
+    path = "fused" if fused and (not HAS_CUDA or fused_backward_fits(d, not fp16, n)) else "split"
+    with launch_policy(attention_backward=path):
+        check_attention(b, 1, n, d, dtype, mask, device, layout=layout)
 
 
 # ------------------------------------------------------------------------------- GPU only (compiled)

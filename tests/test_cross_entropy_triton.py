@@ -194,8 +194,33 @@ def test_out_of_range_target_is_an_error_not_a_wrong_loss():
     with pytest.raises(ValueError, match="target values"):
         aimkern.linear_cross_entropy(x.float(), w.float(), t, backend="triton")
     # Under torch.compile the host-side check is skipped; the op itself then marks the token NaN.
-    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(x.float(), w.float(), None, t, IGNORE, 0.0, 0.0)
+    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(x.float(), w.float(), None, t, IGNORE, 0.0, 0.0, False)
     assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(6) != 2]).all()
+
+
+def test_target_check_reads_no_values_off_the_cpu():
+    """On CUDA the target range check would cost three host syncs per step: it runs only on CPU tensors.
+    Meta tensors stand in for CUDA here: reading any of their values raises."""
+    from aimkern.ops.cross_entropy import CrossEntropyParams, _check_inputs
+
+    x, w = torch.empty(6, 48, device="meta"), torch.empty(300, 48, device="meta")
+    t = torch.empty(6, dtype=torch.long, device="meta")
+    _check_inputs(x, w, t, None, CrossEntropyParams(), "triton")
+    with pytest.raises(Exception):  # the same read the CPU check makes does touch values
+        int(t.min())
+
+
+@requires_cuda
+def test_gpu_forward_and_backward_make_no_host_sync():
+    x, w, b, t = _problem((300,), 8192, 256, device="cuda")
+    x, w = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = aimkern.linear_cross_entropy(x, w, t, linear_bias=b.bfloat16())
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.float()).item()
 
 
 def test_triton_path_rejects_mixed_dtypes():
@@ -217,16 +242,14 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_cuda_launch_configs_compute_the_same(monkeypatch, dtype):
-    # Runs the fixed CUDA configs (Hopper tiles) through the interpreter, so a GPU-only tiling bug (a
+def test_cuda_launch_configs_compute_the_same(cuda_configs, dtype):
+    # Runs the untuned CUDA configs (Hopper tiles) through the interpreter, so a GPU-only tiling bug (a
     # BLOCK_V that does not tile a vocabulary slice, masks at 128-wide tiles) shows up here too.
     from aimkern.kernels import cross_entropy as kern
-    from aimkern.ops import cross_entropy as ops
 
     assert all(kern.VOCAB_SPLIT_QUANTUM % c.kwargs["BLOCK_V"] == 0
-               for c in kern._TILE_CONFIGS + [kern._TILE_CONFIG_FP32])
-    elem = torch.tensor([], dtype=dtype).element_size()
-    monkeypatch.setattr(ops, "_fixed_config", lambda kind, m, n, k, eb: kern.cuda_fixed_config(kind, elem))
+               for c in kern.TILE_CONFIGS + (kern.TILE_CONFIG_FP32,))
+    cuda_configs(kern, "tile", "matmul")
     x, w, b, t = _problem((37,), 300, 80)
     _check(x, w, b, t, dtype, reduction="mean", label_smoothing=0.1, z_loss=1e-3)
 

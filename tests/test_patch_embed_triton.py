@@ -158,10 +158,13 @@ def test_patch_embed_module_matches_reference_backend(norm):
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU runs these tilings natively")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gpu_tilings_under_interpreter(monkeypatch, dtype):
+def test_gpu_tilings_under_interpreter(monkeypatch, cuda_configs, dtype):
     """The CUDA launch configs (fixed small-GEMM tiles, the dW tiling and split) computed in the interpreter."""
+    from aimkern.kernels import patch_embed as kern
+
     op = importlib.import_module("aimkern.ops.patch_embed")  # the module (aimkern.ops.patch_embed is shadowed)
-    monkeypatch.setattr(op, "interpreting", lambda: False)
+    monkeypatch.setattr(op, "interpreting", lambda: False)  # the GPU's batch split of the dW partials
+    cuda_configs(kern, "forward", "backward_images", "backward_params")
     check_against_references(make_inputs(3, 3, 12, 20, 4, 40, dtype))
 
 

@@ -152,10 +152,11 @@ def test_pred_without_grad():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU runs this tiling natively")
-def test_gpu_tiling_under_interpreter(monkeypatch):
+def test_gpu_tiling_under_interpreter(cuda_configs):
     """The CUDA launch config (rows per program, block of values) computed in the interpreter."""
-    op = importlib.import_module("aimkern.ops.pixel_loss")  # the module (aimkern.ops.pixel_loss is shadowed)
-    monkeypatch.setattr(op, "interpreting", lambda: False)
+    from aimkern.kernels import pixel_loss as kern
+
+    cuda_configs(kern, "loss")
     pred, images = make_inputs(2, 3, 16, 48, 16, torch.float32)
     check_against_references(pred, images, patch_size=16, prefix_len=torch.tensor([0, 1], device=DEV))
 

@@ -5,22 +5,18 @@ ValueError/TypeError naming the argument instead of a wrong result or a CUDA cra
 """
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Iterable, Optional
 
 import torch
+
+from ._launch import interpreting
 
 BACKENDS = ("auto", "triton", "reference")
 
 # Dtypes the Triton kernels accept. The reference path also takes float64 (tests use it as ground truth).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
-
-
-def interpreting() -> bool:
-    """True when Triton's interpreter is on (kernels then run on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_backend_name(backend, op: str) -> None:

@@ -1,24 +1,187 @@
-"""Facts the Triton launchers share: the GPU's SM count and the tl.dot precision for an input dtype."""
+"""The launch layer every Triton launcher goes through.
+
+One place owns what used to be decided per family:
+
+* interpreter detection (``interpreting()``): CPU tensors under ``TRITON_INTERPRET=1``;
+* the fp32 dot precision (``dot_precision``): 3xTF32, fp32-level accuracy on the tensor cores for every
+  kernel (plain TF32 misses torch's fp32 error by ~100x; "ieee" FMA dots spill tens of KB on sm_90);
+* autotune on / off and the config of a launch (``launch``), from a family's ``Choice``
+  (kernels/launch_table.py): the interpreter config under the interpreter, the autotuner when the
+  policy allows it and the Choice has several configs, else the first config;
+* the launch policy (``LaunchPolicy``): frozen, read once when an op is called, passed into its custom op
+  as plain arguments and saved for the backward, so that a choice made at forward time (e.g. the fused or
+  split attention backward) still holds when autograd runs the backward later.
+
+Observers (``observe()``) see every launch: tests use it to prove which kernels ran, and the compile gate
+(benchmarks/kernel_report.py) uses ``observe(dry_run=True)`` to collect the exact launches of the real
+launchers (on meta tensors) without running anything.
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Optional
 
 import torch
 
+BACKWARD_PATHS = ("auto", "fused", "split")
 
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot ``input_precision`` for ``dtype`` inputs: 3xTF32 for fp32; 16-bit inputs ignore it."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class LaunchPolicy:
+    """How the Triton launchers choose among their configs. Frozen: it is read when an op is called.
+
+    autotune:           benchmark each family's candidate configs on first use (CUDA only); False takes the
+                        first config of each table (one compile per family: quick tests, reproducible runs).
+    attention_backward: "auto" (fused one-program-per-head backward when a head's K, V fit on chip, split
+                        dK/dV + dQ kernels otherwise), "fused" (refused where it does not fit) or "split".
+    """
+
+    autotune: bool = True
+    attention_backward: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.autotune, bool):
+            raise TypeError(f"LaunchPolicy: autotune must be a bool, got {type(self.autotune).__name__}")
+        if self.attention_backward not in BACKWARD_PATHS:
+            raise ValueError(
+                f"LaunchPolicy: attention_backward must be one of {BACKWARD_PATHS}, got {self.attention_backward!r}"
+            )
+
+
+def _env_policy() -> LaunchPolicy:
+    """The default policy: AIMKERN_AUTOTUNE=0 turns autotuning off for a whole process."""
+    return LaunchPolicy(autotune=os.environ.get("AIMKERN_AUTOTUNE", "1") != "0")
+
+
+_POLICY: contextvars.ContextVar[LaunchPolicy] = contextvars.ContextVar("aimkern_launch_policy", default=_env_policy())
+
+
+def current_policy() -> LaunchPolicy:
+    return _POLICY.get()
+
+
+@contextlib.contextmanager
+def launch_policy(policy: Optional[LaunchPolicy] = None, **changes) -> Iterator[LaunchPolicy]:
+    """Use ``policy`` (or the current one with ``changes``) for the ops called inside the block.
+
+    The policy is captured when an op runs its forward; its backward follows that choice even when
+    autograd runs it after the block has ended::
+
+        with aimkern.ops.launch_policy(attention_backward="split"):
+            o = aimkern.attention(q, k, v, is_causal=True)
+        o.sum().backward()   # the split dK/dV + dQ kernels
+    """
+    new = replace(policy or current_policy(), **changes)
+    token = _POLICY.set(new)
+    try:
+        yield new
+    finally:
+        _POLICY.reset(token)
+
+
+# ------------------------------------------------------------------------------------------- observers
+@dataclass(frozen=True)
+class Launch:
+    """One launch as the launch layer made it: the Choice, its positional args and constexpr kwargs."""
+
+    choice: object
+    args: tuple
+    constexprs: dict
+    policy: LaunchPolicy
+
+    @property
+    def name(self) -> str:
+        return self.choice.name
+
+
+_OBSERVERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("aimkern_launch_observers", default=())
+
+
+@contextlib.contextmanager
+def observe(dry_run: bool = False) -> Iterator[list]:
+    """Collect every ``Launch`` made inside the block into the yielded list; ``dry_run`` skips the launches."""
+    seen: list = []
+    token = _OBSERVERS.set(_OBSERVERS.get() + ((seen, dry_run),))
+    try:
+        yield seen
+    finally:
+        _OBSERVERS.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------- launch
+_AUTOTUNERS: dict = {}
+
+
+def _autotuner(choice):
+    """One autotuner per distinct (kernel, configs, key): its tuning cache is shared by equal Choices."""
+    import triton
+
+    ident = choice.identity()
+    if ident not in _AUTOTUNERS:
+        _AUTOTUNERS[ident] = triton.autotune(
+            list(choice.configs), key=list(choice.key), restore_value=list(choice.restore)
+        )(choice.kernel)
+    return _AUTOTUNERS[ident]
+
+
+def fixed_config(choice, policy: LaunchPolicy):
+    """The config ``launch`` runs when it does not autotune: the interpreter's under the interpreter, else
+    the first of the table. Launchers whose buffers depend on the tiling use Choices with one config."""
+    if interpreting():
+        return choice.interpreter
+    if policy.autotune and len(choice.configs) > 1:
+        raise ValueError(f"{choice.name}: an autotuned Choice has no fixed config")
+    return choice.configs[0]
+
+
+def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.dtype, policy: LaunchPolicy,
+           **constexprs) -> None:
+    """Launch ``choice`` on ``args`` (positional, the kernel's runtime arguments) with ``constexprs``.
+
+    grid:  META -> grid tuple; META holds the chosen config's block sizes.
+    dtype: the inputs' dtype; it sets DOT_PRECISION for kernels that take one.
+    """
+    if "DOT_PRECISION" in choice.kernel.arg_names:
+        constexprs = dict(constexprs, DOT_PRECISION=dot_precision(dtype))
+    dry = False
+    for seen, dry_run in _OBSERVERS.get():
+        seen.append(Launch(choice, args, constexprs, policy))
+        dry = dry or dry_run
+    if dry:
+        return
+    if policy.autotune and len(choice.configs) > 1 and not interpreting():
+        _autotuner(choice)[grid](*args, **constexprs)
+        return
+    c = fixed_config(choice, policy)
+    meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    choice.kernel[grid(meta)](*args, **constexprs, **meta)
+
+
+# ----------------------------------------------------------------------------------------- device facts
 @functools.lru_cache(maxsize=None)
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (1 off CUDA, e.g. under Triton's interpreter)."""
+    """Streaming multiprocessors of ``device`` (132 for meta tensors, as on an H100/H200: the compile gate
+    sees the CUDA path; 1 elsewhere, e.g. under Triton's interpreter)."""
+    if device.type == "meta":
+        return 132
     if device.type != "cuda":
         return 1
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def gemm_precision(dtype: torch.dtype) -> str:
-    """tl.dot input_precision of the GEMM kernels: fp32 inputs get true fp32 products ("ieee"), like torch's
-    default matmul (tf32 would miss the fp32 tolerances); 16-bit inputs ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"

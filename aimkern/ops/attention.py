@@ -29,10 +29,10 @@ from ._checks import (
     check_float_dtype,
     check_same_device,
     check_tensor,
-    interpreting,
     normalize_prefix_len,
     resolve_backend,
 )
+from ._launch import LaunchPolicy, current_policy, interpreting, launch
 
 OP = "attention"
 _LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
@@ -100,80 +100,101 @@ def _bhnd_empty(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((b, n, h, d)).permute(0, 2, 1, 3)
 
 
-def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale: float):
+def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale: float, policy: LaunchPolicy):
     b, h, n, d = q.shape
     o = _bhnd_empty(q)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if b * h == 0:
         return o, lse
     kern = _kernels()
-    kernel, meta = kern.forward(d, q.dtype, n)
-    grid = lambda META: (_cdiv(n, META["BLOCK_M"]), b * h)  # noqa: E731
-    kernel[grid](
-        q, k, v, o, lse, prefix_len if prefix_len is not None else lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        h, n, _bucket(n), block_size, scale * _LOG2E,
+    launch(
+        kern.forward(d, q.dtype == torch.float32, n), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
+        (q, k, v, o, lse, prefix_len if prefix_len is not None else lse,
+         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+         h, n, _bucket(n), block_size, scale * _LOG2E),
+        dtype=q.dtype, policy=policy,
         HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None,
-        DOT_PRECISION=kern.dot_precision(q.dtype), **meta,
     )
     return o, lse
 
 
 def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_size: int, scale: float,
-                     out: Optional[tuple] = None):
-    """dq, dk, dv of (B, H, N, D) inputs. ``out``: optional preallocated (dq, dk, dv), any (B, H, N, D)
-    strided views (the packed op passes slices of one (B, N, 3, H, D) buffer); every kernel stores
-    through the output strides, so nothing is copied afterwards."""
+                     policy: LaunchPolicy, bwd_path: str, out: Optional[tuple] = None):
+    """dq, dk, dv of (B, H, N, D) inputs. ``bwd_path``: "fused" or "split", decided at forward time
+    (``_backward_path``). ``out``: optional preallocated (dq, dk, dv), any (B, H, N, D) strided views (the
+    packed op passes slices of one (B, N, 3, H, D) buffer); every kernel stores through the output
+    strides, so nothing is copied afterwards."""
     b, h, n, d = q.shape
     dq, dk, dv = out if out is not None else (_bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v))
     if b * h == 0:
         return dq, dk, dv
     kern = _kernels()
+    fp32 = q.dtype == torch.float32
     common = dict(
+        dtype=q.dtype, policy=policy,
         HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None,
-        DOT_PRECISION=kern.dot_precision(q.dtype),
     )
     prefix = prefix_len if prefix_len is not None else lse  # never read when HAS_PREFIX is False
-    if kern.use_fused_backward(d, q.dtype, n):
-        kernel, meta = kern.backward_fused(d, q.dtype, n)
-        kernel[(b * h,)](
-            q, k, v, o, do, lse, dq, dk, dv, prefix,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
-            *dq.stride(), *dk.stride(), *dv.stride(),
-            h, n, block_size, scale * _LOG2E, scale, **common, **meta,
+    if bwd_path == "fused":
+        launch(
+            kern.backward_fused(d, fp32, n), lambda META: (b * h,),
+            (q, k, v, o, do, lse, dq, dk, dv, prefix,
+             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
+             *dq.stride(), *dk.stride(), *dv.stride(),
+             h, n, block_size, scale * _LOG2E, scale),
+            **common,
         )
         return dq, dk, dv
 
     delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    kernel, meta = kern.backward_preprocess()
-    kernel[(_cdiv(n, meta["BLOCK_M"]), b * h)](
-        o, do, delta, *o.stride(), *do.stride(), h, n, HEAD_D=d, BLOCK_D=kern.block_d(d), **meta
+    launch(
+        kern.backward_preprocess(), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
+        (o, do, delta, *o.stride(), *do.stride(), h, n),
+        dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d),
     )
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scalars = (h, n, _bucket(n), block_size, scale * _LOG2E, scale)
-    kernel, meta = kern.backward_dkdv(d, q.dtype, n)
-    grid = lambda META: (_cdiv(n, META["BLOCK_N"]), b * h)  # noqa: E731
-    kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, prefix, *in_strides, *dk.stride(), *dv.stride(),
-        *scalars, **common, **meta,
+    launch(
+        kern.backward_dkdv(d, fp32, n), lambda META: (_cdiv(n, META["BLOCK_N"]), b * h),
+        (q, k, v, do, lse, delta, dk, dv, prefix, *in_strides, *dk.stride(), *dv.stride(), *scalars),
+        **common,
     )
-    kernel, meta = kern.backward_dq(d, q.dtype, n)
-    grid = lambda META: (_cdiv(n, META["BLOCK_M"]), b * h)  # noqa: E731
-    kernel[grid](q, k, v, do, lse, delta, dq, prefix, *in_strides, *dq.stride(), *scalars, **common, **meta)
+    launch(
+        kern.backward_dq(d, fp32, n), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
+        (q, k, v, do, lse, delta, dq, prefix, *in_strides, *dq.stride(), *scalars),
+        **common,
+    )
     return dq, dk, dv
 
 
+def _backward_path(head_dim: int, dtype: torch.dtype, n: int, policy: LaunchPolicy) -> str:
+    """The policy's attention backward ("fused" | "split") for one problem, decided at forward time."""
+    fits = _kernels().fused_backward_fits(head_dim, dtype == torch.float32, n)
+    if policy.attention_backward == "auto":
+        return "fused" if fits else "split"
+    # Under the interpreter there is no chip to fit on: tests run the fused path at any N.
+    if policy.attention_backward == "fused" and not fits and not interpreting():
+        raise ValueError(
+            f"{OP}: LaunchPolicy(attention_backward='fused') needs a head's padded (N, D) tile on chip, but "
+            f"N={n}, D={head_dim} ({dtype}) is too large; use 'auto' or 'split'"
+        )
+    return policy.attention_backward
+
+
 # ------------------------------------------------------------------------------ custom ops + autograd
+# Every custom op takes the mask (prefix_len, is_causal, block_size, scale) and the launch choices
+# (autotune, bwd_path) as plain arguments; setup_context saves both, so the backward runs with exactly
+# what the forward decided, whatever policy is current when autograd gets to it.
 @torch.library.custom_op("aimkern::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: Optional[torch.Tensor],
-    is_causal: bool, block_size: int, scale: float,
+    is_causal: bool, block_size: int, scale: float, autotune: bool, bwd_path: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(q, k, v, prefix_len, is_causal, block_size, scale)
+    return _launch_forward(q, k, v, prefix_len, is_causal, block_size, scale, LaunchPolicy(autotune=autotune))
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, prefix_len, is_causal, block_size, scale):
+def _(q, k, v, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
     b, h, n, _ = q.shape
     return _bhnd_empty(q), q.new_empty((b, h, n), dtype=torch.float32)
 
@@ -181,36 +202,39 @@ def _(q, k, v, prefix_len, is_causal, block_size, scale):
 @torch.library.custom_op("aimkern::attention_bwd", mutates_args=())
 def _attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float,
+    prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float, autotune: bool,
+    bwd_path: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale)
+    return _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale,
+                            LaunchPolicy(autotune=autotune), bwd_path)
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale):
+def _(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
     return _bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_len, is_causal, block_size, scale = inputs
+    q, k, v, prefix_len, *options = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, prefix_len)
-    ctx.mask = (is_causal, block_size, scale)
+    ctx.options = tuple(options)  # is_causal, block_size, scale, autotune, bwd_path
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, prefix_len = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, prefix_len, *ctx.mask)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, prefix_len, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_mask(q, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> tuple:
-    """The kernels' mask arguments (prefix_len, is_causal, block_size, scale) for (B, H, N, D) ``q``."""
-    n = q.shape[2]
+def _triton_args(q, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> tuple:
+    """The custom ops' non-tensor arguments for (B, H, N, D) ``q``: the mask (prefix_len, is_causal,
+    block_size, scale), then the launch choices (autotune, bwd_path) of the current LaunchPolicy."""
+    b, h, n, d = q.shape
     if interpreting() and not q.is_cuda and q.dtype == torch.bfloat16:
         raise TypeError(
             f"{OP}: bfloat16 is not supported under Triton's interpreter (its bf16 tl.dot is wrong); "
@@ -221,7 +245,9 @@ def _triton_mask(q, prefix_len: Optional[torch.Tensor], params: AttentionParams)
         prefix_len = None  # every key is visible anyway
     elif prefix_len is not None:
         prefix_len = prefix_len.contiguous()  # the kernels read prefix_len[b] at stride 1
-    return prefix_len, is_causal, params.block_size if is_causal else 1, params.resolved_scale(q.shape[3])
+    policy = current_policy()
+    return (prefix_len, is_causal, params.block_size if is_causal else 1, params.resolved_scale(d),
+            policy.autotune, _backward_path(d, q.dtype, n, policy))
 
 
 def _resolve(q, k, v, params: AttentionParams, backend: str, prefix_len, op: str) -> tuple:
@@ -238,7 +264,7 @@ def _reference(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionPar
 
 
 def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
-    o, _ = _attention_fwd(q, k, v, *_triton_mask(q, prefix_len, params))
+    o, _ = _attention_fwd(q, k, v, *_triton_args(q, prefix_len, params))
     return o
 
 
@@ -254,13 +280,15 @@ def _unpack(qkv: torch.Tensor) -> tuple:
 @torch.library.custom_op("aimkern::attention_qkvpacked_fwd", mutates_args=())
 def _attention_qkvpacked_fwd(
     qkv: torch.Tensor, prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float,
+    autotune: bool, bwd_path: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _launch_forward(*_unpack(qkv), prefix_len, is_causal, block_size, scale)
+    o, lse = _launch_forward(*_unpack(qkv), prefix_len, is_causal, block_size, scale,
+                             LaunchPolicy(autotune=autotune))
     return o.transpose(1, 2), lse  # o is (B, N, H, D) memory: this is the contiguous tensor itself
 
 
 @_attention_qkvpacked_fwd.register_fake
-def _(qkv, prefix_len, is_causal, block_size, scale):
+def _(qkv, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
     b, n, _, h, d = qkv.shape
     return qkv.new_empty((b, n, h, d)), qkv.new_empty((b, h, n), dtype=torch.float32)
 
@@ -268,31 +296,31 @@ def _(qkv, prefix_len, is_causal, block_size, scale):
 @torch.library.custom_op("aimkern::attention_qkvpacked_bwd", mutates_args=())
 def _attention_qkvpacked_bwd(
     do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, prefix_len: Optional[torch.Tensor],
-    is_causal: bool, block_size: int, scale: float,
+    is_causal: bool, block_size: int, scale: float, autotune: bool, bwd_path: str,
 ) -> torch.Tensor:
     """do, o (B, N, H, D) -> dqkv (B, N, 3, H, D): the kernels write dq, dk, dv into its slices."""
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     _launch_backward(do.transpose(1, 2), *_unpack(qkv), o.transpose(1, 2), lse, prefix_len, is_causal,
-                     block_size, scale, out=_unpack(dqkv))
+                     block_size, scale, LaunchPolicy(autotune=autotune), bwd_path, out=_unpack(dqkv))
     return dqkv
 
 
 @_attention_qkvpacked_bwd.register_fake
-def _(do, qkv, o, lse, prefix_len, is_causal, block_size, scale):
+def _(do, qkv, o, lse, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_context_packed(ctx, inputs, output):
-    qkv, prefix_len, is_causal, block_size, scale = inputs
+    qkv, prefix_len, *options = inputs
     o, lse = output
     ctx.save_for_backward(qkv, o, lse, prefix_len)
-    ctx.mask = (is_causal, block_size, scale)
+    ctx.options = tuple(options)  # is_causal, block_size, scale, autotune, bwd_path
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_packed(ctx, do, _dlse):
     qkv, o, lse, prefix_len = ctx.saved_tensors
-    return _attention_qkvpacked_bwd(do, qkv, o, lse, prefix_len, *ctx.mask), None, None, None, None
+    return _attention_qkvpacked_bwd(do, qkv, o, lse, prefix_len, *ctx.options), None, None, None, None, None, None
 
 
 _attention_qkvpacked_fwd.register_autograd(_backward_packed, setup_context=_setup_context_packed)
@@ -374,5 +402,5 @@ def attention_qkvpacked(
     be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP_PACKED)
     if be == "reference":
         return _reference(q, k, v, prefix, params).transpose(1, 2)
-    o, _ = _attention_qkvpacked_fwd(qkv, *_triton_mask(q, prefix, params))
+    o, _ = _attention_qkvpacked_fwd(qkv, *_triton_args(q, prefix, params))
     return o

@@ -17,10 +17,9 @@ import torch
 
 from ..reference.cross_entropy import linear_cross_entropy_reference
 from ._checks import (
-    autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, interpreting,
-    resolve_backend,
+    autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, resolve_backend,
 )
-from ._launch import gemm_precision, sm_count
+from ._launch import LaunchPolicy, current_policy, fixed_config, interpreting, launch, sm_count
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -64,7 +63,10 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
         raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {params.label_smoothing}")
     if params.z_loss < 0.0:
         raise ValueError(f"{OP}: z_loss must be >= 0, got {params.z_loss}")
-    if can_inspect_values() and target.numel() > 0:
+    # Target values are read only on the CPU, where it costs no device sync. On CUDA the check would be three
+    # host syncs per call (every training step); there the kernels mark an out-of-range target instead, and
+    # its token's loss is NaN (so a mean or sum is NaN): never a plausible-looking wrong loss.
+    if target.device.type == "cpu" and can_inspect_values() and target.numel() > 0:
         kept = target[target != params.ignore_index]
         if kept.numel() > 0:
             lo, hi = int(kept.min()), int(kept.max())
@@ -93,51 +95,31 @@ def _kernels():
 
 def _programs_wanted(device: torch.device) -> int:
     # About two waves on the card; under the interpreter a small number, so small tests split the vocab.
-    return 4 if device.type != "cuda" else 2 * sm_count(device)
+    return 2 * sm_count(device) if device.type in ("cuda", "meta") else 4
 
 
-def _fixed_config(kind: str, m: int, n: int, k: int, elem_bytes: int) -> Optional[dict]:
-    """The launch config to use as is, or None to autotune (16-bit work on CUDA big enough to repay it)."""
-    kern = _kernels()
-    if interpreting():
-        return (kern.interpreter_tile_config if kind == "tile" else kern.interpreter_matmul_config)(m, n, k)
-    if kern.use_autotune(m * n * k, elem_bytes):
-        return None
-    return kern.cuda_fixed_config(kind, elem_bytes)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-def _tile_launch(name: str, t: int, v: int, e: int, elem_bytes: int, grid_fn):
-    """(kernel, grid, meta) for the forward / dlogits kernels."""
-    kern = _kernels()
-    meta = _fixed_config("tile", t, v, e, elem_bytes)
-    if meta is None:
-        return kern.tuned(name), grid_fn, {}
-    kernel = kern.ce_fwd_kernel if name == "fwd" else kern.ce_dlogits_kernel
-    return kernel, grid_fn(meta), meta
-
-
-def _launch_forward(x, w, b, tgt, params: CrossEntropyParams):
+def _launch_forward(x, w, b, tgt, params: CrossEntropyParams, policy: LaunchPolicy):
     """Per-token statistics over vocabulary slices -> (lse, target logit, logit sum or None), each (T,) fp32."""
-    import triton
-
     kern = _kernels()
     t, e = x.shape
     v = w.shape[0]
-    fixed = _fixed_config("tile", t, v, e, x.element_size())
-    block_t = fixed["BLOCK_T"] if fixed is not None else kern.CUDA_BLOCK_T
-    vs = kern.vocab_split(triton.cdiv(t, block_t), v, _programs_wanted(x.device))
-    slices = triton.cdiv(v, vs)
+    choice = kern.tile("fwd", t, v, e, x.element_size())
+    tuned = policy.autotune and len(choice.configs) > 1 and not interpreting()
+    block_t = kern.CUDA_BLOCK_T if tuned else fixed_config(choice, policy).kwargs["BLOCK_T"]
+    vs = kern.vocab_split(_cdiv(t, block_t), v, _programs_wanted(x.device))
+    slices = _cdiv(v, vs)
     need_sum = params.label_smoothing != 0.0
     stats = torch.empty((3 if need_sum else 2, slices, t), device=x.device, dtype=torch.float32)
-    kernel, grid, meta = _tile_launch(
-        "fwd", t, v, e, x.element_size(), lambda m: (triton.cdiv(t, m["BLOCK_T"]), slices)
-    )
-    bias_arg = b if b is not None else stats  # never read without HAS_BIAS
-    kernel[grid](
-        x, w, bias_arg, tgt, stats[0], stats[1], stats[-1],
-        t, v, e, vs,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
-        HAS_BIAS=b is not None, NEED_SUM=need_sum, PRECISION=gemm_precision(x.dtype), **meta,
+    launch(
+        choice, lambda META: (_cdiv(t, META["BLOCK_T"]), slices),
+        (x, w, b if b is not None else stats, tgt, stats[0], stats[1], stats[-1],  # bias never read without HAS_BIAS
+         t, v, e, vs,
+         x.stride(0), x.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0),
+        dtype=x.dtype, policy=policy, HAS_BIAS=b is not None, NEED_SUM=need_sum,
     )
     # Combining a few slices per token in torch is a fixed-order reduction: deterministic.
     lse = stats[0, 0] if slices == 1 else torch.logsumexp(stats[0], dim=0)
@@ -154,17 +136,15 @@ def _token_losses(lse, tgt_logit, logit_sum, tgt, v: int, params: CrossEntropyPa
         loss = loss + params.z_loss * lse * lse
     keep = tgt != params.ignore_index
     loss = torch.where(keep, loss, torch.zeros_like(loss))
-    # Under torch.compile the host-side range check is skipped: an out-of-range target gives NaN there,
-    # never a plausible-looking wrong loss.
+    # Target values are not checked on the host for CUDA tensors (nor under torch.compile): an out-of-range
+    # target gives NaN, never a plausible-looking wrong loss.
     bad = keep & ((tgt < 0) | (tgt >= v))
     return torch.where(bad, torch.full_like(loss, float("nan")), loss)
 
 
 def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_dx: bool, need_dw: bool,
-                     need_db: bool):
+                     need_db: bool, policy: LaunchPolicy):
     """(dx (T, E) in x's dtype or None, dW32 (V, E) fp32 or None, db32 (V,) fp32 or None), chunk by chunk."""
-    import triton
-
     kern = _kernels()
     t, e = x.shape
     v = w.shape[0]
@@ -174,49 +154,40 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
     db32 = torch.zeros((v,), device=dev, dtype=torch.float32) if need_db else None
     chunk = kern.bwd_chunk_tokens(t, v, x.element_size(), interpreting())
     dbuf = torch.empty((chunk, v), device=dev, dtype=x.dtype)
-    precision = gemm_precision(x.dtype)
     eps = params.label_smoothing
     for t0 in range(0, t, chunk):
         tc = min(chunk, t - t0)
         d = dbuf[:tc]
         xc = x[t0 : t0 + tc]
-        kernel, grid, meta = _tile_launch(
-            "dlogits", tc, v, e, x.element_size(),
-            lambda m: (triton.cdiv(tc, m["BLOCK_T"]), triton.cdiv(v, m["BLOCK_V"])),
-        )
-        kernel[grid](
-            xc, w, b if b is not None else lse, tgt[t0:], lse[t0:], grad[t0:], d,
-            tc, v, e, params.ignore_index, eps / v, 1.0 - eps, 2.0 * params.z_loss,
-            xc.stride(0), xc.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
-            grad.stride(0), d.stride(0),
-            HAS_BIAS=b is not None, PRECISION=precision, **meta,
+        launch(
+            kern.tile("dlogits", tc, v, e, x.element_size()),
+            lambda META: (_cdiv(tc, META["BLOCK_T"]), _cdiv(v, META["BLOCK_V"])),
+            (xc, w, b if b is not None else lse, tgt[t0:], lse[t0:], grad[t0:], d,
+             tc, v, e, params.ignore_index, eps / v, 1.0 - eps, 2.0 * params.z_loss,
+             xc.stride(0), xc.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
+             grad.stride(0), d.stride(0)),
+            dtype=x.dtype, policy=policy, HAS_BIAS=b is not None,
         )
         if need_dx:  # dx[chunk] = dlogits @ W
-            _matmul(d, w, dx[t0 : t0 + tc], None, accumulate=False, precision=precision)
+            _matmul(d, w, dx[t0 : t0 + tc], None, accumulate=False, policy=policy)
         if need_dw:  # dW += dlogits^T @ x[chunk]; its A-operand row sums are d(bias)
-            _matmul(d.t(), xc, dw32, db32, accumulate=t0 > 0, precision=precision)
+            _matmul(d.t(), xc, dw32, db32, accumulate=t0 > 0, policy=policy)
         elif need_db:
             db32 += d.sum(0, dtype=torch.float32)
     return dx, dw32, db32
 
 
-def _matmul(a, b, c, rs, *, accumulate: bool, precision: str) -> None:
+def _matmul(a, b, c, rs, *, accumulate: bool, policy: LaunchPolicy) -> None:
     """c (+)= a @ b (fp32 accumulation); rs (+)= a.sum(1) in fp32 when rs is given."""
-    import triton
-
-    kern = _kernels()
     m, k = a.shape
     n = b.shape[1]
-    rs_arg = rs if rs is not None else c  # never touched without ROWSUM
-    args = (a, b, c, rs_arg, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    flags = dict(ACCUMULATE=accumulate, ROWSUM=rs is not None, PRECISION=precision)
-    meta = _fixed_config("matmul", m, n, k, a.element_size())
-    if meta is not None:
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        kern.matmul_kernel[grid](*args, **flags, **meta)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kern.tuned("matmul")[grid](*args, **flags)
+    launch(
+        _kernels().matmul(m, n, k, a.element_size()),
+        lambda META: (_cdiv(m, META["BLOCK_M"]) * _cdiv(n, META["BLOCK_N"]),),
+        (a, b, c, rs if rs is not None else c,  # rs never touched without ROWSUM
+         m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)),
+        dtype=a.dtype, policy=policy, ACCUMULATE=accumulate, ROWSUM=rs is not None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,7 +197,7 @@ def _matmul(a, b, c, rs, *, accumulate: bool, precision: str) -> None:
 @torch.library.custom_op("aimkern::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
-    ignore_index: int, label_smoothing: float, z_loss: float,
+    ignore_index: int, label_smoothing: float, z_loss: float, autotune: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, E), w (V, E), b (V,) or None, tgt (T,) int64 -> (per-token loss (T,) fp32, lse (T,) fp32)."""
     params = CrossEntropyParams("none", ignore_index, label_smoothing, z_loss)
@@ -234,12 +205,12 @@ def _lce_fwd(
     if t == 0:
         empty = torch.empty((0,), device=x.device, dtype=torch.float32)
         return empty, empty.clone()
-    lse, tgt_logit, logit_sum = _launch_forward(x, w, b, tgt, params)
+    lse, tgt_logit, logit_sum = _launch_forward(x, w, b, tgt, params, LaunchPolicy(autotune=autotune))
     return _token_losses(lse, tgt_logit, logit_sum, tgt, w.shape[0], params), lse.contiguous()
 
 
 @_lce_fwd.register_fake
-def _(x, w, b, tgt, ignore_index, label_smoothing, z_loss):
+def _(x, w, b, tgt, ignore_index, label_smoothing, z_loss, autotune):
     t = x.shape[0]
     return x.new_empty((t,), dtype=torch.float32), x.new_empty((t,), dtype=torch.float32)
 
@@ -248,7 +219,7 @@ def _(x, w, b, tgt, ignore_index, label_smoothing, z_loss):
 def _lce_bwd(
     grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
     lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    need_dx: bool, need_dw: bool, need_db: bool,
+    need_dx: bool, need_dw: bool, need_db: bool, autotune: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx like x, dW like w, db like b); an output not asked for is an empty (0,) tensor."""
     params = CrossEntropyParams("none", ignore_index, label_smoothing, z_loss)
@@ -260,7 +231,8 @@ def _lce_bwd(
         dw32 = x.new_zeros((v, e), dtype=torch.float32) if need_dw else None
         db32 = x.new_zeros((v,), dtype=torch.float32) if need_db else None
     else:
-        dx, dw32, db32 = _launch_backward(grad, x, w, b, tgt, lse, params, need_dx, need_dw, need_db)
+        dx, dw32, db32 = _launch_backward(grad, x, w, b, tgt, lse, params, need_dx, need_dw, need_db,
+                                          LaunchPolicy(autotune=autotune))
     none = x.new_empty((0,))
     return (
         dx if need_dx else none,
@@ -270,7 +242,7 @@ def _lce_bwd(
 
 
 @_lce_bwd.register_fake
-def _(grad, x, w, b, tgt, lse, ignore_index, label_smoothing, z_loss, need_dx, need_dw, need_db):
+def _(grad, x, w, b, tgt, lse, ignore_index, label_smoothing, z_loss, need_dx, need_dw, need_db, autotune):
     def out(need, like):
         return torch.empty_like(like) if need and like is not None else x.new_empty((0,))
 
@@ -278,10 +250,11 @@ def _(grad, x, w, b, tgt, lse, ignore_index, label_smoothing, z_loss, need_dx, n
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, b, tgt, ignore_index, label_smoothing, z_loss = inputs
+    x, w, b, tgt, ignore_index, label_smoothing, z_loss, autotune = inputs
     _, lse = output
     ctx.save_for_backward(x, w, b, tgt, lse)
     ctx.params = (ignore_index, label_smoothing, z_loss)
+    ctx.autotune = autotune
     ctx.mark_non_differentiable(lse)
 
 
@@ -289,11 +262,11 @@ def _backward(ctx, grad_loss, _grad_lse):
     x, w, b, tgt, lse = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     dx, dw, db = torch.ops.aimkern.linear_cross_entropy_bwd(
-        grad_loss, x, w, b, tgt, lse, *ctx.params, need_dx, need_dw, need_db and b is not None
+        grad_loss, x, w, b, tgt, lse, *ctx.params, need_dx, need_dw, need_db and b is not None, ctx.autotune
     )
     return (
         dx if need_dx else None, dw if need_dw else None, db if need_db and b is not None else None,
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 
@@ -305,7 +278,7 @@ def _linear_cross_entropy_triton(input, weight, target, bias, params: CrossEntro
     x = input.reshape(-1, input.shape[-1])
     tgt = target.reshape(-1).to(torch.int64)
     loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(
-        x, weight, bias, tgt, params.ignore_index, params.label_smoothing, params.z_loss
+        x, weight, bias, tgt, params.ignore_index, params.label_smoothing, params.z_loss, current_policy().autotune
     )
     if params.reduction == "none":
         return loss.reshape(target.shape)

@@ -17,10 +17,8 @@ from typing import Optional
 import torch
 
 from ..reference.patch_embed import patch_embed_reference
-from ._checks import (
-    autocast_inputs, check_float_dtype, check_same_device, check_tensor, interpreting, resolve_backend,
-)
-from ._launch import gemm_precision, sm_count
+from ._checks import autocast_inputs, check_float_dtype, check_same_device, check_tensor, resolve_backend
+from ._launch import LaunchPolicy, current_policy, fixed_config, interpreting, launch, sm_count
 
 OP = "patch_embed"
 
@@ -66,27 +64,29 @@ def _geometry(images: torch.Tensor, weight: torch.Tensor):
     return b, c, p, w // p, (h // p) * (w // p), e, c * p * p
 
 
-def _launch_forward(images, weight, bias, pos_embed) -> torch.Tensor:
-    import triton
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
+
+def _launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> torch.Tensor:
     b, _, p, gw, n, e, k = _geometry(images, weight)
     m = b * n
     out = torch.empty((b, n, e), device=images.device, dtype=images.dtype)
     if m == 0:
         return out
     pos = pos_embed.reshape(n, e) if pos_embed is not None else None
-    kernel, meta = _kernels().forward_kernel(interpreting(), m * e * k, images.element_size() == 2)
-    grid = lambda META: (triton.cdiv(e, META["BLOCK_E"]) * triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-    kernel[grid](
-        images, weight, bias if bias is not None else out, pos if pos is not None else out, out,
-        m, n, gw, e, k,
-        *images.stride(), *weight.stride(), *(pos.stride() if pos is not None else (0, 0)),
-        P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None, PRECISION=gemm_precision(images.dtype), **meta,
+    launch(
+        _kernels().forward(m * e * k, images.element_size() == 2),
+        lambda META: (_cdiv(e, META["BLOCK_E"]) * _cdiv(m, META["BLOCK_M"]),),
+        (images, weight, bias if bias is not None else out, pos if pos is not None else out, out,
+         m, n, gw, e, k,
+         *images.stride(), *weight.stride(), *(pos.stride() if pos is not None else (0, 0))),
+        dtype=images.dtype, policy=policy, P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
     )
     return out
 
 
-def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: bool):
+def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: bool, policy: LaunchPolicy):
     """(dW in weight's dtype or an empty tensor, d(pos) as fp32 (N, E) or an empty tensor)."""
     b, _, p, gw, n, e, k = _geometry(images, weight)
     dw = weight.new_empty(0)
@@ -97,21 +97,19 @@ def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: b
     if b == 0 or not (want_weight or want_pos):
         return dw, dpos
     kern = _kernels()
-    cfg = kern.dw_config(
-        b, n, e, k, want_weight, interpreting(), sm_count(images.device), images.element_size() == 2
-    )
-    slices = cfg["n_blocks"] * cfg["b_chunks"]
+    choice = kern.backward_params(images.element_size() == 2)
+    tiles = fixed_config(choice, policy).kwargs
+    split = kern.dw_slicing(b, n, e, k, want_weight, tiles, sm_count(images.device), interpreting())
+    slices = split["n_blocks"] * split["b_chunks"]
     dw_part = grad.new_empty((slices, e, k) if want_weight else (0,), dtype=torch.float32)
-    dpos_part = grad.new_empty((cfg["b_chunks"], n, e) if want_pos else (0,), dtype=torch.float32)
-    k_tiles = -(-k // cfg["BLOCK_K"]) if want_weight else 1
-    grid = (-(-e // cfg["BLOCK_E"]) * k_tiles, slices)
-    kern.patch_embed_dw_kernel[grid](
-        grad, images, dw_part, dpos_part,
-        b, n, gw, e, k, cfg["b_per_slice"], cfg["n_blocks"],
-        *grad.stride(), *images.stride(),
-        P=p, WANT_W=want_weight, WANT_POS=want_pos, PRECISION=gemm_precision(images.dtype),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    dpos_part = grad.new_empty((split["b_chunks"], n, e) if want_pos else (0,), dtype=torch.float32)
+    k_tiles = _cdiv(k, tiles["BLOCK_K"]) if want_weight else 1
+    launch(
+        choice, lambda META: (_cdiv(e, META["BLOCK_E"]) * k_tiles, slices),
+        (grad, images, dw_part, dpos_part,
+         b, n, gw, e, k, split["b_per_slice"], split["n_blocks"],
+         *grad.stride(), *images.stride()),
+        dtype=images.dtype, policy=policy, P=p, WANT_W=want_weight, WANT_POS=want_pos,
     )
     # Fixed-order sums of the per-slice partials: deterministic, and tiny next to the GEMM.
     if want_weight:
@@ -121,21 +119,17 @@ def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: b
     return dw, dpos
 
 
-def _launch_backward_images(grad, weight, images) -> torch.Tensor:
-    import triton
-
+def _launch_backward_images(grad, weight, images, policy: LaunchPolicy) -> torch.Tensor:
     b, _, p, gw, n, e, k = _geometry(images, weight)
     m = b * n
     dx = torch.empty(images.shape, device=images.device, dtype=images.dtype)
     if m == 0:
         return dx
-    kernel, meta = _kernels().dx_kernel(interpreting(), m * e * k, images.element_size() == 2)
-    grid = lambda META: (triton.cdiv(k, META["BLOCK_K"]) * triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-    kernel[grid](
-        grad, weight, dx,
-        m, n, gw, e, k,
-        *grad.stride(), *weight.stride(), *dx.stride(),
-        P=p, PRECISION=gemm_precision(images.dtype), **meta,
+    launch(
+        _kernels().backward_images(m * e * k, images.element_size() == 2),
+        lambda META: (_cdiv(k, META["BLOCK_K"]) * _cdiv(m, META["BLOCK_M"]),),
+        (grad, weight, dx, m, n, gw, e, k, *grad.stride(), *weight.stride(), *dx.stride()),
+        dtype=images.dtype, policy=policy, P=p,
     )
     return dx
 
@@ -143,26 +137,28 @@ def _launch_backward_images(grad, weight, images) -> torch.Tensor:
 # ------------------------------------------------------------------------------ custom ops + autograd
 @torch.library.custom_op("aimkern::patch_embed_fwd", mutates_args=())
 def _patch_embed_fwd(
-    images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor]
+    images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor],
+    autotune: bool,
 ) -> torch.Tensor:
-    return _launch_forward(images, weight, bias, pos_embed)
+    return _launch_forward(images, weight, bias, pos_embed, LaunchPolicy(autotune=autotune))
 
 
 @_patch_embed_fwd.register_fake
-def _(images, weight, bias, pos_embed):
+def _(images, weight, bias, pos_embed, autotune):
     b, _, _, _, n, e, _ = _geometry(images, weight)
     return images.new_empty((b, n, e))
 
 
 @torch.library.custom_op("aimkern::patch_embed_bwd_params", mutates_args=())
 def _patch_embed_bwd_params(
-    grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, want_weight: bool, want_pos: bool
+    grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, want_weight: bool, want_pos: bool,
+    autotune: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_backward_params(grad, images, weight, want_weight, want_pos)
+    return _launch_backward_params(grad, images, weight, want_weight, want_pos, LaunchPolicy(autotune=autotune))
 
 
 @_patch_embed_bwd_params.register_fake
-def _(grad, images, weight, want_weight, want_pos):
+def _(grad, images, weight, want_weight, want_pos, autotune):
     _, _, _, _, n, e, _ = _geometry(images, weight)
     dw = weight.new_empty(weight.shape) if want_weight else weight.new_empty(0)
     dpos = grad.new_empty((n, e) if want_pos else (0,), dtype=torch.float32)
@@ -170,28 +166,31 @@ def _(grad, images, weight, want_weight, want_pos):
 
 
 @torch.library.custom_op("aimkern::patch_embed_bwd_images", mutates_args=())
-def _patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    return _launch_backward_images(grad, weight, images)
+def _patch_embed_bwd_images(
+    grad: torch.Tensor, weight: torch.Tensor, images: torch.Tensor, autotune: bool
+) -> torch.Tensor:
+    return _launch_backward_images(grad, weight, images, LaunchPolicy(autotune=autotune))
 
 
 @_patch_embed_bwd_images.register_fake
-def _(grad, weight, images):
+def _(grad, weight, images, autotune):
     return torch.empty(images.shape, device=images.device, dtype=images.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    images, weight, bias, pos_embed = inputs
+    images, weight, bias, pos_embed, autotune = inputs
     ctx.save_for_backward(images, weight)
+    ctx.autotune = autotune
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.pos_meta = (tuple(pos_embed.shape), pos_embed.dtype) if pos_embed is not None else None
 
 
 def _backward(ctx, grad):
     images, weight = ctx.saved_tensors
-    need_x, need_w, need_b, need_pos = ctx.needs_input_grad
+    need_x, need_w, need_b, need_pos, _ = ctx.needs_input_grad
     dx = dw = db = dpos = None
     if need_w or need_b or need_pos:
-        dw, dpos32 = _patch_embed_bwd_params(grad, images, weight, need_w, need_b or need_pos)
+        dw, dpos32 = _patch_embed_bwd_params(grad, images, weight, need_w, need_b or need_pos, ctx.autotune)
         dw = dw if need_w else None
         if need_b:
             db = dpos32.sum(0).to(ctx.bias_dtype)  # db = dOut summed over batch and tokens
@@ -199,8 +198,8 @@ def _backward(ctx, grad):
             shape, dtype = ctx.pos_meta
             dpos = dpos32.reshape(shape).to(dtype)
     if need_x:
-        dx = _patch_embed_bwd_images(grad, weight, images)
-    return dx, dw, db, dpos
+        dx = _patch_embed_bwd_images(grad, weight, images, ctx.autotune)
+    return dx, dw, db, dpos, None
 
 
 _patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -213,7 +212,7 @@ def _patch_embed_triton(images, weight, bias, pos_embed) -> torch.Tensor:
             raise TypeError(
                 f"{OP}: {name} must have the images' dtype {images.dtype} for backend='triton', got {t.dtype}"
             )
-    return _patch_embed_fwd(images, weight, bias, pos_embed)
+    return _patch_embed_fwd(images, weight, bias, pos_embed, current_policy().autotune)
 
 
 def patch_embed(

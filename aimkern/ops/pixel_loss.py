@@ -23,10 +23,10 @@ from ._checks import (
     check_float_dtype,
     check_same_device,
     check_tensor,
-    interpreting,
     normalize_prefix_len,
     resolve_backend,
 )
+from ._launch import current_policy, fixed_config, launch
 
 OP = "next_patch_pixel_loss"
 
@@ -82,21 +82,22 @@ def _launch(pred, images, prefix, scale, params: PixelLossParams, backward: bool
     b, n, d = pred.shape
     p = params.patch_size
     c = images.shape[1]
-    kern = _kernels()
-    cfg = kern.launch_config(n, d, interpreting())
-    r_blocks = -(-n // cfg["BLOCK_R"])
+    choice = _kernels().loss(n, d)
+    policy = current_policy()
+    r_blocks = -(-n // fixed_config(choice, policy).kwargs["BLOCK_R"])
     if backward:
         out = torch.empty((b, n, d), device=pred.device, dtype=pred.dtype)
     else:
         out = torch.empty((b * r_blocks,), device=pred.device, dtype=torch.float32)
     if b * n == 0:
         return out
-    kern.pixel_loss_kernel[(b * r_blocks,)](
-        pred, images, prefix if prefix is not None else out, scale if scale is not None else out, out,
-        n, images.shape[3] // p, params.offset, d, r_blocks, params.eps,
-        *pred.stride(), *images.stride(),
+    launch(
+        choice, lambda META: (b * r_blocks,),
+        (pred, images, prefix if prefix is not None else out, scale if scale is not None else out, out,
+         n, images.shape[3] // p, params.offset, d, r_blocks, params.eps,
+         *pred.stride(), *images.stride()),
+        dtype=pred.dtype, policy=policy,
         P=p, C=c, HAS_PREFIX=prefix is not None, NORM_PIX=params.norm_pix, BACKWARD=backward,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return out
 
