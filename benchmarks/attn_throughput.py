@@ -3,8 +3,11 @@
 For each shape of DESIGN.md's peer table (bf16, H = 12, 65,536 tokens per call) and each mask mode it
 times, in the same run:
   * aimkern              aimkern.attention(backend="triton")
-  * aimkern split bwd    the same with the one-program-per-head backward switched off (N <= 256 only):
-                         shows where FUSED_BWD_MAX_ELEMS should sit
+  * aimkern split bwd    the same under LaunchPolicy(attention_backward="split") (N <= 256 only): the
+                         dK/dV + dQ kernels instead of the one-program-per-head backward; the policy is
+                         captured at forward time, so the timed backward is the split one (checked with
+                         the launch layer's observer before timing). Shows where the fused path should
+                         hand over (kernels/attention.py, FUSED_BWD_MAX_ELEMS)
   * SDPA cuDNN / FA2     F.scaled_dot_product_attention on one backend (full and causal; cuDNN is also
                          tried with a dense mask)
   * SDPA mem-eff + mask  the efficient backend with a dense (B, 1, N, N) boolean mask (prefix, block)
@@ -42,6 +45,8 @@ from common import (  # noqa: E402
 )
 
 import aimkern  # noqa: E402
+from aimkern.ops import launch_policy  # noqa: E402
+from aimkern.ops._launch import observe  # noqa: E402
 from aimkern.reference.attention import attention_mask, attention_reference  # noqa: E402
 
 NAME = "attn_throughput"
@@ -128,18 +133,32 @@ def _sdpa_fn(backend_name: str, opts: dict, b: int, n: int):
 
 
 def _aimkern_fn(opts: dict, split: bool):
-    import aimkern.kernels.attention as kern
+    """aimkern.attention on the auto or the split backward path. The path is fixed when the forward runs
+    (the policy travels into the custom op), so autograd's later backward follows it."""
+    path = "split" if split else "auto"
 
     def run(q, k, v):
-        saved = kern.FUSED_BWD_MAX_ELEMS
-        if split:
-            kern.FUSED_BWD_MAX_ELEMS = 0
-        try:
+        with launch_policy(attention_backward=path):
             return aimkern.attention(q, k, v, backend="triton", **opts)
-        finally:
-            kern.FUSED_BWD_MAX_ELEMS = saved
 
     return run
+
+
+def backward_kernels(fn, q, k, v) -> set:
+    """Names of the kernels a forward + backward of ``fn`` launches (the backward outside fn's policy)."""
+    with observe() as launches:
+        o = fn(q, k, v)
+        torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    return {launch.name for launch in launches}
+
+
+SPLIT_KERNELS = {"attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+
+
+def check_split_column(fn, q, k, v) -> None:
+    names = backward_kernels(fn, q, k, v)
+    if not SPLIT_KERNELS <= names or "attn_bwd_fused_kernel" in names:
+        raise AssertionError(f"the 'aimkern split bwd' column ran {sorted(names)}, not the split backward")
 
 
 def _bench(b: int, n: int, d: int, mask: str, rows: list, warmup: int, rep: int, quick: bool) -> None:
@@ -176,6 +195,8 @@ def _bench(b: int, n: int, d: int, mask: str, rows: list, warmup: int, rep: int,
         def fwd_bwd(fn=fn):
             return torch.autograd.grad(fn(q, k, v), (q, k, v), do)
 
+        if peer == "aimkern split bwd":
+            check_split_column(fn, q, k, v)  # the column times what it says
         if peer == "aimkern":  # the autotuned kernels are checked here, at the benchmark's shapes
             errors[peer] = try_run(lambda: (fwd()[:2].float() - ref).abs().max().item())
         passes = (("fwd", fwd), ("fwd+bwd", fwd_bwd))
@@ -237,6 +258,10 @@ def run_gpu(quick: bool) -> None:
     write_report(NAME, rows, cols, chart=_chart(rows))
 
 
+# Max |error| vs float64 over o, dq, dk, dv that the interpreter sweep accepts (unit-variance inputs).
+SWEEP_BOUND = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+
 def run_interpreter_check() -> None:
     """Correctness sweep under Triton's interpreter vs the float64 reference (no timing: no GPU here)."""
     no_cuda_notice(NAME)
@@ -256,9 +281,15 @@ def run_interpreter_check() -> None:
         ref = attention_reference(*xs, **opts)
         ref_grads = torch.autograd.grad(ref, xs, g.double())
         errs = [(a.double() - r).abs().max().item() for a, r in zip((o, *grads), (ref, *ref_grads))]
+        bound = SWEEP_BOUND[dtype]
+        assert max(errs) <= bound, f"attention {mask} N={n} D={d} {dtype}: error {max(errs):.1e} > {bound:.0e}"
         rows.append({"B": b, "N": n, "D": d, "mask": mask, "dtype": str(dtype).replace("torch.", ""),
                      **{f"{k} err": f"{e:.1e}" for k, e in zip(("o", "dq", "dk", "dv"), errs)}})
     write_report(f"{NAME}_interpreter", rows, ["B", "N", "D", "mask", "dtype", "o err", "dq err", "dk err", "dv err"])
+    # The split column's contract, under the interpreter: the backward after the forward's policy block.
+    q, k, v = (torch.randn(1, 2, 40, 16).requires_grad_() for _ in range(3))
+    check_split_column(_aimkern_fn({"is_causal": True}, split=True), q, k, v)
+    print("split column runs", sorted(SPLIT_KERNELS))
 
 
 def main() -> None:

@@ -139,6 +139,8 @@ def run_interpreter_check() -> None:
                 (dw.double() - rdw).abs().max().item()]
         rows.append({"T": t_tokens, "V": v, "E": e, "dtype": str(dtype).replace("torch.", ""),
                      **{k: f"{err:.1e}" for k, err in zip(("loss err", "dx err", "dW err"), errs)}})
+        bound = 1e-5 if dtype == torch.float32 else 1e-3
+        assert max(errs) <= bound, f"linear_cross_entropy T={t_tokens} V={v} {dtype}: error {max(errs):.1e} > {bound}"
     write_report(f"{NAME}_interpreter", rows, ["T", "V", "E", "dtype", "loss err", "dx err", "dW err"])
 
 

@@ -5,9 +5,11 @@
 #   bash benchmarks/gpu_check.sh pretrain        # the end-to-end step benchmark (about 3-4 minutes)
 #   bash benchmarks/gpu_check.sh fulltests       # the whole test suite compiled on the GPU (4-6 minutes)
 #
-# Stages: gputests attn patch_embed pixel_loss cross_entropy (the default), pretrain, fulltests.
+# Stages: report gputests attn patch_embed pixel_loss cross_entropy (the default), pretrain, fulltests.
+# "report" is the compile gate first (benchmarks/kernel_report.py on this machine's Triton, sm_90a, the
+# configs this run meets): registers, spills, shared memory and wgmma of what the benchmarks then time.
 # Each stage runs under its own time limit, so a call never outlives the sum of its stages' limits
-# (default stages: 450 s). Outputs (JSON, PNG, logs) go to $OUT when set (the device tool brings them
+# (default stages: 510 s). Outputs (JSON, PNG, logs) go to $OUT when set (the device tool brings them
 # back), else benchmarks/out/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +17,7 @@ OUT="${OUT:-benchmarks/out}"
 mkdir -p "$OUT"
 export AIMKERN_BENCH_OUT="$OUT"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(gputests attn patch_embed pixel_loss cross_entropy)
+[ ${#stages[@]} -eq 0 ] && stages=(report gputests attn patch_embed pixel_loss cross_entropy)
 start=$(date +%s)
 status=()
 
@@ -39,14 +41,16 @@ for s in "${stages[@]}"; do
   case "$s" in
     # bf16, ViT/AIM-size shapes and CUDA-only checks of every op (fixed attention configs: no autotune
     # compile storm inside tests).
-    gputests) AIMKERN_ATTN_AUTOTUNE=0 step gputests 90 python3 -m pytest -q -x tests -k "gpu or cuda" ;;
+    report) step report 60 python3 benchmarks/kernel_report.py --arch sm_90a --subset gpu-run --quiet \
+              --jobs "$(nproc)" --json "$OUT/kernel_report.jsonl" ;;
+    gputests) AIMKERN_AUTOTUNE=0 step gputests 90 python3 -m pytest -q -x tests -k "gpu or cuda" ;;
     attn) step attn 180 python3 benchmarks/attn_throughput.py --quick ;;
     patch_embed) step patch_embed 50 python3 benchmarks/patch_embed.py ;;
     pixel_loss) step pixel_loss 40 python3 benchmarks/pixel_loss.py ;;
     cross_entropy) step cross_entropy 90 python3 benchmarks/cross_entropy.py --quick ;;
     pretrain) step pretrain 240 python3 benchmarks/pretrain_throughput.py --quick ;;
-    fulltests) AIMKERN_ATTN_AUTOTUNE=0 step fulltests 420 python3 -m pytest -q tests --durations=15 ;;
-    *) echo "unknown stage '$s' (gputests attn patch_embed pixel_loss cross_entropy pretrain fulltests)"; exit 2 ;;
+    fulltests) AIMKERN_AUTOTUNE=0 step fulltests 420 python3 -m pytest -q tests --durations=15 ;;
+    *) echo "unknown stage '$s' (report gputests attn patch_embed pixel_loss cross_entropy pretrain fulltests)"; exit 2 ;;
   esac
 done
 

@@ -335,3 +335,41 @@ def test_gpu_head_dims(d):
 @requires_cuda
 def test_gpu_long_prefix_fp32():
     check_attention(1, 2, 1100, 64, torch.float32, dict(is_causal=True, block_size=16, prefix_len="mixed"), "cuda")
+
+
+# ------------------------------------------------------------------------- fp32 accumulation, long N
+def _mean_err(x, ref):
+    return (x.double() - ref).abs().mean().item()
+
+
+def _rounded_accumulator_attention(q, k, v, tile: int = 64):
+    """FlashAttention's online softmax with the output accumulator rounded to q's dtype after every key tile:
+    the mutant this test exists to catch (scores and softmax statistics stay fp32, as in the kernel)."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    m = torch.full(s.shape[:-1], float("-inf"), dtype=torch.float32)
+    l_sum = torch.zeros(s.shape[:-1], dtype=torch.float32)
+    acc = torch.zeros(*s.shape[:-1], v.shape[-1], dtype=torch.float32)
+    for j in range(0, s.shape[-1], tile):
+        blk = s[..., j:j + tile]
+        m_new = torch.maximum(m, blk.amax(-1))
+        p = torch.exp(blk - m_new[..., None])
+        alpha = torch.exp(m - m_new)
+        l_sum = l_sum * alpha + p.sum(-1)
+        acc = (acc * alpha[..., None] + p.to(v.dtype).float() @ v[..., j:j + tile, :].float()).to(q.dtype).float()
+        m = m_new
+    return (acc / l_sum[..., None]).to(q.dtype)
+
+
+def test_long_sequence_accumulates_in_fp32(device):
+    """At N = 1024 (16 key tiles) an fp16 accumulator loses ~4x the accuracy of fp32 accumulation (~2.4x the mean error); short-N
+    tests cannot tell them apart. Held to PyTorch's fp16 error on the mean, where the difference shows."""
+    torch.manual_seed(0)
+    n, d = 1024, 16
+    q, k = (torch.randn(1, 1, n, d, device=device, dtype=torch.float16) for _ in range(2))
+    v = (8 + torch.randn(1, 1, n, d, device=device)).to(torch.float16)  # a large mean: a large accumulator
+    ref = attention_reference(q.double(), k.double(), v.double())
+    bound = 1.25 * _mean_err(torch_same_dtype(q.float(), k.float(), v.float()).half(), ref)
+    mutant = _mean_err(_rounded_accumulator_attention(q.cpu(), k.cpu(), v.cpu()).to(device), ref)
+    assert mutant > 1.5 * bound, f"the test lost its power: a 16-bit accumulator errs {mutant:.2e}, bound {bound:.2e}"
+    got = aimkern.attention(q, k, v, backend="triton")
+    assert _mean_err(got, ref) <= bound, f"mean error {_mean_err(got, ref):.2e} > {bound:.2e} (fp32 accumulation)"

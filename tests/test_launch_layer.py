@@ -1,0 +1,102 @@
+"""The launch layer (aimkern/ops/_launch.py): a frozen LaunchPolicy decides autotuning and the attention
+backward path when the forward runs, and the backward keeps that choice; observers see every launch."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import aimkern
+from aimkern.ops import LaunchPolicy, current_policy, launch_policy
+from aimkern.ops._launch import observe
+from conftest import HAS_CUDA
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+SPLIT = {"attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+FUSED = {"attn_bwd_fused_kernel"}
+
+
+def _qkv(n=40, d=16):
+    return [torch.randn(1, 2, n, d, device=DEVICE).requires_grad_() for _ in range(3)]
+
+
+def _kernels_of(fn) -> set:
+    with observe() as launches:
+        fn()
+    return {launch.name for launch in launches}
+
+
+def test_policy_is_checked_and_frozen():
+    with pytest.raises(ValueError, match="attention_backward"):
+        LaunchPolicy(attention_backward="fast")
+    with pytest.raises(TypeError, match="autotune"):
+        LaunchPolicy(autotune=1)
+    with pytest.raises(Exception):
+        LaunchPolicy().autotune = False  # frozen
+
+
+def test_launch_policy_block_restores_the_previous_policy():
+    before = current_policy()
+    with launch_policy(attention_backward="split") as inner:
+        assert current_policy() is inner and inner.attention_backward == "split"
+        with launch_policy(autotune=False):
+            assert current_policy() == LaunchPolicy(autotune=False, attention_backward="split")
+    assert current_policy() == before
+
+
+@pytest.mark.parametrize("forward_path,backward_context", [("split", "fused"), ("fused", "split")])
+def test_backward_follows_the_policy_of_its_forward(forward_path, backward_context):
+    """The path is decided at forward time: a different policy around the backward changes nothing."""
+    q, k, v = _qkv()
+    with launch_policy(attention_backward=forward_path):
+        o = aimkern.attention(q, k, v, is_causal=True, backend="triton")
+    with launch_policy(attention_backward=backward_context):
+        names = _kernels_of(lambda: o.sum().backward())
+    assert names == (SPLIT | {"attn_bwd_preprocess_kernel"} if forward_path == "split" else FUSED)
+
+
+def test_auto_picks_the_fused_backward_for_short_sequences():
+    q, k, v = _qkv()
+    o = aimkern.attention(q, k, v, is_causal=True, backend="triton")
+    assert _kernels_of(lambda: o.sum().backward()) == FUSED
+
+
+def test_autotune_choice_travels_into_the_backward():
+    q, k, v = _qkv()
+    with launch_policy(autotune=False):
+        o = aimkern.attention(q, k, v, backend="triton")
+    with observe() as launches:
+        o.sum().backward()
+    assert launches and all(launch.policy.autotune is False for launch in launches)
+
+
+def test_dry_run_observer_launches_nothing():
+    q, k, v = (torch.full((1, 1, 8, 16), float("nan"), device=DEVICE) for _ in range(3))
+    with observe(dry_run=True) as launches:
+        o = aimkern.attention(q, k, v, backend="triton")
+    assert [launch.name for launch in launches] == ["attn_fwd_kernel"]
+    assert launches[0].constexprs["DOT_PRECISION"] == "tf32x3"  # one fp32 precision for every kernel
+
+
+def _load_benchmark(name: str):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.path.insert(0, os.path.dirname(path))  # its `common` helpers
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def test_benchmark_split_column_runs_the_split_kernels():
+    """benchmarks/attn_throughput.py's "aimkern split bwd" column times the split backward, not the fused
+    one (it once restored a global before autograd ran the backward, and timed the fused path)."""
+    bench = _load_benchmark("attn_throughput")
+    q, k, v = _qkv()
+    assert bench.backward_kernels(bench._aimkern_fn({"is_causal": True}, split=True), q, k, v) >= SPLIT
+    assert not bench.backward_kernels(bench._aimkern_fn({"is_causal": True}, split=True), q, k, v) & FUSED
+    assert bench.backward_kernels(bench._aimkern_fn({"is_causal": True}, split=False), q, k, v) >= FUSED
