@@ -81,7 +81,8 @@ def test_finished_run_resumed_only_does_what_was_asked(tmp_path, monkeypatch):
     summary, before = run(tmp_path, steps=3)
     import aimkern.train.loop as loop
 
-    monkeypatch.setattr(loop, "_probe", lambda args, env, model_sd: {"probe_pretrained": 0.5, "probe_random_init": 0.25})
+    fake_probe = {"probe_pretrained": 0.5, "probe_random_init": 0.25}
+    monkeypatch.setattr(loop, "_probe", lambda args, env, model_sd: fake_probe)
     again, after = run(tmp_path, "--resume", "--probe", steps=3)
     assert after == before  # nothing trained, the metrics untouched
     with open(tmp_path / "summary.json") as f:

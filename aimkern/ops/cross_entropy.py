@@ -44,6 +44,8 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
     v = weight.shape[0]
     if weight.shape[1] != e:
         raise ValueError(f"{OP}: linear_weight must be (V, E) with E={e} (input's last dim), got {tuple(weight.shape)}")
+    if e < 1:  # refused on every backend (the reference would return ln V from zero logits)
+        raise ValueError(f"{OP}: input's last dimension E must be >= 1 (a multiple of 8 is the fast case), got {e}")
     if v < 1:
         raise ValueError(f"{OP}: linear_weight must have at least one row (V >= 1)")
     if tuple(target.shape) != tuple(input.shape[:-1]):
@@ -58,12 +60,15 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
     for name, t in (("input", input), ("linear_weight", weight), ("linear_bias", bias)):
         if t is not None:
             check_float_dtype(t, name, OP, backend)
+    for name, t in (("linear_weight", weight), ("linear_bias", bias)):  # every backend: one GEMM dtype
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{OP}: {name} must have input's dtype {input.dtype}, got {t.dtype}")
     if params.reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {params.reduction!r}")
     if not 0.0 <= params.label_smoothing <= 1.0:
         raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {params.label_smoothing}")
-    if params.z_loss < 0.0:
-        raise ValueError(f"{OP}: z_loss must be >= 0, got {params.z_loss}")
+    if not 0.0 <= params.z_loss < float("inf"):  # as label_smoothing: NaN fails the comparison
+        raise ValueError(f"{OP}: z_loss must be a finite float >= 0, got {params.z_loss}")
     if can_inspect_values() and target.numel() > 0:
         kept = target[target != params.ignore_index]
         if kept.numel() > 0:
@@ -76,13 +81,8 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
 
 
 def _check_triton_inputs(input, weight, bias) -> None:
-    """Extra conditions of the Triton path (the reference gets them from F.linear's own errors)."""
-    for name, t in (("linear_weight", weight), ("linear_bias", bias)):
-        if t is not None and t.dtype != input.dtype:
-            raise TypeError(f"{OP}: {name} must have input's dtype {input.dtype}, got {t.dtype}")
-    e = input.shape[-1]
-    if e < 1:
-        raise ValueError(f"{OP}: input's last dimension E must be >= 1 (a multiple of 8 is the fast case), got {e}")
+    """Extra conditions of the Triton path. Since the dtype and E >= 1 checks moved to ``_check_inputs`` (so
+    both backends refuse the same inputs) there are none; kept as the launcher's hook."""
 
 
 def _kernels():

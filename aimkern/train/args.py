@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps in the schedule (default: 300)")
     g.add_argument("--lr", type=_positive_float, default=2e-3,
                    help=f"peak learning rate, at most {MAX_LR} (default: 2e-3)")
-    g.add_argument("--min-lr", type=_non_negative_float, default=0.0, help="learning rate at the end of the cosine (default: 0)")
+    g.add_argument("--min-lr", type=_non_negative_float, default=0.0,
+                   help="learning rate at the end of the cosine (default: 0)")
     g.add_argument("--warmup-steps", type=_non_negative_int, default=None,
                    help="linear warmup steps (default: 10%% of --steps)")
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.05,
