@@ -276,7 +276,7 @@ def _train(args, env: DistEnv, guard: PreemptionGuard) -> dict:
         acc_loss += loss.detach().double() * count_local
         acc_count += count_local
         done = step + 1
-        preempted = guard.should_stop(env)  # every rank stops after the same step
+        preempted = done < stop and guard.should_stop(env)  # collective: every rank stops after the same step
         if done % args.log_every == 0 or done == stop or preempted:
             totals = all_reduce_sum(torch.stack([acc_loss, acc_loss.new_tensor(float(acc_count))]), env)
             mean_loss = (totals[0] / totals[1]).item()
