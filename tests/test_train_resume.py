@@ -179,6 +179,8 @@ def test_sigusr1_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, mon
         run(tmp_path, steps=5)
     assert e.value.code == PREEMPTED_EXIT_CODE and ckpt.load(ckpt.checkpoint_path(tmp_path))["step"] == 2
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the run
+    summary, _ = run(tmp_path / "last", steps=2)  # a signal in the last step: the run just finishes
+    assert summary["steps"] == 2 and summary["final_loss"] is not None
 
 
 # ------------------------------------------------------------------------------------------------------
