@@ -1,26 +1,45 @@
 """aimkern: Triton kernels and a lean causal ViT for fast autoregressive (AIM-style) ViT pretraining.
 
-Public API (see DESIGN.md): the fused ops ``attention``, ``patch_embed``, ``linear_cross_entropy`` and
-``next_patch_pixel_loss`` (each with ``backend="auto" | "triton" | "reference"``), the model
-``CausalViT`` with its ``ViTConfig`` and presets, and the modules in ``aimkern.nn``.
+Public API (docs/design.md explains the choices behind it): the fused ops ``attention``, ``patch_embed``,
+``linear_cross_entropy`` and ``next_patch_pixel_loss`` (each with ``backend="auto" | "triton" | "reference"``),
+the model ``CausalViT`` with its ``ViTConfig`` and presets, and the modules in ``aimkern.nn``.
+
+The names are imported on first use (PEP 562), so ``import aimkern.train`` and ``python -m aimkern.train
+--help`` do not pay for torch, Triton and timm.
 """
-from . import nn, reference
-from . import tokenizers
-from .models import PRESETS, CausalViT, ViTConfig
-from .ops import attention, linear_cross_entropy, next_patch_pixel_loss, patch_embed
-from .integrations.timm import patch_timm
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CausalViT",
-    "PRESETS",
-    "ViTConfig",
-    "attention",
-    "linear_cross_entropy",
-    "next_patch_pixel_loss",
-    "nn",
-    "patch_embed",
-    "patch_timm",
-    "reference",
-]
+# public name -> (module, attribute or None for the module itself)
+_LAZY = {
+    "CausalViT": (".models", "CausalViT"),
+    "PRESETS": (".models.config", "PRESETS"),
+    "ViTConfig": (".models.config", "ViTConfig"),
+    "attention": (".ops", "attention"),
+    "linear_cross_entropy": (".ops", "linear_cross_entropy"),
+    "next_patch_pixel_loss": (".ops", "next_patch_pixel_loss"),
+    "patch_embed": (".ops", "patch_embed"),
+    "nn": (".nn", None),
+    "reference": (".reference", None),
+    "tokenizers": (".tokenizers", None),
+    "patch_timm": (".integrations.timm", "patch_timm"),
+}
+
+__all__ = sorted(k for k in _LAZY if k != "tokenizers")
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'aimkern' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module, __name__)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

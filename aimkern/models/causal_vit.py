@@ -148,6 +148,9 @@ class CausalViT(nn.Module):
             raise ValueError("CausalViT: the token head needs targets, the (B, N) token ids of the patches")
         if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (b, n):
             raise ValueError(f"CausalViT: targets must be a (B, N) = ({b}, {n}) tensor of token ids")
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise TypeError(f"CausalViT: targets must be integer token ids, got {targets.dtype} (a float would be "
+                            "truncated)")
         ignore_index = -100
         tgt = targets[:, offset:].long()
         if prefix_len is not None:
@@ -155,10 +158,13 @@ class CausalViT(nn.Module):
             prefix = prefix_len if isinstance(prefix_len, torch.Tensor) else torch.tensor(prefix_len, device=x.device)
             tgt = tgt.masked_fill(j < prefix.view(-1, 1).to(x.device), ignore_index)
         h = self.head.features(x[:, : n - offset])
-        return linear_cross_entropy(
+        # Sum over the counted targets / their number: the op's own "mean" bit for bit, and 0 (like the pixel
+        # head) instead of 0 / 0 when the prefix covers every target.
+        total = linear_cross_entropy(
             h, self.head.out.weight, tgt, linear_bias=self.head.out.bias, ignore_index=ignore_index,
-            backend=cfg.backend,
+            reduction="sum", backend=cfg.backend,
         )
+        return total / (tgt != ignore_index).sum().clamp_min(1)
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -38,16 +38,29 @@ class ViTConfig:
     backend: str = "auto"  # op backend: "auto" (Triton on CUDA, reference on CPU) | "triton" | "reference"
 
     def __post_init__(self) -> None:
+        """Check every field's type and range, then how they fit together; a ValueError names the field."""
+
         def bad(msg):
             raise ValueError(f"ViTConfig: {msg}")
 
-        if self.img_size % self.patch_size:
-            bad(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
-        if self.dim % self.num_heads:
-            bad(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
-        head_dim = self.dim // self.num_heads
-        if head_dim % 8 or not 16 <= head_dim <= 256:
-            bad(f"head dim dim // num_heads = {head_dim} must be a multiple of 8 in [16, 256]")
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name, low in (("img_size", 1), ("patch_size", 1), ("in_chans", 1), ("dim", 1), ("depth", 1),
+                          ("num_heads", 1), ("block_size", 1), ("head_depth", 0), ("head_dim", 0),
+                          ("vocab_size", 2)):
+            value = getattr(self, name)
+            if not is_int(value) or value < low:
+                bad(f"{name} must be an int >= {low}, got {value!r}")
+        for name in ("qkv_bias", "bias", "patch_norm", "is_causal", "prefix", "norm_pix"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.patch_bias is not None and not isinstance(self.patch_bias, bool):
+            bad(f"patch_bias must be None or a bool, got {self.patch_bias!r}")
+        for name in ("mlp_ratio", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                bad(f"{name} must be a finite float > 0, got {value!r}")
         for name, allowed in (
             ("norm", ("layernorm", "rmsnorm")),
             ("mlp", ("gelu", "swiglu")),
@@ -57,10 +70,18 @@ class ViTConfig:
         ):
             if getattr(self, name) not in allowed:
                 bad(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        # how the fields fit together
+        if self.img_size % self.patch_size:
+            bad(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        if self.dim % self.num_heads:
+            bad(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
+        head_dim = self.dim // self.num_heads
+        if head_dim % 8 or not 16 <= head_dim <= 256:
+            bad(f"head dim dim // num_heads = {head_dim} must be a multiple of 8 in [16, 256]")
+        if self.mlp_hidden_dim < 1:
+            bad(f"mlp_ratio={self.mlp_ratio} leaves no MLP width (int(dim * mlp_ratio) = {self.mlp_hidden_dim})")
         if self.pos_embed == "sincos" and self.dim % 4:
             bad(f"pos_embed='sincos' needs dim divisible by 4, got {self.dim}")
-        if self.block_size < 1 or self.depth < 1 or self.head_depth < 0 or self.vocab_size < 2:
-            bad("block_size and depth must be >= 1, head_depth >= 0, vocab_size >= 2")
         if self.block_size >= self.num_patches:
             bad(f"block_size={self.block_size} leaves no next patch to predict among N={self.num_patches}")
 

@@ -52,8 +52,10 @@ class AttentionParams:
             raise TypeError(f"{op}: is_causal must be a bool, got {type(self.is_causal).__name__}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"{op}: block_size must be an int >= 1, got {self.block_size!r}")
-        if self.scale is not None and not isinstance(self.scale, (int, float)):
-            raise TypeError(f"{op}: scale must be None or a float, got {type(self.scale).__name__}")
+        if self.scale is not None and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))):
+            raise TypeError(f"{op}: scale must be None or a float, got {type(self.scale).__name__}")  # True is not 1.0
+        if self.scale is not None and not abs(self.scale) < float("inf"):  # NaN fails the comparison too
+            raise ValueError(f"{op}: scale must be a finite float, got {self.scale}")
 
     def resolved_scale(self, head_dim: int) -> float:
         return head_dim**-0.5 if self.scale is None else float(self.scale)

@@ -43,6 +43,8 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
     v = weight.shape[0]
     if weight.shape[1] != e:
         raise ValueError(f"{OP}: linear_weight must be (V, E) with E={e} (input's last dim), got {tuple(weight.shape)}")
+    if e < 1:  # refused on every backend (the reference would return ln V from zero logits)
+        raise ValueError(f"{OP}: input's last dimension E must be >= 1 (a multiple of 8 is the fast case), got {e}")
     if v < 1:
         raise ValueError(f"{OP}: linear_weight must have at least one row (V >= 1)")
     if tuple(target.shape) != tuple(input.shape[:-1]):
@@ -57,12 +59,15 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
     for name, t in (("input", input), ("linear_weight", weight), ("linear_bias", bias)):
         if t is not None:
             check_float_dtype(t, name, OP, backend)
+    for name, t in (("linear_weight", weight), ("linear_bias", bias)):  # every backend: one GEMM dtype
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{OP}: {name} must have input's dtype {input.dtype}, got {t.dtype}")
     if params.reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {params.reduction!r}")
     if not 0.0 <= params.label_smoothing <= 1.0:
         raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {params.label_smoothing}")
-    if params.z_loss < 0.0:
-        raise ValueError(f"{OP}: z_loss must be >= 0, got {params.z_loss}")
+    if not 0.0 <= params.z_loss < float("inf"):  # as label_smoothing: NaN fails the comparison
+        raise ValueError(f"{OP}: z_loss must be a finite float >= 0, got {params.z_loss}")
     # Target values are read only on the CPU, where it costs no device sync. On CUDA the check would be three
     # host syncs per call (every training step); there the kernels mark an out-of-range target instead, and
     # its token's loss is NaN (so a mean or sum is NaN): never a plausible-looking wrong loss.
@@ -75,16 +80,6 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
                     f"{OP}: target values must be in [0, V={v}) or equal ignore_index={params.ignore_index}, "
                     f"got min {lo} and max {hi}"
                 )
-
-
-def _check_triton_inputs(input, weight, bias) -> None:
-    """Extra conditions of the Triton path (the reference gets them from F.linear's own errors)."""
-    for name, t in (("linear_weight", weight), ("linear_bias", bias)):
-        if t is not None and t.dtype != input.dtype:
-            raise TypeError(f"{OP}: {name} must have input's dtype {input.dtype}, got {t.dtype}")
-    e = input.shape[-1]
-    if e < 1:
-        raise ValueError(f"{OP}: input's last dimension E must be >= 1 (a multiple of 8 is the fast case), got {e}")
 
 
 def _kernels():
@@ -274,7 +269,6 @@ _lce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _linear_cross_entropy_triton(input, weight, target, bias, params: CrossEntropyParams) -> torch.Tensor:
-    _check_triton_inputs(input, weight, bias)
     x = input.reshape(-1, input.shape[-1])
     tgt = target.reshape(-1).to(torch.int64)
     loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(

@@ -49,6 +49,11 @@ def _check_inputs(images, weight, bias, pos_embed, backend: str) -> None:
     for name, t in (("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
         if t is not None:
             check_float_dtype(t, name, OP, backend)
+    if backend == "reference":  # one GEMM in one dtype (F.linear's rule), said with the argument's name
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != images.dtype:
+                raise TypeError(f"{OP}: {name} must have images' dtype {images.dtype} on the reference backend, "
+                                f"got {t.dtype}")
 
 
 def _kernels():

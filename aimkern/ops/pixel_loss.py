@@ -211,3 +211,24 @@ def next_patch_pixel_loss(
             pred, images, patch_size=patch_size, offset=offset, prefix_len=prefix, norm_pix=norm_pix, eps=eps
         )
     return _pixel_loss_triton(pred, images, prefix, params)
+
+
+# ------------------------------------------------------------------- the loss's bookkeeping, for its callers
+# The train loop weights each rank's loss by its share of counted targets, and the token objective's
+# tokenizer clusters the very targets this loss regresses. They take both from here, the op they pair with,
+# so code that runs the op never reaches into aimkern.reference (which stays the definition the tests and
+# the CPU fallback use).
+def target_count(batch: int, n: int, offset: int = 1, prefix_len: Optional[torch.Tensor] = None,
+                 device=None) -> torch.Tensor:
+    """(B,) int64: the targets of each image that ``next_patch_pixel_loss`` averages over,
+    #{j < N : j >= offset and j >= prefix_len[b]} (0 when none counts, where the loss is 0)."""
+    return counted_targets(batch, n, offset, prefix_len, device)
+
+
+def patch_targets(images: torch.Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, P*P*C) float32 (float64 for float64 images): the targets
+    ``next_patch_pixel_loss`` regresses, patches in raster order, values in (p, q, c) order, each patch
+    standardized by its mean and unbiased variance when ``norm_pix``."""
+    from ..reference.pixel_loss import pixel_targets  # the definition; the Triton kernel recomputes it in registers
+
+    return pixel_targets(images, patch_size, norm_pix, eps)

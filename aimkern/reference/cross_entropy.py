@@ -25,6 +25,16 @@ def linear_cross_entropy_reference(
     ("none", zero where ignored). Logits are computed in float32 (float64 for float64 inputs).
     Like F.cross_entropy, "mean" over a batch where every target is ignored is NaN (0 / 0).
     """
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"linear_cross_entropy_reference: target must be an integer tensor of class ids, got "
+                        f"{target.dtype} (a float would be truncated)")
+    if input.shape[-1] < 1:
+        raise ValueError("linear_cross_entropy_reference: input's last dimension E must be >= 1")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(
+                f"linear_cross_entropy_reference: {name} must have input's dtype {input.dtype}, got {t.dtype}"
+            )
     logits = F.linear(input, linear_weight, linear_bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, linear_weight.shape[0])
     flat_target = target.reshape(-1).long()  # F.cross_entropy wants int64 class ids

@@ -2,7 +2,7 @@
 
 A token id is the nearest of ``vocab_size`` centroids to a patch's normalized pixels: the patch in MAE/AIM
 (p, q, c) order, standardized with its own mean and unbiased variance (exactly
-``aimkern.reference.pixel_targets``), so the ids ignore a patch's brightness and contrast and code its shape.
+``aimkern.ops.pixel_loss.patch_targets``), so the ids ignore a patch's brightness and contrast and code its shape.
 The centroids are fit by k-means (Lloyd) after a batched k-means++ seeding, on the device the images live on.
 
 Memory: the nearest-centroid search runs over chunks of patches, so at most (chunk x vocab_size) distances
@@ -16,11 +16,11 @@ exist at a time, never (patches x vocab_size).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from ..reference.pixel_loss import pixel_targets
+from ..ops.pixel_loss import patch_targets as pixel_targets
 
 _FORMAT = "aimkern.KMeansPatchTokenizer"
 _VERSION = 1
@@ -188,11 +188,14 @@ class KMeansPatchTokenizer:
         return torch.cat(centers)
 
     def fit(
-        self, data: ImagesOrBatches, *, max_patches: Optional[int] = None, verbose: bool = False
+        self, data: ImagesOrBatches, *, max_patches: Optional[int] = None, verbose: bool = False,
+        progress: Optional[Callable[[int, int], None]] = None,
     ) -> "KMeansPatchTokenizer":
         """Fit the centroids on images: a (B, C, H, W) tensor, or an iterable of such batches (or of tuples
         whose first item is the batch). All patches are gathered (up to ``max_patches``, the first ones), on
-        the device of the batches: pass CUDA tensors to fit on the GPU. Returns self.
+        the device of the batches: pass CUDA tensors to fit on the GPU. ``progress(done, total)`` is called
+        after the seeding (done = 1) and after each Lloyd iteration, total = 1 + iters (it may stop early).
+        Returns self.
         """
         x = self._gather(data, max_patches)
         m, k = x.shape[0], self.vocab_size
@@ -200,6 +203,8 @@ class KMeansPatchTokenizer:
             raise ValueError(f"KMeansPatchTokenizer.fit: needs at least vocab_size={k} patches, got {m}")
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         c = self._seed(x, gen)
+        if progress is not None:
+            progress(1, 1 + self.iters)
         self.inertia_ = []
         for it in range(self.iters):
             ids, d2 = self.assign(x, c)
@@ -207,6 +212,8 @@ class KMeansPatchTokenizer:
             self.inertia_.append(inertia)
             if verbose:
                 print(f"k-means step {it}: mean squared distance {inertia:.5f}")
+            if progress is not None:
+                progress(2 + it, 1 + self.iters)
             counts = torch.bincount(ids, minlength=k)
             sums = torch.zeros_like(c).index_add_(0, ids, x)
             c = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)

@@ -1,11 +1,22 @@
-"""Command-line options of ``python -m aimkern.train`` (argparse; ``--help`` documents every one)."""
+"""Command-line options of ``python -m aimkern.train`` (argparse; ``--help`` documents every one).
+
+Everything that can be checked before setup is checked here, as an argparse error (exit status 2, one line):
+the model geometry (through ``ViTConfig``), the device, the tokenizer file, the batch against torchrun's
+world size, the learning rate. Imports stay light (no torch unless ``--device`` needs it) so that
+``--help`` answers at once.
+"""
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
+import textwrap
 from typing import Optional, Sequence
 
-from ..models.config import PRESETS
+from ..models.config import PRESETS, ViTConfig
+from . import resume
+from .errors import PREEMPTED_EXIT_CODE
 
 DESCRIPTION = """\
 AIM-style autoregressive (next-patch) pretraining of a CausalViT.
@@ -23,7 +34,35 @@ examples:
       --lr 1.5e-3 --compile --out runs/vit-b16
   torchrun --nproc-per-node 8 -m aimkern.train --preset aim-600m --data /data/train --fsdp --checkpointing
   python -m aimkern.train --out runs/x --resume                     # continue exactly where runs/x stopped
+  python -m aimkern.train --out runs/x --resume --steps 600         # extend it: the cosine is re-planned
+
+resume: --resume takes the run's options from OUT/run.json; options given again must match, except
+  {changeable}.
+  --steps extends (or shortens, not below the checkpoint's step) the schedule: the cosine is re-planned from
+  the current step and the banner says what the learning rate does next. A finished run resumed does only
+  what was asked (e.g. --probe) and keeps its summary.
+
+preemption: SIGTERM or SIGUSR1 finish the current step, save a checkpoint and exit with status {preempted}.
+
+exit status: 0 done, 1 bad data or divergence, 2 bad option or a checkpoint that does not fit,
+  {preempted} preempted (checkpoint saved; run again with --resume).
 """
+
+MAX_LR = 1.0  # the divergence guard: AdamW above this diverges at once (AIM's recipe uses 1e-3 .. 2e-3)
+
+
+def _epilog() -> str:
+    changeable = ", ".join(resume.flag(k) for k in resume.CHANGEABLE if k not in ("resume", "out"))
+    changeable = textwrap.fill(changeable, 106, subsequent_indent="  ")
+    return EPILOG.format(changeable=changeable, preempted=PREEMPTED_EXIT_CODE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the usage block is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 
 def _positive_int(text: str) -> int:
@@ -42,14 +81,21 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a float > 0, got {text}")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite float > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite float >= 0, got {text}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m aimkern.train", description=DESCRIPTION, epilog=EPILOG,
+    p = _Parser(
+        prog="python -m aimkern.train", description=DESCRIPTION, epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("model and data")
@@ -74,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-images", type=_positive_int, default=4096,
                    help="token objective: how many training images a tokenizer fitted on the fly clusters "
                    "(default: 4096)")
+    g.add_argument("--max-bad-samples", type=_non_negative_float, default=0.001,
+                   help="--data DIR: unreadable images are skipped (replaced by the next readable one, so resume "
+                   "stays exact), logged and counted; stop when more files than this are bad: a count when >= 1, "
+                   "else a fraction of the dataset's files (default: 0.001, 1 in 1000)")
     g.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                    help="aimkern op backend: 'auto' runs Triton kernels on CUDA and the reference on CPU (default)")
 
@@ -81,13 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=64,
                    help="GLOBAL batch size, over all ranks (default: 64)")
     g.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps in the schedule (default: 300)")
-    g.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default: 2e-3)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine (default: 0)")
+    g.add_argument("--lr", type=_positive_float, default=2e-3,
+                   help=f"peak learning rate, at most {MAX_LR} (default: 2e-3)")
+    g.add_argument("--min-lr", type=_non_negative_float, default=0.0,
+                   help="learning rate at the end of the cosine (default: 0)")
     g.add_argument("--warmup-steps", type=_non_negative_int, default=None,
                    help="linear warmup steps (default: 10%% of --steps)")
-    g.add_argument("--weight-decay", type=float, default=0.05,
+    g.add_argument("--weight-decay", type=_non_negative_float, default=0.05,
                    help="AdamW weight decay on matrices; biases, norms and positions get none (default: 0.05)")
-    g.add_argument("--grad-clip", type=float, default=1.0,
+    g.add_argument("--grad-clip", type=_non_negative_float, default=1.0,
                    help="clip the global gradient norm; 0 disables (default: 1.0)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the initialization, data order and prefixes (default: 0)")
@@ -111,9 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None,
-                   help="run directory: metrics.jsonl, checkpoint.pt, summary.json (default: runs/PRESET)")
+                   help="run directory: run.json, metrics.jsonl, checkpoint-STEP.pt (checkpoint.pt links the "
+                   "latest), summary.json (default: runs/PRESET)")
     g.add_argument("--resume", action="store_true",
-                   help="continue exactly from OUT/checkpoint.pt (model, optimizer, schedule, data position, RNGs)")
+                   help="continue exactly from OUT's latest readable checkpoint (model, optimizer, data position, "
+                   "RNGs) with the run's own options (see 'resume' below)")
+    g.add_argument("--keep", type=_positive_int, default=2,
+                   help="checkpoints kept; a corrupt latest one falls back to the one before (default: 2)")
     g.add_argument("--log-every", type=_positive_int, default=10,
                    help="steps between metrics.jsonl lines (default: 10)")
     g.add_argument("--save-every", type=_non_negative_int, default=100,
@@ -128,23 +184,100 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def given_options(argv: Optional[Sequence[str]]) -> set:
+    """The destinations the command line sets explicitly (a parse where no option has a default)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS  # only what the command line sets is left in the namespace
+    return set(vars(probe.parse_args(argv)))
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The options that describe the run (saved in OUT/run.json and every checkpoint)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check ``argv``; with --resume, merge in the run's saved options (see ``resume``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = given_options(argv)
+    if args.out is None:
+        args.out = os.path.join("runs", args.preset)
+    if args.resume:
+        saved = resume.saved_options(args.out)
+        if saved is not None:
+            merged, diffs = resume.merge(vars(args), given, saved)
+            if diffs:
+                parser.error(f"--resume: {args.out} holds a run with other options: {'; '.join(diffs)}. Leave them "
+                             "out to continue that run, or use another --out for a new one")
+            args = argparse.Namespace(**merged)
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.steps // 10) if args.steps > 1 else 0
+    _check(parser, args)
+    args._given = sorted(given)
+    return args
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every check that needs no setup; each failure is ``parser.error`` (one line, exit status 2)."""
     if args.warmup_steps > args.steps:
         parser.error(f"--warmup-steps ({args.warmup_steps}) must be at most --steps ({args.steps})")
-    if not 0 <= args.min_lr <= args.lr:
+    if args.lr > MAX_LR:
+        parser.error(f"--lr {args.lr} is above {MAX_LR}: AdamW diverges at once (AIM uses 1e-3 .. 2e-3)")
+    if not args.min_lr <= args.lr:
         parser.error(f"--min-lr must be in [0, --lr={args.lr}], got {args.min_lr}")
-    if args.weight_decay < 0 or args.grad_clip < 0:
-        parser.error("--weight-decay and --grad-clip must be >= 0")
     if args.stop_at is not None and args.stop_at > args.steps:
         parser.error(f"--stop-at ({args.stop_at}) must be at most --steps ({args.steps})")
     if args.tokenizer is not None and args.objective != "token":
         parser.error("--tokenizer needs --objective token")
+    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+        parser.error(f"--tokenizer {args.tokenizer}: no such file")
     if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
         parser.error(f"--data must be 'digits', 'synthetic' or an existing ImageFolder directory, got {args.data!r}")
-    if args.out is None:
-        args.out = os.path.join("runs", args.preset)
-    return args
+    _check_model(parser, args)
+    _check_world(parser, args)
+    if args.device is not None:
+        _check_device(parser, args.device)
+
+
+def _check_model(parser, args) -> None:
+    """The preset with this run's overrides must be a valid ViTConfig (image size vs patch, vocabulary, ...)."""
+    preset = PRESETS[args.preset]
+    if args.img_size is not None and args.img_size % preset.patch_size:
+        parser.error(f"--img-size {args.img_size} must be a multiple of {args.preset}'s patch size "
+                     f"{preset.patch_size}")
+    overrides = {"head": args.objective}
+    if args.img_size is not None:
+        overrides["img_size"] = args.img_size
+    if args.objective == "token" and args.vocab_size is not None:
+        overrides["vocab_size"] = args.vocab_size
+    try:
+        ViTConfig.from_preset(args.preset, **overrides)
+    except ValueError as e:
+        parser.error(f"--preset {args.preset} with --img-size / --vocab-size: {e}")
+
+
+def _check_world(parser, args) -> None:
+    """Under torchrun the global batch must split evenly; rank 0 alone says so (the others exit quietly)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(2)
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({world})")
+
+
+def _check_device(parser, device: str) -> None:
+    import torch  # only here: --help and the other checks must not pay for it
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a device (use 'cpu', 'cuda' or 'cuda:N')")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: no CUDA GPU is visible to torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        parser.error(f"--device {device}: aimkern.train runs on 'cpu' or 'cuda'")

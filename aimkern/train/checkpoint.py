@@ -3,14 +3,21 @@
 A checkpoint holds the model and optimizer state (full, unsharded tensors even under FSDP2, so any world
 size and a plain ``CausalViT`` can load them), the scheduler, the step, the data position (global samples
 consumed) and every RNG state of every rank (Python, NumPy, torch CPU, CUDA). It is written to a temporary
-file in the same directory and then renamed over ``checkpoint.pt``: a crash mid-write never leaves a
-truncated latest checkpoint.
+file in the same directory and then renamed: a crash mid-write never leaves a truncated checkpoint.
+
+Files: ``checkpoint-STEP.pt`` (8-digit step) for the last ``--keep`` saves, and ``checkpoint.pt``, a hard link
+to the latest (a copy where the filesystem has no hard links), the stable name for tools. Resuming tries the
+newest first; an unreadable one (a disk that filled up, a copy cut short) is reported by name and the one
+before is used.
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
-from typing import Optional
+import re
+import shutil
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,8 +34,26 @@ CHECKPOINT_NAME = "checkpoint.pt"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+_STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt$")
+
+
 def checkpoint_path(out_dir: str) -> str:
+    """OUT/checkpoint.pt: the latest checkpoint (a link to the newest checkpoint-STEP.pt)."""
     return os.path.join(out_dir, CHECKPOINT_NAME)
+
+
+def step_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"checkpoint-{step:08d}.pt")
+
+
+def step_files(out_dir: str) -> list:
+    """(step, path) of OUT's checkpoint-STEP.pt files, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(str(out_dir)), "checkpoint-*.pt")):
+        m = _STEP_FILE.search(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -74,6 +99,54 @@ def save_atomic(state: dict, path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_step(state: dict, out_dir: str, keep: int) -> str:
+    """Write ``state`` as OUT/checkpoint-STEP.pt (atomically), point checkpoint.pt at it, and delete the
+    step files beyond ``keep`` and any newer than this step (left by a timeline that a resume abandoned,
+    e.g. after a corrupt checkpoint). Returns the path written."""
+    step = int(state["step"])
+    path = step_path(out_dir, step)
+    save_atomic(state, path)
+    latest = checkpoint_path(out_dir)
+    tmp = f"{latest}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links here (some network filesystems): a copy, still renamed atomically
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, latest)
+    files = step_files(out_dir)
+    stale = [p for s, p in files if s > step] + [p for s, p in files if s <= step][:-keep]
+    for p in stale:
+        os.remove(p)
+    return path
+
+
+def load_latest(out_dir: str, warn: Callable[[str], None] = print) -> tuple:
+    """(state, path) of OUT's newest readable checkpoint, or (None, None) when OUT has none. An unreadable
+    one is reported through ``warn`` (naming the file and the error) and the one before it is tried; when
+    none can be read, ``ResumeError`` lists them."""
+    from .errors import ResumeError
+
+    candidates = [p for _, p in reversed(step_files(out_dir))]
+    if not candidates and os.path.isfile(checkpoint_path(out_dir)):
+        candidates = [checkpoint_path(out_dir)]  # a run from before step files
+    failed = []
+    for path in candidates:
+        try:
+            state = load(path)
+            if not isinstance(state, dict) or "step" not in state or "model" not in state:
+                raise ValueError("not an aimkern.train checkpoint")
+            return state, path
+        except Exception as e:  # torch.load's errors on a cut file vary: RuntimeError, EOFError, pickle's
+            failed.append(path)
+            warn(f"warning: checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
+                 + ("; falling back to the one before" if path != candidates[-1] else ""))
+    if failed:
+        raise ResumeError(f"no readable checkpoint in {out_dir}: {', '.join(failed)} failed to load")
+    return None, None
 
 
 def load(path: str) -> dict:

@@ -10,7 +10,11 @@ Sources:
   kept at 8x8 on the device and upsampled per batch to the preset's size and channels.
 - ``synthetic``: a fixed pool of random images on the device (pure throughput, no input pipeline).
 - a directory: a torchvision ``ImageFolder`` read by DataLoader workers with random-resized-crop and flip
-  augmentation; each sample's augmentation is seeded by its position, so it is reproducible too.
+  augmentation; each sample's augmentation is seeded by its position, so it is reproducible too. A file
+  that cannot be read is replaced by the next readable one and reported (``take_bad``; see bad_samples.py).
+
+Every stream has ``take_bad()`` (the (path, error) failures since the last call) and ``num_files`` (the
+dataset size the --max-bad-samples fraction refers to; None for the in-memory sources).
 """
 from __future__ import annotations
 
@@ -103,6 +107,8 @@ class InMemoryStream:
         self.global_batch, self.rank, self.world, self.start = global_batch, rank, world, start
         self.order = SampleOrder(base.shape[0], seed)
 
+    num_files = None
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         step = 0
         while True:
@@ -110,11 +116,18 @@ class InMemoryStream:
             yield self.transform(self.base.index_select(0, idx.to(self.base.device)))
             step += 1
 
+    def take_bad(self) -> list:
+        return []  # in-memory data is always readable
+
 
 # ------------------------------------------------------------------------------------------------------
 # ImageFolder
 class _SeededImages(torch.utils.data.Dataset):
-    """An ImageFolder indexed by (index, seed): the augmentation of each sample draws from its own seed."""
+    """An ImageFolder indexed by (index, seed): the augmentation of each sample draws from its own seed.
+
+    Returns (image, failures): a file that cannot be read or decoded is replaced by the next readable one
+    (index + 1, + 2, ... with the same seed: deterministic, so resume stays exact), and failures lists the
+    (path, error) of each file skipped on the way."""
 
     def __init__(self, folder):
         self.folder = folder
@@ -124,9 +137,21 @@ class _SeededImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's global RNG
-            torch.manual_seed(seed)
-            return self.folder[index][0]
+        failures = []
+        for k in range(len(self.folder)):
+            i = (index + k) % len(self.folder)
+            try:
+                with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's global RNG
+                    torch.manual_seed(seed)
+                    return self.folder[i][0], failures
+            except Exception as e:  # PIL's UnidentifiedImageError, OSError on truncated files, ...
+                failures.append((self.folder.samples[i][0], f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+        raise RuntimeError(f"--data: none of the {len(self.folder)} images can be read (e.g. {failures[0]})")
+
+
+def _collate(items):
+    """Stack the images; concatenate the failures."""
+    return torch.stack([image for image, _ in items]), [f for _, failures in items for f in failures]
 
 
 class _PositionBatches(torch.utils.data.Sampler):
@@ -170,16 +195,21 @@ class FolderStream:
         folder = ImageFolder(root, transform=image_folder_transform(img_size, in_chans))
         sampler = _PositionBatches(SampleOrder(len(folder), seed), global_batch=global_batch, rank=rank,
                                    world=world, seed=seed, start=start)
-        self.device = device
+        self.device, self.num_files, self._bad = device, len(folder), []
         self.loader = torch.utils.data.DataLoader(
-            _SeededImages(folder), batch_sampler=sampler, num_workers=workers,
+            _SeededImages(folder), batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for images in self.loader:
+        for images, failures in self.loader:
+            self._bad.extend(failures)
             yield images.to(self.device, non_blocking=True)
+
+    def take_bad(self) -> list:
+        bad, self._bad = self._bad, []
+        return bad
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -46,3 +46,28 @@ class WarmupCosine:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, total: int, warmup: int, lr: float, min_lr: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total, warmup, min_lr / lr))
+
+
+def set_step(scheduler, step: int) -> float:
+    """Put ``scheduler`` (from ``build_scheduler``, built with this run's total) at ``step``: the learning
+    rate of every group becomes base_lr * multiplier(step), exactly what ``step`` calls of ``scheduler.step()``
+    give. A resume uses this instead of the checkpoint's scheduler state, whose total would override an
+    extended ``--steps``. Returns the learning rate of the first group."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    return lrs[0]
+
+
+def describe(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> str:
+    """What the learning rate does from ``step`` on, in words (the run's banner)."""
+    f = WarmupCosine(total, warmup, min_lr / lr)
+    now = lr * f(step)
+    if step >= total:
+        return f"lr {now:.3g} (schedule complete)"
+    if step < warmup:
+        return f"lr {now:.3g} at step {step + 1}, warming up to {lr:.3g} by step {warmup}, then cosine to " \
+               f"{min_lr:.3g} at step {total}"
+    return f"lr {now:.3g} at step {step + 1}, cosine to {min_lr:.3g} at step {total}"
