@@ -11,6 +11,8 @@ Sources:
 - ``synthetic``: a fixed pool of random images on the device (pure throughput, no input pipeline).
 - a directory: a torchvision ``ImageFolder`` read by DataLoader workers with random-resized-crop and flip
   augmentation; each sample's augmentation is seeded by its position, so it is reproducible too.
+- WebDataset shards (a brace pattern, a directory of ``.tar`` files, a shard-list or index file):
+  ``aimkern.data.stream.ShardStream``, the same guarantees through the same sampler.
 """
 from __future__ import annotations
 
@@ -184,9 +186,9 @@ class FolderStream:
 
 # ------------------------------------------------------------------------------------------------------
 def make_stream(data: str, *, img_size: int, in_chans: int, global_batch: int, rank: int, world: int, seed: int,
-                start: int, device: torch.device, workers: int = 0):
+                start: int, device: torch.device, workers: int = 0, decode: str = "cpu"):
     """The training stream for ``--data``: an iterable of (global_batch // world, C, H, W) float32 batches on
-    ``device``, beginning at global sample position ``start``."""
+    ``device``, beginning at global sample position ``start``. ``decode`` ('cpu' or 'gpu') applies to shards."""
     common = dict(global_batch=global_batch, rank=rank, world=world, seed=seed, start=start)
     if data == "digits":
         x_train = digits_split()[0].to(device)
@@ -195,4 +197,12 @@ def make_stream(data: str, *, img_size: int, in_chans: int, global_batch: int, r
         gen = torch.Generator().manual_seed(mix_seed(seed, 2))
         pool = torch.randn(SYNTHETIC_POOL, in_chans, img_size, img_size, generator=gen).to(device)
         return InMemoryStream(pool, lambda x: x, **common)
+    from ..data.shards import is_shard_spec
+
+    if is_shard_spec(data):
+        from ..data.stream import ShardStream
+
+        return ShardStream(data, img_size, in_chans, workers=workers, device=device, decode=decode, **common)
+    if decode != "cpu":
+        raise ValueError(f"--decode {decode} reads WebDataset shards only, and --data {data!r} is an ImageFolder")
     return FolderStream(data, img_size, in_chans, workers=workers, device=device, **common)

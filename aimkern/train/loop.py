@@ -147,7 +147,7 @@ def _train(args, env: DistEnv) -> dict:
             patch_size=geometry.patch_size, fit_images=args.tokenizer_images, env=env,
             fit_batches=make_stream(args.data, img_size=geometry.img_size, in_chans=geometry.in_chans,
                                     global_batch=args.batch_size, rank=0, world=1, seed=args.seed, start=0,
-                                    device=env.device, workers=args.workers),
+                                    device=env.device, workers=args.workers, decode=args.decode),
         )
         vocab_size = tokenizer_vocab_size(tok, vocab_size)
         seed_everything(args.seed)  # fitting may draw random numbers: initialize as a pixel run would
@@ -181,7 +181,7 @@ def _train(args, env: DistEnv) -> dict:
     stop = min(args.steps, args.stop_at or args.steps)
     stream = iter(make_stream(args.data, img_size=cfg.img_size, in_chans=cfg.in_chans, global_batch=args.batch_size,
                               rank=env.rank, world=env.world, seed=args.seed, start=samples_seen, device=env.device,
-                              workers=args.workers))
+                              workers=args.workers, decode=args.decode))
     metrics = MetricsLog(args.out, start_step, env.is_main)
     n_params = core.num_parameters()  # DTensor.numel() is the global size, so FSDP counts right too
     _say(f"aimkern.train: {args.preset} ({n_params / 1e6:.2f}M params, {cfg.num_patches} patches of "
