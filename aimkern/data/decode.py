@@ -90,7 +90,7 @@ def decode_crop(data: bytes, img_size: int, in_chans: int, seed: int, draft: boo
     out = im.resize((img_size, img_size), Image.BICUBIC, box=box)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    arr = np.asarray(out)
+    arr = np.array(out)  # a writable copy (torch refuses to wrap PIL's read-only buffer)
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
