@@ -10,7 +10,7 @@ ImageFolder and, through ``python -m aimkern.data pack``, as shards, then times 
 - ``shards-full``: the shard stream with draft mode off (full PIL decode);
 - ``shards-draft``: the shard stream as trained (PIL decode at a DCT scale that keeps the crop's pixels);
 - ``shards-gpu``: ``--decode gpu`` (nvJPEG), only when CUDA is present.
-Each at 1, 2 and all workers (one core each). Prints images/s and images/s per worker core, and the cores
+Each at 1, 2 and all workers (one core each); full vs draft also on larger JPEGs (--large, 1024 x 768). Prints images/s and images/s per worker core, and the cores
 needed to feed the vit-b16 (3,800 img/s) and aim-600m (330 img/s) per-GPU step goals. Table on stdout,
 JSON and PNG under $AIMKERN_BENCH_OUT or benchmarks/out/. ``--quick`` is the small form CI runs on a CPU.
 """
@@ -83,20 +83,26 @@ def measure(args) -> tuple:
     kinds = ["imagefolder", "shards-full", "shards-draft"] + (["shards-gpu"] if has_cuda() else [])
     size = tuple(int(v) for v in args.size.lower().split("x"))
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder, shards = os.path.join(tmp, "folder"), os.path.join(tmp, "shards")
-        kib = make_jpegs(folder, args.images, size, args.quality)
-        pack(folder, shards, max(1, args.images // 8), progress=False)
-        print(f"{args.images} JPEGs, {size[0]} x {size[1]}, q{args.quality}, mean {kib:.1f} KiB; crops to "
-              f"{args.img} px; {cores} CPU core(s) here")
-        for kind in kinds:
-            for workers in counts:
-                rate = time_stream(build(kind, folder, shards, args.img, args.batch, workers), args.images, args.batch)
-                rows.append({"reader": kind, "workers": workers, "img_per_s": rate,
-                             "img_per_s_per_core": rate / min(workers, cores),
-                             "image": f"{size[0]}x{size[1]} q{args.quality} {kib:.0f}KiB", "crop": args.img})
-                print(f"  {kind:12s} workers={workers}: {rate:7.1f} img/s, {rate / min(workers, cores):6.1f} per core",
-                      flush=True)
+    # The ImageNet-like set at every worker count; a larger set (where the 224-px crop is much smaller than the
+    # image, so draft mode has a DCT scale to pick) for full vs draft decode at the fewest workers.
+    sets = [(size, args.images, kinds, counts)]
+    if args.large:
+        large = tuple(int(v) for v in args.large.lower().split("x"))
+        sets.append((large, max(args.batch, args.images // 4), ["shards-full", "shards-draft"], counts[:1]))
+    for (w, h), n, set_kinds, set_counts in sets:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder, shards = os.path.join(tmp, "folder"), os.path.join(tmp, "shards")
+            kib = make_jpegs(folder, n, (w, h), args.quality)
+            pack(folder, shards, max(1, n // 8), progress=False)
+            image = f"{w}x{h} q{args.quality} {kib:.0f}KiB"
+            print(f"{n} JPEGs, {image}; crops to {args.img} px; {cores} CPU core(s) here", flush=True)
+            for kind in set_kinds:
+                for workers in set_counts:
+                    rate = time_stream(build(kind, folder, shards, args.img, args.batch, workers), n, args.batch)
+                    per_core = rate / min(workers, cores)
+                    rows.append({"reader": kind, "workers": workers, "img_per_s": rate,
+                                 "img_per_s_per_core": per_core, "image": image, "crop": args.img})
+                    print(f"  {kind:12s} workers={workers}: {rate:7.1f} img/s, {per_core:6.1f} per core", flush=True)
     return rows, cores
 
 
@@ -104,8 +110,9 @@ def cores_needed(rows) -> list:
     """Lines: cores per GPU and per 8-GPU node for each reader, at its per-core rate with the fewest workers
     (one worker per core: more workers than cores would only share them)."""
     lines = []
-    for kind in dict.fromkeys(r["reader"] for r in rows):
-        per_core = min((r for r in rows if r["reader"] == kind), key=lambda r: r["workers"])["img_per_s_per_core"]
+    main = [r for r in rows if r["image"] == rows[0]["image"]]  # the ImageNet-like set
+    for kind in dict.fromkeys(r["reader"] for r in main):
+        per_core = min((r for r in main if r["reader"] == kind), key=lambda r: r["workers"])["img_per_s_per_core"]
         need = ", ".join(f"{name} {goal / per_core:.1f} cores/GPU ({8 * goal / per_core:.0f} per 8-GPU node)"
                          for name, goal in GOALS.items())
         lines.append(f"{kind:12s} {per_core:6.1f} img/s per core -> {need}")
@@ -114,16 +121,16 @@ def cores_needed(rows) -> list:
 
 def chart(rows):
     def draw(ax):
-        kinds = list(dict.fromkeys(r["reader"] for r in rows))
+        kinds = list(dict.fromkeys((r["reader"], r["image"]) for r in rows))
         counts = sorted({r["workers"] for r in rows})
         width = 0.8 / len(counts)
         for j, w in enumerate(counts):
-            vals = [next((r["img_per_s_per_core"] for r in rows if r["reader"] == k and r["workers"] == w), 0)
-                    for k in kinds]
+            vals = [next((r["img_per_s_per_core"] for r in rows if (r["reader"], r["image"]) == k and r["workers"] == w),
+                         0) for k in kinds]
             ax.bar(np.arange(len(kinds)) + j * width, vals, width, label=f"{w} worker(s)")
-        ax.set_xticks(np.arange(len(kinds)) + width * (len(counts) - 1) / 2, kinds)
+        ax.set_xticks(np.arange(len(kinds)) + width * (len(counts) - 1) / 2, [f"{k}\n{i}" for k, i in kinds])
         ax.set_ylabel("images / s per worker core")
-        ax.set_title(f"input pipeline, {rows[0]['image']} JPEGs -> {rows[0]['crop']} px crops")
+        ax.set_title(f"input pipeline, JPEGs -> {rows[0]['crop']} px crops")
         ax.legend()
     return draw
 
@@ -136,10 +143,11 @@ def main() -> None:
     ap.add_argument("--img", type=int, default=224, help="crop size (default: 224)")
     ap.add_argument("--workers", default="1,2,all", help="DataLoader worker counts (default: 1,2,all)")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--large", default="1024x768", help="the larger JPEGs for full vs draft decode ('' skips them)")
     ap.add_argument("--quick", action="store_true", help="small CPU form for CI: 48 images of 160x140, 64-px crops")
     args = ap.parse_args()
     if args.quick:
-        args.images, args.size, args.img, args.workers, args.batch = 48, "160x140", 64, "1", 8
+        args.images, args.size, args.img, args.workers, args.batch, args.large = 48, "160x140", 64, "1", 8, "320x240"
     torch.set_num_threads(1)  # the main process only collates; the workers decode
     rows, cores = measure(args)
     for line in cores_needed(rows):
