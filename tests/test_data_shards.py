@@ -46,7 +46,8 @@ def test_pack_writes_shards_and_an_index(shards):
     assert sorted(os.listdir(shards)) == ["index.json"] + [f"train-{i:06d}.tar" for i in range(5)]
     import webdataset as wds  # the shards are plain WebDataset: its own reader sees every sample once
 
-    keys = [s["__key__"] for s in wds.WebDataset(os.path.join(shards, "train-{000000..000004}.tar"), shardshuffle=False)]
+    reader = wds.WebDataset(os.path.join(shards, "train-{000000..000004}.tar"), shardshuffle=False)
+    keys = [s["__key__"] for s in reader]
     assert sorted(keys) == [f"{i:09d}" for i in range(N_IMAGES)]
 
 
