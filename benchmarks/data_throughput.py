@@ -12,8 +12,8 @@ ImageFolder and, through ``python -m aimkern.data pack``, as shards, then times 
 - ``shards-gpu``: ``--decode gpu`` (nvJPEG), only when CUDA is present.
 Each at 1, 2 and all workers (one core each); full vs draft also on larger JPEGs (--large, 1024 x 768).
 Prints images/s (wall clock) and images/s per core (images per CPU second of the training process and
-its workers, which other jobs on a shared machine do not distort), and the cores needed to feed the vit-b16 (3,800 img/s) and
-aim-600m (330 img/s) per-GPU step goals. Table on stdout, JSON and PNG under $AIMKERN_BENCH_OUT or
+its workers, which other jobs on a shared machine do not distort), and the cores needed to feed the
+vit-b16 (3,800 img/s) and aim-600m (330 img/s) per-GPU step goals. Table on stdout, JSON and PNG under $AIMKERN_BENCH_OUT or
 benchmarks/out/. ``--quick`` is the small form CI runs on a CPU.
 """
 from __future__ import annotations
@@ -74,8 +74,9 @@ def cpu_seconds() -> float:
 
 def time_stream(stream, images: int, batch: int, warm: int = 6, segments: int = 3) -> tuple:
     """(images / wall second, images / CPU second) of ``stream`` over ``images`` images after ``warm`` batches
-    (worker start-up and the prefetch queue's first fill excluded). Wall rate: the best of ``segments`` consecutive thirds, since on a shared
-    machine other jobs steal whole stretches; CPU rate: over all of them (the per-core cost)."""
+    (worker start-up and the prefetch queue's first fill excluded). Wall rate: the best of ``segments``
+    consecutive thirds, since on a shared machine other jobs steal whole stretches; CPU rate: over all of
+    them (the per-core cost)."""
     it = iter(stream)
     for _ in range(warm):
         next(it)
