@@ -13,8 +13,8 @@ ImageFolder and, through ``python -m aimkern.data pack``, as shards, then times 
 Each at 1, 2 and all workers (one core each); full vs draft also on larger JPEGs (--large, 1024 x 768).
 Prints images/s (wall clock) and images/s per core (images per CPU second of the training process and
 its workers, which other jobs on a shared machine do not distort), and the cores needed to feed the
-vit-b16 (3,800 img/s) and aim-600m (330 img/s) per-GPU step goals. Table on stdout, JSON and PNG under $AIMKERN_BENCH_OUT or
-benchmarks/out/. ``--quick`` is the small form CI runs on a CPU.
+vit-b16 (3,800 img/s) and aim-600m (330 img/s) per-GPU step goals. Table on stdout, JSON and PNG under
+$AIMKERN_BENCH_OUT or benchmarks/out/. ``--quick`` is the small form CI runs on a CPU.
 """
 from __future__ import annotations
 
