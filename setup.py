@@ -21,6 +21,10 @@ setup(
         "numpy",
         "scikit-learn",
         "tqdm",
+        "pillow",
+        # WebDataset shards (aimkern.data): ShardWriter / TarWriter and the indexed `wids` reader, which the
+        # 1.x releases no longer ship (checked: 1.0.2 has no wids package; 0.2.111 does).
+        "webdataset>=0.2.100,<1",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],

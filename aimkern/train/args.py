@@ -14,6 +14,7 @@ import sys
 import textwrap
 from typing import Optional, Sequence
 
+from ..data.shards import is_shard_spec
 from ..models.config import PRESETS, ViTConfig
 from . import resume
 from .errors import PREEMPTED_EXIT_CODE
@@ -103,12 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--data", default="digits",
         help="'digits' (scikit-learn's 8x8 digits, upsampled; nothing is downloaded), 'synthetic' (random "
-        "images, for throughput), or the path of an ImageFolder tree (class sub-folders of images) "
-        "(default: digits)",
+        "images, for throughput), the path of an ImageFolder tree (class sub-folders of images), or WebDataset "
+        "shards: a brace pattern ('shards/train-{000000..000127}.tar'), a directory of .tar files, or a "
+        "shard-list (.txt) / index (.json) file, see python -m aimkern.data (default: digits)",
     )
+    g.add_argument("--decode", default="cpu", choices=("cpu", "gpu"),
+                   help="shards: decode JPEGs in the DataLoader workers with PIL (draft mode), or in batches on the "
+                   "GPU with nvJPEG (needs CUDA) (default: cpu)")
     g.add_argument("--img-size", type=_positive_int, default=None, help="image size in pixels (default: the preset's)")
     g.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader worker processes per rank for an ImageFolder (default: min(8, CPUs))")
+                   help="DataLoader worker processes per rank for an ImageFolder or shards (default: min(8, CPUs))")
     g.add_argument("--objective", default="pixel", choices=("pixel", "token"),
                    help="'pixel': normalized next-patch pixels; 'token': next patch's k-means token id "
                    "(default: pixel)")
@@ -233,8 +238,16 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--tokenizer needs --objective token")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
         parser.error(f"--tokenizer {args.tokenizer}: no such file")
-    if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data):
-        parser.error(f"--data must be 'digits', 'synthetic' or an existing ImageFolder directory, got {args.data!r}")
+    shards = args.data not in ("digits", "synthetic") and is_shard_spec(args.data)
+    if args.data not in ("digits", "synthetic") and not os.path.isdir(args.data) and not shards:
+        parser.error(f"--data must be 'digits', 'synthetic', an existing ImageFolder directory or WebDataset shards "
+                     f"(brace pattern, directory of .tar files, .txt list or .json index), got {args.data!r}")
+    if args.decode == "gpu":
+        from ..data.gpu_decode import gpu_decode_problem
+
+        problem = "--decode gpu reads WebDataset shards only" if not shards else gpu_decode_problem(args.device)
+        if problem:
+            parser.error(problem)
     _check_model(parser, args)
     _check_world(parser, args)
     if args.device is not None:

@@ -12,6 +12,8 @@ Sources:
 - a directory: a torchvision ``ImageFolder`` read by DataLoader workers with random-resized-crop and flip
   augmentation; each sample's augmentation is seeded by its position, so it is reproducible too. A file
   that cannot be read is replaced by the next readable one and reported (``take_bad``; see bad_samples.py).
+- WebDataset shards (a brace pattern, a directory of ``.tar`` files, a shard-list or index file):
+  ``aimkern.data.stream.ShardStream``, the same guarantees through the same sampler.
 
 Every stream has ``take_bad()`` (the (path, error) failures since the last call) and ``num_files`` (the
 dataset size the --max-bad-samples fraction refers to; None for the in-memory sources).
@@ -214,9 +216,9 @@ class FolderStream:
 
 # ------------------------------------------------------------------------------------------------------
 def make_stream(data: str, *, img_size: int, in_chans: int, global_batch: int, rank: int, world: int, seed: int,
-                start: int, device: torch.device, workers: int = 0):
+                start: int, device: torch.device, workers: int = 0, decode: str = "cpu"):
     """The training stream for ``--data``: an iterable of (global_batch // world, C, H, W) float32 batches on
-    ``device``, beginning at global sample position ``start``."""
+    ``device``, beginning at global sample position ``start``. ``decode`` ('cpu' or 'gpu') applies to shards."""
     common = dict(global_batch=global_batch, rank=rank, world=world, seed=seed, start=start)
     if data == "digits":
         x_train = digits_split()[0].to(device)
@@ -225,4 +227,12 @@ def make_stream(data: str, *, img_size: int, in_chans: int, global_batch: int, r
         gen = torch.Generator().manual_seed(mix_seed(seed, 2))
         pool = torch.randn(SYNTHETIC_POOL, in_chans, img_size, img_size, generator=gen).to(device)
         return InMemoryStream(pool, lambda x: x, **common)
+    from ..data.shards import is_shard_spec
+
+    if is_shard_spec(data):
+        from ..data.stream import ShardStream
+
+        return ShardStream(data, img_size, in_chans, workers=workers, device=device, decode=decode, **common)
+    if decode != "cpu":
+        raise ValueError(f"--decode {decode} reads WebDataset shards only, and --data {data!r} is an ImageFolder")
     return FolderStream(data, img_size, in_chans, workers=workers, device=device, **common)

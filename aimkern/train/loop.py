@@ -199,7 +199,7 @@ def _train(args, env: DistEnv, guard: PreemptionGuard) -> dict:
             progress=not args.no_progress,
             fit_batches=make_stream(args.data, img_size=geometry.img_size, in_chans=geometry.in_chans,
                                     global_batch=args.batch_size, rank=0, world=1, seed=args.seed, start=0,
-                                    device=env.device, workers=args.workers),
+                                    device=env.device, workers=args.workers, decode=args.decode),
         )
         vocab_size = tokenizer_vocab_size(tok, vocab_size)
         seed_everything(args.seed)  # fitting may draw random numbers: initialize as a pixel run would
@@ -238,7 +238,7 @@ def _train(args, env: DistEnv, guard: PreemptionGuard) -> dict:
     stop = min(args.steps, args.stop_at or args.steps)
     source = make_stream(args.data, img_size=cfg.img_size, in_chans=cfg.in_chans, global_batch=args.batch_size,
                          rank=env.rank, world=env.world, seed=args.seed, start=samples_seen, device=env.device,
-                         workers=args.workers)
+                         workers=args.workers, decode=args.decode)
     bad.num_files = getattr(source, "num_files", None)
     take_bad = getattr(source, "take_bad", list)
     stream = iter(source)

@@ -1,0 +1,187 @@
+"""Input-pipeline throughput: ImageFolder vs WebDataset shards, full vs draft-mode JPEG decode, CPU vs GPU.
+
+    python benchmarks/data_throughput.py [--images 1024] [--size 400x350] [--quality 90] [--img 224]
+                                         [--workers 1,2,all] [--batch 64] [--quick]
+
+Writes the same JPEGs (ImageNet-like: smooth random content + sensor-like noise, 400 x 350, q90) as an
+ImageFolder and, through ``python -m aimkern.data pack``, as shards, then times the training streams
+``aimkern.train`` builds for each (DataLoader workers, random-resized crop to --img, flip, normalize):
+- ``imagefolder``: the ImageFolder stream (torchvision ImageFolder + transforms, full PIL decode);
+- ``shards-full``: the shard stream with draft mode off (full PIL decode);
+- ``shards-draft``: the shard stream as trained (PIL decode at a DCT scale that keeps the crop's pixels);
+- ``shards-gpu``: ``--decode gpu`` (nvJPEG), only when CUDA is present.
+Each at 1, 2 and all workers (one core each); full vs draft also on larger JPEGs (--large, 1024 x 768).
+Prints images/s (wall clock) and images/s per core (images per CPU second of the training process and
+its workers, which other jobs on a shared machine do not distort), and the cores needed to feed the
+vit-b16 (3,800 img/s) and aim-600m (330 img/s) per-GPU step goals. Table on stdout, JSON and PNG under
+$AIMKERN_BENCH_OUT or benchmarks/out/. ``--quick`` is the small form CI runs on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import has_cuda, write_report  # noqa: E402
+
+from aimkern.data.pack import pack  # noqa: E402
+from aimkern.data.stream import ShardStream  # noqa: E402
+from aimkern.train.data import FolderStream  # noqa: E402
+
+GOALS = {"vit-b16": 3800.0, "aim-600m": 330.0}  # img/s per H200 (README "Results")
+
+
+def make_jpegs(root: str, n: int, size, quality: int, seed: int = 0) -> float:
+    """n JPEGs in 10 class folders; returns the mean file size in KiB. Content: a bicubic-upsampled 12 x 12
+    random field (objects, gradients) plus Gaussian noise (texture), which compresses like photos do."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    total = 0
+    for i in range(n):
+        folder = os.path.join(root, f"c{i % 10}")
+        os.makedirs(folder, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        pixels = np.asarray(coarse, dtype=np.float32) + rng.normal(0, 10, (h, w, 3))
+        path = os.path.join(folder, f"{i:06d}.jpg")
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=quality)
+        total += os.path.getsize(path)
+    return total / n / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its children alive now (the DataLoader workers), from
+    /proc: what the pipeline costs in cores, whatever share of them other jobs on the machine take."""
+    tick, me = os.sysconf("SC_CLK_TCK"), os.getpid()
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(pid) == me or int(fields[1]) == me:  # fields[1]: the parent's pid
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def time_stream(stream, images: int, batch: int, warm: int = 6, segments: int = 3) -> tuple:
+    """(images / wall second, images / CPU second) of ``stream`` over ``images`` images after ``warm`` batches
+    (worker start-up and the prefetch queue's first fill excluded). Wall rate: the best of ``segments``
+    consecutive thirds, since on a shared machine other jobs steal whole stretches; CPU rate: over all of
+    them (the per-core cost)."""
+    it = iter(stream)
+    for _ in range(warm):
+        next(it)
+    steps = max(1, images // batch // segments)
+    best, cpu0 = 0.0, cpu_seconds()
+    for _ in range(segments):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x = next(it)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        best = max(best, steps * batch / (time.perf_counter() - t0))
+    return best, segments * steps * batch / max(cpu_seconds() - cpu0, 1e-9)
+
+
+def build(kind: str, folder: str, shards: str, img: int, batch: int, workers: int):
+    common = dict(global_batch=batch, rank=0, world=1, seed=0, start=0, workers=workers)
+    if kind == "imagefolder":
+        return FolderStream(folder, img, 3, device=torch.device("cpu"), **common)
+    if kind == "shards-gpu":
+        return ShardStream(shards, img, 3, device=torch.device("cuda"), decode="gpu", **common)
+    return ShardStream(shards, img, 3, device=torch.device("cpu"), draft=kind == "shards-draft", **common)
+
+
+def measure(args) -> tuple:
+    cores = os.cpu_count() or 1
+    counts = sorted({int(w) if w != "all" else cores for w in args.workers.split(",")})
+    kinds = ["imagefolder", "shards-full", "shards-draft"] + (["shards-gpu"] if has_cuda() else [])
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    rows = []
+    # The ImageNet-like set at every worker count; a larger set (where the 224-px crop is much smaller than the
+    # image, so draft mode has a DCT scale to pick) for full vs draft decode at the fewest workers.
+    sets = [(size, args.images, kinds, counts)]
+    if args.large:
+        large = tuple(int(v) for v in args.large.lower().split("x"))
+        sets.append((large, max(args.batch, args.images // 4), ["shards-full", "shards-draft"], counts[:1]))
+    for (w, h), n, set_kinds, set_counts in sets:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder, shards = os.path.join(tmp, "folder"), os.path.join(tmp, "shards")
+            kib = make_jpegs(folder, n, (w, h), args.quality)
+            pack(folder, shards, max(1, n // 8), progress=False)
+            image = f"{w}x{h} q{args.quality} {kib:.0f}KiB"
+            print(f"{n} JPEGs, {image}; crops to {args.img} px; {cores} CPU core(s) here", flush=True)
+            for kind in set_kinds:
+                for workers in set_counts:
+                    stream = build(kind, folder, shards, args.img, args.batch, workers)
+                    rate, per_cpu_s = time_stream(stream, n, args.batch)
+                    del stream  # its workers exit before the next configuration starts
+                    rows.append({"reader": kind, "workers": workers, "img_per_s": rate,
+                                 "img_per_s_per_core": per_cpu_s, "image": image, "crop": args.img})
+                    print(f"  {kind:12s} workers={workers}: {rate:7.1f} img/s, {per_cpu_s:6.1f} per core (CPU second)",
+                          flush=True)
+    return rows, cores
+
+
+def cores_needed(rows) -> list:
+    """Lines: cores per GPU and per 8-GPU node for each reader, at its per-core rate with the fewest workers."""
+    lines = []
+    main = [r for r in rows if r["image"] == rows[0]["image"]]  # the ImageNet-like set
+    for kind in dict.fromkeys(r["reader"] for r in main):
+        per_core = min((r for r in main if r["reader"] == kind), key=lambda r: r["workers"])["img_per_s_per_core"]
+        need = ", ".join(f"{name} {goal / per_core:.1f} cores/GPU ({8 * goal / per_core:.0f} per 8-GPU node)"
+                         for name, goal in GOALS.items())
+        lines.append(f"{kind:12s} {per_core:6.1f} img/s per core -> {need}")
+    return lines
+
+
+def chart(rows):
+    def draw(ax):
+        kinds = list(dict.fromkeys((r["reader"], r["image"]) for r in rows))
+        counts = sorted({r["workers"] for r in rows})
+        width = 0.8 / len(counts)
+        for j, w in enumerate(counts):
+            vals = [next((r["img_per_s_per_core"] for r in rows
+                          if (r["reader"], r["image"]) == k and r["workers"] == w), 0) for k in kinds]
+            ax.bar(np.arange(len(kinds)) + j * width, vals, width, label=f"{w} worker(s)")
+        ax.set_xticks(np.arange(len(kinds)) + width * (len(counts) - 1) / 2, [f"{k}\n{i}" for k, i in kinds])
+        ax.set_ylabel("images per CPU second")
+        ax.set_title(f"input pipeline, JPEGs -> {rows[0]['crop']} px crops")
+        ax.legend()
+    return draw
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1024, help="JPEGs written and timed per configuration")
+    ap.add_argument("--size", default="400x350", help="JPEG width x height (default: 400x350)")
+    ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--img", type=int, default=224, help="crop size (default: 224)")
+    ap.add_argument("--workers", default="1,2,all", help="DataLoader worker counts (default: 1,2,all)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--large", default="1024x768", help="the larger JPEGs for full vs draft decode ('' skips them)")
+    ap.add_argument("--quick", action="store_true", help="small CPU form for CI: 48 images of 160x140, 64-px crops")
+    args = ap.parse_args()
+    if args.quick:
+        args.images, args.size, args.img, args.workers, args.batch, args.large = 48, "160x140", 64, "1", 8, "320x240"
+    torch.set_num_threads(1)  # the main process only collates; the workers decode
+    rows, cores = measure(args)
+    for line in cores_needed(rows):
+        print(line)
+    if not has_cuda():
+        print("(no CUDA here: GPU decode not measured)")
+    write_report("data_throughput", rows, ["reader", "workers", "img_per_s", "img_per_s_per_core", "image", "crop"],
+                 chart=chart(rows))
+
+
+if __name__ == "__main__":
+    main()
