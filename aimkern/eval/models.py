@@ -46,9 +46,12 @@ def seeded_init(config: ViTConfig, seed: int) -> CausalViT:
 
 
 def model_digest(model: CausalViT) -> str:
-    """sha256 of the config and every state-dict tensor's bytes: the model's identity in the feature cache."""
+    """sha256 of the config and every trunk tensor's bytes: the model's identity in the feature cache. The
+    pretraining head is left out: features never pass through it (and it is not loaded from checkpoints)."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
+        if name.startswith("head."):
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())

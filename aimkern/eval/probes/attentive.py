@@ -70,7 +70,7 @@ def train_attentive(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
     per_epoch = steps_per_epoch(train_x.shape[0], cfg.batch_size)
     total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
-    xs, ys = Rows(train_x, device), torch.from_numpy(np.asarray(train_y)).to(device)
+    xs, ys = Rows(train_x, device), torch.from_numpy(np.array(train_y, dtype=np.int64)).to(device)
     bar = _bar(total, desc, progress)
     head.train()
     for _ in range(cfg.epochs):
@@ -93,7 +93,7 @@ def evaluate(head: nn.Module, val_x: np.ndarray, val_y: np.ndarray, num_classes:
     head.eval()
     xs = Rows(val_x, device)
     scores = torch.cat([head(xs[idx]).float().cpu() for _, idx in in_order(xs.n, batch_size)])
-    return topk_accuracy(scores, torch.from_numpy(np.asarray(val_y)), num_classes)
+    return topk_accuracy(scores, torch.from_numpy(np.array(val_y, dtype=np.int64)), num_classes)
 
 
 def _bar(total: int, desc: str, enabled: bool):

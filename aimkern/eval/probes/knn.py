@@ -26,7 +26,7 @@ def knn_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     """Score (n_val, dim) ``val_x`` by its neighbours in (n_train, dim) ``train_x``: {"top1", "top5"}."""
     tr = Rows(train_x, device)
     bank = torch.cat([F.normalize(tr[idx], dim=1) for _, idx in in_order(tr.n, 65536)])  # (n_train, dim)
-    labels = torch.from_numpy(np.asarray(train_y)).to(device)
+    labels = torch.from_numpy(np.array(train_y, dtype=np.int64)).to(device)
     k = min(cfg.k, tr.n)
     vs = Rows(val_x, device)
     scores = []
@@ -36,4 +36,4 @@ def knn_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
         votes = torch.zeros(sim.shape[0], num_classes, device=device)
         votes.scatter_add_(1, labels[top_i], (top_sim / cfg.temperature).exp())
         scores.append(votes.cpu())
-    return topk_accuracy(torch.cat(scores), torch.from_numpy(np.asarray(val_y)), num_classes)
+    return topk_accuracy(torch.cat(scores), torch.from_numpy(np.array(val_y, dtype=np.int64)), num_classes)

@@ -42,7 +42,7 @@ def train_linear(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
                  desc: str = "linear") -> dict:
     """Fit on (n, dim) ``train_x``, score on ``val_x``: {"top1", "top5"}."""
     gen = torch.Generator().manual_seed(seed)
-    xs, ys = Rows(train_x, device), torch.from_numpy(np.asarray(train_y)).to(device)
+    xs, ys = Rows(train_x, device), torch.from_numpy(np.array(train_y, dtype=np.int64)).to(device)
     mean, std = standardizer(xs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -67,4 +67,4 @@ def train_linear(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     with torch.no_grad():
         vs = Rows(val_x, device)
         scores = torch.cat([layer((vs[idx] - mean) / std).cpu() for _, idx in in_order(vs.n, 4096)])
-    return topk_accuracy(scores, torch.from_numpy(np.asarray(val_y)), num_classes)
+    return topk_accuracy(scores, torch.from_numpy(np.array(val_y, dtype=np.int64)), num_classes)
