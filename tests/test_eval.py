@@ -97,7 +97,8 @@ def test_cache_gives_identical_results_and_is_reused(run_dir, tmp_path, capsys):
     uncached = ev(run_dir, tmp_path / "c", "--no-cache", *args)
     strip = {p: {k: v for k, v in r.items() if k != "seconds"} for p, r in first["results"]["model"].items()}
     for other in (again, uncached):
-        assert {p: {k: v for k, v in r.items() if k != "seconds"} for p, r in other["results"]["model"].items()} == strip
+        assert {p: {k: v for k, v in r.items() if k != "seconds"}
+                for p, r in other["results"]["model"].items()} == strip
     other_layers = ev(run_dir, tmp_path / "d", *args, "--layers", "final", "--probes", "knn")
     assert len(os.listdir(tmp_path / "cache")) == 4  # other layers: other entries, not a stale hit
     assert other_layers["layers"] == "final"
@@ -173,6 +174,19 @@ def test_attentive_head_is_aims():
     assert not head.bn.affine and head.k.bias is None and head.v.bias is None  # BN without affine; no qkv bias
     assert head.query.shape == (1, 2, 64)
     assert head(torch.randn(3, 16, 64)).shape == (3, 10)
+
+
+def test_timm_model_with_local_weights(tmp_path):
+    """timm:NAME through CausalViT.from_timm, weights from a local file (nothing downloaded)."""
+    timm = pytest.importorskip("timm")
+    kwargs = {"class_token": False, "global_pool": "avg", "img_size": 16, "patch_size": 4, "embed_dim": 64,
+              "depth": 1, "num_heads": 4}
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs).state_dict(),
+               tmp_path / "w.pt")
+    report = ev("timm:vit_tiny_patch16_224", tmp_path / "o", "--weights", tmp_path / "w.pt", "--timm-kwargs",
+                json.dumps(kwargs), "--probes", "knn", "--no-baseline")
+    assert report["name"] == "timm:vit_tiny_patch16_224" and report["config"]["dim"] == 64
+    assert report["results"]["model"]["knn"]["top1"] > 0.2
 
 
 # ------------------------------------------------------------------------------------------------------
