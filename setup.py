@@ -30,5 +30,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["aimkern-train=aimkern.train.__main__:main"]},
+    entry_points={"console_scripts": [
+        "aimkern-train=aimkern.train.__main__:main",
+        "aimkern-eval=aimkern.eval.__main__:main",
+    ]},
 )

@@ -345,7 +345,7 @@ def _images_per_second(intervals: list) -> Optional[float]:
 
 
 def _probe(args, env: DistEnv, model_sd: Optional[dict]) -> dict:
-    """Rank 0: linear probe of the trained model beside a random-init one (plain copies, so FSDP is fine)."""
+    """Rank 0: aimkern.eval's probes of the trained model beside a random-init one (plain copies, so FSDP is fine)."""
     from .probe import compare
 
     if not env.is_main:
@@ -375,11 +375,10 @@ def _format_summary(s: dict) -> str:
         f"done: {s['steps']}/{s['of_steps']} steps in {s['wall_s']:.1f}s, loss {s['first_loss']:.4f} -> "
         f"{s['final_loss']:.4f}, {s['img_per_s']:.0f} img/s ({s['processes']} process(es))",
     ]
-    if "probe_pretrained" in s:
-        lines.append(
-            f"linear probe on digits (test accuracy): pretrained {s['probe_pretrained']:.4f} vs random init "
-            f"{s['probe_random_init']:.4f}"
-        )
+    if "probe" in s:
+        from ..eval.report import format_table
+
+        lines.append(f"probes on digits (test accuracy, as python -m aimkern.eval):\n{format_table(s['probe'])}")
     if s.get("bad_samples"):
         lines.append(f"skipped {s['bad_samples']} unreadable sample(s) from {len(s['bad_files'])} file(s) (listed in "
                      f"{SUMMARY_NAME})")
