@@ -1,6 +1,6 @@
 """Benchmark: aimkern.attention against the best peers, every mask of the contract, forward and fwd+bwd.
 
-For each shape of DESIGN.md's peer table (bf16, H = 12, 65,536 tokens per call) and each mask mode it
+For each shape of the peer table in benchmarks/RESULTS.md (bf16, H = 12, 65,536 tokens per call) and each mask mode it
 times, in the same run:
   * aimkern              aimkern.attention(backend="triton")
   * aimkern split bwd    the same under LaunchPolicy(attention_backward="split") (N <= 256 only): the

@@ -16,7 +16,7 @@ import torch
 # Reports go to $AIMKERN_BENCH_OUT when set (gpu_check.sh points it at the device tool's $OUT).
 OUT_DIR = os.environ.get("AIMKERN_BENCH_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
-# Ceilings measured on the H200 (DESIGN.md): bf16 dense matmul and device-to-device copy.
+# Ceilings measured on the H200 (benchmarks/RESULTS.md, "Ceilings and peers"): bf16 dense matmul and device-to-device copy.
 MATMUL_CEILING_TFLOPS = 765.0
 COPY_CEILING_GBPS = 4200.0
 

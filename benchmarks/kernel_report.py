@@ -72,6 +72,7 @@ def attention_problems(subset: str):
     # compile budget of CI: a full product would be ~5x the compiles for near-identical code).
     dtypes = ("bf16", "fp16") if subset == "gpu-run" else ("bf16", "fp16", "fp32")
     masks = {"full": (False, None), "causal": (True, None), "prefix": (True, "prefix")}
+    qdev = torch.device("meta")
     for dname in dtypes:
         dtype = DTYPES[dname]
         dims = (64, 80, 128, 256) if dname == "bf16" and subset != "gpu-run" else (64, 128)
@@ -81,7 +82,7 @@ def attention_problems(subset: str):
                     if mname != "prefix" and (dname != "bf16" or d != 64):
                         continue
                     paths = ["split"]
-                    if op._kernels().fused_backward_fits(d, dtype == torch.float32, n):
+                    if op._kernels().fused_backward_fits(d, dtype == torch.float32, n, op.table_arch(qdev)):
                         paths.append("fused")
                     for path in paths:
                         def run(dtype=dtype, d=d, n=n, causal=causal, prefix=prefix, path=path):
@@ -100,6 +101,8 @@ def attention_problems(subset: str):
     if subset != "gpu-run":
         for n in (16, 32, 64, 128):
             def run_small(n=n):
+                if not op._kernels().fused_backward_fits(64, False, n, op.table_arch(qdev)):
+                    return
                 qkv = _meta(2, n, 3, 4, 64, dtype=torch.bfloat16)
                 q, k, v = op._unpack(qkv)
                 pre = _meta(2, dtype=torch.int32)
@@ -232,19 +235,25 @@ def _input_dtype(launch) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[tensors[0].dtype]
 
 
-def collect_jobs(families, subset: str, archs) -> list:
-    from aimkern.ops._launch import observe
+def collect_jobs(families, subset: str, archs, kernels=None) -> list:
+    """Every (kernel, config, arch) the launchers can pick for the problems, deduplicated by specialization.
+    The launchers run once per arch: their tables may differ (Hopper vs Ampere tiles)."""
+    from aimkern.ops._launch import meta_arch, observe
 
     jobs: dict = {}
-    for family in families:
-        for label, run in FAMILIES[family](subset):
-            with observe(dry_run=True) as launches:
-                run()
-            for launch in launches:
-                fn = launch.choice.kernel.fn
-                args = tuple(_describe_arg(a) for a in launch.args)
-                for c in launch.choice.configs:
-                    for arch in archs:
+    for arch in archs:
+        for family in families:
+            with meta_arch(ARCHS[arch]):  # the problem lists ask which paths fit this arch too
+                problems = list(FAMILIES[family](subset))
+            for label, run in problems:
+                with meta_arch(ARCHS[arch]), observe(dry_run=True) as launches:
+                    run()
+                for launch in launches:
+                    fn = launch.choice.kernel.fn
+                    if kernels and fn.__name__ not in kernels:
+                        continue
+                    args = tuple(_describe_arg(a) for a in launch.args)
+                    for c in launch.choice.configs:
                         job = Job(fn.__module__, fn.__name__, args, {**launch.constexprs, **c.kwargs},
                                   c.num_warps, c.num_stages, arch, _input_dtype(launch))
                         jobs.setdefault(job.key(), job).problems.append(label)
@@ -373,7 +382,10 @@ def violations(row: dict) -> list:
     sixteen_bit = row["config"]["dtype"] in ("bf16", "fp16")
     if sixteen_bit and (row["spill_bytes"] or 0) > 0:
         out.append(f"16-bit config spills {row['spill_bytes']} B")
-    if sixteen_bit and cap == 90 and row["kernel"] in MAIN_LOOP_KERNELS and row["mma"]["hgmma"] == 0:
+    gemm = row["kernel"] in MAIN_LOOP_KERNELS
+    if row["kernel"] == "patch_embed_dw_kernel" and not row["config"].get("WANT_W"):
+        gemm = False  # d(pos) alone is a sum over the batch: no GEMM in that variant
+    if sixteen_bit and cap == 90 and gemm and row["mma"]["hgmma"] == 0:
         out.append("16-bit main loop without wgmma (HGMMA) on sm_90a")
     return out
 
@@ -409,6 +421,7 @@ def main(argv=None) -> int:
     parser.add_argument("--subset", default="all", choices=["all", "gpu-run"],
                         help="all problems, or those benchmarks/gpu_check.sh runs (16-bit, benchmark shapes)")
     parser.add_argument("--family", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--kernel", nargs="+", help="only these @triton.jit kernels (by name)")
     parser.add_argument("--json", help="write one JSON object per compile to this file (JSON lines)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--quiet", action="store_true", help="print only failures and the summary")
@@ -417,14 +430,20 @@ def main(argv=None) -> int:
     import triton
 
     t0 = time.time()
-    jobs = collect_jobs(args.family, args.subset, args.arch)
+    jobs = collect_jobs(args.family, args.subset, args.arch, args.kernel)
     print(f"kernel_report: {len(jobs)} compiles ({', '.join(args.arch)}; Triton {triton.__version__}, "
           f"{args.jobs} processes)", flush=True)
-    if args.jobs > 1:
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            rows = pool.map(compile_job, jobs, chunksize=1)
-    else:
-        rows = [compile_job(j) for j in jobs]
+    rows = []
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(args.jobs))
+            results = pool.imap_unordered(compile_job, jobs, chunksize=1)
+        else:
+            results = map(compile_job, jobs)
+        for row in results:
+            rows.append(row)
+            if len(rows) % 50 == 0:
+                print(f"  {len(rows)}/{len(jobs)} compiled ({time.time() - t0:.0f} s)", flush=True)
     for r in rows:
         r["triton"] = triton.__version__
     failed = [r for r in rows if violations(r)]

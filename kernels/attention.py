@@ -27,9 +27,12 @@ from .attention_fwd import attn_fwd_kernel
 from .launch_table import Choice, cfg
 
 # The fused one-program-per-head backward holds K, V (16-bit) and dK, dV (fp32) of a whole head on chip:
-# allowed up to this many padded elements of one (N, D) tile (256 x 64 on Hopper; 64 x 64 in fp32).
-FUSED_BWD_MAX_ELEMS = 1 << 14
+# allowed up to this many padded elements of one (N, D) tile, per table arch (compile gate: on sm_80, whose
+# mma.sync accumulators live in registers, BLOCK_KV = 256 at D = 64 spills 22-34 KB and 128 spills 320 B).
+FUSED_BWD_MAX_ELEMS = {90: 1 << 14, 80: 1 << 12}  # 256 x 64 on Hopper, 64 x 64 on Ampere
 FUSED_BWD_MAX_ELEMS_FP32 = 1 << 12
+# wgmma works on 64-row slabs: the fused kernel's dK / dV dots (BLOCK_KV rows) need at least 64 key rows.
+FUSED_MIN_BLOCK_KV = 64
 
 # Interpreter tiles (one fixed config per call): 16 up to N = 64, so tests at N = 37 cross several tile
 # boundaries and all three tile classes; 64 beyond, since the interpreter's cost grows with the tile count.
@@ -56,22 +59,23 @@ def band(n: int) -> str:
 
 # Config tables: (BLOCK_M, BLOCK_N, num_warps, num_stages), two per family at most (each is a compile the
 # first time a family is met). Keys: (padded head dim 64 | 128 | 256, fp32, band or None for any band).
-# Every entry passes the compile gate (benchmarks/kernel_report.py): no 16-bit entry spills on sm_90a.
-# BLOCK_M x BLOCK_N is (query, key) for all three kernels.
+# BLOCK_M x BLOCK_N is (query, key) for all three kernels. Every 16-bit entry passes the compile gate
+# (benchmarks/kernel_report.py): no spill, and wgmma on sm_90a, which needs 64-row accumulator slabs: a
+# 32-row BLOCK_M (fwd, dq) or BLOCK_N (dkdv) falls back to mma.sync, so such entries were dropped.
 FWD_TABLE = {
     (64, False, "short"): [(64, 64, 4, 3), (128, 64, 4, 3)],
     (64, False, "long"): [(128, 64, 4, 3), (128, 128, 8, 3)],
     (128, False, "short"): [(64, 64, 4, 3), (128, 64, 8, 3)],
     (128, False, "long"): [(128, 64, 8, 3), (128, 32, 8, 3)],
-    (256, False, None): [(64, 16, 4, 2), (32, 32, 4, 2)],
+    (256, False, None): [(64, 32, 8, 2), (64, 16, 4, 2)],
     (64, True, None): [(128, 64, 8, 2), (64, 32, 4, 2)],
     (128, True, None): [(64, 32, 8, 1), (32, 16, 4, 2)],
     (256, True, None): [(64, 32, 8, 1)],
 }
 DKDV_TABLE = {  # BLOCK_N key rows hold the fp32 dK, dV accumulators; BLOCK_M is the streamed query tile
     (64, False, None): [(64, 128, 8, 3), (64, 64, 4, 3)],
-    (128, False, None): [(32, 64, 8, 3), (32, 32, 4, 3)],
-    (256, False, None): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    (128, False, None): [(32, 64, 8, 3), (64, 64, 8, 3)],
+    (256, False, None): [(16, 64, 8, 2)],  # 64 key rows for wgmma; wider query tiles or 4 warps spill 1.4-5.9 KB
     (64, True, None): [(16, 64, 4, 2), (32, 32, 4, 2)],
     (128, True, None): [(32, 32, 8, 1)],
     (256, True, None): [(32, 32, 8, 1)],
@@ -79,41 +83,53 @@ DKDV_TABLE = {  # BLOCK_N key rows hold the fp32 dK, dV accumulators; BLOCK_M is
 DQ_TABLE = {
     (64, False, None): [(128, 32, 8, 3), (128, 64, 8, 3)],
     (128, False, None): [(64, 32, 8, 3), (128, 32, 8, 3)],
-    (256, False, None): [(32, 32, 8, 2), (32, 16, 4, 2)],
+    (256, False, None): [(64, 32, 8, 2), (64, 16, 8, 2)],  # 4 warps spill 112 B
     (64, True, None): [(64, 32, 4, 2), (32, 32, 4, 2)],
     (128, True, None): [(32, 32, 8, 1)],
     (256, True, None): [(32, 32, 8, 1)],
 }
-TABLES = {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE}
+# Ampere (sm_80): mma.sync keeps accumulators in registers, so the Hopper tiles that spill there get these.
+FWD_TABLE_SM80 = {  # Hopper's 64 x 64 and 128 x 64 tiles at D = 128 spill 8-20 B on sm_80
+    (128, False, None): [(64, 32, 4, 3), (128, 32, 8, 2)],
+}
+DKDV_TABLE_SM80 = {  # Hopper's 64 x 64 on 4 warps spills 32-40 B on sm_80
+    (64, False, None): [(64, 128, 8, 3), (32, 64, 4, 2)],
+}
+DQ_TABLE_SM80: dict = {}
+TABLES = {90: {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE},
+          80: {"fwd": FWD_TABLE_SM80, "dkdv": DKDV_TABLE_SM80, "dq": DQ_TABLE_SM80}}
 
 
-def table_entries(kind: str, bd: int, fp32: bool, n: int) -> list:
-    """(BLOCK_M, BLOCK_N, warps, stages) candidates of one family."""
-    table = TABLES[kind]
+def table_entries(kind: str, bd: int, fp32: bool, n: int, arch: int = 90) -> list:
+    """(BLOCK_M, BLOCK_N, warps, stages) candidates of one family on a table arch (90 or 80)."""
     width = 64 if bd <= 64 else bd
-    return table.get((width, fp32, band(n))) or table[(width, fp32, None)]
+    for table in ((TABLES[80][kind], TABLES[90][kind]) if arch == 80 else (TABLES[90][kind],)):
+        entries = table.get((width, fp32, band(n))) or table.get((width, fp32, None))
+        if entries:
+            return entries
+    raise KeyError((kind, width, fp32, band(n)))
 
 
 @functools.lru_cache(maxsize=None)
-def _choice(kind: str, bd: int, fp32: bool, n_band: str, tile: int) -> Choice:
+def _choice(kind: str, bd: int, fp32: bool, n_band: str, tile: int, arch: int) -> Choice:
     n = 256 if n_band == "short" else 1024
-    configs = tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=bn) for m, bn, w, st in table_entries(kind, bd, fp32, n))
+    configs = tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=bn) for m, bn, w, st in table_entries(kind, bd, fp32, n, arch))
     return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY)
 
 
-def forward(head_dim: int, fp32: bool, n: int) -> Choice:
+def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
     """attn_fwd_kernel; grid (cdiv(N, BLOCK_M), B * H)."""
-    return _choice("fwd", block_d(head_dim), fp32, band(n), _interpret_tile(n))
+    return _choice("fwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
-def backward_dkdv(head_dim: int, fp32: bool, n: int) -> Choice:
+def backward_dkdv(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
     """attn_bwd_dkdv_kernel; grid (cdiv(N, BLOCK_N), B * H)."""
-    return _choice("dkdv", block_d(head_dim), fp32, band(n), _interpret_tile(n))
+    return _choice("dkdv", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
-def backward_dq(head_dim: int, fp32: bool, n: int) -> Choice:
+def backward_dq(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
     """attn_bwd_dq_kernel; grid (cdiv(N, BLOCK_M), B * H)."""
-    return _choice("dq", block_d(head_dim), fp32, band(n), _interpret_tile(n))
+    return _choice("dq", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,26 +138,27 @@ def backward_preprocess() -> Choice:
     return Choice(attn_bwd_preprocess_kernel, (cfg(4, 1, BLOCK_M=PREPROCESS_BLOCK_M),), cfg(4, 1, BLOCK_M=16))
 
 
-def fused_backward_fits(head_dim: int, fp32: bool, n: int) -> bool:
+def fused_backward_fits(head_dim: int, fp32: bool, n: int, arch: int = 90) -> bool:
     """Whether the one-program-per-head backward applies: the padded (N, D) tile of a head fits on chip."""
-    limit = FUSED_BWD_MAX_ELEMS_FP32 if fp32 else FUSED_BWD_MAX_ELEMS
+    limit = FUSED_BWD_MAX_ELEMS_FP32 if fp32 else FUSED_BWD_MAX_ELEMS[arch]
     return max(16, triton.next_power_of_2(n)) * block_d(head_dim) <= limit
 
 
 @functools.lru_cache(maxsize=None)
 def _fused_choice(bd: int, fp32: bool, block_kv: int, tile: int) -> Choice:
-    # dK, dV (BLOCK_KV, BLOCK_D) fp32 are wgmma accumulators, so they must fit in registers: 256 x 64 needs
-    # 16 warps; 128 x 64 fits 8 warps. 16 query rows per step keep the (BLOCK_M, BLOCK_KV) score tiles small.
-    elems = block_kv * bd * (2 if fp32 else 1)
-    warps = 16 if elems > 1 << 13 else 8
-    block_m = 32 if elems <= 1 << 11 else 16
+    # dK, dV (BLOCK_KV, BLOCK_D) fp32 are the accumulators of the kernel's wgmma dots and must stay in
+    # registers. Compile gate, sm_90a, BLOCK_KV = 256 at D = 64: 8 warps take 244 registers and spill
+    # nothing; 16 warps are capped at 128 registers a thread and spill 12-180 B. 16 query rows per step
+    # keep the (BLOCK_M, BLOCK_KV) score tiles small beside them (32 rows spill).
+    kv = max(FUSED_MIN_BLOCK_KV, block_kv)
+    block_m = 32 if kv * bd * (2 if fp32 else 1) <= 1 << 11 else 16
     return Choice(
         attn_bwd_fused_kernel,
-        (cfg(warps, 1, BLOCK_M=block_m, BLOCK_KV=block_kv),),
+        (cfg(8, 1, BLOCK_M=block_m, BLOCK_KV=kv),),
         cfg(4, 1, BLOCK_M=tile, BLOCK_KV=block_kv),
     )
 
 
 def backward_fused(head_dim: int, fp32: bool, n: int) -> Choice:
-    """attn_bwd_fused_kernel; grid (B * H,). BLOCK_KV covers all N keys at once."""
+    """attn_bwd_fused_kernel; grid (B * H,). BLOCK_KV covers all N keys at once (at least 64 on the GPU)."""
     return _fused_choice(block_d(head_dim), fp32, max(16, triton.next_power_of_2(n)), _interpret_tile(n))

@@ -1,6 +1,6 @@
 """Attention forward kernel (FlashAttention-2 tiling) and the mask / tile-bound helpers the backward shares.
 
-Mask (DESIGN.md): query i sees key j when ``j < prefix_len[b]``, or not ``IS_CAUSAL``, or
+Mask (docs/design.md, "Masks"): query i sees key j when ``j < prefix_len[b]``, or not ``IS_CAUSAL``, or
 ``j // block_size <= i // block_size``. For a tile of queries [m0, m0 + BLOCK_M) the keys split in three
 classes, computed in-kernel from prefix_len[b] and block_size (so they differ per sample):
 

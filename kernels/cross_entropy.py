@@ -240,6 +240,18 @@ MATMUL_CONFIGS = (
     cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
 )
+# Ampere (sm_80): mma.sync keeps the logits block in registers beside the online-softmax state; the
+# 128 x 128 Hopper tiles spill 400-1000 B there.
+TILE_CONFIGS_SM80 = (
+    cfg(4, 3, BLOCK_T=64, BLOCK_V=128, BLOCK_E=64),
+    cfg(8, 3, BLOCK_T=128, BLOCK_V=64, BLOCK_E=64),
+    cfg(4, 4, BLOCK_T=64, BLOCK_V=128, BLOCK_E=32),
+)
+MATMUL_CONFIGS_SM80 = (
+    cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+)
 # fp32 operands (3xTF32 products, not a speed path): one config whose stages fit shared memory.
 TILE_CONFIG_FP32 = cfg(4, 3, BLOCK_T=64, BLOCK_V=128, BLOCK_E=32)
 MATMUL_CONFIG_FP32 = cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8)
@@ -262,10 +274,11 @@ def _tile_choice(kind: str, configs: tuple, interpreter_key: tuple) -> Choice:
     return Choice(_TILE_KERNELS[kind], configs, cfg(4, 1, **dict(interpreter_key)), key=_TILE_KEYS[kind])
 
 
-def tile(kind: str, t: int, v: int, e: int, elem_bytes: int) -> Choice:
+def tile(kind: str, t: int, v: int, e: int, elem_bytes: int, arch: int = 90) -> Choice:
     """ce_fwd_kernel ("fwd", grid (cdiv(T, BLOCK_T), slices)) or ce_dlogits_kernel ("dlogits", grid
-    (cdiv(T, BLOCK_T), cdiv(V, BLOCK_V))) for T tokens, V classes, E features."""
-    configs = _configs(t * v * e, elem_bytes, TILE_CONFIGS, TILE_CONFIG_FP32)
+    (cdiv(T, BLOCK_T), cdiv(V, BLOCK_V))) for T tokens, V classes, E features, on table arch 90 or 80."""
+    tuned = TILE_CONFIGS if arch >= 90 else TILE_CONFIGS_SM80
+    configs = _configs(t * v * e, elem_bytes, tuned, TILE_CONFIG_FP32)
     return _tile_choice(kind, configs, tuple(interpreter_tile_config(t, v, e).kwargs.items()))
 
 
@@ -276,9 +289,10 @@ def _matmul_choice(configs: tuple, interpreter_key: tuple) -> Choice:
                   key=("M", "N", "K", "ACCUMULATE", "ROWSUM"), restore=("c_ptr", "rs_ptr"))
 
 
-def matmul(m: int, n: int, k: int, elem_bytes: int) -> Choice:
+def matmul(m: int, n: int, k: int, elem_bytes: int, arch: int = 90) -> Choice:
     """matmul_kernel for C (M, N) (+)= A (M, K) @ B (K, N); flat grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)."""
-    configs = _configs(m * n * k, elem_bytes, MATMUL_CONFIGS, MATMUL_CONFIG_FP32)
+    tuned = MATMUL_CONFIGS if arch >= 90 else MATMUL_CONFIGS_SM80
+    configs = _configs(m * n * k, elem_bytes, tuned, MATMUL_CONFIG_FP32)
     return _matmul_choice(configs, tuple(interpreter_matmul_config(m, n, k).kwargs.items()))
 
 

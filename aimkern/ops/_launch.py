@@ -172,6 +172,38 @@ def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.d
 
 
 # ----------------------------------------------------------------------------------------- device facts
+_META_ARCH: contextvars.ContextVar[int] = contextvars.ContextVar("aimkern_meta_arch", default=90)
+
+
+@contextlib.contextmanager
+def meta_arch(arch: int) -> Iterator[None]:
+    """Launchers called on meta tensors pick the configs of ``arch`` (90: Hopper, 80: Ampere) inside the
+    block: the compile gate drives them once per target."""
+    token = _META_ARCH.set(arch)
+    try:
+        yield
+    finally:
+        _META_ARCH.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def table_arch(device: torch.device) -> int:
+    """Which config tables a launch on ``device`` uses: 90 (Hopper: wgmma tiles, 228 KB shared memory and
+    later archs) or 80 (Ampere / Ada: mma.sync, whose accumulators need smaller tiles to stay in registers).
+    Off CUDA: 90, unless ``meta_arch`` says otherwise (the interpreter uses its own configs anyway)."""
+    if device.type == "meta":
+        return _META_ARCH.get()
+    if device.type != "cuda":
+        return 90
+    cap = _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+    return 90 if cap >= 90 else 80
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

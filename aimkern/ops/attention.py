@@ -32,7 +32,7 @@ from ._checks import (
     normalize_prefix_len,
     resolve_backend,
 )
-from ._launch import LaunchPolicy, current_policy, interpreting, launch
+from ._launch import LaunchPolicy, current_policy, interpreting, launch, table_arch
 
 OP = "attention"
 _LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
@@ -110,7 +110,7 @@ def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale
         return o, lse
     kern = _kernels()
     launch(
-        kern.forward(d, q.dtype == torch.float32, n), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
+        kern.forward(d, q.dtype == torch.float32, n, table_arch(q.device)), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
         (q, k, v, o, lse, prefix_len if prefix_len is not None else lse,
          *q.stride(), *k.stride(), *v.stride(), *o.stride(),
          h, n, _bucket(n), block_size, scale * _LOG2E),
@@ -157,21 +157,21 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scalars = (h, n, _bucket(n), block_size, scale * _LOG2E, scale)
     launch(
-        kern.backward_dkdv(d, fp32, n), lambda META: (_cdiv(n, META["BLOCK_N"]), b * h),
+        kern.backward_dkdv(d, fp32, n, table_arch(q.device)), lambda META: (_cdiv(n, META["BLOCK_N"]), b * h),
         (q, k, v, do, lse, delta, dk, dv, prefix, *in_strides, *dk.stride(), *dv.stride(), *scalars),
         **common,
     )
     launch(
-        kern.backward_dq(d, fp32, n), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
+        kern.backward_dq(d, fp32, n, table_arch(q.device)), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
         (q, k, v, do, lse, delta, dq, prefix, *in_strides, *dq.stride(), *scalars),
         **common,
     )
     return dq, dk, dv
 
 
-def _backward_path(head_dim: int, dtype: torch.dtype, n: int, policy: LaunchPolicy) -> str:
+def _backward_path(head_dim: int, dtype: torch.dtype, n: int, device: torch.device, policy: LaunchPolicy) -> str:
     """The policy's attention backward ("fused" | "split") for one problem, decided at forward time."""
-    fits = _kernels().fused_backward_fits(head_dim, dtype == torch.float32, n)
+    fits = _kernels().fused_backward_fits(head_dim, dtype == torch.float32, n, table_arch(device))
     if policy.attention_backward == "auto":
         return "fused" if fits else "split"
     # Under the interpreter there is no chip to fit on: tests run the fused path at any N.
@@ -249,7 +249,7 @@ def _triton_args(q, prefix_len: Optional[torch.Tensor], params: AttentionParams)
         prefix_len = prefix_len.contiguous()  # the kernels read prefix_len[b] at stride 1
     policy = current_policy()
     return (prefix_len, is_causal, params.block_size if is_causal else 1, params.resolved_scale(d),
-            policy.autotune, _backward_path(d, q.dtype, n, policy))
+            policy.autotune, _backward_path(d, q.dtype, n, q.device, policy))
 
 
 def _resolve(q, k, v, params: AttentionParams, backend: str, prefix_len, op: str) -> tuple:

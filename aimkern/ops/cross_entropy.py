@@ -19,7 +19,7 @@ from ..reference.cross_entropy import linear_cross_entropy_reference
 from ._checks import (
     autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, resolve_backend,
 )
-from ._launch import LaunchPolicy, current_policy, fixed_config, interpreting, launch, sm_count
+from ._launch import LaunchPolicy, current_policy, fixed_config, interpreting, launch, sm_count, table_arch
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -102,7 +102,7 @@ def _launch_forward(x, w, b, tgt, params: CrossEntropyParams, policy: LaunchPoli
     kern = _kernels()
     t, e = x.shape
     v = w.shape[0]
-    choice = kern.tile("fwd", t, v, e, x.element_size())
+    choice = kern.tile("fwd", t, v, e, x.element_size(), table_arch(x.device))
     tuned = policy.autotune and len(choice.configs) > 1 and not interpreting()
     block_t = kern.CUDA_BLOCK_T if tuned else fixed_config(choice, policy).kwargs["BLOCK_T"]
     vs = kern.vocab_split(_cdiv(t, block_t), v, _programs_wanted(x.device))
@@ -155,7 +155,7 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
         d = dbuf[:tc]
         xc = x[t0 : t0 + tc]
         launch(
-            kern.tile("dlogits", tc, v, e, x.element_size()),
+            kern.tile("dlogits", tc, v, e, x.element_size(), table_arch(x.device)),
             lambda META: (_cdiv(tc, META["BLOCK_T"]), _cdiv(v, META["BLOCK_V"])),
             (xc, w, b if b is not None else lse, tgt[t0:], lse[t0:], grad[t0:], d,
              tc, v, e, params.ignore_index, eps / v, 1.0 - eps, 2.0 * params.z_loss,
@@ -177,7 +177,7 @@ def _matmul(a, b, c, rs, *, accumulate: bool, policy: LaunchPolicy) -> None:
     m, k = a.shape
     n = b.shape[1]
     launch(
-        _kernels().matmul(m, n, k, a.element_size()),
+        _kernels().matmul(m, n, k, a.element_size(), table_arch(a.device)),
         lambda META: (_cdiv(m, META["BLOCK_M"]) * _cdiv(n, META["BLOCK_N"]),),
         (a, b, c, rs if rs is not None else c,  # rs never touched without ROWSUM
          m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)),
