@@ -248,7 +248,7 @@ def test_cuda_launch_configs_compute_the_same(cuda_configs, dtype):
     from aimkern.kernels import cross_entropy as kern
 
     assert all(kern.VOCAB_SPLIT_QUANTUM % c.kwargs["BLOCK_V"] == 0
-               for c in kern.TILE_CONFIGS + (kern.TILE_CONFIG_FP32,))
+               for c in kern.TILE_CONFIGS + kern.TILE_CONFIGS_SM80 + (kern.TILE_CONFIG_FP32,))
     cuda_configs(kern, "tile", "matmul")
     x, w, b, t = _problem((37,), 300, 80)
     _check(x, w, b, t, dtype, reduction="mean", label_smoothing=0.1, z_loss=1e-3)
