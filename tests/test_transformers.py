@@ -105,7 +105,12 @@ def test_masks_match_sdpa_with_dense_mask(kind, mask):
     model, ref = build(kind, "aimkern"), build(kind, "aimkern_test_dense")
     ref.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 16, 16, device=DEVICE)
-    assert_match(run(model, x), run(ref, x))
+    got, want = run(model, x), run(ref, x)
+    assert_match(got, want)
+    if torch.is_tensor(mask.get("prefix_len")):  # per call: the models pass forward's **kwargs to the attention
+        aimkern_hf.register(backend="triton", is_causal=True, block_size=mask["block_size"])
+        y = model(pixel_values=x, prefix_len=mask["prefix_len"]).last_hidden_state
+        assert torch.allclose(y, want[0], atol=2e-5)
 
 
 def test_scaling_and_per_call_prefix():
