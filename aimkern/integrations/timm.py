@@ -138,7 +138,9 @@ class TimmAttention(nn.Module):
         self.packed = _is_identity(self.q_norm) and _is_identity(self.k_norm)
         self.is_causal, self.block_size, self.prefix_len, self.backend = is_causal, block_size, prefix_len, backend
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C_out). ``is_causal=True`` from timm's call adds token causality; an
         ``attn_mask`` raises (the mask is set with ``patch_timm``'s options)."""
         B, N, C = x.shape
@@ -179,7 +181,9 @@ def _register_fx_leaf() -> None:
 def _check_options(is_causal, block_size, prefix_len, backend) -> None:
     AttentionParams(is_causal=is_causal, block_size=block_size).check("patch_timm")
     if prefix_len is not None and (isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.Tensor))):
-        raise TypeError(f"patch_timm: prefix_len must be None, an int or a (B,) int tensor, got {type(prefix_len).__name__}")
+        raise TypeError(
+            f"patch_timm: prefix_len must be None, an int or a (B,) int tensor, got {type(prefix_len).__name__}"
+        )
     if isinstance(prefix_len, int) and prefix_len < 0:
         raise ValueError(f"patch_timm: prefix_len must be >= 0, got {prefix_len}")
     check_backend_name(backend, "patch_timm")

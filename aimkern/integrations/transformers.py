@@ -100,7 +100,7 @@ class AimkernAttention:
             prefix_len = torch.full((b,), prefix_len, device=query.device)
         want = dense_visibility(n, is_causal=is_causal, block_size=self.block_size, prefix_len=prefix_len, batch=b,
                                 device=query.device)
-        if not torch.equal(_visible(mask).expand_as(want), want):
+        if not torch.equal(*torch.broadcast_tensors(_visible(mask), want)):  # (B or 1, H or 1, N, N) masks
             raise ValueError(
                 "aimkern attention: got a dense attention_mask (e.g. padding) that differs from the registered "
                 f"mask (is_causal={is_causal}, block_size={self.block_size}, prefix_len={prefix_len!r}); aimkern "
