@@ -32,6 +32,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib"],
+        # Hugging Face integration (aimkern.integrations.transformers: AttentionInterface, transformers 5.x);
+        # CI installs it, the README's install line being ".[test,hf]".
+        "hf": ["transformers>=5.0"],
     },
     entry_points={"console_scripts": [
         "aimkern-train=aimkern.train.__main__:main",

@@ -155,3 +155,56 @@ def test_errors():
     with pytest.raises(ValueError, match="dropout"):
         dropout(images())
     dropout.eval()(images())  # eval: dropout is off, so it runs
+
+
+# ------------------------------------------------------------------------------------------ no copies
+def _graph_nodes(t: torch.Tensor) -> list:
+    """Names of every autograd node reachable from ``t`` (as in tests/test_attention_qkvpacked.py)."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return names
+
+
+COPIES = ("Unbind", "Stack", "Cat", "Clone", "Copy", "Permute", "Transpose", "UnsafeView")
+
+
+def test_patched_block_makes_no_qkv_copies():
+    """The common case (q_norm / k_norm Identity) on the kernels: a whole block's graph goes from the qkv
+    linear through views to the packed op and back, with no unbind / stack / permute / copy node; the
+    packed op's gradient is the qkv linear's output gradient as it stands. The qk_norm model is the
+    control that the walk can see a stack (its one, unavoidable, UnbindBackward)."""
+    backend = "triton"  # the reference backend unbinds q, k, v itself
+    x = torch.randn(2, 5, 192, device=DEVICE)
+    block = aimkern.patch_timm(tiny_vit(), backend=backend).blocks[0]
+    names = _graph_nodes(block(x.requires_grad_()))
+    assert "GeneratedBackwardFor_aimkern_attention_qkvpacked_fwd_defaultBackward" in names, names
+    assert not [n for n in names if n.startswith(COPIES)], names
+
+    control = aimkern.patch_timm(tiny_vit(qk_norm=True), backend=backend).blocks[0]
+    names = _graph_nodes(control(x))
+    assert "GeneratedBackwardFor_aimkern_attention_fwd_defaultBackward" in names
+    assert [n for n in names if n.startswith(("Unbind", "Stack"))] == ["UnbindBackward0"], names
+
+
+def test_qk_norm_path_matches_timm():
+    """q_norm / k_norm modules (not Identity): the unpacked path, forward and every gradient vs timm."""
+    ref = tiny_vit(qk_norm=True)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    model = aimkern.patch_timm(copy.deepcopy(ref), backend=BACKEND)
+    assert not model.blocks[0].attn.packed
+    x = images()
+    y, y_ref = model(x), ref(x)
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=1e-4)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
