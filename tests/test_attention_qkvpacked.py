@@ -15,6 +15,7 @@ from aimkern.ops import attention_qkvpacked
 from aimkern.reference.attention import attention_mask, attention_reference
 from conftest import HAS_CUDA
 from test_attention_triton import ATOL, MASKS, _mask_kwargs, _reference_kwargs, torch_same_dtype
+from autograd_graph import graph_node_names
 from tolerances import assert_close_relative
 
 
@@ -28,16 +29,7 @@ def _unpack(qkv):
 
 
 def _graph_nodes(t: torch.Tensor) -> set:
-    """Names of every autograd node reachable from ``t``."""
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        todo.extend(nxt for nxt, _ in node.next_functions)
-    return names
+    return set(graph_node_names(t))
 
 
 # ----------------------------------------------------------------------- values: unpacked, reference

@@ -15,6 +15,7 @@ import aimkern  # noqa: E402
 from aimkern.integrations.timm import TimmAttention  # noqa: E402
 from aimkern.reference.attention import attention_mask  # noqa: E402
 from conftest import HAS_CUDA  # noqa: E402
+from autograd_graph import graph_node_names  # noqa: E402
 
 HAS_AIMV2 = bool(timm.list_models("aimv2*"))
 TIMM_TAKES_MASK = "attn_mask" in inspect.signature(timm.models.vision_transformer.VisionTransformer.forward).parameters
@@ -158,19 +159,6 @@ def test_errors():
 
 
 # ------------------------------------------------------------------------------------------ no copies
-def _graph_nodes(t: torch.Tensor) -> list:
-    """Names of every autograd node reachable from ``t`` (as in tests/test_attention_qkvpacked.py)."""
-    seen, todo, names = set(), [t.grad_fn], []
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        todo.extend(nxt for nxt, _ in node.next_functions)
-    return names
-
-
 COPIES = ("Unbind", "Stack", "Cat", "Clone", "Copy", "Permute", "Transpose", "UnsafeView")
 
 
@@ -182,12 +170,12 @@ def test_patched_block_makes_no_qkv_copies():
     backend = "triton"  # the reference backend unbinds q, k, v itself
     x = torch.randn(2, 5, 192, device=DEVICE)
     block = aimkern.patch_timm(tiny_vit(), backend=backend).blocks[0]
-    names = _graph_nodes(block(x.requires_grad_()))
+    names = graph_node_names(block(x.requires_grad_()))
     assert "GeneratedBackwardFor_aimkern_attention_qkvpacked_fwd_defaultBackward" in names, names
     assert not [n for n in names if n.startswith(COPIES)], names
 
     control = aimkern.patch_timm(tiny_vit(qk_norm=True), backend=backend).blocks[0]
-    names = _graph_nodes(control(x))
+    names = graph_node_names(control(x))
     assert "GeneratedBackwardFor_aimkern_attention_fwd_defaultBackward" in names
     assert [n for n in names if n.startswith(("Unbind", "Stack"))] == ["UnbindBackward0"], names
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import Rows, epoch_batches, in_order, steps_per_epoch, topk_accuracy, warmup_cosine
+from .common import Rows, fit_cross_entropy, in_order, topk_accuracy
 
 
 class AttentivePoolingHead(nn.Module):
@@ -67,23 +67,10 @@ def train_attentive(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
     rest = [p for name, p in head.named_parameters() if not (p.ndim == 2 and name != "query")]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
-    per_epoch = steps_per_epoch(train_x.shape[0], cfg.batch_size)
-    total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
     xs, ys = Rows(train_x, device), torch.from_numpy(np.array(train_y, dtype=np.int64)).to(device)
-    bar = _bar(total, desc, progress)
     head.train()
-    for _ in range(cfg.epochs):
-        for idx in epoch_batches(xs.n, cfg.batch_size, gen):
-            loss = F.cross_entropy(head(xs[idx]), ys[idx.to(device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    fit_cross_entropy(head, opt, xs, ys, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                      warmup_epochs=cfg.warmup_epochs, generator=gen, desc=desc, progress=progress)
     return evaluate(head, val_x, val_y, num_classes, device, cfg.batch_size)
 
 
@@ -94,11 +81,3 @@ def evaluate(head: nn.Module, val_x: np.ndarray, val_y: np.ndarray, num_classes:
     xs = Rows(val_x, device)
     scores = torch.cat([head(xs[idx]).float().cpu() for _, idx in in_order(xs.n, batch_size)])
     return topk_accuracy(scores, torch.from_numpy(np.array(val_y, dtype=np.int64)), num_classes)
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

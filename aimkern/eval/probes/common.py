@@ -64,3 +64,35 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 def in_order(n: int, batch_size: int) -> Iterator[Tuple[int, torch.Tensor]]:
     for s in range(0, n, batch_size):
         yield s, torch.arange(s, min(n, s + batch_size))
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar of ``total`` steps, or None when progress is off."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def fit_cross_entropy(logits_of, opt: torch.optim.Optimizer, xs, ys: torch.Tensor, *, epochs: int, batch_size: int,
+                      warmup_epochs: float, generator: torch.Generator, desc: str, progress: bool) -> None:
+    """Mini-batch cross-entropy training of a probe: ``logits_of(rows) -> (b, classes)`` over ``xs`` (a
+    ``Rows``) with labels ``ys``, seeded batch order, linear warmup then cosine, one optional tqdm bar."""
+    import torch.nn.functional as F
+
+    per_epoch = steps_per_epoch(xs.n, batch_size)
+    total, warmup = epochs * per_epoch, int(warmup_epochs * per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
+    bar = progress_bar(total, desc, progress)
+    for _ in range(epochs):
+        for idx in epoch_batches(xs.n, batch_size, generator):
+            loss = F.cross_entropy(logits_of(xs[idx]), ys[idx.to(ys.device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .attentive import _bar
-from .common import Rows, epoch_batches, in_order, steps_per_epoch, topk_accuracy, warmup_cosine
+from .common import Rows, fit_cross_entropy, in_order, topk_accuracy
 
 
 @dataclass
@@ -49,21 +47,9 @@ def train_linear(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
         layer = nn.Linear(train_x.shape[1], num_classes).to(device)
     opt = torch.optim.AdamW([{"params": [layer.weight], "weight_decay": cfg.weight_decay},
                              {"params": [layer.bias], "weight_decay": 0.0}], lr=cfg.lr)
-    per_epoch = steps_per_epoch(xs.n, cfg.batch_size)
-    total, warmup = cfg.epochs * per_epoch, int(cfg.warmup_epochs * per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
-    bar = _bar(total, desc, progress)
-    for _ in range(cfg.epochs):
-        for idx in epoch_batches(xs.n, cfg.batch_size, gen):
-            loss = F.cross_entropy(layer((xs[idx] - mean) / std), ys[idx.to(device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    fit_cross_entropy(lambda rows: layer((rows - mean) / std), opt, xs, ys, epochs=cfg.epochs,
+                      batch_size=cfg.batch_size, warmup_epochs=cfg.warmup_epochs, generator=gen, desc=desc,
+                      progress=progress)
     with torch.no_grad():
         vs = Rows(val_x, device)
         scores = torch.cat([layer((vs[idx] - mean) / std).cpu() for _, idx in in_order(vs.n, 4096)])
