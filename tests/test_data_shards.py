@@ -112,13 +112,24 @@ def test_stream_is_a_function_of_position_whatever_the_workers(shards):
     assert batches[0].shape == (8, 3, 32, 32) and batches[0].dtype == torch.float32
 
 
+def _first_batch_and_bad(shards, start, workers):
+    s = stream(shards, start=start, workers=workers)
+    return next(iter(s)), s.take_bad()
+
+
 def test_bad_samples_are_replaced_deterministically_counted_and_bounded(tmp_path, capfd):
     shards = pack_folder(make_folder(tmp_path / "folder", extras=True), tmp_path / "shards", shard_size=7)
-    a = [next(iter(stream(shards, start=s, workers=w))) for s, w in ((0, 0), (8, 1), (16, 2), (24, 0))]
-    b = [next(iter(stream(shards, start=s, workers=w))) for s, w in ((0, 2), (8, 0), (16, 1), (24, 1))]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    err = capfd.readouterr().err
-    assert err.count("skipped bad sample") == 2 and "OSError" in err  # once in each pass over the epoch
+    a = [_first_batch_and_bad(shards, s, w) for s, w in ((0, 0), (8, 1), (16, 2), (24, 0))]
+    b = [_first_batch_and_bad(shards, s, w) for s, w in ((0, 2), (8, 0), (16, 1), (24, 1))]
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    # The trainer's mode (no bound given): failures go to take_bad(), once in each pass over the epoch.
+    bad = [f for _, failures in a + b for f in failures]
+    assert len(bad) == 2 and all("OSError" in error for _, error in bad), bad
+    assert capfd.readouterr().err.count("skipped bad sample") == 0  # the trainer prints them, not the stream
+    s = stream(shards, max_bad_samples=5)
+    for _ in zip(range(4), s):
+        pass
+    assert "skipped bad sample" in capfd.readouterr().err  # standalone mode: the stream reports them itself
     s = stream(shards, max_bad_samples=0)
     with pytest.raises(RuntimeError, match="more than the allowed 0"):
         for _ in zip(range(4), s):

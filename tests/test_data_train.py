@@ -31,13 +31,17 @@ def test_pack_train_stop_resume_is_exact_on_shards(tmp_path, capfd):
     src = make_folder(tmp_path / "folder", extras=True)  # 24 JPEGs, a grayscale PNG, a corrupt JPEG
     data_main(["pack", src, str(tmp_path / "shards"), "--shard-size", "6", "--no-progress"])
     shards = str(tmp_path / "shards" / "train-{000000..000004}.tar")
-    straight = run(shards, tmp_path / "a", "--workers", 0, steps=6)
-    before = run(shards, tmp_path / "b", "--workers", 2, "--stop-at", 3, steps=6)
+    bound = ("--max-bad-samples", 1)  # one corrupt file of 26 is more than the default fraction allows
+    straight = run(shards, tmp_path / "a", "--workers", 0, *bound, steps=6)
+    before = run(shards, tmp_path / "b", "--workers", 2, "--stop-at", 3, *bound, steps=6)
     assert sorted(before) == [1, 2, 3]
-    after = run(shards, tmp_path / "b", "--workers", 1, "--resume", steps=6)
+    after = run(shards, tmp_path / "b", "--workers", 1, "--resume", *bound, steps=6)
     assert after == straight  # bit-exact: same floats at every step, whatever the workers
     assert len(set(straight.values())) == 6
-    assert "skipped bad sample" in capfd.readouterr().err  # 6 steps of 8 = 2 epochs of 26: the corrupt one is met
+    # 6 steps of 8 = 2 epochs of 26: the corrupt one is met, and the trainer reports it
+    assert "skipped unreadable sample" in capfd.readouterr().out
+    with open(os.path.join(tmp_path / "a", "summary.json")) as f:
+        assert json.load(f)["bad_samples"] >= 1
 
 
 def test_two_gloo_processes_split_every_batch_and_cover_the_epoch(tmp_path):
