@@ -28,10 +28,8 @@ VARIANTS = {
 
 
 @pytest.fixture(autouse=True)
-def _one_config_per_family(monkeypatch):
-    import aimkern.kernels.attention as kern
-
-    monkeypatch.setattr(kern, "AUTOTUNE", False)
+def _one_config_per_family(no_autotune):
+    """On CUDA: no autotuning of the attention kernels (fewer compiles; the benchmark covers tuning)."""
 
 
 def pair(variant, backend="auto", **kw):
