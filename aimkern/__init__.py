@@ -23,12 +23,15 @@ _LAZY = {
     "next_patch_pixel_loss": (".ops", "next_patch_pixel_loss"),
     "patch_embed": (".ops", "patch_embed"),
     "nn": (".nn", None),
+    "ops": (".ops", None),
+    "models": (".models", None),
+    "integrations": (".integrations", None),
     "reference": (".reference", None),
     "tokenizers": (".tokenizers", None),
     "patch_timm": (".integrations.timm", "patch_timm"),
 }
 
-__all__ = sorted(k for k in _LAZY if k != "tokenizers")
+__all__ = sorted(k for k in _LAZY if k not in ("tokenizers", "ops", "models", "integrations"))
 
 
 def __getattr__(name: str):

@@ -100,3 +100,13 @@ def test_benchmark_split_column_runs_the_split_kernels():
     assert bench.backward_kernels(bench._aimkern_fn({"is_causal": True}, split=True), q, k, v) >= SPLIT
     assert not bench.backward_kernels(bench._aimkern_fn({"is_causal": True}, split=True), q, k, v) & FUSED
     assert bench.backward_kernels(bench._aimkern_fn({"is_causal": True}, split=False), q, k, v) >= FUSED
+
+
+def test_ops_namespace_is_reachable_from_a_fresh_import():
+    """README: ``aimkern.ops.attention_qkvpacked`` and ``aimkern.ops.launch_policy`` after ``import aimkern``."""
+    import subprocess
+    import sys
+
+    code = "import aimkern; aimkern.ops.launch_policy; aimkern.ops.attention_qkvpacked; aimkern.ops.LaunchPolicy()"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
