@@ -1,32 +1,32 @@
 """The compile gate itself (benchmarks/kernel_report.py): it compiles for a real GPU on this CPU machine, reads
 what ptxas and the SASS say, and its rules catch what the interpreter cannot (a plain float jit global)."""
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 
 import pytest
-import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCALE = 0.5  # a plain Python float: Triton's interpreter reads it, the compiler refuses it
-SCALE_OK = tl.constexpr(0.5)
+TESTS, BENCH = os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")
 
 
-def _scale_plain_global(x_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * SCALE, mask=offs < n)
-
-
-def _scale_constexpr_global(x_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * SCALE_OK, mask=offs < n)
-
-
-# JITFunction directly: @triton.jit would hand out interpreter functions here (conftest sets TRITON_INTERPRET
-# on CPU machines), and those cannot be compiled.
-_scale_plain_global = JITFunction(_scale_plain_global)
-_scale_constexpr_global = JITFunction(_scale_constexpr_global)
+def compile_rows(*jobs) -> list:
+    """Rows of ``compile_job`` for (kernel in tests/gate_kernels.py, arch) pairs, compiled in a fresh process:
+    in this one Triton's interpreter (the CPU tests) has patched triton.language, which breaks real compiles."""
+    code = (
+        f"import json, sys; sys.path[:0] = [{TESTS!r}, {BENCH!r}]\n"
+        "import kernel_report as r\n"
+        f"jobs = {list(jobs)!r}\n"
+        "rows = [r.compile_job(r.Job('gate_kernels', k, (('ptr', 'float16', 0), 1000), {'BLOCK': 256}, 4, 1, a,"
+        " 'fp16')) for k, a in jobs]\n"
+        "print(json.dumps(rows))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +41,18 @@ def report():
     return module
 
 
-def _job(report, kernel: str, arch: str = "sm_90a"):
-    return report.Job(__name__, kernel, (("ptr", "float16", 0), 1000), {"BLOCK": 256}, 4, 1, arch, "fp16")
-
-
 def test_plain_float_global_fails_the_gate(report):
-    row = report.compile_job(_job(report, "_scale_plain_global"))
-    assert not row["ok"] and "SCALE" in row["error"]
+    (row,) = compile_rows(("scale_plain_global", "sm_90a"))
+    assert not row["ok"] and "SCALE" in row["error"], row["error"]
     assert report.violations(row) and report.violations(row)[0].startswith("compile failed")
 
 
-@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
-def test_compiled_row_has_the_resources(report, arch):
-    row = report.compile_job(_job(report, "_scale_constexpr_global", arch))
-    assert row["ok"], row["error"]
-    assert row["registers"] > 0 and row["spill_bytes"] == 0 and row["shared_bytes"] >= 0
-    assert row["blocks_per_sm"] >= 1 and row["mma"] == {"hgmma": 0, "hmma": 0}
-    assert not report.violations(row)  # no dot: not a main-loop kernel
+def test_compiled_rows_have_the_resources(report):
+    for row in compile_rows(("scale_constexpr_global", "sm_90a"), ("scale_constexpr_global", "sm_80")):
+        assert row["ok"], row["error"]
+        assert row["registers"] > 0 and row["spill_bytes"] == 0 and row["shared_bytes"] >= 0
+        assert row["blocks_per_sm"] >= 1 and row["mma"] == {"hgmma": 0, "hmma": 0}
+        assert not report.violations(row)  # no dot: not a main-loop kernel
 
 
 def test_rules(report):
