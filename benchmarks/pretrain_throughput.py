@@ -37,7 +37,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import has_cuda, no_cuda_notice, time_ms, try_run, write_report  # noqa: E402
+from common import has_cuda, no_cuda_notice, time_ms, write_report  # noqa: E402
 
 from aimkern import CausalViT, ViTConfig  # noqa: E402
 from aimkern.nn import PredictionHead, make_mlp, make_norm  # plain nn.Linear and norms: no aimkern op  # noqa: E402

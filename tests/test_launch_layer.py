@@ -70,12 +70,26 @@ def test_autotune_choice_travels_into_the_backward():
     assert launches and all(launch.policy.autotune is False for launch in launches)
 
 
-def test_dry_run_observer_launches_nothing():
-    q, k, v = (torch.full((1, 1, 8, 16), float("nan"), device=DEVICE) for _ in range(3))
+def test_dry_run_observer_records_without_launching():
+    from aimkern.kernels.launch_table import Choice, cfg
+    from aimkern.ops._launch import launch
+
+    class NeverLaunched:  # what launch() would index with a grid if it launched
+        arg_names = ["x_ptr", "DOT_PRECISION"]
+
+        def fn(self):
+            pass
+
+        def __getitem__(self, grid):
+            raise AssertionError("the kernel was launched")
+
+    choice = Choice(NeverLaunched(), (cfg(4, 1, BLOCK=16),), cfg(4, 1, BLOCK=16))
     with observe(dry_run=True) as launches:
-        o = aimkern.attention(q, k, v, backend="triton")
-    assert [launch.name for launch in launches] == ["attn_fwd_kernel"]
+        launch(choice, lambda meta: (1,), (torch.zeros(4),), dtype=torch.float32, policy=LaunchPolicy())
+    assert [launch.name for launch in launches] == ["fn"]
     assert launches[0].constexprs["DOT_PRECISION"] == "tf32x3"  # one fp32 precision for every kernel
+    with pytest.raises(AssertionError, match="launched"):  # without dry_run it does launch
+        launch(choice, lambda meta: (1,), (torch.zeros(4),), dtype=torch.float32, policy=LaunchPolicy())
 
 
 def _load_benchmark(name: str):

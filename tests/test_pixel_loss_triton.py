@@ -5,7 +5,6 @@ relative to the same-dtype PyTorch error (tests/tolerances.py).
 """
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch

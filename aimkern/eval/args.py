@@ -6,6 +6,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+from ..argtypes import non_negative_float, positive_float, positive_int
 from ..models.config import PRESETS
 from .probes import PROBES
 
@@ -31,27 +32,6 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a float > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a float >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m aimkern.eval", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="check that the checkpoint is this preset (an error otherwise); needed for a plain "
                    "state-dict file")
-    g.add_argument("--img-size", type=_positive_int, default=None,
+    g.add_argument("--img-size", type=positive_int, default=None,
                    help="image size of a preset at random init (a checkpoint keeps its own)")
     g.add_argument("--init-seed", type=int, default=None,
                    help="seed of the random init (the baseline, or a preset MODEL) (default: the run's --seed, "
@@ -89,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blocks whose outputs are averaged: comma-separated indices (negative from the end), "
                    "'last:K', or 'final' (the output of the final norm) (default: AIM's, the last quarter "
                    "of the blocks, at least 1 and at most 6)")
-    g.add_argument("--batch-size", type=_positive_int, default=128, help="extraction batch per rank (default: 128)")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="extraction batch per rank (default: 128)")
     g.add_argument("--feature-dtype", default="auto", choices=("auto", "float32", "float16"),
                    help="dtype of the cached features: 'auto' is float16 on CUDA (extracted in bf16, which "
                    "float16 holds exactly up to 65504) and float32 on the CPU")
@@ -101,30 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probes", default=",".join(PROBES),
                    help=f"comma-separated subset of {','.join(PROBES)} (default: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of every probe's initialization and batch order")
-    g.add_argument("--attn-epochs", type=_positive_int, default=50, help="attentive: epochs (default: 50)")
-    g.add_argument("--attn-batch-size", type=_positive_int, default=128, help="attentive: batch (default: 128)")
-    g.add_argument("--attn-lr", type=_positive_float, default=1e-2, help="attentive: peak AdamW lr (default: 1e-2)")
-    g.add_argument("--attn-weight-decay", type=_non_negative_float, default=0.05,
+    g.add_argument("--attn-epochs", type=positive_int, default=50, help="attentive: epochs (default: 50)")
+    g.add_argument("--attn-batch-size", type=positive_int, default=128, help="attentive: batch (default: 128)")
+    g.add_argument("--attn-lr", type=positive_float, default=1e-2, help="attentive: peak AdamW lr (default: 1e-2)")
+    g.add_argument("--attn-weight-decay", type=non_negative_float, default=0.05,
                    help="attentive: AdamW weight decay on the matrices (default: 0.05)")
-    g.add_argument("--attn-warmup-epochs", type=_non_negative_float, default=5.0,
+    g.add_argument("--attn-warmup-epochs", type=non_negative_float, default=5.0,
                    help="attentive: linear warmup epochs before the cosine decay (default: 5)")
-    g.add_argument("--attn-queries", type=_positive_int, default=1,
+    g.add_argument("--attn-queries", type=positive_int, default=1,
                    help="attentive: learned queries, averaged after attention (default: 1, as AIM)")
-    g.add_argument("--attn-heads", type=_positive_int, default=None,
+    g.add_argument("--attn-heads", type=positive_int, default=None,
                    help="attentive: attention heads (default: the model's)")
-    g.add_argument("--linear-epochs", type=_positive_int, default=100, help="linear: epochs (default: 100)")
-    g.add_argument("--linear-batch-size", type=_positive_int, default=256, help="linear: batch (default: 256)")
-    g.add_argument("--linear-lr", type=_positive_float, default=5e-2, help="linear: peak AdamW lr (default: 5e-2)")
-    g.add_argument("--linear-weight-decay", type=_non_negative_float, default=1e-3,
+    g.add_argument("--linear-epochs", type=positive_int, default=100, help="linear: epochs (default: 100)")
+    g.add_argument("--linear-batch-size", type=positive_int, default=256, help="linear: batch (default: 256)")
+    g.add_argument("--linear-lr", type=positive_float, default=5e-2, help="linear: peak AdamW lr (default: 5e-2)")
+    g.add_argument("--linear-weight-decay", type=non_negative_float, default=1e-3,
                    help="linear: AdamW weight decay (default: 1e-3)")
-    g.add_argument("--knn-k", type=_positive_int, default=20, help="knn: neighbours (default: 20, as DINO)")
-    g.add_argument("--knn-temperature", type=_positive_float, default=0.07,
+    g.add_argument("--knn-k", type=positive_int, default=20, help="knn: neighbours (default: 20, as DINO)")
+    g.add_argument("--knn-temperature", type=positive_float, default=0.07,
                    help="knn: vote weight exp(cosine / T) (default: 0.07, as DINO)")
 
     g = p.add_argument_group("execution and output")
     g.add_argument("--device", default=None,
                    help="'cuda' or 'cpu' (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU intra-op threads (default: $OMP_NUM_THREADS if set, else 1, as aimkern.train)")
     g.add_argument("--out", default=None,
                    help="output directory for eval.json (default: MODEL/eval for a run directory, else "

@@ -8,7 +8,6 @@ Triton kernel swaps in through ``config.backend`` without touching the model.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Optional, Union
 

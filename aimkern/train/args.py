@@ -8,13 +8,13 @@ world size, the learning rate. Imports stay light (no torch unless ``--device`` 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import textwrap
 from typing import Optional, Sequence
 
 from ..data.shards import is_shard_spec
+from ..argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from ..models.config import PRESETS, ViTConfig
 from . import resume
 from .errors import PREEMPTED_EXIT_CODE
@@ -65,35 +65,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite float > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite float >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m aimkern.train", description=DESCRIPTION, epilog=_epilog(),
@@ -111,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decode", default="cpu", choices=("cpu", "gpu"),
                    help="shards: decode JPEGs in the DataLoader workers with PIL (draft mode), or in batches on the "
                    "GPU with nvJPEG (needs CUDA) (default: cpu)")
-    g.add_argument("--img-size", type=_positive_int, default=None, help="image size in pixels (default: the preset's)")
-    g.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
+    g.add_argument("--img-size", type=positive_int, default=None, help="image size in pixels (default: the preset's)")
+    g.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per rank for an ImageFolder or shards (default: min(8, CPUs))")
     g.add_argument("--objective", default="pixel", choices=("pixel", "token"),
                    help="'pixel': normalized next-patch pixels; 'token': next patch's k-means token id "
@@ -120,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None,
                    help="token objective: a saved KMeansPatchTokenizer to load (default: fit one on the training "
                    "data and save it as OUT/tokenizer.pt)")
-    g.add_argument("--vocab-size", type=_positive_int, default=None,
+    g.add_argument("--vocab-size", type=positive_int, default=None,
                    help="token objective: vocabulary of a tokenizer fitted on the fly (default: the preset's, 8192)")
-    g.add_argument("--tokenizer-images", type=_positive_int, default=4096,
+    g.add_argument("--tokenizer-images", type=positive_int, default=4096,
                    help="token objective: how many training images a tokenizer fitted on the fly clusters "
                    "(default: 4096)")
-    g.add_argument("--max-bad-samples", type=_non_negative_float, default=0.001,
+    g.add_argument("--max-bad-samples", type=non_negative_float, default=0.001,
                    help="--data DIR: unreadable images are skipped (replaced by the next readable one, so resume "
                    "stays exact), logged and counted; stop when more files than this are bad: a count when >= 1, "
                    "else a fraction of the dataset's files (default: 0.001, 1 in 1000)")
@@ -133,18 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aimkern op backend: 'auto' runs Triton kernels on CUDA and the reference on CPU (default)")
 
     g = p.add_argument_group("optimization (AIM's recipe)")
-    g.add_argument("--batch-size", type=_positive_int, default=64,
+    g.add_argument("--batch-size", type=positive_int, default=64,
                    help="GLOBAL batch size, over all ranks (default: 64)")
-    g.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps in the schedule (default: 300)")
-    g.add_argument("--lr", type=_positive_float, default=2e-3,
+    g.add_argument("--steps", type=positive_int, default=300, help="optimizer steps in the schedule (default: 300)")
+    g.add_argument("--lr", type=positive_float, default=2e-3,
                    help=f"peak learning rate, at most {MAX_LR} (default: 2e-3)")
-    g.add_argument("--min-lr", type=_non_negative_float, default=0.0,
+    g.add_argument("--min-lr", type=non_negative_float, default=0.0,
                    help="learning rate at the end of the cosine (default: 0)")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=None,
+    g.add_argument("--warmup-steps", type=non_negative_int, default=None,
                    help="linear warmup steps (default: 10%% of --steps)")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=0.05,
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.05,
                    help="AdamW weight decay on matrices; biases, norms and positions get none (default: 0.05)")
-    g.add_argument("--grad-clip", type=_non_negative_float, default=1.0,
+    g.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                    help="clip the global gradient norm; 0 disables (default: 1.0)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the initialization, data order and prefixes (default: 0)")
@@ -154,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--device", default=None,
                    help="'cuda' or 'cpu' (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU intra-op threads (default: $OMP_NUM_THREADS if set, else 1: the CPU toy's ops are too "
                    "small to gain from more, and extra threads stall when the cores are shared)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -173,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue exactly from OUT's latest readable checkpoint (model, optimizer, data position, "
                    "RNGs) with the run's own options (see 'resume' below)")
-    g.add_argument("--keep", type=_positive_int, default=2,
+    g.add_argument("--keep", type=positive_int, default=2,
                    help="checkpoints kept; a corrupt latest one falls back to the one before (default: 2)")
-    g.add_argument("--log-every", type=_positive_int, default=10,
+    g.add_argument("--log-every", type=positive_int, default=10,
                    help="steps between metrics.jsonl lines (default: 10)")
-    g.add_argument("--save-every", type=_non_negative_int, default=100,
+    g.add_argument("--save-every", type=non_negative_int, default=100,
                    help="steps between checkpoints; 0 saves only at the end (default: 100)")
-    g.add_argument("--stop-at", type=_positive_int, default=None,
+    g.add_argument("--stop-at", type=positive_int, default=None,
                    help="stop (after saving a checkpoint) at this step, as if preempted; the schedule still spans "
                    "--steps, so a later --resume continues the same run (time-limited jobs)")
     g.add_argument("--probe", action="store_true",

@@ -48,8 +48,13 @@ def setup(device: Optional[str] = None) -> DistEnv:
     return DistEnv(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
-def teardown(env: DistEnv) -> None:
+def teardown(env: DistEnv, barrier: bool = False) -> None:
+    """Destroy the process group; with ``barrier``, every rank first meets (the end of a clean training run:
+    a rank that tore gloo down while another still finished its last collective aborted at exit, "terminate
+    called without an active exception", under FSDP2 on CPU). Never after an error: the others may not come."""
     if env.distributed and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -125,12 +125,15 @@ def run(args) -> dict:
     if env.device.type == "cpu":
         # Measured on a shared 2-core machine: the default run took 59 s with 1 thread, 257 s with 2.
         torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1))
+    clean = False
     try:
         with PreemptionGuard() as guard:
-            return _train(args, env, guard)
+            summary = _train(args, env, guard)
+        clean = True
+        return summary
     finally:
         torch.set_num_threads(threads)  # leave the process as it was (tests call this in-process)
-        teardown(env)
+        teardown(env, barrier=clean)
 
 
 def _load_resume_state(args, env: DistEnv) -> Optional[dict]:
