@@ -100,20 +100,20 @@ TABLES = {90: {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE},
           80: {"fwd": FWD_TABLE_SM80, "dkdv": DKDV_TABLE_SM80, "dq": DQ_TABLE_SM80}}
 
 
-def table_entries(kind: str, bd: int, fp32: bool, n: int, arch: int = 90) -> list:
+def table_entries(kind: str, bd: int, fp32: bool, n_band: str, arch: int = 90) -> list:
     """(BLOCK_M, BLOCK_N, warps, stages) candidates of one family on a table arch (90 or 80)."""
     width = 64 if bd <= 64 else bd
     for table in ((TABLES[80][kind], TABLES[90][kind]) if arch == 80 else (TABLES[90][kind],)):
-        entries = table.get((width, fp32, band(n))) or table.get((width, fp32, None))
+        entries = table.get((width, fp32, n_band)) or table.get((width, fp32, None))
         if entries:
             return entries
-    raise KeyError((kind, width, fp32, band(n)))
+    raise KeyError((kind, width, fp32, n_band))
 
 
 @functools.lru_cache(maxsize=None)
 def _choice(kind: str, bd: int, fp32: bool, n_band: str, tile: int, arch: int) -> Choice:
-    n = 256 if n_band == "short" else 1024
-    configs = tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=bn) for m, bn, w, st in table_entries(kind, bd, fp32, n, arch))
+    entries = table_entries(kind, bd, fp32, n_band, arch)
+    configs = tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=bn) for m, bn, w, st in entries)
     return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY)
 
 

@@ -138,14 +138,22 @@ def _autotuner(choice):
     return _AUTOTUNERS[ident]
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division, for grids and tile counts."""
+    return -(-a // b)
+
+
+def autotunes(choice, policy: LaunchPolicy) -> bool:
+    """Whether ``launch`` runs ``choice`` through the autotuner (then no config is known before the launch)."""
+    return policy.autotune and len(choice.configs) > 1 and not interpreting()
+
+
 def fixed_config(choice, policy: LaunchPolicy):
     """The config ``launch`` runs when it does not autotune: the interpreter's under the interpreter, else
     the first of the table. Launchers whose buffers depend on the tiling use Choices with one config."""
-    if interpreting():
-        return choice.interpreter
-    if policy.autotune and len(choice.configs) > 1:
+    if autotunes(choice, policy):
         raise ValueError(f"{choice.name}: an autotuned Choice has no fixed config")
-    return choice.configs[0]
+    return choice.interpreter if interpreting() else choice.configs[0]
 
 
 def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.dtype, policy: LaunchPolicy,
@@ -163,7 +171,7 @@ def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.d
         dry = dry or dry_run
     if dry:
         return
-    if policy.autotune and len(choice.configs) > 1 and not interpreting():
+    if autotunes(choice, policy):
         _autotuner(choice)[grid](*args, **constexprs)
         return
     c = fixed_config(choice, policy)

@@ -32,7 +32,7 @@ from ._checks import (
     normalize_prefix_len,
     resolve_backend,
 )
-from ._launch import LaunchPolicy, current_policy, interpreting, launch, table_arch
+from ._launch import LaunchPolicy, cdiv, current_policy, interpreting, launch, table_arch
 
 OP = "attention"
 _LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
@@ -87,10 +87,6 @@ def _kernels():
     return kern
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _bucket(n: int) -> int:
     """The autotuning key's sequence band: N rounded up to a power of two."""
     return 1 << max(0, n - 1).bit_length()
@@ -110,7 +106,8 @@ def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale
         return o, lse
     kern = _kernels()
     launch(
-        kern.forward(d, q.dtype == torch.float32, n, table_arch(q.device)), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
+        kern.forward(d, q.dtype == torch.float32, n, table_arch(q.device)),
+        lambda META: (cdiv(n, META["BLOCK_M"]), b * h),
         (q, k, v, o, lse, prefix_len if prefix_len is not None else lse,
          *q.stride(), *k.stride(), *v.stride(), *o.stride(),
          h, n, _bucket(n), block_size, scale * _LOG2E),
@@ -150,19 +147,19 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
 
     delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     launch(
-        kern.backward_preprocess(), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
+        kern.backward_preprocess(), lambda META: (cdiv(n, META["BLOCK_M"]), b * h),
         (o, do, delta, *o.stride(), *do.stride(), h, n),
         dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d),
     )
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scalars = (h, n, _bucket(n), block_size, scale * _LOG2E, scale)
     launch(
-        kern.backward_dkdv(d, fp32, n, table_arch(q.device)), lambda META: (_cdiv(n, META["BLOCK_N"]), b * h),
+        kern.backward_dkdv(d, fp32, n, table_arch(q.device)), lambda META: (cdiv(n, META["BLOCK_N"]), b * h),
         (q, k, v, do, lse, delta, dk, dv, prefix, *in_strides, *dk.stride(), *dv.stride(), *scalars),
         **common,
     )
     launch(
-        kern.backward_dq(d, fp32, n, table_arch(q.device)), lambda META: (_cdiv(n, META["BLOCK_M"]), b * h),
+        kern.backward_dq(d, fp32, n, table_arch(q.device)), lambda META: (cdiv(n, META["BLOCK_M"]), b * h),
         (q, k, v, do, lse, delta, dq, prefix, *in_strides, *dq.stride(), *scalars),
         **common,
     )

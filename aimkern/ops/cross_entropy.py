@@ -19,7 +19,9 @@ from ..reference.cross_entropy import linear_cross_entropy_reference
 from ._checks import (
     autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, resolve_backend,
 )
-from ._launch import LaunchPolicy, current_policy, fixed_config, interpreting, launch, sm_count, table_arch
+from ._launch import (
+    LaunchPolicy, autotunes, cdiv, current_policy, fixed_config, interpreting, launch, sm_count, table_arch,
+)
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -93,24 +95,19 @@ def _programs_wanted(device: torch.device) -> int:
     return 2 * sm_count(device) if device.type in ("cuda", "meta") else 4
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _launch_forward(x, w, b, tgt, params: CrossEntropyParams, policy: LaunchPolicy):
     """Per-token statistics over vocabulary slices -> (lse, target logit, logit sum or None), each (T,) fp32."""
     kern = _kernels()
     t, e = x.shape
     v = w.shape[0]
     choice = kern.tile("fwd", t, v, e, x.element_size(), table_arch(x.device))
-    tuned = policy.autotune and len(choice.configs) > 1 and not interpreting()
-    block_t = kern.CUDA_BLOCK_T if tuned else fixed_config(choice, policy).kwargs["BLOCK_T"]
-    vs = kern.vocab_split(_cdiv(t, block_t), v, _programs_wanted(x.device))
-    slices = _cdiv(v, vs)
+    block_t = kern.CUDA_BLOCK_T if autotunes(choice, policy) else fixed_config(choice, policy).kwargs["BLOCK_T"]
+    vs = kern.vocab_split(cdiv(t, block_t), v, _programs_wanted(x.device))
+    slices = cdiv(v, vs)
     need_sum = params.label_smoothing != 0.0
     stats = torch.empty((3 if need_sum else 2, slices, t), device=x.device, dtype=torch.float32)
     launch(
-        choice, lambda META: (_cdiv(t, META["BLOCK_T"]), slices),
+        choice, lambda META: (cdiv(t, META["BLOCK_T"]), slices),
         (x, w, b if b is not None else stats, tgt, stats[0], stats[1], stats[-1],  # bias never read without HAS_BIAS
          t, v, e, vs,
          x.stride(0), x.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0),
@@ -156,7 +153,7 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
         xc = x[t0 : t0 + tc]
         launch(
             kern.tile("dlogits", tc, v, e, x.element_size(), table_arch(x.device)),
-            lambda META: (_cdiv(tc, META["BLOCK_T"]), _cdiv(v, META["BLOCK_V"])),
+            lambda META: (cdiv(tc, META["BLOCK_T"]), cdiv(v, META["BLOCK_V"])),
             (xc, w, b if b is not None else lse, tgt[t0:], lse[t0:], grad[t0:], d,
              tc, v, e, params.ignore_index, eps / v, 1.0 - eps, 2.0 * params.z_loss,
              xc.stride(0), xc.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
@@ -178,7 +175,7 @@ def _matmul(a, b, c, rs, *, accumulate: bool, policy: LaunchPolicy) -> None:
     n = b.shape[1]
     launch(
         _kernels().matmul(m, n, k, a.element_size(), table_arch(a.device)),
-        lambda META: (_cdiv(m, META["BLOCK_M"]) * _cdiv(n, META["BLOCK_N"]),),
+        lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(n, META["BLOCK_N"]),),
         (a, b, c, rs if rs is not None else c,  # rs never touched without ROWSUM
          m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)),
         dtype=a.dtype, policy=policy, ACCUMULATE=accumulate, ROWSUM=rs is not None,

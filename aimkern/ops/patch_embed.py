@@ -18,7 +18,7 @@ import torch
 
 from ..reference.patch_embed import patch_embed_reference
 from ._checks import autocast_inputs, check_float_dtype, check_same_device, check_tensor, resolve_backend
-from ._launch import LaunchPolicy, current_policy, fixed_config, interpreting, launch, sm_count
+from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, launch, sm_count
 
 OP = "patch_embed"
 
@@ -69,10 +69,6 @@ def _geometry(images: torch.Tensor, weight: torch.Tensor):
     return b, c, p, w // p, (h // p) * (w // p), e, c * p * p
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> torch.Tensor:
     b, _, p, gw, n, e, k = _geometry(images, weight)
     m = b * n
@@ -82,7 +78,7 @@ def _launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> to
     pos = pos_embed.reshape(n, e) if pos_embed is not None else None
     launch(
         _kernels().forward(m * e * k, images.element_size() == 2),
-        lambda META: (_cdiv(e, META["BLOCK_E"]) * _cdiv(m, META["BLOCK_M"]),),
+        lambda META: (cdiv(e, META["BLOCK_E"]) * cdiv(m, META["BLOCK_M"]),),
         (images, weight, bias if bias is not None else out, pos if pos is not None else out, out,
          m, n, gw, e, k,
          *images.stride(), *weight.stride(), *(pos.stride() if pos is not None else (0, 0))),
@@ -108,9 +104,9 @@ def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: b
     slices = split["n_blocks"] * split["b_chunks"]
     dw_part = grad.new_empty((slices, e, k) if want_weight else (0,), dtype=torch.float32)
     dpos_part = grad.new_empty((split["b_chunks"], n, e) if want_pos else (0,), dtype=torch.float32)
-    k_tiles = _cdiv(k, tiles["BLOCK_K"]) if want_weight else 1
+    k_tiles = cdiv(k, tiles["BLOCK_K"]) if want_weight else 1
     launch(
-        choice, lambda META: (_cdiv(e, META["BLOCK_E"]) * k_tiles, slices),
+        choice, lambda META: (cdiv(e, META["BLOCK_E"]) * k_tiles, slices),
         (grad, images, dw_part, dpos_part,
          b, n, gw, e, k, split["b_per_slice"], split["n_blocks"],
          *grad.stride(), *images.stride()),
@@ -132,7 +128,7 @@ def _launch_backward_images(grad, weight, images, policy: LaunchPolicy) -> torch
         return dx
     launch(
         _kernels().backward_images(m * e * k, images.element_size() == 2),
-        lambda META: (_cdiv(k, META["BLOCK_K"]) * _cdiv(m, META["BLOCK_M"]),),
+        lambda META: (cdiv(k, META["BLOCK_K"]) * cdiv(m, META["BLOCK_M"]),),
         (grad, weight, dx, m, n, gw, e, k, *grad.stride(), *weight.stride(), *dx.stride()),
         dtype=images.dtype, policy=policy, P=p,
     )

@@ -26,7 +26,7 @@ from ._checks import (
     normalize_prefix_len,
     resolve_backend,
 )
-from ._launch import current_policy, fixed_config, launch
+from ._launch import cdiv, current_policy, fixed_config, launch
 
 OP = "next_patch_pixel_loss"
 
@@ -84,7 +84,7 @@ def _launch(pred, images, prefix, scale, params: PixelLossParams, backward: bool
     c = images.shape[1]
     choice = _kernels().loss(n, d)
     policy = current_policy()
-    r_blocks = -(-n // fixed_config(choice, policy).kwargs["BLOCK_R"])
+    r_blocks = cdiv(n, fixed_config(choice, policy).kwargs["BLOCK_R"])
     if backward:
         out = torch.empty((b, n, d), device=pred.device, dtype=pred.dtype)
     else:
