@@ -19,7 +19,8 @@ import torch
 
 SCALE = (0.4, 1.0)
 RATIO = (3 / 4, 4 / 3)
-# Normalization after /255, as torchvision's ToTensor + Normalize in aimkern.train.data (ImageNet stats).
+# Normalization after /255 (ImageNet statistics; their channel mean for grayscale): the one table the shard
+# stream, aimkern.train's ImageFolder transform and aimkern.eval's transform all use.
 MEAN_STD = {3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 1: ((0.449,), (0.226,))}
 
 Box = Tuple[float, float, float, float]  # left, top, right, bottom in source pixels

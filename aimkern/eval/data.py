@@ -71,12 +71,11 @@ def eval_transform(img_size: int, in_chans: int):
     channel mean for grayscale models; the same statistics as pretraining's ImageFolder stream)."""
     from torchvision import transforms as T
 
-    if in_chans == 3:
-        mean, std, mode = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "RGB"
-    elif in_chans == 1:
-        mean, std, mode = (0.449,), (0.226,), "L"
-    else:
+    from ..data.decode import MEAN_STD
+
+    if in_chans not in MEAN_STD:
         raise ValueError(f"ImageFolder data is read as RGB or grayscale, but the model has in_chans={in_chans}")
+    (mean, std), mode = MEAN_STD[in_chans], "RGB" if in_chans == 3 else "L"
     return T.Compose([
         T.Lambda(lambda im: im.convert(mode)),
         T.Resize(int(round(img_size / CROP_RATIO)), interpolation=T.InterpolationMode.BICUBIC),

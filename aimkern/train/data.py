@@ -175,11 +175,11 @@ class _PositionBatches(torch.utils.data.Sampler):
 def image_folder_transform(img_size: int, in_chans: int):
     from torchvision import transforms as T
 
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
-    if in_chans == 1:
-        mean, std = (0.449,), (0.226,)
-    elif in_chans != 3:
+    from ..data.decode import MEAN_STD  # ImageNet statistics, shared with the shard stream and the probes
+
+    if in_chans not in MEAN_STD:
         raise ValueError(f"--data DIR: images are read as RGB or grayscale, but the preset has in_chans={in_chans}")
+    mean, std = MEAN_STD[in_chans]
     return T.Compose([
         T.Grayscale(1) if in_chans == 1 else T.Lambda(lambda im: im.convert("RGB")),
         T.RandomResizedCrop(img_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC),
