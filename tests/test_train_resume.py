@@ -217,3 +217,17 @@ def test_corrupt_image_is_skipped_counted_and_resume_stays_exact(tmp_path, folde
 def test_mostly_broken_data_stops_the_run(tmp_path, folder_with_a_corrupt_image):
     with pytest.raises(BadDataError, match="1 of 9 files are unreadable.*--max-bad-samples 0.001"):
         run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, steps=3)  # default: 1 in 1000
+
+
+def test_fallback_sets_the_unreadable_checkpoint_aside(tmp_path, capsys):
+    """Resumed past a corrupt latest checkpoint with a longer --steps, the run saves only beyond it: the
+    corrupt file must not take a --keep slot and push out the checkpoint the run resumed from."""
+    out = tmp_path / "run"
+    run(out, "--save-every", 2, "--stop-at", 6, steps=6)
+    with open(ckpt.step_path(out, 6), "r+b") as f:
+        f.truncate(1000)
+    capsys.readouterr()
+    run(out, "--resume", "--steps", 8, "--save-every", 0)  # resumes at 4, saves only at 8
+    assert f"kept the unreadable checkpoint as {ckpt.step_path(out, 6)}.unreadable" in capsys.readouterr().out
+    assert [s for s, _ in ckpt.step_files(out)] == [4, 8]  # without the rename: [6 (unreadable), 8]
+    assert os.path.isfile(f"{ckpt.step_path(out, 6)}.unreadable")

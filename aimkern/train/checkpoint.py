@@ -149,6 +149,18 @@ def load_latest(out_dir: str, warn: Callable[[str], None] = print) -> tuple:
     return None, None
 
 
+def set_aside_newer(out_dir: str, step: int) -> list:
+    """Rename the step files newer than ``step`` (the unreadable ones a resume fell back past) to
+    ``*.pt.unreadable``: kept for inspection, but no longer counted by ``save_step``'s --keep rotation, which
+    would otherwise keep them and delete the readable checkpoint the run resumed from. Returns the new names."""
+    moved = []
+    for s, path in step_files(out_dir):
+        if s > step:
+            os.replace(path, f"{path}.unreadable")
+            moved.append(f"{path}.unreadable")
+    return moved
+
+
 def load(path: str) -> dict:
     """A checkpoint written by ``save_atomic`` (it holds NumPy RNG state, so it is not weights-only)."""
     if not os.path.isfile(path):

@@ -32,7 +32,7 @@ from . import resume
 from .args import run_options
 from .bad_samples import BadSamples
 from .data import make_stream, mix_seed
-from .distributed import DistEnv, all_reduce_sum, gather_objects, setup, teardown, wrap
+from .distributed import DistEnv, all_reduce_sum, barrier, gather_objects, setup, teardown, wrap
 from .errors import DivergedError, Preempted, ResumeError
 from .model import build_model, enable_activation_checkpointing
 from .preemption import PreemptionGuard
@@ -152,6 +152,10 @@ def _load_resume_state(args, env: DistEnv) -> Optional[dict]:
                           "be shortened behind its checkpoint")
     state["path"] = path
     _say(f"resuming from {path} at step {state['step']}", env)
+    barrier(env)  # every rank has read its checkpoint before rank 0 renames the ones it fell back past
+    if env.is_main:
+        for moved in ckpt.set_aside_newer(args.out, state["step"]):
+            _say(f"kept the unreadable checkpoint as {moved}", env)
     return state
 
 
