@@ -214,9 +214,16 @@ def test_corrupt_image_is_skipped_counted_and_resume_stays_exact(tmp_path, folde
     assert resumed[3]["bad_samples"] == straight[3]["bad_samples"]
 
 
-def test_mostly_broken_data_stops_the_run(tmp_path, folder_with_a_corrupt_image):
-    with pytest.raises(BadDataError, match="1 of 9 files are unreadable.*--max-bad-samples 0.001"):
+def test_mostly_broken_data_stops_the_run(tmp_path, folder_with_a_corrupt_image, capsys):
+    with pytest.raises(BadDataError, match="1 of 9 files are unreadable.*--max-bad-samples 0.001") as stop:
         run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, steps=3)  # default: 1 in 1000
+    # The work is kept: a checkpoint at the stop, from which a raised bound continues (not a restart).
+    (stopped_at,) = [s for s, _ in ckpt.step_files(tmp_path)]
+    assert "checkpoint" in str(stop.value) and stopped_at < 3
+    capsys.readouterr()
+    run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, "--resume", "--max-bad-samples", 1, steps=3)
+    assert f"at step {stopped_at}" in capsys.readouterr().out  # resumed, not restarted
+    assert ckpt.load(ckpt.checkpoint_path(tmp_path))["step"] == 3
 
 
 def test_fallback_sets_the_unreadable_checkpoint_aside(tmp_path, capsys):

@@ -33,8 +33,9 @@ class BadSamples:
     def add(self, failures: list) -> None:
         self._pending.extend(failures)
 
-    def sync(self, env: DistEnv, say: Callable[[str], None], step: int) -> None:
-        """Collective: merge every rank's new failures, print new files, raise BadDataError past the bound."""
+    def sync(self, env: DistEnv, say: Callable[[str], None], step: int, enforce: bool = True) -> None:
+        """Collective: merge every rank's new failures, print new files, and (``enforce``) raise BadDataError
+        past the bound."""
         if env.distributed or self._pending:
             everyone = gather_objects(self._pending, env) if env.distributed else [self._pending]
             self._pending = []
@@ -45,7 +46,7 @@ class BadSamples:
                         self.paths[path] = error
                         say(f"skipped unreadable sample {path} at step {step}: {error}")
         limit = limit_of(self.max_bad, self.num_files)
-        if len(self.paths) > limit:
+        if enforce and len(self.paths) > limit:
             of = f" of {self.num_files}" if self.num_files else ""
             raise BadDataError(
                 f"{len(self.paths)}{of} files are unreadable by step {step} (e.g. {next(iter(self.paths))}), more "

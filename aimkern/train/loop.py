@@ -33,7 +33,7 @@ from .args import run_options
 from .bad_samples import BadSamples
 from .data import make_stream, mix_seed
 from .distributed import DistEnv, all_reduce_sum, barrier, gather_objects, setup, teardown, wrap
-from .errors import DivergedError, Preempted, ResumeError
+from .errors import BadDataError, DivergedError, Preempted, ResumeError
 from .model import build_model, enable_activation_checkpointing
 from .preemption import PreemptionGuard
 from .schedule import build_optimizer, build_scheduler, describe, set_step
@@ -100,11 +100,11 @@ def _say(msg: str, env: DistEnv, bar=None) -> None:
 
 
 def save_checkpoint(core, optimizer, scheduler, *, step: int, samples_seen: int, args, env: DistEnv,
-                    bad: BadSamples) -> tuple:
+                    bad: BadSamples, enforce_bad_bound: bool = True) -> tuple:
     """Collective: gather the full state and every rank's RNGs; rank 0 writes OUT/checkpoint-STEP.pt atomically
     (keeping the last --keep). Returns (the full model state dict, the path); on other ranks the state dict
     may be empty (FSDP) and the path is None."""
-    bad.sync(env, lambda m: _say(m, env), step)  # the checkpoint must hold every failure up to this step
+    bad.sync(env, lambda m: _say(m, env), step, enforce_bad_bound)  # the checkpoint holds every failure so far
     model_sd, optim_sd = ckpt.model_and_optimizer_state(core, optimizer)
     rngs = gather_objects(ckpt.capture_rng(), env)
     path = None
@@ -290,7 +290,12 @@ def _train(args, env: DistEnv, guard: PreemptionGuard) -> dict:
             if not np.isfinite(mean_loss):
                 raise DivergedError(f"the loss is {mean_loss} at step {done} (lr {lr:.3g}); lower --lr or check "
                                     "the data, then --resume from the last checkpoint")
-            bad.sync(env, say, done)
+            try:
+                bad.sync(env, say, done)
+            except BadDataError as stop_error:  # keep the work done: fix the data or raise the bound, --resume
+                _, saved_at = save_checkpoint(core, optimizer, scheduler, step=done, samples_seen=samples_seen,
+                                              args=args, env=env, bad=bad, enforce_bad_bound=False)
+                raise BadDataError(f"{stop_error} (checkpoint {saved_at or 'of step ' + str(done)} saved)") from None
             now = time.perf_counter()
             img_per_s = (done - last_step) * args.batch_size / (now - last_t)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
