@@ -46,7 +46,17 @@ def test_resume_takes_the_runs_options_not_the_defaults(tmp_path):
     assert (args.batch_size, args.steps, args.lr, args.warmup_steps) == (8, 20, 1e-3, 2)
     longer = parse_args(["--out", str(tmp_path), "--resume", "--steps", "40", "--probe", "--save-every", "5"])
     assert (longer.steps, longer.warmup_steps, longer.probe, longer.save_every) == (40, 2, True, 5)
-    assert not parse_args(["--out", str(tmp_path), "--resume"]).probe  # a changeable option does not stick
+    assert not parse_args(["--out", str(tmp_path), "--resume"]).probe  # a switch does not stick
+
+
+def test_bare_resume_keeps_the_runs_cadence_and_bounds(tmp_path):
+    """A changeable setting not given again keeps the run's value: no quiet fall-back to the defaults."""
+    saved = vars(parse_args(["--save-every", "20", "--log-every", "5", "--keep", "4", "--max-bad-samples", "3",
+                             "--out", str(tmp_path)]))
+    resume.write_options(str(tmp_path), {k: v for k, v in saved.items() if not k.startswith("_")})
+    args = parse_args(["--out", str(tmp_path), "--resume"])
+    assert (args.save_every, args.log_every, args.keep, args.max_bad_samples) == (20, 5, 4, 3)
+    assert parse_args(["--out", str(tmp_path), "--resume", "--save-every", "50"]).save_every == 50
 
 
 def test_resume_refuses_options_that_differ_listing_each(tmp_path, capsys):

@@ -39,6 +39,8 @@ examples:
 
 resume: --resume takes the run's options from OUT/run.json; options given again must match, except
   {changeable}.
+  Those keep the run's values when not given again, except the switches --stop-at, --probe, --no-progress,
+  --compile, --checkpointing and --fsdp, which apply to one invocation.
   --steps extends (or shortens, not below the checkpoint's step) the schedule: the cosine is re-planned from
   the current step and the banner says what the learning rate does next. A finished run resumed does only
   what was asked (e.g. --probe) and keeps its summary.

@@ -23,8 +23,11 @@ CHANGEABLE = (
     "steps", "stop_at", "save_every", "log_every", "keep", "probe", "no_progress", "workers", "threads", "device",
     "compile", "compile_backend", "checkpointing", "fsdp", "backend", "max_bad_samples", "resume", "out",
 )
-# Changeable, but kept from the run (not reset to the default) when the command line does not give them.
-KEPT_WHEN_ABSENT = ("steps",)
+# Changeable, but kept from the run (not reset to the default) when the command line does not give them: a
+# bare --resume must not quietly save less often, log differently or take another bad-data bound. The
+# switches (--stop-at, --probe, --no-progress, --compile, --checkpointing, --fsdp) apply to one invocation.
+KEPT_WHEN_ABSENT = ("steps", "save_every", "log_every", "keep", "max_bad_samples", "workers", "threads", "device",
+                    "backend", "compile_backend")
 
 
 def run_file(out_dir: str) -> str:
