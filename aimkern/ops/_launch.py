@@ -148,12 +148,32 @@ def autotunes(choice, policy: LaunchPolicy) -> bool:
     return policy.autotune and len(choice.configs) > 1 and not interpreting()
 
 
+_GPU_CONFIGS: contextvars.ContextVar[bool] = contextvars.ContextVar("aimkern_gpu_configs", default=False)
+
+
+@contextlib.contextmanager
+def gpu_configs() -> Iterator[None]:
+    """Interpreted launches inside the block run the GPU table's first config instead of the interpreter's
+    own (the cost report, benchmarks/kernel_cost.py, counts the work of the tiles the GPU would run)."""
+    token = _GPU_CONFIGS.set(True)
+    try:
+        yield
+    finally:
+        _GPU_CONFIGS.reset(token)
+
+
+def gpu_configs_active() -> bool:
+    """Whether launches run the GPU tables' configs even under the interpreter (``gpu_configs()``)."""
+    return _GPU_CONFIGS.get()
+
+
 def fixed_config(choice, policy: LaunchPolicy):
-    """The config ``launch`` runs when it does not autotune: the interpreter's under the interpreter, else
-    the first of the table. Launchers whose buffers depend on the tiling use Choices with one config."""
+    """The config ``launch`` runs when it does not autotune: the interpreter's under the interpreter (unless
+    inside ``gpu_configs()``), else the first of the table. Launchers whose buffers depend on the tiling use
+    Choices with one config."""
     if autotunes(choice, policy):
         raise ValueError(f"{choice.name}: an autotuned Choice has no fixed config")
-    return choice.interpreter if interpreting() else choice.configs[0]
+    return choice.interpreter if interpreting() and not _GPU_CONFIGS.get() else choice.configs[0]
 
 
 def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.dtype, policy: LaunchPolicy,

@@ -20,7 +20,8 @@ from ._checks import (
     autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, resolve_backend,
 )
 from ._launch import (
-    LaunchPolicy, autotunes, cdiv, current_policy, fixed_config, interpreting, launch, sm_count, table_arch,
+    LaunchPolicy, autotunes, cdiv, current_policy, fixed_config, gpu_configs_active, interpreting, launch, sm_count,
+    table_arch,
 )
 
 OP = "linear_cross_entropy"
@@ -144,7 +145,7 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
     dx = torch.empty((t, e), device=dev, dtype=x.dtype) if need_dx else None
     dw32 = torch.empty((v, e), device=dev, dtype=torch.float32) if need_dw else None
     db32 = torch.zeros((v,), device=dev, dtype=torch.float32) if need_db else None
-    chunk = kern.bwd_chunk_tokens(t, v, x.element_size(), interpreting())
+    chunk = kern.bwd_chunk_tokens(t, v, x.element_size(), interpreting() and not gpu_configs_active())
     dbuf = torch.empty((chunk, v), device=dev, dtype=x.dtype)
     eps = params.label_smoothing
     for t0 in range(0, t, chunk):

@@ -1,0 +1,273 @@
+"""Cost report: the work the real kernels issue, counted on CPU, against each op's exact minimum.
+
+The CPU stand-in for a profiler. Every launcher runs for real under Triton's interpreter with the configs
+the GPU would pick (the sm_90a table's first entry, autotuning off: ``aimkern.ops._launch.gpu_configs``),
+while ``aimkern.ops._counting.count_work`` adds up each kernel's ``tl.dot`` multiply-adds (M x N x K) and
+the global-memory bytes its loads, stores and atomics request (masked-off elements excluded). Work that is
+linear in the batch (B * H heads, B images, T tokens) is counted on a small batch and scaled.
+
+Exact minimums (V = visible (query, key) pairs of the mask, e = element bytes):
+  attention forward   2 V D MACs;  bytes: q, k, v read once, o written once (+ the fp32 logsumexp)
+  attention backward  5 V D MACs;  bytes: q, k, v, o, do read once, dq, dk, dv written once (+ lse)
+  linear + CE         1 GEMM (T E V) without grad, 3 with (logits, d input, d weight); bytes: x, W, b read
+  patch embed         one GEMM forward, one for d weight (d images when they need it)
+  pixel loss          no GEMM; pred and images read once, d pred written once
+
+The design floor is ``max(MACs / 765 TFLOP/s, bytes / 4.2 TB/s)`` on the H200's measured ceilings: a
+bound, never a prediction (no kernel reaches either ceiling, and the two overlap imperfectly). It is
+printed beside the peers' fwd+bwd times measured on the H200 (benchmarks/RESULTS.md).
+
+    python benchmarks/kernel_cost.py                 # every op at the benchmark shapes
+    python benchmarks/kernel_cost.py --check         # also fail (exit 1) on any budget exceeded
+    python benchmarks/kernel_cost.py --quick --check # the CI subset (N <= 1024)
+    python benchmarks/kernel_cost.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # the counts come from the interpreter, also on a GPU machine
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cost_budgets import BUDGETS, check_row  # noqa: E402
+
+import aimkern  # noqa: E402
+from aimkern.ops import launch_policy  # noqa: E402
+from aimkern.ops._counting import count_work  # noqa: E402
+from aimkern.ops._launch import gpu_configs  # noqa: E402
+from aimkern.reference.attention import attention_mask  # noqa: E402
+
+MATMUL_TFLOPS = 765.0  # H200, bf16 dense matmul (benchmarks/RESULTS.md, "Ceilings and peers")
+COPY_GBPS = 4200.0
+H = 12
+ATTN_SHAPES = [(256, 256, 64), (256, 196, 64), (64, 1024, 64), (16, 4096, 64), (64, 1024, 128)]
+QUICK_ATTN_SHAPES = [(256, 256, 64), (256, 196, 64), (64, 1024, 64), (64, 1024, 128)]
+MASKS = ("full", "causal", "prefix", "block")
+# Peers' fwd+bwd ms on the H200 (bf16, H = 12; benchmarks/RESULTS.md): the best measured path per mask.
+PEERS = {
+    (256, 256, 64): {"causal": ("cuDNN", 0.969), "prefix": ("Flex", 1.246), "block": ("Flex", 1.197)},
+    (256, 196, 64): {"causal": ("cuDNN", 0.867), "prefix": ("SDPA mask", 1.286), "block": ("Flex", 1.658)},
+    (64, 1024, 64): {"causal": ("cuDNN", 1.529), "prefix": ("Flex", 2.323), "block": ("Flex", 1.978)},
+    (16, 4096, 64): {"causal": ("cuDNN", 3.933), "prefix": ("Flex", 6.996), "block": ("Flex", 5.187)},
+    (64, 1024, 128): {"causal": ("cuDNN", 2.471), "prefix": ("Flex", 3.713), "block": ("Flex", 3.150)},
+}
+FWD_KERNELS = ("attn_fwd_kernel",)
+
+
+def mask_options(mask: str, n: int) -> dict:
+    """aimkern.attention keywords of one mask mode: prefix = N // 2 (AIM's mean), block = the grid width."""
+    if mask == "full":
+        return {}
+    if mask == "causal":
+        return dict(is_causal=True)
+    if mask == "prefix":
+        return dict(is_causal=True, prefix_len=n // 2)
+    if mask == "block":
+        return dict(is_causal=True, block_size=max(1, math.isqrt(n)))
+    raise ValueError(mask)
+
+
+def visible_pairs(n: int, opts: dict) -> int:
+    mask = attention_mask(n, is_causal=opts.get("is_causal", False), block_size=opts.get("block_size", 1),
+                          prefix_len=torch.tensor([opts["prefix_len"]]) if "prefix_len" in opts else None)
+    return int(mask.sum())
+
+
+def backward_paths(n: int, d: int) -> list:
+    """(label, LaunchPolicy changes, attention kwargs) of each backward path that applies at (N, D)."""
+    from aimkern.kernels import attention as kern
+
+    paths = [("split", dict(attention_backward="split"), {})]
+    if kern.fused_backward_fits(d, False, n, 90):
+        paths.insert(0, ("fused", dict(attention_backward="fused"), {}))
+    paths.append(("split nondet", dict(attention_backward="split"), dict(deterministic=False)))
+    return paths
+
+
+def _supports_deterministic() -> bool:
+    import inspect
+
+    return "deterministic" in inspect.signature(aimkern.attention).parameters
+
+
+def attention_rows(shapes) -> list:
+    rows = []
+    for b, n, d in shapes:
+        heads = b * H
+        e = 2  # fp16 / bf16
+        for mask in MASKS:
+            opts = mask_options(mask, n)
+            vis = visible_pairs(n, opts)
+            for path, policy, extra in backward_paths(n, d):
+                if extra and not _supports_deterministic():
+                    continue
+                gen = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(1, 1, n, d, generator=gen, dtype=torch.float16).requires_grad_()
+                           for _ in range(3))
+                t0 = time.perf_counter()
+                with gpu_configs(), launch_policy(autotune=False, **policy), count_work() as work:
+                    o = aimkern.attention(q, k, v, backend="triton", **opts, **extra)
+                    o.backward(torch.randn_like(o))
+                secs = time.perf_counter() - t0
+                fwd = work.of(*FWD_KERNELS)
+                bwd_names = [k for k in work.kernels if k not in FWD_KERNELS]
+                bwd = work.of(*bwd_names)
+                min_fwd_macs, min_bwd_macs = 2 * vis * d, 5 * vis * d
+                min_fwd_bytes = 4 * n * d * e + 4 * n
+                min_bwd_bytes = 8 * n * d * e + 4 * n
+                peer = PEERS.get((b, n, d), {}).get(mask)
+                rows.append(dict(
+                    op="attention", shape=f"B={b} N={n} D={d}", mask=mask, path=path, heads=heads,
+                    kernels=sorted(work.kernels), interp_s=round(secs, 2),
+                    fwd_macs=fwd.macs * heads, fwd_x=fwd.macs / min_fwd_macs,
+                    bwd_macs=bwd.macs * heads, bwd_x=bwd.macs / min_bwd_macs,
+                    fwd_bytes=fwd.bytes * heads, fwd_bytes_x=fwd.bytes / min_fwd_bytes,
+                    bwd_bytes=bwd.bytes * heads, bwd_bytes_x=bwd.bytes / min_bwd_bytes,
+                    floor_ms=floor_ms((fwd.macs + bwd.macs) * heads, (fwd.bytes + bwd.bytes) * heads),
+                    peer=f"{peer[0]} {peer[1]:.3f}" if peer else "-", n=n, d=d,
+                ))
+    return rows
+
+
+def cross_entropy_rows(t_count: int = 256) -> list:
+    """The 8192-way head on 65,536 tokens x 768, counted on ``t_count`` tokens and scaled (linear in T)."""
+    t_real, e, v = 65536, 768, 8192
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(t_count, e, generator=gen) * 0.5).half()
+    w = (torch.randn(v, e, generator=gen) * 0.05).half()
+    tgt = torch.randint(0, v, (t_count,), generator=gen)
+    gemm = t_count * e * v
+    for grad in (False, True):
+        xs, ws = x.clone().requires_grad_(grad), w.clone().requires_grad_(grad)
+        with gpu_configs(), launch_policy(autotune=False), count_work() as work:
+            if grad:
+                aimkern.linear_cross_entropy(xs, ws, tgt, backend="triton").backward()
+            else:
+                with torch.no_grad():
+                    aimkern.linear_cross_entropy(xs, ws, tgt, backend="triton")
+        scale = t_real / t_count
+        min_bytes = (t_count * e + v * e) * 2 + t_count * 8 + ((t_count * e + v * e) * 2 if grad else 0)
+        rows.append(dict(
+            op="linear_cross_entropy", shape=f"T={t_real} E={e} V={v}", mask="-", path="fwd+bwd" if grad else "no grad",
+            kernels=sorted(work.kernels), gemm_equiv=work.macs / gemm, macs=int(work.macs * scale),
+            bytes=int(work.bytes * scale), bytes_x=work.bytes / min_bytes,
+            floor_ms=floor_ms(work.macs * scale, work.bytes * scale),
+            peer="compiled 5.100" if grad else "-",
+        ))
+    return rows
+
+
+def patch_embed_rows(b_count: int = 2) -> list:
+    """ViT-B/16 patch embedding of 256 images at 224 px, counted on ``b_count`` images and scaled."""
+    b_real, c, img, p, e = 256, 3, 224, 16, 768
+    n = (img // p) ** 2
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(b_count, c, img, img, generator=gen).half()
+    weight = (torch.randn(e, c, p, p, generator=gen) * 0.02).half().requires_grad_()
+    bias = torch.zeros(e, dtype=torch.float16, requires_grad=True)
+    pos = (torch.randn(n, e, generator=gen) * 0.02).half().requires_grad_()
+    with gpu_configs(), launch_policy(autotune=False), count_work() as work:
+        out = aimkern.patch_embed(images, weight, bias, pos, backend="triton")
+        out.backward(torch.randn_like(out))
+    gemm = b_count * n * e * c * p * p
+    min_bytes = (images.numel() + weight.numel() + pos.numel() + b_count * n * e * 2 + weight.numel() + e
+                 + pos.numel()) * 2
+    scale = b_real / b_count
+    return [dict(
+        op="patch_embed", shape=f"B={b_real} 224px P={p} E={e}", mask="-", path="fwd+bwd (no d images)",
+        kernels=sorted(work.kernels), gemm_equiv=work.macs / gemm, macs=int(work.macs * scale),
+        bytes=int(work.bytes * scale), bytes_x=work.bytes / min_bytes,
+        floor_ms=floor_ms(work.macs * scale, work.bytes * scale), peer="unfold+linear 0.880",
+    )]
+
+
+def pixel_loss_rows(b_count: int = 2) -> list:
+    """AIM-600M's pixel loss (batch 64, 224 px, P = 14), counted on ``b_count`` images and scaled."""
+    b_real, c, img, p = 64, 3, 224, 14
+    n = (img // p) ** 2
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(b_count, n, p * p * c, generator=gen).half().requires_grad_()
+    images = torch.randn(b_count, c, img, img, generator=gen).half()
+    with gpu_configs(), launch_policy(autotune=False), count_work() as work:
+        aimkern.next_patch_pixel_loss(pred, images, patch_size=p, prefix_len=n // 2, backend="triton").backward()
+    min_bytes = (pred.numel() * 2 + images.numel()) * 2  # pred, images read once; d pred written once
+    scale = b_real / b_count
+    return [dict(
+        op="next_patch_pixel_loss", shape=f"B={b_real} 224px P={p}", mask="prefix", path="fwd+bwd",
+        kernels=sorted(work.kernels), gemm_equiv=0.0, macs=int(work.macs * scale), bytes=int(work.bytes * scale),
+        bytes_x=work.bytes / min_bytes, floor_ms=floor_ms(work.macs * scale, work.bytes * scale), peer="-",
+    )]
+
+
+def floor_ms(macs: float, nbytes: float) -> float:
+    return max(2 * macs / (MATMUL_TFLOPS * 1e12), nbytes / (COPY_GBPS * 1e9)) * 1e3
+
+
+def print_tables(rows: list) -> None:
+    print("Issued work per kernel family, counted under Triton's interpreter with the sm_90a configs, as")
+    print("multiples of the exact minimum. Floor = max(MACs / 765 TFLOP/s, bytes / 4.2 TB/s) on the H200:")
+    print("a bound, never a prediction. Peers: fwd+bwd ms measured on the H200 (benchmarks/RESULTS.md).\n")
+    attn = [r for r in rows if r["op"] == "attention"]
+    if attn:
+        head = (f"{'shape':<20} {'mask':<7} {'bwd path':<13} {'fwd x':>6} {'bwd x':>6} {'bwd bytes x':>11} "
+                f"{'fwd+bwd GFLOP':>13} {'GB':>6} {'floor ms':>8}  peer ms")
+        print(head)
+        print("-" * len(head))
+        for r in attn:
+            gflop = 2 * (r["fwd_macs"] + r["bwd_macs"]) / 1e9
+            gb = (r["fwd_bytes"] + r["bwd_bytes"]) / 1e9
+            print(f"{r['shape']:<20} {r['mask']:<7} {r['path']:<13} {r['fwd_x']:>6.2f} {r['bwd_x']:>6.2f} "
+                  f"{r['bwd_bytes_x']:>11.2f} {gflop:>13.1f} {gb:>6.2f} {r['floor_ms']:>8.3f}  {r['peer']}")
+        print()
+    other = [r for r in rows if r["op"] != "attention"]
+    if other:
+        head = f"{'op':<22} {'shape':<24} {'path':<24} {'GEMM-equiv':>10} {'bytes x':>8} {'floor ms':>8}  peer ms"
+        print(head)
+        print("-" * len(head))
+        for r in other:
+            print(f"{r['op']:<22} {r['shape']:<24} {r['path']:<24} {r['gemm_equiv']:>10.2f} {r['bytes_x']:>8.2f} "
+                  f"{r['floor_ms']:>8.3f}  {r['peer']}")
+        print()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI subset: attention shapes with N <= 1024")
+    ap.add_argument("--check", action="store_true", help="exit 1 when any budget (cost_budgets.py) is exceeded")
+    ap.add_argument("--op", nargs="*", default=None,
+                    choices=["attention", "linear_cross_entropy", "patch_embed", "next_patch_pixel_loss"])
+    ap.add_argument("--json", default=None, help="write every row to this file")
+    args = ap.parse_args(argv)
+    ops = set(args.op or ["attention", "linear_cross_entropy", "patch_embed", "next_patch_pixel_loss"])
+    t0 = time.perf_counter()
+    rows = []
+    if "attention" in ops:
+        rows += attention_rows(QUICK_ATTN_SHAPES if args.quick else ATTN_SHAPES)
+    if "linear_cross_entropy" in ops:
+        rows += cross_entropy_rows()
+    if "patch_embed" in ops:
+        rows += patch_embed_rows()
+    if "next_patch_pixel_loss" in ops:
+        rows += pixel_loss_rows()
+    print_tables(rows)
+    failures = [msg for r in rows for msg in check_row(r)]
+    print(f"{len(rows)} rows in {time.perf_counter() - t0:.0f} s (torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}); budgets: {len(BUDGETS)} rules, {len(failures)} exceeded")
+    for msg in failures:
+        print("  OVER BUDGET:", msg)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if (args.check and failures) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
