@@ -72,13 +72,17 @@ def _logits_tile(
 
 @triton.jit
 def ce_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, sum_ptr,
+    x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, sum_ptr, logits_ptr,
     T, V, E, VS,
-    s_xt, s_xe, s_wv, s_we, s_b,
-    HAS_BIAS: tl.constexpr, NEED_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    s_xt, s_xe, s_wv, s_we, s_b, s_lt,
+    HAS_BIAS: tl.constexpr, NEED_SUM: tl.constexpr, STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Per (token tile, vocab slice [s * VS, (s + 1) * VS)): partial lse, target logit, logit sum -> (S, T) fp32."""
+    """Per (token tile, vocab slice [s * VS, (s + 1) * VS)): partial lse, target logit, logit sum -> (S, T) fp32.
+
+    STORE_LOGITS: also write the logits (bias included) into logits (T, V) rows of stride s_lt, in its dtype:
+    the forward-with-gradient path turns them into dlogits in place, so the logits GEMM runs once.
+    """
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -98,6 +102,13 @@ def ce_fwd_kernel(
                               DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_E)
         if HAS_BIAS:
             logits += tl.load(b_ptr + offs_v * s_b, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+        if STORE_LOGITS:
+            # The statistics then come from the stored (rounded) logits, as F.linear's output would give
+            # them: the in-place dlogits then sum to zero over the vocabulary, like torch's.
+            rounded = logits.to(logits_ptr.dtype.element_ty)
+            l_ptrs = logits_ptr + offs_t.to(tl.int64)[:, None] * s_lt + offs_v[None, :]
+            tl.store(l_ptrs, rounded, mask=t_ok[:, None] & v_ok[None, :])
+            logits = rounded.to(tl.float32)
         logits = tl.where(v_ok[None, :], logits, float("-inf"))
         # Every tile holds at least one valid column (v0 < v_end), so m_new is finite.
         m_new = tl.maximum(m, tl.max(logits, axis=1))
@@ -149,6 +160,35 @@ def ce_dlogits_kernel(
     d = d * g[:, None]
     d_ptrs = d_ptr + offs_t.to(tl.int64)[:, None] * s_dt + offs_v[None, :]
     tl.store(d_ptrs, d.to(d_ptr.dtype.element_ty), mask=t_ok[:, None] & v_ok[None, :])
+
+
+@triton.jit
+def ce_dlogits_inplace_kernel(
+    d_ptr, tgt_ptr, lse_ptr, g_ptr,
+    T, V, ignore_index, smooth_per_class, target_weight, two_z, s_g, s_dt,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Stored logits -> dlogits, in place: the formula of ce_dlogits_kernel without the recompute GEMM.
+
+    d (T, V) holds the logits (bias included) in the input dtype, as F.linear would return them.
+    """
+    pid_t = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    t_ok = offs_t < T
+    ok = t_ok[:, None] & (offs_v < V)[None, :]
+    d_ptrs = d_ptr + offs_t.to(tl.int64)[:, None] * s_dt + offs_v[None, :]
+    logits = tl.load(d_ptrs, mask=ok, other=0.0).to(tl.float32)
+    tgt = tl.load(tgt_ptr + offs_t, mask=t_ok, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_t, mask=t_ok, other=0.0)
+    g = tl.load(g_ptr + offs_t.to(tl.int64) * s_g, mask=t_ok, other=0.0).to(tl.float32)
+    g = tl.where(t_ok & (tgt != ignore_index), g, 0.0)  # where, not a product: g may be inf (see above)
+    p = tl.exp2((logits - lse[:, None]) * LOG2E)
+    d = p * (1.0 + two_z * lse)[:, None] - smooth_per_class
+    d = d - tl.where(offs_v[None, :] == tgt[:, None], target_weight, 0.0)
+    d = d * g[:, None]
+    tl.store(d_ptrs, d.to(d_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -294,6 +334,15 @@ def matmul(m: int, n: int, k: int, elem_bytes: int, arch: int = 90) -> Choice:
     tuned = MATMUL_CONFIGS if arch >= 90 else MATMUL_CONFIGS_SM80
     configs = _configs(m * n * k, elem_bytes, tuned, MATMUL_CONFIG_FP32)
     return _matmul_choice(configs, tuple(interpreter_matmul_config(m, n, k).kwargs.items()))
+
+
+INPLACE_CONFIG = cfg(8, 1, BLOCK_T=32, BLOCK_V=256)  # elementwise: 8K elements a program, 16-byte rows
+
+
+@functools.lru_cache(maxsize=None)
+def dlogits_inplace() -> Choice:
+    """ce_dlogits_inplace_kernel; grid (cdiv(T, BLOCK_T), cdiv(V, BLOCK_V))."""
+    return Choice(ce_dlogits_inplace_kernel, (INPLACE_CONFIG,), cfg(4, 1, BLOCK_T=16, BLOCK_V=64))
 
 
 def vocab_split(n_token_tiles: int, v: int, n_programs_wanted: int) -> int:

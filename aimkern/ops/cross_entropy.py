@@ -3,10 +3,18 @@
 Mirrors ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) and adds z-loss. Backend dispatch,
 input checks, the Triton launchers (kernels/cross_entropy.py) and their custom-op + autograd registration.
 
-Triton path: ``aimkern::linear_cross_entropy_fwd`` returns the per-token loss (fp32, 0 where ignored) and
-the per-token logsumexp saved for the backward; the reduction ("mean" / "sum" / "none") is plain torch on
-that (T,) vector, so its gradient reaches ``aimkern::linear_cross_entropy_bwd`` as per-token scales (often
-a stride-0 expanded view, read with its stride). The backward recomputes the logits tile by tile.
+Two Triton paths:
+
+* The loss will be differentiated (grad mode on, an input that requires grad, reduction "mean" or "sum"):
+  ``aimkern::linear_cross_entropy_fwd_grad`` computes the reduced loss *and* its gradients in the forward,
+  chunk by chunk (Liger's plan): each chunk's logits GEMM runs once, its logits become dlogits in place,
+  and two GEMMs give d input and d weight. 3 GEMM-equivalents in all; the autograd backward only scales
+  the saved gradients by the incoming one (exact for 1 and powers of two).
+* Otherwise (no grad, or reduction "none", whose per-token upstream gradient is unknown in the forward):
+  ``aimkern::linear_cross_entropy_fwd`` returns the per-token loss (fp32, 0 where ignored) and the per-token
+  logsumexp; the reduction is plain torch on that (T,) vector, so its gradient reaches
+  ``aimkern::linear_cross_entropy_bwd`` as per-token scales (often a stride-0 expanded view, read with its
+  stride), which recomputes the logits tile by tile (4 GEMM-equivalents with the forward; 1 without grad).
 """
 from __future__ import annotations
 
@@ -96,8 +104,11 @@ def _programs_wanted(device: torch.device) -> int:
     return 2 * sm_count(device) if device.type in ("cuda", "meta") else 4
 
 
-def _launch_forward(x, w, b, tgt, params: CrossEntropyParams, policy: LaunchPolicy):
-    """Per-token statistics over vocabulary slices -> (lse, target logit, logit sum or None), each (T,) fp32."""
+def _launch_forward(x, w, b, tgt, params: CrossEntropyParams, policy: LaunchPolicy, logits=None):
+    """Per-token statistics over vocabulary slices -> (lse, target logit, logit sum or None), each (T,) fp32.
+
+    logits: optional (T, V) buffer (row stride free, unit column stride) that receives the logits, bias
+    included, in its dtype (the forward-with-gradient path)."""
     kern = _kernels()
     t, e = x.shape
     v = w.shape[0]
@@ -110,9 +121,11 @@ def _launch_forward(x, w, b, tgt, params: CrossEntropyParams, policy: LaunchPoli
     launch(
         choice, lambda META: (cdiv(t, META["BLOCK_T"]), slices),
         (x, w, b if b is not None else stats, tgt, stats[0], stats[1], stats[-1],  # bias never read without HAS_BIAS
+         logits if logits is not None else stats,  # never written without STORE_LOGITS
          t, v, e, vs,
-         x.stride(0), x.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0),
-        dtype=x.dtype, policy=policy, HAS_BIAS=b is not None, NEED_SUM=need_sum,
+         x.stride(0), x.stride(1), w.stride(0), w.stride(1), b.stride(0) if b is not None else 0,
+         logits.stride(0) if logits is not None else 0),
+        dtype=x.dtype, policy=policy, HAS_BIAS=b is not None, NEED_SUM=need_sum, STORE_LOGITS=logits is not None,
     )
     # Combining a few slices per token in torch is a fixed-order reduction: deterministic.
     lse = stats[0, 0] if slices == 1 else torch.logsumexp(stats[0], dim=0)
@@ -168,6 +181,55 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
         elif need_db:
             db32 += d.sum(0, dtype=torch.float32)
     return dx, dw32, db32
+
+
+def _launch_forward_with_grad(x, w, b, tgt, params: CrossEntropyParams, need_dx: bool, need_dw: bool,
+                              need_db: bool, policy: LaunchPolicy):
+    """The reduced loss and its gradients in one pass: 3 GEMM-equivalents instead of forward + backward's 4.
+
+    Chunk by chunk (the backward's bounded chunk buffer): the forward kernel computes the chunk's logits
+    once, keeps its statistics and stores the logits into the buffer; an elementwise kernel turns them into
+    dlogits in place (the gradient of the *reduced* loss for an upstream gradient of 1: 1 / count for
+    "mean", 1 for "sum"); then dx[chunk] = dlogits @ W and dW32 += dlogits^T @ x[chunk] (fp32, a fixed
+    chunk order: deterministic). Returns (loss 0-d fp32, dx or None, dW32 or None, db32 or None); the
+    autograd backward only scales them by the incoming gradient.
+    """
+    kern = _kernels()
+    t, e = x.shape
+    v = w.shape[0]
+    dev = x.device
+    keep = tgt != params.ignore_index
+    count = keep.sum()
+    mean = params.reduction == "mean"
+    # 1 / 0 = inf for an all-ignored "mean": the kernels zero ignored tokens with a where, so no NaN.
+    g = (1.0 / count.to(torch.float32)).reshape(1) if mean else torch.ones(1, device=dev, dtype=torch.float32)
+    dx = torch.empty((t, e), device=dev, dtype=x.dtype) if need_dx else None
+    dw32 = torch.empty((v, e), device=dev, dtype=torch.float32) if need_dw else None
+    db32 = torch.zeros((v,), device=dev, dtype=torch.float32) if need_db else None
+    chunk = kern.bwd_chunk_tokens(t, v, x.element_size(), interpreting() and not gpu_configs_active())
+    dbuf = torch.empty((chunk, v), device=dev, dtype=x.dtype)
+    losses = torch.empty((t,), device=dev, dtype=torch.float32)
+    eps = params.label_smoothing
+    for t0 in range(0, t, chunk):
+        tc = min(chunk, t - t0)
+        d = dbuf[:tc]
+        xc, tgt_c = x[t0 : t0 + tc], tgt[t0 : t0 + tc]
+        lse, tgt_logit, logit_sum = _launch_forward(xc, w, b, tgt_c, params, policy, logits=d)
+        losses[t0 : t0 + tc] = _token_losses(lse, tgt_logit, logit_sum, tgt_c, v, params)
+        lse = lse.contiguous()
+        launch(
+            kern.dlogits_inplace(), lambda META: (cdiv(tc, META["BLOCK_T"]), cdiv(v, META["BLOCK_V"])),
+            (d, tgt_c, lse, g, tc, v, params.ignore_index, eps / v, 1.0 - eps, 2.0 * params.z_loss, 0, d.stride(0)),
+            dtype=x.dtype, policy=policy,
+        )
+        if need_dx:
+            _matmul(d, w, dx[t0 : t0 + tc], None, accumulate=False, policy=policy)
+        if need_dw:
+            _matmul(d.t(), xc, dw32, db32, accumulate=t0 > 0, policy=policy)
+        elif need_db:
+            db32 += d.sum(0, dtype=torch.float32)
+    loss = losses.sum()
+    return (loss / count if mean else loss), dx, dw32, db32
 
 
 def _matmul(a, b, c, rs, *, accumulate: bool, policy: LaunchPolicy) -> None:
@@ -266,9 +328,80 @@ def _backward(ctx, grad_loss, _grad_lse):
 _lce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("aimkern::linear_cross_entropy_fwd_grad", mutates_args=())
+def _lce_fwd_grad(
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
+    ignore_index: int, label_smoothing: float, z_loss: float, mean: bool,
+    need_dx: bool, need_dw: bool, need_db: bool, autotune: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (reduced loss 0-d fp32, dx like x, dW32 (V, E) fp32, db32 (V,) fp32) for an upstream gradient of 1;
+    a gradient not asked for is an empty (0,) tensor."""
+    params = CrossEntropyParams("mean" if mean else "sum", ignore_index, label_smoothing, z_loss)
+    t, e = x.shape
+    v = w.shape[0]
+    need_db = need_db and b is not None
+    if t == 0:
+        loss = x.new_full((), float("nan") if mean else 0.0, dtype=torch.float32)
+        dx = x.new_zeros((0, e)) if need_dx else None
+        dw32 = x.new_zeros((v, e), dtype=torch.float32) if need_dw else None
+        db32 = x.new_zeros((v,), dtype=torch.float32) if need_db else None
+    else:
+        loss, dx, dw32, db32 = _launch_forward_with_grad(x, w, b, tgt, params, need_dx, need_dw, need_db,
+                                                         LaunchPolicy(autotune=autotune))
+    none = x.new_empty((0,), dtype=torch.float32)
+    return (loss, dx if need_dx else x.new_empty((0,)), dw32 if need_dw else none,
+            db32 if need_db else none.clone())
+
+
+@_lce_fwd_grad.register_fake
+def _(x, w, b, tgt, ignore_index, label_smoothing, z_loss, mean, need_dx, need_dw, need_db, autotune):
+    t, e = x.shape
+    v = w.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((), **f32), x.new_empty((t, e)) if need_dx else x.new_empty((0,)),
+            x.new_empty((v, e), **f32) if need_dw else x.new_empty((0,), **f32),
+            x.new_empty((v,), **f32) if need_db and b is not None else x.new_empty((0,), **f32))
+
+
+def _setup_context_grad(ctx, inputs, output):
+    x, w, b = inputs[:3]
+    _, dx, dw32, db32 = output
+    ctx.save_for_backward(dx, dw32, db32)
+    ctx.dtypes = (w.dtype, b.dtype if b is not None else None)
+    ctx.mark_non_differentiable(dx, dw32, db32)
+
+
+def _backward_grad(ctx, grad_loss, _gdx, _gdw, _gdb):
+    dx, dw32, db32 = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    w_dtype, b_dtype = ctx.dtypes
+    # Scaling by the incoming gradient is exact when it is 1 (loss.backward()) or a power of two (loss scaling).
+    return (
+        (dx * grad_loss.to(dx.dtype)) if need_dx else None,
+        (dw32 * grad_loss).to(w_dtype) if need_dw else None,
+        (db32 * grad_loss).to(b_dtype) if need_db and b_dtype is not None else None,
+        None, None, None, None, None, None, None, None, None,
+    )
+
+
+_lce_fwd_grad.register_autograd(_backward_grad, setup_context=_setup_context_grad)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _linear_cross_entropy_triton(input, weight, target, bias, params: CrossEntropyParams) -> torch.Tensor:
     x = input.reshape(-1, input.shape[-1])
     tgt = target.reshape(-1).to(torch.int64)
+    if params.reduction != "none" and _wants_grad(x, weight, bias):
+        # The loss will be differentiated: compute the gradients now, with the logits (3 GEMM-equivalents).
+        loss, *_ = torch.ops.aimkern.linear_cross_entropy_fwd_grad(
+            x, weight, bias, tgt, params.ignore_index, params.label_smoothing, params.z_loss,
+            params.reduction == "mean", x.requires_grad, weight.requires_grad,
+            bias is not None and bias.requires_grad, current_policy().autotune,
+        )
+        return loss
     loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(
         x, weight, bias, tgt, params.ignore_index, params.label_smoothing, params.z_loss, current_policy().autotune
     )
