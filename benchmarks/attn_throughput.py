@@ -152,7 +152,7 @@ def backward_kernels(fn, q, k, v) -> set:
     return {launch.name for launch in launches}
 
 
-SPLIT_KERNELS = {"attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+SPLIT_KERNELS = {"attn_bwd_tiled_kernel"}
 
 
 def check_split_column(fn, q, k, v) -> None:

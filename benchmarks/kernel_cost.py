@@ -131,6 +131,7 @@ def attention_rows(shapes) -> list:
                     fwd_bytes=fwd.bytes * heads, fwd_bytes_x=fwd.bytes / min_fwd_bytes,
                     bwd_bytes=bwd.bytes * heads, bwd_bytes_x=bwd.bytes / min_bwd_bytes,
                     floor_ms=floor_ms((fwd.macs + bwd.macs) * heads, (fwd.bytes + bwd.bytes) * heads),
+                    floor_min_ms=floor_ms((fwd.macs + bwd.macs) * heads, (min_fwd_bytes + min_bwd_bytes) * heads),
                     peer=f"{peer[0]} {peer[1]:.3f}" if peer else "-", n=n, d=d,
                 ))
     return rows
@@ -213,19 +214,22 @@ def floor_ms(macs: float, nbytes: float) -> float:
 
 def print_tables(rows: list) -> None:
     print("Issued work per kernel family, counted under Triton's interpreter with the sm_90a configs, as")
-    print("multiples of the exact minimum. Floor = max(MACs / 765 TFLOP/s, bytes / 4.2 TB/s) on the H200:")
-    print("a bound, never a prediction. Peers: fwd+bwd ms measured on the H200 (benchmarks/RESULTS.md).\n")
+    print("multiples of the exact minimum. Floor = max(MACs / 765 TFLOP/s, bytes / 4.2 TB/s) on the H200, with")
+    print("each tensor moved once ('floor ms') and with every requested byte from DRAM ('(req B)'; re-reads")
+    print("of q / do and dQ atomics mostly hit L2, so the truth lies between): a bound, never a prediction.")
+    print("Peers: fwd+bwd ms measured on the H200 (benchmarks/RESULTS.md).\n")
     attn = [r for r in rows if r["op"] == "attention"]
     if attn:
         head = (f"{'shape':<20} {'mask':<7} {'bwd path':<13} {'fwd x':>6} {'bwd x':>6} {'bwd bytes x':>11} "
-                f"{'fwd+bwd GFLOP':>13} {'GB':>6} {'floor ms':>8}  peer ms")
+                f"{'fwd+bwd GFLOP':>13} {'req GB':>6} {'floor ms':>8} {'(req B)':>8}  peer ms")
         print(head)
         print("-" * len(head))
         for r in attn:
             gflop = 2 * (r["fwd_macs"] + r["bwd_macs"]) / 1e9
             gb = (r["fwd_bytes"] + r["bwd_bytes"]) / 1e9
             print(f"{r['shape']:<20} {r['mask']:<7} {r['path']:<13} {r['fwd_x']:>6.2f} {r['bwd_x']:>6.2f} "
-                  f"{r['bwd_bytes_x']:>11.2f} {gflop:>13.1f} {gb:>6.2f} {r['floor_ms']:>8.3f}  {r['peer']}")
+                  f"{r['bwd_bytes_x']:>11.2f} {gflop:>13.1f} {gb:>6.2f} {r['floor_min_ms']:>8.3f} {r['floor_ms']:>8.3f}"
+                  f"  {r['peer']}")
         print()
     other = [r for r in rows if r["op"] != "attention"]
     if other:

@@ -54,7 +54,7 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 # Kernels whose main loop is a tensor-core GEMM: on sm_90a their 16-bit builds must use wgmma.
 MAIN_LOOP_KERNELS = {
-    "attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "attn_bwd_fused_kernel",
+    "attn_fwd_kernel", "attn_bwd_tiled_kernel", "attn_bwd_fused_kernel",
     "ce_fwd_kernel", "ce_dlogits_kernel", "matmul_kernel",
     "patch_embed_fwd_kernel", "patch_embed_dx_kernel", "patch_embed_dw_kernel",
 }

@@ -17,12 +17,7 @@ import functools
 
 import triton
 
-from .attention_bwd import (
-    attn_bwd_dkdv_kernel,
-    attn_bwd_dq_kernel,
-    attn_bwd_fused_kernel,
-    attn_bwd_preprocess_kernel,
-)
+from .attention_bwd import attn_bwd_fused_kernel, attn_bwd_preprocess_kernel, attn_bwd_tiled_kernel
 from .attention_fwd import attn_fwd_kernel
 from .launch_table import Choice, cfg
 
@@ -39,9 +34,11 @@ FUSED_MIN_BLOCK_KV = 64
 INTERPRET_SMALL_TILE, INTERPRET_LARGE_TILE, INTERPRET_SMALL_N = 16, 64, 64
 PREPROCESS_BLOCK_M = 64
 
-_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
+_KERNELS = {"fwd": attn_fwd_kernel, "bwd": attn_bwd_tiled_kernel}
 # Autotuning key (+ input dtypes, added by Triton): tuned once per sequence band, head dim and mask kind.
 TUNE_KEY = ("N_BUCKET", "HEAD_D", "IS_CAUSAL", "HAS_PREFIX")
+# The tiled backward accumulates into DQ_ACC and counts turns in SEM: the autotuner restores both.
+BWD_RESTORE = ("DQ_ACC", "SEM")
 
 
 def _interpret_tile(n: int) -> int:
@@ -59,9 +56,9 @@ def band(n: int) -> str:
 
 # Config tables: (BLOCK_M, BLOCK_N, num_warps, num_stages), two per family at most (each is a compile the
 # first time a family is met). Keys: (padded head dim 64 | 128 | 256, fp32, band or None for any band).
-# BLOCK_M x BLOCK_N is (query, key) for all three kernels. Every 16-bit entry passes the compile gate
+# BLOCK_M x BLOCK_N is (query, key) for both kernels. Every 16-bit entry passes the compile gate
 # (benchmarks/kernel_report.py): no spill, and wgmma on sm_90a, which needs 64-row accumulator slabs: a
-# 32-row BLOCK_M (fwd, dq) or BLOCK_N (dkdv) falls back to mma.sync, so such entries were dropped.
+# 32-row BLOCK_M (fwd) or BLOCK_N (bwd) falls back to mma.sync, so such entries were dropped.
 FWD_TABLE = {
     (64, False, "short"): [(64, 64, 4, 3), (128, 64, 4, 3)],
     (64, False, "long"): [(128, 64, 4, 3), (128, 128, 8, 3)],
@@ -72,7 +69,8 @@ FWD_TABLE = {
     (128, True, None): [(64, 32, 8, 1), (32, 16, 4, 2)],
     (256, True, None): [(64, 32, 8, 1)],
 }
-DKDV_TABLE = {  # BLOCK_N key rows hold the fp32 dK, dV accumulators; BLOCK_M is the streamed query tile
+BWD_TABLE = {  # tiled backward: BLOCK_N key rows hold the fp32 dK, dV accumulators; BLOCK_M is the streamed
+    # query tile, whose dQ^T share (BLOCK_D x BLOCK_M) is one more accumulator-sized tile per step
     (64, False, None): [(64, 128, 8, 3), (64, 64, 4, 3)],
     (128, False, None): [(32, 64, 8, 3), (64, 64, 8, 3)],
     (256, False, None): [(16, 64, 8, 2)],  # 64 key rows for wgmma; wider query tiles or 4 warps spill 1.4-5.9 KB
@@ -80,24 +78,14 @@ DKDV_TABLE = {  # BLOCK_N key rows hold the fp32 dK, dV accumulators; BLOCK_M is
     (128, True, None): [(32, 32, 8, 1)],
     (256, True, None): [(32, 32, 8, 1)],
 }
-DQ_TABLE = {
-    (64, False, None): [(128, 32, 8, 3), (128, 64, 8, 3)],
-    (128, False, None): [(64, 32, 8, 3), (128, 32, 8, 3)],
-    (256, False, None): [(64, 32, 8, 2), (64, 16, 8, 2)],  # 4 warps spill 112 B
-    (64, True, None): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (128, True, None): [(32, 32, 8, 1)],
-    (256, True, None): [(32, 32, 8, 1)],
-}
 # Ampere (sm_80): mma.sync keeps accumulators in registers, so the Hopper tiles that spill there get these.
 FWD_TABLE_SM80 = {  # Hopper's 64 x 64 and 128 x 64 tiles at D = 128 spill 8-20 B on sm_80
     (128, False, None): [(64, 32, 4, 3), (128, 32, 8, 2)],
 }
-DKDV_TABLE_SM80 = {  # Hopper's 64 x 64 on 4 warps spills 32-40 B on sm_80
+BWD_TABLE_SM80 = {  # Hopper's 64 x 64 on 4 warps spills 32-40 B on sm_80
     (64, False, None): [(64, 128, 8, 3), (32, 64, 4, 2)],
 }
-DQ_TABLE_SM80: dict = {}
-TABLES = {90: {"fwd": FWD_TABLE, "dkdv": DKDV_TABLE, "dq": DQ_TABLE},
-          80: {"fwd": FWD_TABLE_SM80, "dkdv": DKDV_TABLE_SM80, "dq": DQ_TABLE_SM80}}
+TABLES = {90: {"fwd": FWD_TABLE, "bwd": BWD_TABLE}, 80: {"fwd": FWD_TABLE_SM80, "bwd": BWD_TABLE_SM80}}
 
 
 def table_entries(kind: str, bd: int, fp32: bool, n_band: str, arch: int = 90) -> list:
@@ -114,7 +102,8 @@ def table_entries(kind: str, bd: int, fp32: bool, n_band: str, arch: int = 90) -
 def _choice(kind: str, bd: int, fp32: bool, n_band: str, tile: int, arch: int) -> Choice:
     entries = table_entries(kind, bd, fp32, n_band, arch)
     configs = tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=bn) for m, bn, w, st in entries)
-    return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY)
+    restore = BWD_RESTORE if kind == "bwd" else ()
+    return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY, restore=restore)
 
 
 def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
@@ -122,14 +111,15 @@ def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
     return _choice("fwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
-def backward_dkdv(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_bwd_dkdv_kernel; grid (cdiv(N, BLOCK_N), B * H)."""
-    return _choice("dkdv", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
+def backward_tiled(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
+    """attn_bwd_tiled_kernel; grid (cdiv(N, BLOCK_N), B * H); DQ_ACC (B * H, N, D) fp32 and SEM (B * H,
+    cdiv(N, min BLOCK_M of the configs)) int32, zeroed by the launcher (``min_block_m``)."""
+    return _choice("bwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
-def backward_dq(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_bwd_dq_kernel; grid (cdiv(N, BLOCK_M), B * H)."""
-    return _choice("dq", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
+def min_block_m(choice: Choice) -> int:
+    """The smallest query tile any config of ``choice`` (or its interpreter config) may run with."""
+    return min(c.kwargs["BLOCK_M"] for c in choice.configs + (choice.interpreter,))
 
 
 @functools.lru_cache(maxsize=None)

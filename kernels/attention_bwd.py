@@ -1,4 +1,4 @@
-"""Attention backward kernels: deterministic (no atomics), with the forward's tile classes.
+"""Attention backward kernels, with the forward's tile classes; deterministic by default.
 
 Two paths:
 
@@ -6,9 +6,11 @@ Two paths:
   (batch, head) holding K, V, dK, dV; it walks the query tiles once, so q, k, v, o, do are read once and
   dq, dk, dv written once, with no separate dQ pass and no delta pre-pass. At these sizes the backward is
   bound by memory, so computing the masked-out part of the (BLOCK_M, N) scores costs nothing measurable.
-* Long sequences: ``attn_bwd_preprocess_kernel`` (delta = rowsum(dO * O)), then ``attn_bwd_dkdv_kernel``
-  (one program per key tile, looping over the query tiles that see it) and ``attn_bwd_dq_kernel`` (one
-  program per query tile, looping over its visible key tiles). Each output tile is owned by one program.
+* Long sequences: ``attn_bwd_preprocess_kernel`` (delta = rowsum(dO * O)), then ``attn_bwd_tiled_kernel``:
+  one program per key tile, looping over the query tiles that see it, 5 dots a tile (no separate dQ pass
+  recomputing S and dP). dK, dV are owned by their program; dQ shares are added into an fp32 accumulator,
+  by default in a fixed order (a per-query-tile semaphore, FlashAttention-3's deterministic scheme: bit-
+  identical gradients run to run), or in any order with ``deterministic=False``.
 
 Gradients, with p = exp(s - lse) and s = scale * q k^T:  dv = p^T do,  dp = do v^T,
 ds = p * (dp - delta),  dq = scale * ds k,  dk = scale * ds^T q.
@@ -38,12 +40,18 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, 
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, offs_n, offs_d,
-                sqn, sqd, sdn, sdd, n, prefix, block_size, qk_scale,
-                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi), in transposed (key-major) form."""
+def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, lo, hi, n_tile,
+                  offs_n, offs_d, sqn, sqd, sdn, sdd, n, prefix, block_size, qk_scale,
+                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
+                  DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK, dV of one key tile over query tiles [lo, hi), and each query tile's dQ share (5 dots a tile).
+
+    Key-major ("transposed") form: every dot has BLOCK_N key rows or BLOCK_D rows, so all run on wgmma.
+    The dQ share goes into the fp32 accumulator dq (B * H, N, HEAD_D) with atomics; DETERMINISTIC orders
+    them: query tile m takes the shares of its key tiles in descending key-tile order (its semaphore counts
+    the shares already added), so every run adds the same values in the same order.
+    """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(q_base, offs_m, n, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
@@ -57,27 +65,49 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, off
             p_t = tl.where(vis, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+        dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_M): dQ^T share
+        dq_ptrs = dq_base + offs_m[None, :] * HEAD_D + offs_d[:, None]
+        dq_ok = (offs_m[None, :] < n) & (offs_d[:, None] < HEAD_D)
+        if DETERMINISTIC:
+            # Key tiles [0, n_max] add into query tile m; the higher ones have gone first.
+            m0 = start_m
+            n_max = (key_bounds(m0, n, prefix, block_size, BLOCK_M, IS_CAUSAL)[1] - 1) // BLOCK_N
+            turn = n_max - n_tile
+            sem = sem_base + start_m // BLOCK_M
+            while tl.atomic_cas(sem, turn, turn, sem="acquire") != turn:
+                pass
+            tl.atomic_add(dq_ptrs, dq_t, mask=dq_ok, sem="relaxed")
+            tl.debug_barrier()  # every thread's share is in before the next key tile's turn
+            tl.atomic_add(sem, 1, sem="release")
+        else:
+            tl.atomic_add(dq_ptrs, dq_t, mask=dq_ok, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
+def attn_bwd_tiled_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEM, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
     H, N, N_BUCKET, block_size, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (key tile, batch * head): dK, dV of BLOCK_N keys; query tiles seeing none are skipped."""
-    pid_n = tl.program_id(0)
+    """One program per (key tile, batch * head), the highest key tile first: dK, dV of BLOCK_N keys written
+    once, dQ shares accumulated in DQ_ACC (B * H, N, HEAD_D) fp32 (zeroed by the launcher; SEM (B * H,
+    cdiv(N, BLOCK_M)) int32 zeros when DETERMINISTIC). Query tiles that see none of the keys are skipped,
+    and only the boundary band pays for the mask. The grid runs key tiles in descending order so that a
+    deterministic program only ever waits for programs launched before it.
+    """
+    n_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     b64 = b.to(tl.int64)
     h64 = (bh % H).to(tl.int64)
-    n0 = pid_n * BLOCK_N
+    n0 = n_tile * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_rows(K + b64 * skb + h64 * skh, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
@@ -93,80 +123,24 @@ def attn_bwd_dkdv_kernel(
 
     q_base = Q + b64 * sqb + h64 * sqh
     do_base = DO + b64 * sdb + h64 * sdh
-    lse_base = LSE + bh.to(tl.int64) * N
-    delta_base = DELTA + bh.to(tl.int64) * N
+    row_base = bh.to(tl.int64) * N
+    lse_base = LSE + row_base
+    delta_base = DELTA + row_base
+    dq_base = DQ_ACC + row_base * HEAD_D
+    sem_base = SEM + bh.to(tl.int64) * tl.cdiv(N, BLOCK_M)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m_lo, m_full, offs_n, offs_d,
-                         sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
-                         HEAD_D, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m_full, N, offs_n, offs_d,
-                         sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
-                         HEAD_D, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_PREFIX, False, DOT_PRECISION)
+    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_lo, m_full,
+                           n_tile, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
+                           HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC,
+                           DOT_PRECISION)
+    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_full, N,
+                           n_tile, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
+                           HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DETERMINISTIC,
+                           DOT_PRECISION)
     store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, N, offs_d,
                skgn, skgd, HEAD_D)
     store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, N, offs_d, svgn, svgd, HEAD_D)
-
-
-@triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, lo, hi, offs_m, offs_d,
-              skn, skd, svn, svd, n, prefix, block_size, qk_scale,
-              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
-    for start_n in range(lo, hi, BLOCK_N):
-        k, v, s = key_tile_scores(q, k_base, v_base, start_n, offs_m, offs_d, skn, skd, svn, svd, n, prefix,
-                                  block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, MASKED,
-                                  DOT_PRECISION)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-    sqgb, sqgh, sqgn, sqgd,
-    H, N, N_BUCKET, block_size, qk_scale, sm_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One program per (query tile, batch * head): dQ of BLOCK_M queries over the forward's key classes."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    b64 = b.to(tl.int64)
-    h64 = (bh % H).to(tl.int64)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + b64 * sqb + h64 * sqh, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
-    do = load_rows(DO + b64 * sdb + h64 * sdh, offs_m, N, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
-    row_base = bh.to(tl.int64) * N
-    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N, other=0.0)
-    if HAS_PREFIX:
-        prefix = tl.load(PREFIX + b)
-    else:
-        prefix = 0
-
-    full_end, hi = key_bounds(m0, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
-    n_full = (full_end // BLOCK_N) * BLOCK_N
-    k_base = K + b64 * skb + h64 * skh
-    v_base = V + b64 * svb + h64 * svh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, 0, n_full, offs_m, offs_d,
-                   skn, skd, svn, svd, N, prefix, block_size, qk_scale,
-                   HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, n_full, hi, offs_m, offs_d,
-                   skn, skd, svn, svd, N, prefix, block_size, qk_scale,
-                   HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
-    store_rows(DQ + b64 * sqgb + h64 * sqgh, (dq * sm_scale).to(DQ.dtype.element_ty), offs_m, N, offs_d,
-               sqgn, sqgd, HEAD_D)
 
 
 @triton.jit

@@ -70,7 +70,7 @@ def test_every_family_yields_launches_on_meta_tensors(report):
     """Each family's problems drive the real launchers; every kernel the ops launch is among them."""
     jobs = report.collect_jobs(list(report.FAMILIES), "gpu-run", ["sm_90a"])
     names = {job.kernel for job in jobs}
-    assert names >= {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "attn_bwd_fused_kernel",
+    assert names >= {"attn_fwd_kernel", "attn_bwd_tiled_kernel", "attn_bwd_fused_kernel",
                      "attn_bwd_preprocess_kernel", "ce_fwd_kernel", "ce_dlogits_kernel", "matmul_kernel",
                      "patch_embed_fwd_kernel", "patch_embed_dw_kernel", "patch_embed_dx_kernel", "pixel_loss_kernel"}
     assert sys.modules.get("aimkern.kernels.attention") is not None

@@ -12,7 +12,7 @@ from aimkern.ops._launch import observe
 from conftest import HAS_CUDA
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-SPLIT = {"attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+SPLIT = {"attn_bwd_tiled_kernel"}
 FUSED = {"attn_bwd_fused_kernel"}
 
 

@@ -45,6 +45,7 @@ class AttentionParams:
     is_causal: bool = False  # False: full bidirectional; True: (block-)causal in raster order
     block_size: int = 1  # causal granularity in tokens: 1 = token causal, grid width = row by row
     scale: Optional[float] = None  # softmax scale; None means D ** -0.5
+    deterministic: bool = True  # bit-identical gradients run to run (ordered dQ accumulation at long N)
 
     def check(self, op: str = OP) -> None:
         """Raise a TypeError / ValueError naming the option that has the wrong type or range."""
@@ -56,6 +57,8 @@ class AttentionParams:
             raise TypeError(f"{op}: scale must be None or a float, got {type(self.scale).__name__}")  # True is not 1.0
         if self.scale is not None and not abs(self.scale) < float("inf"):  # NaN fails the comparison too
             raise ValueError(f"{op}: scale must be a finite float, got {self.scale}")
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"{op}: deterministic must be a bool, got {type(self.deterministic).__name__}")
 
     def resolved_scale(self, head_dim: int) -> float:
         return head_dim**-0.5 if self.scale is None else float(self.scale)
@@ -118,9 +121,9 @@ def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale
 
 
 def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_size: int, scale: float,
-                     policy: LaunchPolicy, bwd_path: str, out: Optional[tuple] = None):
-    """dq, dk, dv of (B, H, N, D) inputs. ``bwd_path``: "fused" or "split", decided at forward time
-    (``_backward_path``). ``out``: optional preallocated (dq, dk, dv), any (B, H, N, D) strided views (the
+                     policy: LaunchPolicy, bwd_path: str, out: Optional[tuple] = None, deterministic: bool = True):
+    """dq, dk, dv of (B, H, N, D) inputs. ``bwd_path``: "fused" or "split" (the tiled kernel), decided at
+    forward time (``_backward_path``); ``deterministic`` orders the tiled kernel's dQ accumulation. ``out``: optional preallocated (dq, dk, dv), any (B, H, N, D) strided views (the
     packed op passes slices of one (B, N, 3, H, D) buffer); every kernel stores through the output
     strides, so nothing is copied afterwards."""
     b, h, n, d = q.shape
@@ -151,18 +154,16 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
         (o, do, delta, *o.stride(), *do.stride(), h, n),
         dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d),
     )
-    in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    scalars = (h, n, _bucket(n), block_size, scale * _LOG2E, scale)
+    choice = kern.backward_tiled(d, fp32, n, table_arch(q.device))
+    dq_acc = torch.zeros((b * h, n, d), device=q.device, dtype=torch.float32)
+    sem = torch.zeros((b * h, cdiv(n, kern.min_block_m(choice))), device=q.device, dtype=torch.int32)
     launch(
-        kern.backward_dkdv(d, fp32, n, table_arch(q.device)), lambda META: (cdiv(n, META["BLOCK_N"]), b * h),
-        (q, k, v, do, lse, delta, dk, dv, prefix, *in_strides, *dk.stride(), *dv.stride(), *scalars),
-        **common,
+        choice, lambda META: (cdiv(n, META["BLOCK_N"]), b * h),
+        (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+         *dk.stride(), *dv.stride(), h, n, _bucket(n), block_size, scale * _LOG2E, scale),
+        DETERMINISTIC=deterministic, **common,
     )
-    launch(
-        kern.backward_dq(d, fp32, n, table_arch(q.device)), lambda META: (cdiv(n, META["BLOCK_M"]), b * h),
-        (q, k, v, do, lse, delta, dq, prefix, *in_strides, *dq.stride(), *scalars),
-        **common,
-    )
+    dq.copy_(dq_acc.view(b, h, n, d).mul_(scale))  # one pass: scale and cast into dq's strides
     return dq, dk, dv
 
 
@@ -187,13 +188,13 @@ def _backward_path(head_dim: int, dtype: torch.dtype, n: int, device: torch.devi
 @torch.library.custom_op("aimkern::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: Optional[torch.Tensor],
-    is_causal: bool, block_size: int, scale: float, autotune: bool, bwd_path: str,
+    is_causal: bool, block_size: int, scale: float, autotune: bool, bwd_path: str, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_forward(q, k, v, prefix_len, is_causal, block_size, scale, LaunchPolicy(autotune=autotune))
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
+def _(q, k, v, prefix_len, is_causal, block_size, scale, autotune, bwd_path, deterministic):
     b, h, n, _ = q.shape
     return _bhnd_empty(q), q.new_empty((b, h, n), dtype=torch.float32)
 
@@ -202,14 +203,14 @@ def _(q, k, v, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
 def _attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float, autotune: bool,
-    bwd_path: str,
+    bwd_path: str, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale,
-                            LaunchPolicy(autotune=autotune), bwd_path)
+                            LaunchPolicy(autotune=autotune), bwd_path, deterministic=deterministic)
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
+def _(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale, autotune, bwd_path, deterministic):
     return _bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v)
 
 
@@ -217,14 +218,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, prefix_len, *options = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, prefix_len)
-    ctx.options = tuple(options)  # is_causal, block_size, scale, autotune, bwd_path
+    ctx.options = tuple(options)  # is_causal, block_size, scale, autotune, bwd_path, deterministic
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, prefix_len = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, prefix_len, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -232,7 +233,8 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _triton_args(q, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> tuple:
     """The custom ops' non-tensor arguments for (B, H, N, D) ``q``: the mask (prefix_len, is_causal,
-    block_size, scale), then the launch choices (autotune, bwd_path) of the current LaunchPolicy."""
+    block_size, scale), then the launch choices (autotune, bwd_path) of the current LaunchPolicy, then
+    ``deterministic``."""
     b, h, n, d = q.shape
     if interpreting() and not q.is_cuda and q.dtype == torch.bfloat16:
         raise TypeError(
@@ -246,7 +248,7 @@ def _triton_args(q, prefix_len: Optional[torch.Tensor], params: AttentionParams)
         prefix_len = prefix_len.contiguous()  # the kernels read prefix_len[b] at stride 1
     policy = current_policy()
     return (prefix_len, is_causal, params.block_size if is_causal else 1, params.resolved_scale(d),
-            policy.autotune, _backward_path(d, q.dtype, n, q.device, policy))
+            policy.autotune, _backward_path(d, q.dtype, n, q.device, policy), params.deterministic)
 
 
 def _resolve(q, k, v, params: AttentionParams, backend: str, prefix_len, op: str) -> tuple:
@@ -279,7 +281,7 @@ def _unpack(qkv: torch.Tensor) -> tuple:
 @torch.library.custom_op("aimkern::attention_qkvpacked_fwd", mutates_args=())
 def _attention_qkvpacked_fwd(
     qkv: torch.Tensor, prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float,
-    autotune: bool, bwd_path: str,
+    autotune: bool, bwd_path: str, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse = _launch_forward(*_unpack(qkv), prefix_len, is_causal, block_size, scale,
                              LaunchPolicy(autotune=autotune))
@@ -287,7 +289,7 @@ def _attention_qkvpacked_fwd(
 
 
 @_attention_qkvpacked_fwd.register_fake
-def _(qkv, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
+def _(qkv, prefix_len, is_causal, block_size, scale, autotune, bwd_path, deterministic):
     b, n, _, h, d = qkv.shape
     return qkv.new_empty((b, n, h, d)), qkv.new_empty((b, h, n), dtype=torch.float32)
 
@@ -295,17 +297,18 @@ def _(qkv, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
 @torch.library.custom_op("aimkern::attention_qkvpacked_bwd", mutates_args=())
 def _attention_qkvpacked_bwd(
     do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, prefix_len: Optional[torch.Tensor],
-    is_causal: bool, block_size: int, scale: float, autotune: bool, bwd_path: str,
+    is_causal: bool, block_size: int, scale: float, autotune: bool, bwd_path: str, deterministic: bool,
 ) -> torch.Tensor:
     """do, o (B, N, H, D) -> dqkv (B, N, 3, H, D): the kernels write dq, dk, dv into its slices."""
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     _launch_backward(do.transpose(1, 2), *_unpack(qkv), o.transpose(1, 2), lse, prefix_len, is_causal,
-                     block_size, scale, LaunchPolicy(autotune=autotune), bwd_path, out=_unpack(dqkv))
+                     block_size, scale, LaunchPolicy(autotune=autotune), bwd_path, out=_unpack(dqkv),
+                     deterministic=deterministic)
     return dqkv
 
 
 @_attention_qkvpacked_bwd.register_fake
-def _(do, qkv, o, lse, prefix_len, is_causal, block_size, scale, autotune, bwd_path):
+def _(do, qkv, o, lse, prefix_len, is_causal, block_size, scale, autotune, bwd_path, deterministic):
     return qkv.new_empty(qkv.shape)
 
 
@@ -313,13 +316,14 @@ def _setup_context_packed(ctx, inputs, output):
     qkv, prefix_len, *options = inputs
     o, lse = output
     ctx.save_for_backward(qkv, o, lse, prefix_len)
-    ctx.options = tuple(options)  # is_causal, block_size, scale, autotune, bwd_path
+    ctx.options = tuple(options)  # is_causal, block_size, scale, autotune, bwd_path, deterministic
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_packed(ctx, do, _dlse):
     qkv, o, lse, prefix_len = ctx.saved_tensors
-    return _attention_qkvpacked_bwd(do, qkv, o, lse, prefix_len, *ctx.options), None, None, None, None, None, None
+    dqkv = _attention_qkvpacked_bwd(do, qkv, o, lse, prefix_len, *ctx.options)
+    return dqkv, None, None, None, None, None, None, None
 
 
 _attention_qkvpacked_fwd.register_autograd(_backward_packed, setup_context=_setup_context_packed)
@@ -335,6 +339,7 @@ def attention(
     prefix_len: Union[None, int, torch.Tensor] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Scaled dot-product attention with AIM's masks; a drop-in for ``F.scaled_dot_product_attention``.
 
@@ -347,6 +352,10 @@ def attention(
             tokens of sample b are visible to every query (AIM's prefix-causal attention).
         scale: softmax scale, default D ** -0.5.
         backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+        deterministic: True (default): gradients are bit-identical run to run (the long-N backward adds
+            its dQ shares in a fixed order). False lets them land in any order (fp32 atomics): a little
+            faster where many key tiles share a query tile, with run-to-run differences at round-off level.
+            The forward and the short-N backward are deterministic either way.
 
     Returns:
         (B, H, N, D) in the input dtype.
@@ -361,7 +370,7 @@ def attention(
         query 4   x x x x x x
         query 5   x x x x x x
     """
-    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale)
+    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale, deterministic=deterministic)
     check_tensor(q, "q", OP)
     q, k, v = autocast_inputs(q, k, v)
     be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP)
@@ -378,13 +387,14 @@ def attention_qkvpacked(
     prefix_len: Union[None, int, torch.Tensor] = None,
     scale: Optional[float] = None,
     backend: str = "auto",
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """``attention`` on a ViT block's packed qkv activation, returning the (B, N, H, D) layout it needs next.
 
     Args:
         qkv: (B, N, 3, H, D), any strides (e.g. ``linear(x).view(B, N, 3, H, D)``); q, k, v are
             ``qkv[:, :, 0]``, ``qkv[:, :, 1]``, ``qkv[:, :, 2]``. Dtypes, N and D as in ``attention``.
-        is_causal, block_size, prefix_len, scale, backend: as in ``attention``.
+        is_causal, block_size, prefix_len, scale, backend, deterministic: as in ``attention``.
 
     Returns:
         (B, N, H, D) in the input dtype; contiguous on the Triton backend, so ``.reshape(B, N, H * D)``
@@ -392,7 +402,7 @@ def attention_qkvpacked(
         ``attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), ...).transpose(1, 2)``, but the gradient of qkv
         is one (B, N, 3, H, D) tensor written by the kernels (no stack of dq, dk, dv and no copy of it).
     """
-    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale)
+    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale, deterministic=deterministic)
     check_tensor(qkv, "qkv", OP_PACKED, ndim=5)
     if qkv.shape[2] != 3:
         raise ValueError(f"{OP_PACKED}: qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is not 3)")
