@@ -20,18 +20,17 @@ BUDGETS = {
         lambda r: (r["fwd_x"], 1.15) if r["op"] == "attention" and r["mask"] != "full" and r["n"] > SHORT_N
         else None),
     # The default (deterministic) backward: the fused one-program-per-head kernel where a head fits on
-    # chip, the tiled 5-dot backward elsewhere.
+    # chip, the tiled 5-dot backward elsewhere ("default" in the row).
     "attention backward (default path), N <= 256": (
-        lambda r: (r["bwd_x"], 1.30) if r["op"] == "attention" and r["n"] <= SHORT_N and r["path"] == "fused"
-        else None),
+        lambda r: (r["bwd_x"], 1.30) if r["op"] == "attention" and r["n"] <= SHORT_N and r["default"] else None),
     "attention backward (default path), N >= 1024": (
-        lambda r: (r["bwd_x"], 1.15) if r["op"] == "attention" and r["n"] > SHORT_N and r["path"] == "split"
-        else None),
+        lambda r: (r["bwd_x"], 1.15) if r["op"] == "attention" and r["n"] > SHORT_N and r["default"] else None),
     "attention backward, non-deterministic variant, N >= 1024": (
         lambda r: (r["bwd_x"], 1.15) if r["op"] == "attention" and r["n"] > SHORT_N and r["path"] == "split nondet"
         else None),
-    "short-N fused backward, global-memory bytes requested": (
-        lambda r: (r["bwd_bytes_x"], 1.50) if r["op"] == "attention" and r["path"] == "fused" else None),
+    "short-N backward (default path), global-memory bytes requested": (
+        lambda r: (r["bwd_bytes_x"], 1.50) if r["op"] == "attention" and r["n"] <= SHORT_N and r["default"]
+        else None),
     "linear + CE forward + backward, GEMM-equivalents": (
         lambda r: (r["gemm_equiv"], 3.05) if r["op"] == "linear_cross_entropy" and r["path"] == "fwd+bwd"
         else None),
@@ -40,9 +39,26 @@ BUDGETS = {
         else None),
 }
 
-# (budget name, shape, mask) -> (measured ceiling allowed instead, reason). Each entry is also explained in
-# benchmarks/RESULTS.md; remove an entry as soon as the kernels meet the budget.
-EXCEPTIONS: dict = {}
+# (budget name, shape, mask) -> (measured value allowed instead, reason): budgets these kernels do not meet
+# yet, each explained in benchmarks/RESULTS.md. The allowance is the measured value (rounded up by at most
+# 0.01), so any further growth still fails; remove an entry as soon as the kernels meet the budget.
+_N196 = "B=256 N=196 D=64"
+_PAD_196 = ("N = 196 = 3 x 64 + 4: the 64-row query and key tiles pad the head to 256 on both sides (no tail "
+            "tiles yet); at N = 256 the same kernels meet the budget")
+_BYTES_SHORT = ("at N = 193..256 the fused one-program-per-head backward needs 4 key tiles of 64, which spill "
+                "280 B (compile gate), so the default is the tiled backward: q, do re-read by every key tile "
+                "that sees them and dQ shares added through fp32 atomics (mostly L2 traffic)")
+EXCEPTIONS: dict = {
+    **{("attention forward, full attention, every N", _N196, "full"): (1.71, _PAD_196)},
+    **{("attention forward, causal / block-causal / prefix, N <= 256", _N196, m): (x, _PAD_196)
+       for m, x in (("causal", 2.13), ("prefix", 1.88), ("block", 2.59))},
+    **{("attention backward (default path), N <= 256", _N196, m): (x, _PAD_196)
+       for m, x in (("full", 1.71), ("causal", 2.13), ("prefix", 1.88), ("block", 2.59))},
+    **{("short-N backward (default path), global-memory bytes requested", shape, m): (x, _BYTES_SHORT)
+       for shape, vals in (("B=256 N=256 D=64", (("full", 3.78), ("causal", 2.65), ("prefix", 2.84), ("block", 2.65))),
+                           (_N196, (("full", 3.78), ("causal", 2.30), ("prefix", 2.55), ("block", 3.04))))
+       for m, x in vals},
+}
 
 
 def check_row(row: dict) -> list:

@@ -84,10 +84,11 @@ def backward_paths(n: int, d: int) -> list:
     """(label, LaunchPolicy changes, attention kwargs) of each backward path that applies at (N, D)."""
     from aimkern.kernels import attention as kern
 
-    paths = [("split", dict(attention_backward="split"), {})]
-    if kern.fused_backward_fits(d, False, n, 90):
-        paths.insert(0, ("fused", dict(attention_backward="fused"), {}))
-    paths.append(("split nondet", dict(attention_backward="split"), dict(deterministic=False)))
+    fits = kern.fused_backward_fits(d, False, n, 90)
+    paths = [("split", dict(attention_backward="split"), {}, not fits)]
+    if fits or n <= 256:  # the fused kernel where it fits on chip (the default), else to show what it would do
+        paths.insert(0, ("fused", dict(attention_backward="fused"), {}, fits))
+    paths.append(("split nondet", dict(attention_backward="split"), dict(deterministic=False), False))
     return paths
 
 
@@ -105,7 +106,7 @@ def attention_rows(shapes) -> list:
         for mask in MASKS:
             opts = mask_options(mask, n)
             vis = visible_pairs(n, opts)
-            for path, policy, extra in backward_paths(n, d):
+            for path, policy, extra, default in backward_paths(n, d):
                 if extra and not _supports_deterministic():
                     continue
                 gen = torch.Generator().manual_seed(0)
@@ -124,7 +125,7 @@ def attention_rows(shapes) -> list:
                 min_bwd_bytes = 8 * n * d * e + 4 * n
                 peer = PEERS.get((b, n, d), {}).get(mask)
                 rows.append(dict(
-                    op="attention", shape=f"B={b} N={n} D={d}", mask=mask, path=path, heads=heads,
+                    op="attention", shape=f"B={b} N={n} D={d}", mask=mask, path=path, default=default, heads=heads,
                     kernels=sorted(work.kernels), interp_s=round(secs, 2),
                     fwd_macs=fwd.macs * heads, fwd_x=fwd.macs / min_fwd_macs,
                     bwd_macs=bwd.macs * heads, bwd_x=bwd.macs / min_bwd_macs,
@@ -220,14 +221,15 @@ def print_tables(rows: list) -> None:
     print("Peers: fwd+bwd ms measured on the H200 (benchmarks/RESULTS.md).\n")
     attn = [r for r in rows if r["op"] == "attention"]
     if attn:
-        head = (f"{'shape':<20} {'mask':<7} {'bwd path':<13} {'fwd x':>6} {'bwd x':>6} {'bwd bytes x':>11} "
+        head = (f"{'shape':<20} {'mask':<7} {'bwd path (*: default)':<22} {'fwd x':>6} {'bwd x':>6} {'bwd bytes x':>11} "
                 f"{'fwd+bwd GFLOP':>13} {'req GB':>6} {'floor ms':>8} {'(req B)':>8}  peer ms")
         print(head)
         print("-" * len(head))
         for r in attn:
             gflop = 2 * (r["fwd_macs"] + r["bwd_macs"]) / 1e9
             gb = (r["fwd_bytes"] + r["bwd_bytes"]) / 1e9
-            print(f"{r['shape']:<20} {r['mask']:<7} {r['path']:<13} {r['fwd_x']:>6.2f} {r['bwd_x']:>6.2f} "
+            path = r["path"] + (" *" if r["default"] else "")
+            print(f"{r['shape']:<20} {r['mask']:<7} {path:<22} {r['fwd_x']:>6.2f} {r['bwd_x']:>6.2f} "
                   f"{r['bwd_bytes_x']:>11.2f} {gflop:>13.1f} {gb:>6.2f} {r['floor_min_ms']:>8.3f} {r['floor_ms']:>8.3f}"
                   f"  {r['peer']}")
         print()

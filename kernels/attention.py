@@ -21,13 +21,13 @@ from .attention_bwd import attn_bwd_fused_kernel, attn_bwd_preprocess_kernel, at
 from .attention_fwd import attn_fwd_kernel
 from .launch_table import Choice, cfg
 
-# The fused one-program-per-head backward holds K, V (16-bit) and dK, dV (fp32) of a whole head on chip:
-# allowed up to this many padded elements of one (N, D) tile, per table arch (compile gate: on sm_80, whose
-# mma.sync accumulators live in registers, BLOCK_KV = 256 at D = 64 spills 22-34 KB and 128 spills 320 B).
-FUSED_BWD_MAX_ELEMS = {90: 1 << 14, 80: 1 << 12}  # 256 x 64 on Hopper, 64 x 64 on Ampere
+# The fused one-program-per-head backward holds K, V (16-bit) and dK, dV (fp32) of a whole head on chip, as
+# 64-row key tiles: allowed up to this many elements of the key tiles (K_TILES * 64, D), per table arch.
+# Compile gate, sm_90a bf16, BLOCK_M = 16 on 8 warps: 3 key tiles at D = 64 take 254 registers, no spill;
+# 4 (N = 193..256) spill 280 B (16 warps: 720 B), so those N take the tiled backward. On sm_80 (mma.sync
+# accumulators in registers) BLOCK_KV = 128 at D = 64 spilled 320 B: one tile.
+FUSED_BWD_MAX_ELEMS = {90: 3 * 64 * 64, 80: 64 * 64}
 FUSED_BWD_MAX_ELEMS_FP32 = 1 << 12
-# wgmma works on 64-row slabs: the fused kernel's dK / dV dots (BLOCK_KV rows) need at least 64 key rows.
-FUSED_MIN_BLOCK_KV = 64
 
 # Interpreter tiles (one fixed config per call): 16 up to N = 64, so tests at N = 37 cross several tile
 # boundaries and all three tile classes; 64 beyond, since the interpreter's cost grows with the tile count.
@@ -70,10 +70,14 @@ FWD_TABLE = {
     (256, True, None): [(64, 32, 8, 1)],
 }
 BWD_TABLE = {  # tiled backward: BLOCK_N key rows hold the fp32 dK, dV accumulators; BLOCK_M is the streamed
-    # query tile, whose dQ^T share (BLOCK_D x BLOCK_M) is one more accumulator-sized tile per step
-    (64, False, None): [(64, 128, 8, 3), (64, 64, 4, 3)],
-    (128, False, None): [(32, 64, 8, 3), (64, 64, 8, 3)],
-    (256, False, None): [(16, 64, 8, 2)],  # 64 key rows for wgmma; wider query tiles or 4 warps spill 1.4-5.9 KB
+    # query tile, whose dQ^T share (BLOCK_D x BLOCK_M) is one more accumulator tile per step. Compile gate,
+    # sm_90a bf16 with every mask flag: D = 64 (64, 128, 8, 3) spills 24 B, D = 128 (32, 64, 8, *) 24 B and
+    # (64, 64, 8, 2) 432 B, D = 256 with 64 key rows 2.8-4.3 KB (8 or 16 warps): D = 256 runs 32 key rows
+    # (mma.sync for four of its five dots; its dQ^T dot keeps wgmma).
+    (64, False, "short"): [(64, 64, 4, 3)],  # 64-key tiles halve the diagonal's waste of 128 (cost report)
+    (64, False, None): [(32, 128, 8, 3), (64, 64, 4, 3)],
+    (128, False, None): [(16, 64, 8, 3)],
+    (256, False, None): [(16, 32, 8, 1)],
     (64, True, None): [(16, 64, 4, 2), (32, 32, 4, 2)],
     (128, True, None): [(32, 32, 8, 1)],
     (256, True, None): [(32, 32, 8, 1)],
@@ -129,26 +133,38 @@ def backward_preprocess() -> Choice:
 
 
 def fused_backward_fits(head_dim: int, fp32: bool, n: int, arch: int = 90) -> bool:
-    """Whether the one-program-per-head backward applies: the padded (N, D) tile of a head fits on chip."""
+    """Whether the one-program-per-head backward applies: the head's 64-row key tiles fit on chip."""
     limit = FUSED_BWD_MAX_ELEMS_FP32 if fp32 else FUSED_BWD_MAX_ELEMS[arch]
-    return max(16, triton.next_power_of_2(n)) * block_d(head_dim) <= limit
+    return -(-n // FUSED_KV_TILE) * FUSED_KV_TILE * block_d(head_dim) <= limit
+
+
+# The fused backward's key tiles: 64 rows on the GPU (wgmma's slab height); under the interpreter a quarter of
+# the padded head, so small test shapes cross several key tiles. At most FUSED_MAX_KEY_TILES of them.
+FUSED_KV_TILE = 64
+FUSED_MAX_KEY_TILES = 4
 
 
 @functools.lru_cache(maxsize=None)
 def _fused_choice(bd: int, fp32: bool, block_kv: int, tile: int) -> Choice:
-    # dK, dV (BLOCK_KV, BLOCK_D) fp32 are the accumulators of the kernel's wgmma dots and must stay in
-    # registers. Compile gate, sm_90a, BLOCK_KV = 256 at D = 64: 8 warps take 244 registers and spill
-    # nothing; 16 warps are capped at 128 registers a thread and spill 12-180 B. 16 query rows per step
-    # keep the (BLOCK_M, BLOCK_KV) score tiles small beside them (32 rows spill).
-    kv = max(FUSED_MIN_BLOCK_KV, block_kv)
-    block_m = 32 if kv * bd * (2 if fp32 else 1) <= 1 << 11 else 16
+    # dK, dV of the K_TILES key tiles (K_TILES x 64 x BLOCK_D fp32) are the accumulators of the kernel's
+    # wgmma dots and stay in registers beside the (64, BLOCK_M) score tiles of one key tile at a time.
+    block_m = 16  # 32 query rows spill beside three key tiles (compile gate)
     return Choice(
         attn_bwd_fused_kernel,
-        (cfg(8, 1, BLOCK_M=block_m, BLOCK_KV=kv),),
-        cfg(4, 1, BLOCK_M=tile, BLOCK_KV=block_kv),
+        (cfg(8, 1, BLOCK_M=block_m, KV_TILE=FUSED_KV_TILE),),
+        cfg(4, 1, BLOCK_M=tile, KV_TILE=max(16, block_kv // FUSED_MAX_KEY_TILES)),
     )
 
 
 def backward_fused(head_dim: int, fp32: bool, n: int) -> Choice:
-    """attn_bwd_fused_kernel; grid (B * H,). BLOCK_KV covers all N keys at once (at least 64 on the GPU)."""
+    """attn_bwd_fused_kernel; grid (B * H,); constexpr K_TILES = cdiv(N, KV_TILE) <= 4 (``fused_key_tiles``)."""
     return _fused_choice(block_d(head_dim), fp32, max(16, triton.next_power_of_2(n)), _interpret_tile(n))
+
+
+def fused_key_tiles(n: int, config) -> int:
+    """K_TILES of the fused backward for N keys under ``config`` (its KV_TILE)."""
+    tiles = -(-n // config.kwargs["KV_TILE"])
+    if tiles > FUSED_MAX_KEY_TILES:
+        raise ValueError(f"fused attention backward: N={n} needs {tiles} key tiles of {config.kwargs['KV_TILE']}, "
+                         f"more than {FUSED_MAX_KEY_TILES}")
+    return tiles

@@ -3,9 +3,10 @@
 Two paths:
 
 * Short sequences (the whole K, V of a head fits on chip): ``attn_bwd_fused_kernel``, one program per
-  (batch, head) holding K, V, dK, dV; it walks the query tiles once, so q, k, v, o, do are read once and
-  dq, dk, dv written once, with no separate dQ pass and no delta pre-pass. At these sizes the backward is
-  bound by memory, so computing the masked-out part of the (BLOCK_M, N) scores costs nothing measurable.
+  (batch, head) holding K, V, dK, dV as up to four key tiles; it walks the query tiles once, so q, k, v,
+  o, do are read once and dq, dk, dv written once, with no separate dQ pass and no delta pre-pass. Key
+  tiles a query tile cannot see are skipped (this part is not memory-bound: counted, the old
+  all-keys-per-query-tile kernel issued 2x the causal minimum).
 * Long sequences: ``attn_bwd_preprocess_kernel`` (delta = rowsum(dO * O)), then ``attn_bwd_tiled_kernel``:
   one program per key tile, looping over the query tiles that see it, 5 dots a tile (no separate dQ pass
   recomputing S and dP). dK, dV are owned by their program; dQ shares are added into an fp32 accumulator,
@@ -144,24 +145,58 @@ def attn_bwd_tiled_kernel(
 
 
 @triton.jit
+def _fused_block(dk, dv, dq_t, k, v, q, do, lse, delta, offs_m, n0, full_end, hi, offs_d, n, prefix, block_size,
+                 qk_scale, KV_TILE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """One (key tile at n0, query tile) block of the fused backward, key-major: skipped when no query of the
+    tile sees a key of it (n0 >= hi), masked only when it straddles the boundary (n0 + KV_TILE > full_end).
+    Every dot has KV_TILE key rows or BLOCK_D rows (wgmma on Hopper)."""
+    if n0 < hi:
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (KV_TILE, BLOCK_M)
+        p_t = tl.exp2(s_t - lse[None, :])
+        if n0 + KV_TILE > full_end:
+            offs_n = n0 + tl.arange(0, KV_TILE)
+            vis = visible(offs_m[None, :], offs_n[:, None], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+            p_t = tl.where(vis, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+        dq_t += tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_M)
+    return dk, dv, dq_t
+
+
+@triton.jit
 def attn_bwd_fused_kernel(
     Q, K, V, O, DO, LSE, DQ, DK, DV, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sdb, sdh, sdn, sdd,
     sqgb, sqgh, sqgn, sqgd, skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
     H, N, block_size, qk_scale, sm_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KV_TILE: tl.constexpr,
+    K_TILES: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (batch * head), N <= BLOCK_KV: K, V, dK, dV stay on chip; dQ of each query tile is
-    complete after one pass, so every tensor is read once and written once."""
+    """One program per (batch * head), N <= K_TILES * KV_TILE (K_TILES <= 4): the head's K, V and fp32
+    dK, dV stay on chip as K_TILES key tiles; the program walks the query tiles once, so q, k, v, o, do
+    are read once and dq, dk, dv written once (no delta pre-pass, no dQ pass, no atomics: deterministic).
+    Per query tile, key tiles no query of it sees are skipped and only boundary tiles are masked; the
+    tiles are unrolled statically (a tile's accumulators are separate registers, which a loop cannot index).
+    """
     bh = tl.program_id(0)
     b = bh // H
     b64 = b.to(tl.int64)
     h64 = (bh % H).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_KV)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + b64 * skb + h64 * skh, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
-    v = load_rows(V + b64 * svb + h64 * svh, offs_n, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    offs_kv = tl.arange(0, KV_TILE)
+    k_base = K + b64 * skb + h64 * skh
+    v_base = V + b64 * svb + h64 * svh
+    k0 = load_rows(k_base, offs_kv, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v0 = load_rows(v_base, offs_kv, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    k1 = load_rows(k_base, KV_TILE + offs_kv, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v1 = load_rows(v_base, KV_TILE + offs_kv, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    k2 = load_rows(k_base, 2 * KV_TILE + offs_kv, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v2 = load_rows(v_base, 2 * KV_TILE + offs_kv, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    k3 = load_rows(k_base, 3 * KV_TILE + offs_kv, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v3 = load_rows(v_base, 3 * KV_TILE + offs_kv, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
     if HAS_PREFIX:
         prefix = tl.load(PREFIX + b)
     else:
@@ -172,8 +207,14 @@ def attn_bwd_fused_kernel(
     dq_base = DQ + b64 * sqgb + h64 * sqgh
     lse_base = LSE + bh.to(tl.int64) * N
 
-    dk = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_KV, BLOCK_D], tl.float32)
+    dk0 = tl.zeros([KV_TILE, BLOCK_D], tl.float32)
+    dv0 = tl.zeros([KV_TILE, BLOCK_D], tl.float32)
+    dk1 = tl.zeros([KV_TILE, BLOCK_D], tl.float32)
+    dv1 = tl.zeros([KV_TILE, BLOCK_D], tl.float32)
+    dk2 = tl.zeros([KV_TILE, BLOCK_D], tl.float32)
+    dv2 = tl.zeros([KV_TILE, BLOCK_D], tl.float32)
+    dk3 = tl.zeros([KV_TILE, BLOCK_D], tl.float32)
+    dv3 = tl.zeros([KV_TILE, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(q_base, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
@@ -181,15 +222,38 @@ def attn_bwd_fused_kernel(
         o = load_rows(o_base, offs_m, N, offs_d, son, sod, HEAD_D, BLOCK_D, True)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf")) * 1.4426950408889634
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_KV)
-        vis = visible(offs_m[:, None], offs_n[None, :], N, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
-        store_rows(dq_base, dq.to(DQ.dtype.element_ty), offs_m, N, offs_d, sqgn, sqgd, HEAD_D)
-        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
-    store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, N, offs_d,
-               skgn, skgd, HEAD_D)
-    store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, N, offs_d, svgn, svgd, HEAD_D)
+        full_end, hi = key_bounds(start_m, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
+        dq_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
+        dk0, dv0, dq_t = _fused_block(dk0, dv0, dq_t, k0, v0, q, do, lse, delta, offs_m, 0, full_end, hi, offs_d,
+                                      N, prefix, block_size, qk_scale, KV_TILE, IS_CAUSAL, HAS_PREFIX, DOT_PRECISION)
+        if K_TILES > 1:
+            dk1, dv1, dq_t = _fused_block(dk1, dv1, dq_t, k1, v1, q, do, lse, delta, offs_m, KV_TILE, full_end, hi,
+                                          offs_d, N, prefix, block_size, qk_scale, KV_TILE, IS_CAUSAL, HAS_PREFIX,
+                                          DOT_PRECISION)
+        if K_TILES > 2:
+            dk2, dv2, dq_t = _fused_block(dk2, dv2, dq_t, k2, v2, q, do, lse, delta, offs_m, 2 * KV_TILE, full_end,
+                                          hi, offs_d, N, prefix, block_size, qk_scale, KV_TILE, IS_CAUSAL,
+                                          HAS_PREFIX, DOT_PRECISION)
+        if K_TILES > 3:
+            dk3, dv3, dq_t = _fused_block(dk3, dv3, dq_t, k3, v3, q, do, lse, delta, offs_m, 3 * KV_TILE, full_end,
+                                          hi, offs_d, N, prefix, block_size, qk_scale, KV_TILE, IS_CAUSAL,
+                                          HAS_PREFIX, DOT_PRECISION)
+        dq_ptrs = dq_base + offs_m[None, :] * sqgn + offs_d[:, None] * sqgd
+        tl.store(dq_ptrs, (dq_t * sm_scale).to(DQ.dtype.element_ty),
+                 mask=(offs_m[None, :] < N) & (offs_d[:, None] < HEAD_D))
+    dk_base = DK + b64 * skgb + h64 * skgh
+    dv_base = DV + b64 * svgb + h64 * svgh
+    store_rows(dk_base, (dk0 * sm_scale).to(DK.dtype.element_ty), offs_kv, N, offs_d, skgn, skgd, HEAD_D)
+    store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_kv, N, offs_d, svgn, svgd, HEAD_D)
+    if K_TILES > 1:
+        store_rows(dk_base, (dk1 * sm_scale).to(DK.dtype.element_ty), KV_TILE + offs_kv, N, offs_d, skgn, skgd,
+                   HEAD_D)
+        store_rows(dv_base, dv1.to(DV.dtype.element_ty), KV_TILE + offs_kv, N, offs_d, svgn, svgd, HEAD_D)
+    if K_TILES > 2:
+        store_rows(dk_base, (dk2 * sm_scale).to(DK.dtype.element_ty), 2 * KV_TILE + offs_kv, N, offs_d, skgn,
+                   skgd, HEAD_D)
+        store_rows(dv_base, dv2.to(DV.dtype.element_ty), 2 * KV_TILE + offs_kv, N, offs_d, svgn, svgd, HEAD_D)
+    if K_TILES > 3:
+        store_rows(dk_base, (dk3 * sm_scale).to(DK.dtype.element_ty), 3 * KV_TILE + offs_kv, N, offs_d, skgn,
+                   skgd, HEAD_D)
+        store_rows(dv_base, dv3.to(DV.dtype.element_ty), 3 * KV_TILE + offs_kv, N, offs_d, svgn, svgd, HEAD_D)

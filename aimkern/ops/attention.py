@@ -32,7 +32,7 @@ from ._checks import (
     normalize_prefix_len,
     resolve_backend,
 )
-from ._launch import LaunchPolicy, cdiv, current_policy, interpreting, launch, table_arch
+from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, launch, table_arch
 
 OP = "attention"
 _LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
@@ -138,13 +138,14 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
     )
     prefix = prefix_len if prefix_len is not None else lse  # never read when HAS_PREFIX is False
     if bwd_path == "fused":
+        choice = kern.backward_fused(d, fp32, n)
         launch(
-            kern.backward_fused(d, fp32, n), lambda META: (b * h,),
+            choice, lambda META: (b * h,),
             (q, k, v, o, do, lse, dq, dk, dv, prefix,
              *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
              *dq.stride(), *dk.stride(), *dv.stride(),
              h, n, block_size, scale * _LOG2E, scale),
-            **common,
+            K_TILES=kern.fused_key_tiles(n, fixed_config(choice, policy)), **common,
         )
         return dq, dk, dv
 
