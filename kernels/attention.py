@@ -17,8 +17,10 @@ import functools
 
 import triton
 
-from .attention_bwd import attn_bwd_fused_kernel, attn_bwd_preprocess_kernel, attn_bwd_tiled_kernel
-from .attention_fwd import attn_fwd_kernel
+from .attention_bwd import (
+    QUERY_TAIL, attn_bwd_fused_kernel, attn_bwd_key_tail_kernel, attn_bwd_preprocess_kernel, attn_bwd_tiled_kernel,
+)
+from .attention_fwd import attn_fwd_kernel, attn_fwd_tail_kernel
 from .launch_table import Choice, cfg
 
 # The fused one-program-per-head backward holds K, V (16-bit) and dK, dV (fp32) of a whole head on chip, as
@@ -115,15 +117,65 @@ def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
     return _choice("fwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
+BWD_QUERY_TAIL = QUERY_TAIL.value  # the tiled backward's tail query tile (rows)
+
+# The forward's last N % 64 queries (when N > 64) run in 16-row key-major tiles (attn_fwd_tail_kernel):
+# 196 = 3 x 64 + 4 pads the head to 208 query rows, not 256.
+QUERY_TAIL_QUANTUM = 64
+TAIL_BLOCK_M = 16
+
+
+def query_tail_start(n: int) -> int:
+    """First query of the forward's tail launch (== n when there is none)."""
+    split = (n // QUERY_TAIL_QUANTUM) * QUERY_TAIL_QUANTUM
+    return n if split == 0 or split == n else split
+
+
+@functools.lru_cache(maxsize=None)
+def _tail_choice(bd: int, fp32: bool) -> Choice:
+    # 64 key rows: wgmma's slab height (fp32: 32, as its table). 4 warps: one warpgroup for 16 query columns.
+    block_n = 32 if fp32 else 64
+    return Choice(attn_fwd_tail_kernel, (cfg(4, 2, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=block_n),),
+                  cfg(4, 1, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=16))
+
+
+def forward_tail(head_dim: int, fp32: bool) -> Choice:
+    """attn_fwd_tail_kernel; grid (cdiv(N - M_START, BLOCK_M), B * H)."""
+    return _tail_choice(block_d(head_dim), fp32)
+
+
+# The tiled backward's last N % 64 keys, when at most KEY_TAIL_MAX of them, run in one narrow query-major
+# key tile (attn_bwd_key_tail_kernel): 196 = 3 x 64 + 4 pays for 16 tail keys, not 64.
+KEY_TAIL_QUANTUM = 64
+KEY_TAIL_MAX = 32
+
+
+def key_tail(n: int) -> tuple:
+    """(K_END, KEY_TILE) of the tiled backward: keys [K_END, n) go to the key-tail kernel in one tile of
+    KEY_TILE (16 or 32) keys; KEY_TILE 0 (and K_END == n) when there is no tail."""
+    k_end = (n // KEY_TAIL_QUANTUM) * KEY_TAIL_QUANTUM
+    rest = n - k_end
+    if k_end == 0 or rest == 0 or rest > KEY_TAIL_MAX:
+        return n, 0
+    return k_end, max(16, triton.next_power_of_2(rest))
+
+
+@functools.lru_cache(maxsize=None)
+def _key_tail_choice(bd: int, fp32: bool, key_tile: int) -> Choice:
+    block_m = 32 if fp32 else 64  # 64 query rows: wgmma's slab height for S, dP and the dQ share
+    return Choice(attn_bwd_key_tail_kernel, (cfg(4, 2, BLOCK_M=block_m, KEY_TILE=key_tile),),
+                  cfg(4, 1, BLOCK_M=16, KEY_TILE=key_tile))
+
+
+def backward_key_tail(head_dim: int, fp32: bool, key_tile: int) -> Choice:
+    """attn_bwd_key_tail_kernel; grid (B * H,)."""
+    return _key_tail_choice(block_d(head_dim), fp32, key_tile)
+
+
 def backward_tiled(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
     """attn_bwd_tiled_kernel; grid (cdiv(N, BLOCK_N), B * H); DQ_ACC (B * H, N, D) fp32 and SEM (B * H,
-    cdiv(N, min BLOCK_M of the configs)) int32, zeroed by the launcher (``min_block_m``)."""
+    cdiv(N, BWD_QUERY_TAIL)) int32 (at least one per query tile of any config), zeroed by the launcher."""
     return _choice("bwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
-
-
-def min_block_m(choice: Choice) -> int:
-    """The smallest query tile any config of ``choice`` (or its interpreter config) may run with."""
-    return min(c.kwargs["BLOCK_M"] for c in choice.configs + (choice.interpreter,))
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,10 @@ Padded query rows (i >= N) load lse = +inf, so p = 0 there and they add nothing,
 import triton
 import triton.language as tl
 
-from .attention_fwd import key_bounds, key_tile_scores, load_rows, query_bounds, store_rows, visible
+from .attention_fwd import key_bounds, load_rows, query_bounds, store_rows, visible
+
+# The tiled backward's last N % BLOCK_M queries run in tiles of this many rows (key-major dots keep wgmma).
+QUERY_TAIL = tl.constexpr(16)
 
 
 
@@ -42,7 +45,7 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, 
 
 @triton.jit
 def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, lo, hi, n_tile,
-                  offs_n, offs_d, sqn, sqd, sdn, sdd, n, prefix, block_size, qk_scale,
+                  last_tile, sem_first, offs_n, offs_d, sqn, sqd, sdn, sdd, n, prefix, block_size, qk_scale,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
                   DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -51,7 +54,9 @@ def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
     Key-major ("transposed") form: every dot has BLOCK_N key rows or BLOCK_D rows, so all run on wgmma.
     The dQ share goes into the fp32 accumulator dq (B * H, N, HEAD_D) with atomics; DETERMINISTIC orders
     them: query tile m takes the shares of its key tiles in descending key-tile order (its semaphore counts
-    the shares already added), so every run adds the same values in the same order.
+    the shares already added), so every run adds the same values in the same order. The query tile starting
+    at start_m has semaphore sem_first + start_m // BLOCK_M (main tiles: sem_first = 0; the caller shifts
+    the tail tiles past the main ones).
     """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -75,8 +80,9 @@ def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
             # Key tiles [0, n_max] add into query tile m; the higher ones have gone first.
             m0 = start_m
             n_max = (key_bounds(m0, n, prefix, block_size, BLOCK_M, IS_CAUSAL)[1] - 1) // BLOCK_N
+            n_max = tl.minimum(n_max, last_tile)  # keys past K_END went first, in the key-tail kernel
             turn = n_max - n_tile
-            sem = sem_base + start_m // BLOCK_M
+            sem = sem_base + sem_first + start_m // BLOCK_M
             while tl.atomic_cas(sem, turn, turn, sem="acquire") != turn:
                 pass
             tl.atomic_add(dq_ptrs, dq_t, mask=dq_ok, sem="relaxed")
@@ -92,7 +98,7 @@ def attn_bwd_tiled_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEM, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
-    H, N, N_BUCKET, block_size, qk_scale, sm_scale,
+    H, N, K_END, N_BUCKET, block_size, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -111,16 +117,21 @@ def attn_bwd_tiled_kernel(
     n0 = n_tile * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + b64 * skb + h64 * skh, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
-    v = load_rows(V + b64 * svb + h64 * svh, offs_n, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    # Keys [0, K_END) (rows past it load as 0: they add nothing to dQ, and their dK, dV are not stored).
+    k = load_rows(K + b64 * skb + h64 * skh, offs_n, K_END, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v = load_rows(V + b64 * svb + h64 * svh, offs_n, K_END, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
     if HAS_PREFIX:
         prefix = tl.load(PREFIX + b)
     else:
         prefix = 0
+    last_tile = tl.num_programs(0) - 1
 
-    lo, full_start = query_bounds(n0, N, prefix, block_size, BLOCK_N, IS_CAUSAL)
-    m_lo = (lo // BLOCK_M) * BLOCK_M
-    m_full = ((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # first query tile wholly past the band
+    lo, full_start = query_bounds(n0, K_END, prefix, block_size, BLOCK_N, IS_CAUSAL)
+    # Queries [0, m_split) in BLOCK_M tiles, the rest (< BLOCK_M of them) in QUERY_TAIL-row tiles.
+    m_split = (N // BLOCK_M) * BLOCK_M
+    m_lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, m_split)
+    m_full = tl.minimum(((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m_split)  # first tile past the band
+    t_lo = tl.maximum((lo // QUERY_TAIL) * QUERY_TAIL, m_split)
 
     q_base = Q + b64 * sqb + h64 * sqh
     do_base = DO + b64 * sdb + h64 * sdh
@@ -128,20 +139,84 @@ def attn_bwd_tiled_kernel(
     lse_base = LSE + row_base
     delta_base = DELTA + row_base
     dq_base = DQ_ACC + row_base * HEAD_D
-    sem_base = SEM + bh.to(tl.int64) * tl.cdiv(N, BLOCK_M)
+    sem_base = SEM + bh.to(tl.int64) * tl.cdiv(N, QUERY_TAIL)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_lo, m_full,
-                           n_tile, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
+                           n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
                            HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC,
                            DOT_PRECISION)
-    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_full, N,
-                           n_tile, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
+    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_full,
+                           m_split, n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
                            HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DETERMINISTIC,
                            DOT_PRECISION)
-    store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, N, offs_d,
+    # Tail query tiles: semaphores after the m_split // BLOCK_M main ones (start_m // QUERY_TAIL counts from
+    # 0, so subtract the m_split // QUERY_TAIL tail-sized slots it would skip).
+    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, t_lo, N,
+                           n_tile, last_tile, m_split // BLOCK_M - m_split // QUERY_TAIL, offs_n, offs_d, sqn, sqd, sdn, sdd,
+                           N, prefix, block_size, qk_scale, HEAD_D, BLOCK_D, QUERY_TAIL, BLOCK_N, IS_CAUSAL,
+                           HAS_PREFIX, True, DETERMINISTIC, DOT_PRECISION)
+    store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, K_END, offs_d,
                skgn, skgd, HEAD_D)
-    store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, N, offs_d, svgn, svgd, HEAD_D)
+    store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, K_END, offs_d, svgn, svgd, HEAD_D)
+
+
+@triton.jit
+def attn_bwd_key_tail_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, PREFIX,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
+    H, N, K_START, block_size, qk_scale, sm_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KEY_TILE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The last keys [K_START, N) (at most KEY_TILE <= 32 of them) of each head, before attn_bwd_tiled_kernel.
+
+    Query-major with transposed accumulators: S = Q K^T (BLOCK_M, KEY_TILE), dV^T += dO^T P, dK^T += Q^T dS
+    (BLOCK_D rows) and dQ += dS K (BLOCK_M rows) all keep 64-row wgmma slabs while the key tile is narrow,
+    so N = 196 pays for 16 tail keys, not 64. One program per (batch * head), launched before the tiled
+    kernel: its dQ shares land first, in one fixed order (deterministic).
+    """
+    bh = tl.program_id(0)
+    b = bh // H
+    b64 = b.to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    offs_n = K_START + tl.arange(0, KEY_TILE)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(K + b64 * skb + h64 * skh, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v = load_rows(V + b64 * svb + h64 * svh, offs_n, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+    else:
+        prefix = 0
+    lo, _ = query_bounds(K_START, N, prefix, block_size, KEY_TILE, IS_CAUSAL)
+    q_base = Q + b64 * sqb + h64 * sqh
+    do_base = DO + b64 * sdb + h64 * sdh
+    row_base = bh.to(tl.int64) * N
+    dq_base = DQ_ACC + row_base * HEAD_D
+    dk_t = tl.zeros([BLOCK_D, KEY_TILE], tl.float32)
+    dv_t = tl.zeros([BLOCK_D, KEY_TILE], tl.float32)
+    for start_m in range((lo // BLOCK_M) * BLOCK_M, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
+        do = load_rows(do_base, offs_m, N, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
+        lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, KEY_TILE)
+        vis = visible(offs_m[:, None], offs_n[None, :], N, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dv_t += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk_t += tl.dot(tl.trans(q), ds, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
+        tl.atomic_add(dq_base + offs_m[:, None] * HEAD_D + offs_d[None, :], dq,
+                      mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_D), sem="relaxed")
+    ok = (offs_n[None, :] < N) & (offs_d[:, None] < HEAD_D)
+    dk_ptrs = DK + b64 * skgb + h64 * skgh + offs_n[None, :] * skgn + offs_d[:, None] * skgd
+    tl.store(dk_ptrs, (dk_t * sm_scale).to(DK.dtype.element_ty), mask=ok)
+    dv_ptrs = DV + b64 * svgb + h64 * svgh + offs_n[None, :] * svgn + offs_d[:, None] * svgd
+    tl.store(dv_ptrs, dv_t.to(DV.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -56,13 +56,19 @@ def visible(q_idx, k_idx, n, prefix, block_size, IS_CAUSAL: tl.constexpr, HAS_PR
 
 @triton.jit
 def key_bounds(m0, n, prefix, block_size, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """(full_end, hi) for queries [m0, m0 + BLOCK_M): keys < full_end are seen by all of them, keys >= hi by none.
+    """(full_end, hi) for queries [m0, m0 + BLOCK_M): keys < full_end are seen by all of them, keys >= hi by none."""
+    return key_bounds_rows(m0, n, n, prefix, block_size, BLOCK_M, IS_CAUSAL)
+
+
+@triton.jit
+def key_bounds_rows(m0, m_end, n, prefix, block_size, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """key_bounds for the queries [m0, min(m0 + BLOCK_M, m_end)) of a head of n keys.
 
     A query i sees every key below max(prefix, (i // block_size + 1) * block_size); the tile's first query
     bounds what all see, its last real query what any sees.
     """
     if IS_CAUSAL:
-        last_q = tl.minimum(m0 + BLOCK_M, n) - 1
+        last_q = tl.minimum(m0 + BLOCK_M, m_end) - 1
         full_end = tl.minimum(tl.maximum(prefix, (m0 // block_size + 1) * block_size), n)
         hi = tl.minimum(tl.maximum(prefix, (last_q // block_size + 1) * block_size), n)
     else:
@@ -128,15 +134,21 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, lo, hi, offs_m, offs_d,
     return acc, m_i, l_i
 
 
+# Key tails: the part of the masked band narrower than BLOCK_N runs in tiles of this many keys (wgmma's N
+# may be 16), so N = 196 visits 208 keys rather than 256.
+KEY_TAIL = tl.constexpr(16)
+
+
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    H, N, N_BUCKET, block_size, qk_scale,
+    H, N, M_END, N_BUCKET, block_size, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (query tile, batch * head). Writes O (B, H, N, D strides) and LSE (B, H, N) fp32.
+    """One program per (query tile, batch * head) over queries [0, M_END) (the launcher hands the last
+    N - M_END < 64 queries to attn_fwd_tail_kernel). Writes O (B, H, N, D strides) and LSE (B, H, N) fp32.
 
     N_BUCKET (N rounded up to a power of two) is unused in the body: it is the autotuning key, so configs
     are tuned once per sequence band rather than once per N.
@@ -155,14 +167,15 @@ def attn_fwd_kernel(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(q_base, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
+    q = load_rows(q_base, offs_m, M_END, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
     if HAS_PREFIX:
         prefix = tl.load(PREFIX + b)
     else:
         prefix = 0
 
-    full_end, hi = key_bounds(m0, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
+    full_end, hi = key_bounds_rows(m0, M_END, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
     n_full = (full_end // BLOCK_N) * BLOCK_N  # whole tiles below full_end; the rest of the band is masked
+    n_mid = n_full + ((hi - n_full) // BLOCK_N) * BLOCK_N  # the band's last part, narrower than a tile: KEY_TAIL
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -170,11 +183,67 @@ def attn_fwd_kernel(
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, 0, n_full, offs_m, offs_d,
                                skn, skd, svn, svd, N, prefix, block_size, qk_scale,
                                HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, n_full, hi, offs_m, offs_d,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, n_full, n_mid, offs_m, offs_d,
                                skn, skd, svn, svd, N, prefix, block_size, qk_scale,
                                HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, n_mid, hi, offs_m, offs_d,
+                               skn, skd, svn, svd, N, prefix, block_size, qk_scale,
+                               HEAD_D, BLOCK_D, KEY_TAIL, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
 
     o = acc / l_i[:, None]
-    store_rows(o_base, o.to(O.dtype.element_ty), offs_m, N, offs_d, son, sod, HEAD_D)
+    store_rows(o_base, o.to(O.dtype.element_ty), offs_m, M_END, offs_d, son, sod, HEAD_D)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < M_END)
+
+
+@triton.jit
+def attn_fwd_tail_kernel(
+    Q, K, V, O, LSE, PREFIX,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    H, N, M_START, block_size, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The last queries [M_START, N) (fewer than 64), BLOCK_M (16) at a time, in key-major form: S^T = K Q^T
+    and O^T += V^T P^T have BLOCK_N key rows and BLOCK_D rows, so a narrow query tile keeps wgmma (a 16-row
+    query-major dot would not). One program per (16-query tile, batch * head); the softmax runs down the
+    key axis. Same scores, mask and tile classes as attn_fwd_kernel."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    b64 = b.to(tl.int64)
+    h64 = (bh % H).to(tl.int64)
+    k_base = K + b64 * skb + h64 * skh
+    v_base = V + b64 * svb + h64 * svh
+    m0 = M_START + pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q + b64 * sqb + h64 * sqh, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b)
+    else:
+        prefix = 0
+    full_end, hi = key_bounds(m0, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
+    n_full = (full_end // BLOCK_N) * BLOCK_N
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+        v = load_rows(v_base, offs_n, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if start_n >= n_full:
+            vis = visible(offs_m[None, :], offs_n[:, None], N, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+            s_t = tl.where(vis, s_t, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_t, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p_t = tl.exp2(s_t - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p_t, 0)
+        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p_t.to(v.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+    o_t = acc_t / l_i[None, :]
+    o_ptrs = O + b64 * sob + h64 * soh + offs_m[None, :] * son + offs_d[:, None] * sod
+    tl.store(o_ptrs, o_t.to(O.dtype.element_ty), mask=(offs_m[None, :] < N) & (offs_d[:, None] < HEAD_D))
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)

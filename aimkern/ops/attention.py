@@ -108,15 +108,22 @@ def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale
     if b * h == 0:
         return o, lse
     kern = _kernels()
+    fp32 = q.dtype == torch.float32
+    split = kern.query_tail_start(n)  # queries [split, n) go to the narrow key-major tail kernel
+    tensors = (q, k, v, o, lse, prefix_len if prefix_len is not None else lse)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride())
+    flags = dict(HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None)
     launch(
-        kern.forward(d, q.dtype == torch.float32, n, table_arch(q.device)),
-        lambda META: (cdiv(n, META["BLOCK_M"]), b * h),
-        (q, k, v, o, lse, prefix_len if prefix_len is not None else lse,
-         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-         h, n, _bucket(n), block_size, scale * _LOG2E),
-        dtype=q.dtype, policy=policy,
-        HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None,
+        kern.forward(d, fp32, n, table_arch(q.device)), lambda META: (cdiv(split, META["BLOCK_M"]), b * h),
+        (*tensors, *strides, h, n, split, _bucket(n), block_size, scale * _LOG2E),
+        dtype=q.dtype, policy=policy, **flags,
     )
+    if split < n:
+        launch(
+            kern.forward_tail(d, fp32), lambda META: (cdiv(n - split, META["BLOCK_M"]), b * h),
+            (*tensors, *strides, h, n, split, block_size, scale * _LOG2E),
+            dtype=q.dtype, policy=policy, **flags,
+        )
     return o, lse
 
 
@@ -157,11 +164,20 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
     )
     choice = kern.backward_tiled(d, fp32, n, table_arch(q.device))
     dq_acc = torch.zeros((b * h, n, d), device=q.device, dtype=torch.float32)
-    sem = torch.zeros((b * h, cdiv(n, kern.min_block_m(choice))), device=q.device, dtype=torch.int32)
+    sem = torch.zeros((b * h, cdiv(n, kern.BWD_QUERY_TAIL)), device=q.device, dtype=torch.int32)  # >= tiles
+    k_end, key_tile = kern.key_tail(n)
+    in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride())
+    if key_tile:  # the last keys first, in one narrow tile: their dQ shares land before the tiled kernel's
+        launch(
+            kern.backward_key_tail(d, fp32, key_tile), lambda META: (b * h,),
+            (q, k, v, do, lse, delta, dk, dv, dq_acc, prefix, *in_strides, h, n, k_end, block_size,
+             scale * _LOG2E, scale),
+            **common,
+        )
     launch(
-        choice, lambda META: (cdiv(n, META["BLOCK_N"]), b * h),
-        (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-         *dk.stride(), *dv.stride(), h, n, _bucket(n), block_size, scale * _LOG2E, scale),
+        choice, lambda META: (cdiv(k_end, META["BLOCK_N"]), b * h),
+        (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, _bucket(n), block_size,
+         scale * _LOG2E, scale),
         DETERMINISTIC=deterministic, **common,
     )
     dq.copy_(dq_acc.view(b, h, n, d).mul_(scale))  # one pass: scale and cast into dq's strides
