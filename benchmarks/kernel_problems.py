@@ -53,9 +53,20 @@ def attention_problems(subset: str):
                                                 policy, path, out=op._unpack(dqkv))
 
                         yield f"attention {dname} D={d} N={n} {mname} {path}", run
-    # The fused backward at every on-chip head size it accepts (BLOCK_KV 16 ... 256), bf16 causal + prefix.
+    # N = 224 = 3 x 64 + 32: the tiled backward's 32-key tail tile (196 reaches the 16-key one).
+    def run_tail32():
+        qkv = _meta(2, 224, 3, 4, 64, dtype=torch.bfloat16)
+        q, k, v = op._unpack(qkv)
+        pre = _meta(2, dtype=torch.int32)
+        o, lse = op._launch_forward(q, k, v, pre, True, 1, 0.125, op.LaunchPolicy())
+        op._launch_backward(o, q, k, v, o, lse, pre, True, 1, 0.125, op.LaunchPolicy(), "split",
+                            out=op._unpack(_meta(2, 224, 3, 4, 64, dtype=torch.bfloat16)))
+
+    yield "attention bf16 D=64 N=224 prefix split", run_tail32
+    # The fused backward at every on-chip head size it accepts (one to three 64-row key tiles), bf16 causal +
+    # prefix.
     if subset != "gpu-run":
-        for n in (16, 32, 64, 128):
+        for n in (16, 64, 128, 192):
             def run_small(n=n):
                 if not op._kernels().fused_backward_fits(64, False, n, op.table_arch(qdev)):
                     return

@@ -54,10 +54,23 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 # Kernels whose main loop is a tensor-core GEMM: on sm_90a their 16-bit builds must use wgmma.
 MAIN_LOOP_KERNELS = {
-    "attn_fwd_kernel", "attn_bwd_tiled_kernel", "attn_bwd_fused_kernel",
+    "attn_fwd_kernel", "attn_fwd_tail_kernel", "attn_bwd_tiled_kernel", "attn_bwd_key_tail_kernel",
+    "attn_bwd_fused_kernel",
     "ce_fwd_kernel", "ce_dlogits_kernel", "matmul_kernel",
     "patch_embed_fwd_kernel", "patch_embed_dx_kernel", "patch_embed_dw_kernel",
 }
+
+# Attention kernels whose every dot must be wgmma on sm_90a in 16-bit (no HMMA at all): their tiles keep
+# 64-row slabs in every dot (key-major forms where a tile is narrow). The one exception is the tiled
+# backward at D = 256, whose 64-key tiles spill 2.8-4.3 KB: it runs 32 key rows on mma.sync.
+WGMMA_ONLY_KERNELS = {
+    "attn_fwd_kernel", "attn_fwd_tail_kernel", "attn_bwd_tiled_kernel", "attn_bwd_key_tail_kernel",
+    "attn_bwd_fused_kernel",
+}
+
+
+def _hmma_allowed(row: dict) -> bool:
+    return row["kernel"] == "attn_bwd_tiled_kernel" and row["config"].get("BLOCK_D") == 256
 
 
 # -------------------------------------------------------------------------------- 1. compile jobs
@@ -258,6 +271,9 @@ def violations(row: dict) -> list:
         gemm = False  # d(pos) alone is a sum over the batch: no GEMM in that variant
     if sixteen_bit and cap == 90 and gemm and row["mma"]["hgmma"] == 0:
         out.append("16-bit main loop without wgmma (HGMMA) on sm_90a")
+    if (sixteen_bit and cap == 90 and row["kernel"] in WGMMA_ONLY_KERNELS and row["mma"]["hmma"] > 0
+            and not _hmma_allowed(row)):
+        out.append(f"{row['mma']['hmma']} mma.sync (HMMA) in a wgmma-only attention kernel on sm_90a")
     return out
 
 
