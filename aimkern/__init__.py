@@ -29,6 +29,7 @@ _LAZY = {
     "reference": (".reference", None),
     "tokenizers": (".tokenizers", None),
     "patch_timm": (".integrations.timm", "patch_timm"),
+    "patch": (".patching", "patch"),  # a module named patch would shadow the function
 }
 
 __all__ = sorted(k for k in _LAZY if k not in ("tokenizers", "ops", "models", "integrations"))
