@@ -63,7 +63,8 @@ def test_ml_aim_layout_detection_and_inferred_configs():
     assert (c1.norm, c1.norm_eps, c1.mlp, c1.pos_embed, c1.patch_norm) == ("layernorm", 1e-6, "gelu", "sincos", True)
     assert (c1.qkv_bias, c1.bias, c1.has_norm_bias, c1.has_patch_bias) == (False, False, True, True)
     c2 = CausalViT.from_checkpoint(v2, num_heads=4, verbose=False).config
-    assert (c2.norm, c2.norm_eps, c2.mlp, c2.mlp_hidden_dim, c2.pos_embed) == ("rmsnorm", 1e-5, "swiglu", 176, "learned")
+    got = (c2.norm, c2.norm_eps, c2.mlp, c2.mlp_hidden_dim, c2.pos_embed)
+    assert got == ("rmsnorm", 1e-5, "swiglu", 176, "learned")
     # Released widths give the heads without help (AIMv1-600M: 1536 -> 12; AIMv2-L: 1024 -> 8).
     assert CausalViT.from_checkpoint(v1, verbose=False, img_size=28, head_depth=0).config.num_heads == 1
     with pytest.raises(ValueError, match="num_heads"):  # dim 64: no released model, not a multiple of 64 heads
@@ -229,7 +230,8 @@ def test_strict_lists_every_problem_and_non_strict_reports_them(capsys):
     with pytest.raises(ValueError) as e:
         CausalViT.from_checkpoint(sd, num_heads=4)
     msg = str(e.value)
-    assert "trunk.extra.weight" in msg and "blocks.1.norm2.weight" in msg and "blocks.0.attn.proj.weight: (64, 32)" in msg
+    assert "trunk.extra.weight" in msg and "blocks.1.norm2.weight" in msg
+    assert "blocks.0.attn.proj.weight: (64, 32)" in msg
     model = CausalViT.from_checkpoint(sd, num_heads=4, strict=False)
     assert "skipped 3 problem(s)" in capsys.readouterr().out
     assert torch.equal(model.blocks[0].norm1.weight.detach(), sd["trunk.blocks.0.norm_1.weight"])

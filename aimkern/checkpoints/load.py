@@ -176,7 +176,7 @@ def save_checkpoint(model, path: Union[str, os.PathLike], layout: str = "aimkern
         return path
     _check_fits(cfg, layout)
     trunk = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    extra = sorted(k for k in trunk if not (k.startswith(("patch_embed.", "blocks.", "pos_embed")) or k.startswith("norm.")))
+    extra = sorted(k for k in trunk if not k.startswith(("patch_embed.", "blocks.", "pos_embed", "norm.")))
     if extra:
         raise ValueError(f"save_checkpoint: {extra} are not part of a {layout} trunk")
     if layout == "timm":
