@@ -6,7 +6,7 @@ are the entry points; ``aimkern.checkpoints.layouts`` documents every layout's n
 from .files import read_file, sha256_file, write_file
 from .infer import detect_layout, infer_config
 from .layouts import LAYOUTS, SAVE_LAYOUTS
-from .load import from_checkpoint, save_checkpoint
+from .load import from_checkpoint, inspect_checkpoint, load_trunk_into, save_checkpoint
 
-__all__ = ["LAYOUTS", "SAVE_LAYOUTS", "detect_layout", "from_checkpoint", "infer_config", "read_file",
-           "save_checkpoint", "sha256_file", "write_file"]
+__all__ = ["LAYOUTS", "SAVE_LAYOUTS", "detect_layout", "from_checkpoint", "infer_config", "inspect_checkpoint",
+           "load_trunk_into", "read_file", "save_checkpoint", "sha256_file", "write_file"]

@@ -65,7 +65,12 @@ def read_file(path: str) -> Tuple[dict, dict]:
             meta = dict(f.metadata() or {})
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     with torch.serialization.safe_globals(_numpy_safe_globals()):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: tensors are read when used (a 7B backbone is not copied to inspect its shapes)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     return obj, {}
 
 

@@ -70,6 +70,44 @@ def _config(preset, stored: Optional[dict], mapped: dict, layout: str, overrides
     return infer_config(mapped, layout, overrides)
 
 
+def _read(src) -> tuple:
+    """(state dict, stored config dict or None, display name) of a path or state dict."""
+    if isinstance(src, dict):
+        obj, meta, name = src, {}, "state dict"
+    else:
+        obj, meta = read_file(src)
+        name = os.fspath(src)
+    state, stored = _unwrap(obj, meta)
+    return state, stored, name
+
+
+def _load_mapped(model, mapped: dict, unmapped: list, layout: str, name: str, strict: bool) -> tuple:
+    """Load CausalViT-named ``mapped`` into ``model`` (trunk; head too when an aimkern checkpoint has one that
+    fits); returns (head loaded, problems). Strict: any problem is a ValueError listing them all."""
+    ours = model.state_dict()
+    with_head = layout == "aimkern" and any(k.startswith("head.") for k in mapped)
+    if with_head and any(k.startswith("head.") and (k not in mapped or mapped[k].shape != ours[k].shape)
+                         for k in ours):
+        with_head = False  # a checkpoint of another head (pixel vs token, other width): the trunk only
+    expected = {k for k in ours if with_head or not k.startswith("head.")}
+    unexpected = sorted(unmapped + [k for k in mapped if k not in expected and not (k.startswith("head.")
+                                                                                   and layout == "aimkern")])
+    missing = sorted(expected - mapped.keys())
+    wrong = sorted(f"{k}: {tuple(mapped[k].shape)} vs {tuple(ours[k].shape)}" for k in expected & mapped.keys()
+                   if mapped[k].shape != ours[k].shape)
+    problems = [f"{what}: {items}" for what, items in (
+        ("source keys that map to no CausalViT parameter", unexpected),
+        ("CausalViT parameters left unset", missing),
+        ("shapes that do not fit (source vs model)", wrong)) if items]
+    if problems and strict:
+        raise ValueError(f"from_checkpoint: {name} ({layout} layout) does not fit a CausalViT of config "
+                         f"[{describe(model.config)}]: " + "; ".join(problems)
+                         + "; pass preset= / overrides for another config, or strict=False to load what fits")
+    load = {k: v for k, v in mapped.items() if k in expected and v.shape == ours[k].shape}
+    model.load_state_dict(load, strict=False)
+    return with_head, problems
+
+
 def from_checkpoint(src: Union[str, os.PathLike, Dict[str, torch.Tensor]], *, preset=None, strict: bool = True,
                     verbose: bool = True, **overrides):
     """A CausalViT holding ``src``'s weights (see the module docstring).
@@ -84,38 +122,16 @@ def from_checkpoint(src: Union[str, os.PathLike, Dict[str, torch.Tensor]], *, pr
 
     Returns a CausalViT in train mode; ``forward_features(x, is_causal=False)`` computes the source model's
     features: ml-aim's trunk output after ``post_trunk_norm``, timm's ``forward_features``, transformers'
-    ``last_hidden_state``.
+    ``last_hidden_state``. ``model.checkpoint_source`` records ``{"src", "layout"}``.
     """
     from ..models.causal_vit import CausalViT
 
-    if isinstance(src, dict):
-        obj, meta, name = src, {}, "state dict"
-    else:
-        obj, meta = read_file(src)
-        name = os.fspath(src)
-    state, stored = _unwrap(obj, meta)
+    state, stored, name = _read(src)
     layout = "aimkern" if stored is not None else detect_layout(state)
     mapped, unmapped = to_causal_vit(state, layout)
     cfg = _config(preset, stored, mapped, layout, overrides)
     model = CausalViT(cfg)
-    ours = model.state_dict()
-    with_head = layout == "aimkern" and any(k.startswith("head.") for k in mapped)
-    if with_head and any(k.startswith("head.") and k not in mapped for k in ours):
-        with_head = False  # a checkpoint of another head (pixel vs token): the trunk only
-    expected = {k for k in ours if with_head or not k.startswith("head.")}
-    unexpected = sorted(unmapped + [k for k in mapped if k not in expected])
-    missing = sorted(expected - mapped.keys())
-    wrong = sorted(f"{k}: {tuple(mapped[k].shape)} vs {tuple(ours[k].shape)}" for k in expected & mapped.keys()
-                   if mapped[k].shape != ours[k].shape)
-    problems = [f"{what}: {items}" for what, items in (
-        ("source keys that map to no CausalViT parameter", unexpected), ("CausalViT parameters left unset", missing),
-        ("shapes that do not fit (source vs model)", wrong)) if items]
-    if problems and strict:
-        raise ValueError(f"from_checkpoint: {name} ({layout} layout) does not fit a CausalViT of config "
-                         f"[{describe(cfg)}]: " + "; ".join(problems)
-                         + "; pass preset= / overrides for another config, or strict=False to load what fits")
-    load = {k: v for k, v in mapped.items() if k in expected and v.shape == ours[k].shape}
-    model.load_state_dict(load, strict=False)
+    with_head, problems = _load_mapped(model, mapped, unmapped, layout, name, strict)
     if verbose:
         match = matching_preset(cfg)
         print(f"CausalViT.from_checkpoint: {name}: {layout} layout, {describe(cfg)}"
@@ -123,6 +139,25 @@ def from_checkpoint(src: Union[str, os.PathLike, Dict[str, torch.Tensor]], *, pr
               + (f"; skipped {len(problems)} problem(s): {'; '.join(problems)}" if problems else ""), flush=True)
     model.checkpoint_source = {"src": name, "layout": layout}
     return model
+
+
+def load_trunk_into(model, src, *, strict: bool = True) -> str:
+    """Load ``src``'s trunk (any layout) into an existing CausalViT, leaving its head as it is; returns the
+    layout. No second model is built (``aimkern.train --init`` uses this on the run's own model)."""
+    state, stored, name = _read(src)
+    layout = "aimkern" if stored is not None else detect_layout(state)
+    mapped, unmapped = to_causal_vit(state, layout)
+    mapped = {k: v for k, v in mapped.items() if not k.startswith("head.")}
+    _load_mapped(model, mapped, unmapped, layout, name, strict)
+    return layout
+
+
+def inspect_checkpoint(src, **overrides) -> tuple:
+    """(layout, ViTConfig) of ``src`` without building a model (tensors are memory-mapped, not read)."""
+    state, stored, _name = _read(src)
+    layout = "aimkern" if stored is not None else detect_layout(state)
+    mapped, _ = to_causal_vit(state, layout)
+    return layout, _config(None, stored, mapped, layout, overrides)
 
 
 def _zero_bias(state: dict, owner: str, dim: int, like: torch.Tensor) -> None:

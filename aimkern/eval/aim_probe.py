@@ -131,7 +131,7 @@ def _batches(args, model: CausalViT):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aimkern.eval --init BACKBONE --head HEAD",
+    p = argparse.ArgumentParser(prog="python -m aimkern.eval",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", required=True, help="backbone checkpoint, any layout CausalViT.from_checkpoint reads")
     p.add_argument("--head", required=True, help="ml-aim attention-probe head (.pth)")
