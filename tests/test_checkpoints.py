@@ -292,3 +292,14 @@ def test_full_size_configs_are_inferred_from_released_layouts(preset):
     assert {f: getattr(got, f) for f in TRUNK_FIELDS if f != "norm_bias"} == \
         {f: getattr(want, f) for f in TRUNK_FIELDS if f != "norm_bias"}
     assert matching_preset(got) == preset
+
+
+def test_lit_models_vision_encoder_loads_and_its_text_tower_is_reported():
+    fx = fixture("ml_aim_v2.pt")
+    lit = {f"image_encoder.{k}": v for k, v in fx["state_dict"].items()}
+    lit.update({"text_encoder.preprocessor.text_embedding.weight": torch.zeros(10, 8),
+                "image_projector.weight": torch.zeros(8, 64)})
+    with pytest.raises(ValueError, match="image_projector.weight"):
+        CausalViT.from_checkpoint(lit, num_heads=4)
+    model = CausalViT.from_checkpoint(lit, num_heads=4, strict=False, verbose=False)
+    close(features(model, fx["images"]), fx["features"])

@@ -21,13 +21,14 @@ AIM_V2_HEADS = {768: 6, 1024: 8, 1536: 12, 2048: 16, 3072: 24}
 # The trunk fields the shapes (and the family) fix; the rest (mask, head, backend) are free.
 TRUNK_FIELDS = ("img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "mlp_ratio", "norm",
                 "norm_eps", "mlp", "qkv_bias", "bias", "norm_bias", "patch_bias", "patch_norm", "pos_embed")
+LIT_PREFIX = "image_encoder."  # ml-aim's AIMv2 LiT model holds its vision encoder under this name
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
 def detect_layout(state: Dict[str, torch.Tensor]) -> str:
     """'ml-aim-v1' | 'ml-aim-v2' | 'hf' | 'timm' (timm's names, CausalViT's too) of a state dict's keys; a
     ValueError naming a few keys when none fits."""
-    keys = set(state)
+    keys = {k[len(LIT_PREFIX):] if k.startswith(LIT_PREFIX) else k for k in state}
     if "preprocessor.patchifier.proj.weight" in keys:
         return "ml-aim-v2" if any(k.endswith(".mlp.fc3.weight") for k in keys) else "ml-aim-v1"
     if {"embeddings.patch_embed.weight", "vision_model.embeddings.patch_embed.weight"} & keys:

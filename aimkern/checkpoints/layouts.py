@@ -13,7 +13,7 @@ layout      source names (I: block index; P: weight or bias)
 ml-aim-v1   preprocessor.patchifier.{proj,norm}.P, trunk.blocks.I.norm_1 / norm_2, attn.qkv / proj,
             mlp.fc1 / fc2, trunk.post_trunk_norm (Apple's ml-aim ``aim-v1``; sin-cos positions not stored)
 ml-aim-v2   as v1 with SwiGLU mlp.fc1 (gate) / fc3 (up) / fc2 (down), preprocessor.pos_embed (absent in
-            the native-resolution model)
+            the native-resolution model); the LiT model's ``image_encoder.`` prefix is dropped
 timm        CausalViT's own names (timm ``VisionTransformer`` / ``aimv2_*``); ``head.*`` is timm's classifier
 hf          transformers ``Aimv2VisionModel``: embeddings.patch_embed / rms_norm / position_embedding (N, D),
             encoder.layers.I.rms_norm1 / rms_norm2, attention.{q,k,v}_proj (split) / out_proj,
@@ -135,6 +135,8 @@ def to_causal_vit(state: Dict[str, torch.Tensor], layout: str) -> Tuple[Dict[str
     """(CausalViT-named state, source keys that map to nothing) of a ``layout`` state dict."""
     if layout == "aimkern":
         return dict(state), []
+    if layout.startswith("ml-aim"):  # the LiT model's vision encoder (its text tower stays unmapped)
+        state = {k[len("image_encoder."):] if k.startswith("image_encoder.") else k: v for k, v in state.items()}
     if layout == "hf":
         state = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in state.items()}
         state = _pack_hf_qkv(state)
