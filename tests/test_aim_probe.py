@@ -106,3 +106,18 @@ def test_eval_command_on_an_image_folder(tmp_path):
     assert report["n"] == 6
     with pytest.raises(FileNotFoundError, match="ImageFolder"):
         main(_files(tmp_path) + ["--data", str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_probes_of_a_released_layout_backbone(tmp_path, suffix):
+    """python -m aimkern.eval MODEL with MODEL in Apple's layout: read by from_checkpoint, config inferred."""
+    from aimkern.checkpoints import write_file
+    from aimkern.eval import evaluate
+
+    fx = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "apple", "ml_aim_v2.pt"), weights_only=True)
+    path = str(tmp_path / f"aimv2{suffix}")
+    write_file(fx["state_dict"], path)
+    report = evaluate([path, "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu", "--probes", "knn",
+                       "--no-baseline"])
+    assert report["config"]["dim"] == 64 and report["config"]["norm"] == "rmsnorm"
+    assert 0 < report["results"]["model"]["knn"]["top1"] <= 1

@@ -303,3 +303,19 @@ def test_lit_models_vision_encoder_loads_and_its_text_tower_is_reported():
         CausalViT.from_checkpoint(lit, num_heads=4)
     model = CausalViT.from_checkpoint(lit, num_heads=4, strict=False, verbose=False)
     close(features(model, fx["images"]), fx["features"])
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("vit-tiny", {}), ("vit-tiny", dict(head="token", vocab_size=50)),
+    ("aim-600m", dict(TINY, head_depth=2, head_dim=32)), ("aimv2-large", TINY),
+])
+def test_a_plain_causal_vit_state_dict_loads_with_its_head(preset, overrides):
+    model = randomize_(CausalViT.from_preset(preset, **overrides))
+    heads = dict(num_heads=model.config.num_heads)  # not in the shapes
+    back = CausalViT.from_checkpoint(model.state_dict(), verbose=False, **heads,
+                                     **({"img_size": 28} if model.config.pos_embed == "sincos" else {}))
+    assert back.checkpoint_source["layout"] == "aimkern"
+    for f in ("head", "head_depth", "head_dim", "vocab_size", "norm", "mlp", "has_norm_bias"):
+        assert getattr(back.config, f) == getattr(model.config, f), f
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k

@@ -26,15 +26,15 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
 def detect_layout(state: Dict[str, torch.Tensor]) -> str:
-    """'ml-aim-v1' | 'ml-aim-v2' | 'hf' | 'timm' (timm's names, CausalViT's too) of a state dict's keys; a
-    ValueError naming a few keys when none fits."""
+    """'ml-aim-v1' | 'ml-aim-v2' | 'hf' | 'timm' | 'aimkern' (a CausalViT state dict: timm's names and aimkern's
+    ``head.out``) of a state dict's keys; a ValueError naming a few keys when none fits."""
     keys = {k[len(LIT_PREFIX):] if k.startswith(LIT_PREFIX) else k for k in state}
     if "preprocessor.patchifier.proj.weight" in keys:
         return "ml-aim-v2" if any(k.endswith(".mlp.fc3.weight") for k in keys) else "ml-aim-v1"
     if {"embeddings.patch_embed.weight", "vision_model.embeddings.patch_embed.weight"} & keys:
         return "hf"
     if "patch_embed.proj.weight" in keys:
-        return "timm"
+        return "aimkern" if "head.out.weight" in keys else "timm"  # a CausalViT state dict has its head.out
     sample = sorted(keys)[:6]
     raise ValueError(f"src: unrecognized checkpoint layout (keys {sample}...); expected ml-aim v1/v2 "
                      "(preprocessor.patchifier.*), timm / aimkern (patch_embed.proj.*) or transformers "
@@ -74,7 +74,8 @@ def infer_config(state: Dict[str, torch.Tensor], layout: str, overrides: Optiona
     has_norm_bias = "blocks.0.norm1.bias" in state
     # RMSNorm in ml-aim v2 and transformers; in timm's layout a bias-free norm is timm's RmsNorm (its
     # LayerNorms always have a bias).
-    rms = layout in ("ml-aim-v2", "hf") or (layout == "timm" and not has_norm_bias)
+    rms = layout in ("ml-aim-v2", "hf") or (layout == "timm" and not has_norm_bias) or (
+        layout == "aimkern" and swiglu and not has_norm_bias)  # aimkern: a bias-free LayerNorm is possible
     aimv2_like = rms and swiglu
     norm_eps = 1e-5 if rms else 1e-6
     proj_bias = "blocks.0.attn.proj.bias" in state
@@ -100,8 +101,18 @@ def infer_config(state: Dict[str, torch.Tensor], layout: str, overrides: Optiona
     )
     if layout == "ml-aim-v1":  # AIMv1's pretraining head (never released: a fresh one)
         fields.update(head_depth=12, head_dim=2048)
+    if layout == "aimkern":
+        fields.update(_head_fields(state, patch * patch * in_chans))
     fields.update(overrides)
     return ViTConfig(**fields)
+
+
+def _head_fields(state: Dict[str, torch.Tensor], pixels: int) -> dict:
+    """The pretraining head of a CausalViT state dict: depth and width of its MLP blocks, pixel or token."""
+    depth = len({int(m.group(1)) for k in state for m in [re.match(r"head\.blocks\.(\d+)\.", k)] if m})
+    out_dim, width = state["head.out.weight"].shape
+    fields = dict(head_depth=depth, head_dim=width if depth else 0)
+    return dict(fields, head="pixel") if out_dim == pixels else dict(fields, head="token", vocab_size=out_dim)
 
 
 def matching_preset(config: ViTConfig) -> Optional[str]:
