@@ -43,7 +43,7 @@ def patch(model: nn.Module, *, is_causal: Optional[bool] = None, block_size: Opt
 
     Patching again updates the options of already patched modules. A ValueError when nothing was found.
     """
-    _check_options(bool(is_causal), 1 if block_size is None else block_size, prefix_len, backend)
+    _check_options(bool(is_causal), 1 if block_size is None else block_size, prefix_len, backend, "aimkern.patch")
     if is_causal is not None and not isinstance(is_causal, bool):
         raise TypeError(f"aimkern.patch: is_causal must be None or a bool, got {type(is_causal).__name__}")
     timm_classes = _timm_classes()
@@ -73,6 +73,9 @@ def patch(model: nn.Module, *, is_causal: Optional[bool] = None, block_size: Opt
             else:
                 continue
             swapped += 1
+    if swapped == 0 and (is_ml_aim_attention(model) or is_l3m_attention(model) or type(model) in timm_classes):
+        raise ValueError(f"aimkern.patch: model is itself a {type(model).__name__}; pass the model that holds it "
+                         "(attention modules are swapped in place, inside their parent)")
     if swapped == 0:
         raise ValueError(f"aimkern.patch: found no timm, ml-aim or ml-l3m attention module in {type(model).__name__} "
                          "(timm.layers.Attention, aim.v1.torch.layers.Attention / PrefixCausalAttention, "

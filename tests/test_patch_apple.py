@@ -184,12 +184,16 @@ def test_masks_without_an_aimkern_equivalent_are_refused(make, call, match):
 def test_bad_patch_arguments():
     with pytest.raises(ValueError, match="found no timm, ml-aim or ml-l3m attention"):
         aimkern.patch(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="pass the model that holds it"):
+        aimkern.patch(Attention(32, num_heads=2))
     with pytest.raises(ValueError, match="attn_drop"):
         aimkern.patch(Holder(GenericAttention(32, num_heads=2, attn_drop=0.1)))
     with pytest.raises(TypeError, match="is_causal must be None or a bool"):
         aimkern.patch(Holder(Attention(32, num_heads=2)), is_causal=1)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="aimkern.patch.*backend"):
         aimkern.patch(Holder(Attention(32, num_heads=2)), backend="cuda")
+    with pytest.raises(ValueError, match="aimkern.patch: prefix_len must be >= 0"):
+        aimkern.patch(Holder(Attention(32, num_heads=2)), prefix_len=-1)
 
 
 @settings(max_examples=60, deadline=None)
