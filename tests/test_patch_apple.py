@@ -221,3 +221,34 @@ def test_dense_masks_are_recognised_exactly(n, bs, data):
     except ValueError:
         return
     assert torch.equal(rebuild(opts), flipped)
+
+
+class TwoBlocks(nn.Module):
+    """A 2-block pre-norm host like ml-aim's Transformer: each block's attention takes the (B, N) prefix mask."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm_1": nn.LayerNorm(dim), "attn": PrefixCausalAttention(dim, num_heads=heads, num_patches=16),
+            "norm_2": nn.LayerNorm(dim), "mlp": nn.Linear(dim, dim)}) for _ in range(2))
+
+    def forward(self, x, mask):
+        for b in self.blocks:
+            x = x + b["attn"](b["norm_1"](x), mask=mask)
+            x = x + b["mlp"](b["norm_2"](x))
+        return x
+
+
+def test_a_patched_model_trains_like_the_unpatched_one():
+    torch.manual_seed(1)
+    host, twin = TwoBlocks(), TwoBlocks()
+    twin.load_state_dict(host.state_dict())
+    aimkern.patch(twin)
+    assert sum(isinstance(m, MlAimAttention) for m in twin.modules()) == 2
+    x = torch.randn(3, 16, 32)
+    mask = torch.arange(16)[None, :] >= torch.tensor([[1], [7], [16]])
+    for model in (host, twin):
+        model(x, mask).pow(2).sum().backward()
+    for (name, p), q in zip(host.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=5e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(twin(x, mask), host(x, mask), atol=2e-5, rtol=0)
