@@ -2,7 +2,9 @@
 
 Public API (docs/design.md explains the choices behind it): the fused ops ``attention``, ``patch_embed``,
 ``linear_cross_entropy`` and ``next_patch_pixel_loss`` (each with ``backend="auto" | "triton" | "reference"``),
-the model ``CausalViT`` with its ``ViTConfig`` and presets, and the modules in ``aimkern.nn``.
+the model ``CausalViT`` with its ``ViTConfig`` and presets (``CausalViT.from_checkpoint`` reads Apple's
+ml-aim, timm and transformers checkpoints), the modules in ``aimkern.nn``, and ``patch`` (``patch_timm``), which
+puts timm, ml-aim and ml-l3m models on aimkern's attention.
 
 The names are imported on first use (PEP 562), so ``import aimkern.train`` and ``python -m aimkern.train
 --help`` do not pay for torch, Triton and timm.
