@@ -72,9 +72,13 @@ def options_from_dense(mask: torch.Tensor, n: int, batch: int, where: str) -> Tu
     if bool((counts <= i).any()):
         raise ValueError(f"{where}: the mask hides a query from itself (a row that does not see its own key); "
                          "aimkern's masks always let a token see itself")
-    # A row that sees exactly keys [0, i] ends a causal block: i + 1 is a multiple of the block size.
-    ends = sorted({int(e) + 1 for e in torch.nonzero(counts == i + 1)[:, 1].tolist() if int(e) < n - 1})
-    candidates = _divisors(math.gcd(*ends)) if ends else [1]
+    # The counts change only where a new causal block starts (i a multiple of the block size), and a row that
+    # sees exactly keys [0, i] ends one (i + 1 a multiple): the block size divides all of them. The counts of a
+    # mask that is not full change at least once (the last row sees every key, the first one does not).
+    starts = torch.nonzero(counts[:, 1:] != counts[:, :-1])[:, 1] + 1
+    ends = torch.nonzero(counts[:, :-1] == i[:-1] + 1)[:, 1] + 1
+    multiples = sorted(set(starts.tolist()) | set(ends.tolist()))
+    candidates = _divisors(math.gcd(*multiples)) if multiples else [1]
     for bs in candidates:
         prefix = counts[:, 0]  # max(prefix, block_size): the same mask as the true prefix
         blocks = torch.clamp((i // bs + 1) * bs, max=n)
