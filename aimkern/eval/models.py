@@ -9,8 +9,8 @@ MODEL is one of:
   from ``--weights FILE``; ``--timm-kwargs`` passes model options); the baseline is a random init of the
   converted config.
 A plain state-dict file (no ``config`` inside) needs ``--preset``; a file in another layout (Apple's ml-aim,
-timm's AIMv2, transformers, ``.safetensors``) is read by ``CausalViT.from_checkpoint``, its config inferred. A ``--preset`` that disagrees with the
-checkpoint's is an error, as are weights whose shapes do not fit.
+transformers, any ``.safetensors``) is read by ``CausalViT.from_checkpoint``, its config inferred. A
+``--preset`` that disagrees with the checkpoint's is an error, as are weights whose shapes do not fit.
 """
 from __future__ import annotations
 
