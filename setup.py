@@ -34,7 +34,9 @@ setup(
         "bench": ["matplotlib"],
         # Hugging Face integration (aimkern.integrations.transformers: AttentionInterface, transformers 5.x);
         # CI installs it, the README's install line being ".[test,hf]".
-        "hf": ["transformers>=5.0"],
+        "hf": ["transformers>=5.0", "safetensors>=0.4"],
+        # .safetensors checkpoints (CausalViT.from_checkpoint / save_checkpoint) without transformers.
+        "safetensors": ["safetensors>=0.4"],
     },
     entry_points={"console_scripts": [
         "aimkern-train=aimkern.train.__main__:main",

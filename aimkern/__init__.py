@@ -2,7 +2,9 @@
 
 Public API (docs/design.md explains the choices behind it): the fused ops ``attention``, ``patch_embed``,
 ``linear_cross_entropy`` and ``next_patch_pixel_loss`` (each with ``backend="auto" | "triton" | "reference"``),
-the model ``CausalViT`` with its ``ViTConfig`` and presets, and the modules in ``aimkern.nn``.
+the model ``CausalViT`` with its ``ViTConfig`` and presets (``CausalViT.from_checkpoint`` reads Apple's
+ml-aim, timm and transformers checkpoints), the modules in ``aimkern.nn``, and ``patch`` (``patch_timm``), which
+puts timm, ml-aim and ml-l3m models on aimkern's attention.
 
 The names are imported on first use (PEP 562), so ``import aimkern.train`` and ``python -m aimkern.train
 --help`` do not pay for torch, Triton and timm.
@@ -29,6 +31,7 @@ _LAZY = {
     "reference": (".reference", None),
     "tokenizers": (".tokenizers", None),
     "patch_timm": (".integrations.timm", "patch_timm"),
+    "patch": (".patching", "patch"),  # a module named patch would shadow the function
 }
 
 __all__ = sorted(k for k in _LAZY if k not in ("tokenizers", "ops", "models", "integrations"))

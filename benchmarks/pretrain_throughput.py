@@ -80,9 +80,9 @@ class PlainAttention(nn.Module):
 class PlainBlock(nn.Module):
     def __init__(self, cfg: ViTConfig, mode: str):
         super().__init__()
-        self.norm1 = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+        self.norm1 = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.has_norm_bias)
         self.attn = PlainAttention(cfg, mode)
-        self.norm2 = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+        self.norm2 = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.has_norm_bias)
         self.mlp = make_mlp(cfg.mlp, cfg.dim, cfg.mlp_hidden_dim, bias=cfg.bias)
 
     def forward(self, x, mask):
@@ -94,7 +94,8 @@ class PlainPatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=cfg.has_patch_bias)
-        self.norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.bias) if cfg.patch_norm else nn.Identity()
+        norm_bias = cfg.has_norm_bias  # AIMv1: biases on the norms, not the linears
+        self.norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=norm_bias) if cfg.patch_norm else nn.Identity()
 
 
 class PlainViT(nn.Module):
@@ -111,12 +112,12 @@ class PlainViT(nn.Module):
         if cfg.pos_embed == "sincos":  # a fixed buffer in CausalViT: same values, no gradient
             self.pos_embed.requires_grad_(False)
         self.blocks = nn.ModuleList(PlainBlock(cfg, mode) for _ in range(cfg.depth))
-        self.norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+        self.norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.has_norm_bias)
         width = cfg.head_dim or cfg.dim
         self.head = PredictionHead(
             cfg.dim, cfg.patch_size**2 * cfg.in_chans, depth=cfg.head_depth, hidden_dim=width,
             make_block_mlp=lambda w: make_mlp(cfg.mlp, w, int(w * cfg.mlp_ratio), bias=cfg.bias),
-            make_norm=lambda w: make_norm(cfg.norm, w, eps=cfg.norm_eps, bias=cfg.bias), bias=cfg.bias,
+            make_norm=lambda w: make_norm(cfg.norm, w, eps=cfg.norm_eps, bias=cfg.has_norm_bias), bias=cfg.bias,
         )
 
     @classmethod

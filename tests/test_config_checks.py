@@ -19,11 +19,21 @@ def test_every_preset_is_valid():
     ("depth", True), ("num_heads", 0), ("block_size", 0), ("head_depth", -1), ("head_dim", -1), ("vocab_size", 1),
     ("is_causal", "yes"), ("prefix", 1), ("qkv_bias", None), ("bias", "no"), ("patch_norm", 0), ("norm_pix", "y"),
     ("patch_bias", "yes"), ("mlp_ratio", 0.0), ("mlp_ratio", float("nan")), ("norm_eps", -1e-6), ("norm", "batch"),
-    ("mlp", "relu"), ("pos_embed", "rope"), ("head", "mse"), ("backend", "cuda"),
+    ("mlp", "relu"), ("pos_embed", "rope"), ("head", "mse"), ("backend", "cuda"), ("norm_bias", "yes"),
 ])
 def test_config_refuses_a_bad_field_by_name(field, value):
     with pytest.raises(ValueError, match=f"ViTConfig: {field} "):
         ViTConfig.from_preset("vit-tiny", **{field: value})
+
+
+def test_norm_bias_is_separate_from_the_linear_bias():
+    cfg = ViTConfig.from_preset("vit-tiny", bias=False, norm_bias=True)  # AIMv1: biases on the norms only
+    assert cfg.has_norm_bias and not cfg.bias
+    model = CausalViT(cfg)
+    assert model.blocks[0].norm1.bias is not None and model.blocks[0].attn.proj.bias is None
+    assert not ViTConfig.from_preset("vit-tiny", norm_bias=False).has_norm_bias
+    with pytest.raises(ValueError, match="norm_bias=True needs norm='layernorm'"):
+        ViTConfig.from_preset("vit-tiny", norm="rmsnorm", norm_bias=True)
 
 
 def test_config_geometry_errors_name_the_fields():

@@ -29,6 +29,8 @@ examples:
   python -m aimkern.eval runs/vitb --train /data/imagenet/train --val /data/imagenet/val --batch-size 256
   torchrun --nproc-per-node 8 -m aimkern.eval runs/vitb --train T --val V     # extraction on 8 GPUs
   python -m aimkern.eval timm:aimv2_large_patch14_224 --train T --val V       # a timm model
+  python -m aimkern.eval --init aim_600m_backbone.pth --head aim_600m_head_best.pth --data /imagenet/val
+                                   # Apple's released AIM classifier (--init --help lists its options)
 """
 
 

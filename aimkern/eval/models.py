@@ -8,8 +8,9 @@ MODEL is one of:
 - ``timm:NAME``: a timm model converted by ``CausalViT.from_timm`` (weights from timm's pretrained hub, or
   from ``--weights FILE``; ``--timm-kwargs`` passes model options); the baseline is a random init of the
   converted config.
-A plain state-dict file (no ``config`` inside) needs ``--preset``. A ``--preset`` that disagrees with the
-checkpoint's is an error, as are weights whose shapes do not fit.
+A plain state-dict file (no ``config`` inside) needs ``--preset``; a file in another layout (Apple's ml-aim,
+transformers, any ``.safetensors``) is read by ``CausalViT.from_checkpoint``, its config inferred. A
+``--preset`` that disagrees with the checkpoint's is an error, as are weights whose shapes do not fit.
 """
 from __future__ import annotations
 
@@ -85,8 +86,21 @@ def _load_weights(model: CausalViT, state: dict, where: str) -> None:
     model.load_state_dict(trunk, strict=False)
 
 
+def _from_released(path: str, preset: Optional[str], backend: str, seed: Optional[int]) -> Trunk:
+    """Another layout's weights (Apple's ml-aim, timm, transformers; issue 18) through from_checkpoint."""
+    overrides = {"backend": backend} if preset else {"backend": backend, "head_depth": 0}  # the probes need no head
+    model = CausalViT.from_checkpoint(path, preset=preset, **overrides)
+    config = model.config
+    return Trunk(model.eval(), os.path.basename(path), lambda: seeded_init(config, seed or 0))
+
+
 def _from_checkpoint(path: str, preset: Optional[str], backend: str, seed: Optional[int]) -> Trunk:
+    if path.endswith(".safetensors"):
+        return _from_released(path, preset, backend, seed)
     state = ckpt.load(path)
+    if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()) and \
+            "blocks.0.attn.qkv.weight" not in state:  # not CausalViT's names: a released layout
+        return _from_released(path, preset, backend, seed)
     if isinstance(state, dict) and "model" in state and "config" in state:
         config = ViTConfig.from_dict({**state["config"], "backend": backend})
         run_args = state.get("args") or {}

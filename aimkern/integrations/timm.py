@@ -178,15 +178,15 @@ def _register_fx_leaf() -> None:
     register_notrace_module(TimmAttention)
 
 
-def _check_options(is_causal, block_size, prefix_len, backend) -> None:
-    AttentionParams(is_causal=is_causal, block_size=block_size).check("patch_timm")
+def _check_options(is_causal, block_size, prefix_len, backend, where: str = "patch_timm") -> None:
+    AttentionParams(is_causal=is_causal, block_size=block_size).check(where)
     if prefix_len is not None and (isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.Tensor))):
         raise TypeError(
-            f"patch_timm: prefix_len must be None, an int or a (B,) int tensor, got {type(prefix_len).__name__}"
+            f"{where}: prefix_len must be None, an int or a (B,) int tensor, got {type(prefix_len).__name__}"
         )
     if isinstance(prefix_len, int) and prefix_len < 0:
-        raise ValueError(f"patch_timm: prefix_len must be >= 0, got {prefix_len}")
-    check_backend_name(backend, "patch_timm")
+        raise ValueError(f"{where}: prefix_len must be >= 0, got {prefix_len}")
+    check_backend_name(backend, where)
 
 
 def patch_timm(

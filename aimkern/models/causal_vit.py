@@ -28,7 +28,7 @@ class CausalViT(nn.Module):
         if not isinstance(config, ViTConfig):
             raise TypeError(f"CausalViT: config must be a ViTConfig, got {type(config).__name__}")
         self.config = cfg = config
-        norm = partial(make_norm, cfg.norm, eps=cfg.norm_eps, bias=cfg.bias)
+        norm = partial(make_norm, cfg.norm, eps=cfg.norm_eps, bias=cfg.has_norm_bias)
 
         self.patch_embed = PatchEmbed(
             cfg.patch_size, cfg.in_chans, cfg.dim, bias=cfg.has_patch_bias,
@@ -173,6 +173,22 @@ class CausalViT(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, src, *, preset=None, strict: bool = True, **overrides) -> "CausalViT":
+        """Load a checkpoint file or state dict of any layout: Apple's ml-aim AIMv1 / AIMv2, timm, transformers'
+        ``Aimv2VisionModel`` or aimkern's own; the config is inferred from the shapes unless ``preset`` is
+        given. See ``aimkern.checkpoints.load.from_checkpoint``."""
+        from ..checkpoints import from_checkpoint
+
+        return from_checkpoint(src, preset=preset, strict=strict, **overrides)
+
+    def save_checkpoint(self, path, layout: str = "aimkern") -> str:
+        """Write this model as ``layout`` ("aimkern" | "timm" | "hf" | "ml-aim"); returns the file written. See
+        ``aimkern.checkpoints.load.save_checkpoint``."""
+        from ..checkpoints import save_checkpoint
+
+        return save_checkpoint(self, path, layout=layout)
+
     @classmethod
     def from_timm(cls, vit: nn.Module, **overrides) -> "CausalViT":
         """Convert timm's AIMv2 or class-token-free ViT, weights included (``aimkern.integrations.timm_convert``):

@@ -1,6 +1,7 @@
 """ViTConfig: one small dataclass describing a causal ViT, and the named presets."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
@@ -21,6 +22,7 @@ class ViTConfig:
     mlp: str = "gelu"  # "gelu" | "swiglu"
     qkv_bias: bool = True  # bias on the qkv projection
     bias: bool = True  # bias on every other linear (attention output, MLPs, heads) and the norms
+    norm_bias: Optional[bool] = None  # bias on the LayerNorms; None follows `bias` (AIMv1: norms only)
     patch_bias: Optional[bool] = None  # bias on the patch projection; None follows `bias` (AIMv2 has one)
     patch_norm: bool = False  # a norm right after the patch projection (AIMv2)
     pos_embed: str = "learned"  # "learned" | "sincos" (fixed 2-D sine-cosine, AIMv1 / MAE)
@@ -55,8 +57,9 @@ class ViTConfig:
         for name in ("qkv_bias", "bias", "patch_norm", "is_causal", "prefix", "norm_pix"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.patch_bias is not None and not isinstance(self.patch_bias, bool):
-            bad(f"patch_bias must be None or a bool, got {self.patch_bias!r}")
+        for name in ("patch_bias", "norm_bias"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be None or a bool, got {getattr(self, name)!r}")
         for name in ("mlp_ratio", "norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -82,12 +85,21 @@ class ViTConfig:
             bad(f"mlp_ratio={self.mlp_ratio} leaves no MLP width (int(dim * mlp_ratio) = {self.mlp_hidden_dim})")
         if self.pos_embed == "sincos" and self.dim % 4:
             bad(f"pos_embed='sincos' needs dim divisible by 4, got {self.dim}")
+        if self.norm == "rmsnorm" and self.norm_bias:
+            bad("norm_bias=True needs norm='layernorm' (RMSNorm has no bias)")
         if self.block_size >= self.num_patches:
             bad(f"block_size={self.block_size} leaves no next patch to predict among N={self.num_patches}")
 
     @property
     def has_patch_bias(self) -> bool:
         return self.bias if self.patch_bias is None else self.patch_bias
+
+    @property
+    def has_norm_bias(self) -> bool:
+        """Whether the norms carry a bias (never for RMSNorm)."""
+        if self.norm == "rmsnorm":
+            return False
+        return self.bias if self.norm_bias is None else self.norm_bias
 
     @property
     def grid_size(self) -> int:
@@ -125,15 +137,38 @@ def _vit(**kw) -> ViTConfig:
     return ViTConfig(**kw)
 
 
+def mlp_ratio_for(dim: int, hidden: int) -> float:
+    """The smallest float ratio with int(dim * ratio) == hidden (hidden / dim itself can round down by one)."""
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def _aim_v1(dim: int, depth: int, num_heads: int) -> ViTConfig:
-    # AIMv1 (El-Nouby et al., 2024): patch 14 at 224 px, no biases, sin-cos positions, prefix-causal
-    # pretraining, and an MLP-only pixel head of 12 residual blocks at width 2048.
+    # AIMv1 (El-Nouby et al., 2024), as Apple's ml-aim ``aim-v1/aim/v1/torch``: patch 14 at 224 px, a Conv2d
+    # patch projection with a bias followed by a LayerNorm, every LayerNorm with a bias (eps 1e-6), no bias
+    # on the linear layers, sin-cos positions computed (not stored), a final norm (ml-aim's post_trunk_norm);
+    # prefix-causal pretraining with an MLP-only pixel head of 12 residual blocks at width 2048.
     return ViTConfig(
         img_size=224, patch_size=14, dim=dim, depth=depth, num_heads=num_heads, qkv_bias=False, bias=False,
-        pos_embed="sincos", head_depth=12, head_dim=2048,
+        norm_bias=True, patch_bias=True, patch_norm=True, pos_embed="sincos", head_depth=12, head_dim=2048,
     )
 
 
+def _aim_v2(dim: int, hidden: int, num_heads: int, img_size: int = 224, pos_embed: str = "learned") -> ViTConfig:
+    # AIMv2 (Fini et al., 2024), as ml-aim's ``aim-v2/aim/v2/torch``: 24 blocks, patch 14, RMSNorm (eps 1e-5)
+    # after the patch projection (which has a bias) and in every block, SwiGLU, no other bias, learned
+    # positions (the native-resolution model: sin-cos), a final norm.
+    return ViTConfig(
+        img_size=img_size, patch_size=14, dim=dim, depth=24, num_heads=num_heads,
+        mlp_ratio=mlp_ratio_for(dim, hidden), norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", qkv_bias=False,
+        bias=False, patch_bias=True, patch_norm=True, pos_embed=pos_embed,
+    )
+
+
+# AIMv2 trunks by size: (dim, SwiGLU hidden width, heads).
+_AIM_V2_SIZES = {"large": (1024, 2816, 8), "huge": (1536, 4096, 12), "1b": (2048, 5632, 16), "3b": (3072, 8192, 24)}
 PRESETS = {
     # A toy for CPUs: 32 px images of 4 px patches (N = 64), trains in seconds.
     "vit-tiny": _vit(img_size=32, patch_size=4, dim=64, depth=4, num_heads=4),
@@ -145,10 +180,10 @@ PRESETS = {
     "aim-1b": _aim_v1(2048, 24, 16),
     "aim-3b": _aim_v1(3072, 24, 24),
     "aim-7b": _aim_v1(4096, 32, 32),
-    # AIMv2-L (Fini et al., 2024): RMSNorm, SwiGLU (hidden 2816), no biases but the patch projection's, a norm
-    # after the patch embed.
-    "aimv2-large": ViTConfig(
-        img_size=224, patch_size=14, dim=1024, depth=24, num_heads=8, mlp_ratio=2.75, norm="rmsnorm",
-        norm_eps=1e-5, mlp="swiglu", qkv_bias=False, bias=False, patch_bias=True, patch_norm=True,
-    ),
 }
+# AIMv2: aimv2-SIZE (224 px), aimv2-SIZE-336, aimv2-SIZE-448, and the native-resolution aimv2-large-native
+# (sin-cos positions; 224 px by default, any multiple of 14 through img_size=...).
+for _size, (_dim, _hidden, _heads) in _AIM_V2_SIZES.items():
+    for _img in (224, 336, 448):
+        PRESETS[f"aimv2-{_size}" + ("" if _img == 224 else f"-{_img}")] = _aim_v2(_dim, _hidden, _heads, _img)
+PRESETS["aimv2-large-native"] = _aim_v2(1024, 2816, 8, pos_embed="sincos")

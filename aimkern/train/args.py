@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from ..data.shards import is_shard_spec
 from ..argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from ..models.config import PRESETS, ViTConfig
-from . import resume
+from . import init_from, resume
 from .errors import PREEMPTED_EXIT_CODE
 
 DESCRIPTION = """\
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None,
                    help="run directory: run.json, metrics.jsonl, checkpoint-STEP.pt (checkpoint.pt links the "
                    "latest), summary.json (default: runs/PRESET)")
+    init_from.add_arguments(g)  # issue 18: --init CKPT
     g.add_argument("--resume", action="store_true",
                    help="continue exactly from OUT's latest readable checkpoint (model, optimizer, data position, "
                    "RNGs) with the run's own options (see 'resume' below)")
@@ -180,6 +181,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = given_options(argv)
+    init_from.check_args(parser, args, given)  # issue 18: --init CKPT (may set --preset)
     if args.out is None:
         args.out = os.path.join("runs", args.preset)
     if args.resume:

@@ -28,7 +28,7 @@ import torch
 
 from ..ops.pixel_loss import target_count
 from . import checkpoint as ckpt
-from . import resume
+from . import init_from, resume
 from .args import run_options
 from .bad_samples import BadSamples
 from .data import make_stream, mix_seed
@@ -212,6 +212,8 @@ def _train(args, env: DistEnv, guard: PreemptionGuard) -> dict:
         seed_everything(args.seed)  # fitting may draw random numbers: initialize as a pixel run would
     core = build_model(args.preset, img_size=args.img_size, objective=args.objective, vocab_size=vocab_size,
                        backend=args.backend).to(env.device)
+    if state is None:
+        init_from.apply(core, args, lambda m: _say(m, env))  # issue 18: --init CKPT (a new run only)
     cfg = core.config
     if args.checkpointing:
         enable_activation_checkpointing(core)
