@@ -62,8 +62,9 @@ def band(n: int) -> str:
 # (benchmarks/kernel_report.py): no spill, and wgmma on sm_90a, which needs 64-row accumulator slabs: a
 # 32-row BLOCK_M (fwd) or BLOCK_N (bwd) falls back to mma.sync, so such entries were dropped.
 FWD_TABLE = {
-    (64, False, "short"): [(64, 64, 4, 3), (128, 64, 4, 3)],
-    (64, False, "long"): [(128, 64, 4, 3), (128, 128, 8, 3)],
+    # 128 x 64 runs 8 warps: on 4 it spills 8-56 B beside the forward's key-tail loop (sm_90a and sm_80).
+    (64, False, "short"): [(64, 64, 4, 3), (128, 64, 8, 3)],
+    (64, False, "long"): [(128, 64, 8, 3), (128, 128, 8, 3)],
     (128, False, "short"): [(64, 64, 4, 3), (128, 64, 8, 3)],
     (128, False, "long"): [(128, 64, 8, 3), (128, 32, 8, 3)],
     (256, False, None): [(64, 32, 8, 2), (64, 16, 4, 2)],
@@ -88,8 +89,10 @@ BWD_TABLE = {  # tiled backward: BLOCK_N key rows hold the fp32 dK, dV accumulat
 FWD_TABLE_SM80 = {  # Hopper's 64 x 64 and 128 x 64 tiles at D = 128 spill 8-20 B on sm_80
     (128, False, None): [(64, 32, 4, 3), (128, 32, 8, 2)],
 }
-BWD_TABLE_SM80 = {  # Hopper's 64 x 64 on 4 warps spills 32-40 B on sm_80
-    (64, False, None): [(64, 128, 8, 3), (32, 64, 4, 2)],
+BWD_TABLE_SM80 = {  # sm_80 computes the dQ share query-major (DQ_KEY_MAJOR off: K^T at D = 256 spilled 27 KB);
+    # Hopper's 64 x 128 on 8 warps spills 16-32 B here
+    (64, False, None): [(32, 128, 8, 3), (32, 64, 4, 2)],
+    (256, False, None): [(16, 64, 8, 2)],
 }
 TABLES = {90: {"fwd": FWD_TABLE, "bwd": BWD_TABLE}, 80: {"fwd": FWD_TABLE_SM80, "bwd": BWD_TABLE_SM80}}
 
@@ -150,26 +153,29 @@ KEY_TAIL_QUANTUM = 64
 KEY_TAIL_MAX = 32
 
 
-def key_tail(n: int) -> tuple:
+def key_tail(n: int, head_dim: int) -> tuple:
     """(K_END, KEY_TILE) of the tiled backward: keys [K_END, n) go to the key-tail kernel in one tile of
-    KEY_TILE (16 or 32) keys; KEY_TILE 0 (and K_END == n) when there is no tail."""
+    KEY_TILE (16 or 32) keys; KEY_TILE 0 (and K_END == n) when there is no tail. Not at D = 256, where the
+    kernel's 64 x 256 dQ share spills (676 B on sm_90a)."""
     k_end = (n // KEY_TAIL_QUANTUM) * KEY_TAIL_QUANTUM
     rest = n - k_end
-    if k_end == 0 or rest == 0 or rest > KEY_TAIL_MAX:
+    if k_end == 0 or rest == 0 or rest > KEY_TAIL_MAX or block_d(head_dim) > 128:
         return n, 0
     return k_end, max(16, triton.next_power_of_2(rest))
 
 
 @functools.lru_cache(maxsize=None)
-def _key_tail_choice(bd: int, fp32: bool, key_tile: int) -> Choice:
-    block_m = 32 if fp32 else 64  # 64 query rows: wgmma's slab height for S, dP and the dQ share
+def _key_tail_choice(bd: int, fp32: bool, key_tile: int, arch: int) -> Choice:
+    # 64 query rows: wgmma's slab height for S, dP and the dQ share. sm_80 (mma.sync, accumulators in
+    # registers) spills 2-9 KB with them at D = 128: 16 rows there.
+    block_m = 32 if fp32 else (64 if arch >= 90 or bd <= 64 else 16)
     return Choice(attn_bwd_key_tail_kernel, (cfg(4, 2, BLOCK_M=block_m, KEY_TILE=key_tile),),
                   cfg(4, 1, BLOCK_M=16, KEY_TILE=key_tile))
 
 
-def backward_key_tail(head_dim: int, fp32: bool, key_tile: int) -> Choice:
+def backward_key_tail(head_dim: int, fp32: bool, key_tile: int, arch: int = 90) -> Choice:
     """attn_bwd_key_tail_kernel; grid (B * H,)."""
-    return _key_tail_choice(block_d(head_dim), fp32, key_tile)
+    return _key_tail_choice(block_d(head_dim), fp32, key_tile, arch)
 
 
 def backward_tiled(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:

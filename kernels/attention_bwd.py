@@ -48,7 +48,7 @@ def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
                   last_tile, sem_first, offs_n, offs_d, sqn, sqd, sdn, sdd, n, prefix, block_size, qk_scale,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
-                  DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  DETERMINISTIC: tl.constexpr, DQ_KEY_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK, dV of one key tile over query tiles [lo, hi), and each query tile's dQ share (5 dots a tile).
 
     Key-major ("transposed") form: every dot has BLOCK_N key rows or BLOCK_D rows, so all run on wgmma.
@@ -73,9 +73,14 @@ def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
-        dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_M): dQ^T share
-        dq_ptrs = dq_base + offs_m[None, :] * HEAD_D + offs_d[:, None]
-        dq_ok = (offs_m[None, :] < n) & (offs_d[:, None] < HEAD_D)
+        if DQ_KEY_MAJOR:  # dQ^T = K^T dS^T: BLOCK_D rows, a wgmma slab however narrow the query tile
+            dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION)  # (BLOCK_D, BLOCK_M)
+            dq_ptrs = dq_base + offs_m[None, :] * HEAD_D + offs_d[:, None]
+            dq_ok = (offs_m[None, :] < n) & (offs_d[:, None] < HEAD_D)
+        else:  # dQ = dS K (sm_80: mma.sync takes operands from registers, and K^T at D = 256 spills)
+            dq_t = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
+            dq_ptrs = dq_base + offs_m[:, None] * HEAD_D + offs_d[None, :]
+            dq_ok = (offs_m[:, None] < n) & (offs_d[None, :] < HEAD_D)
         if DETERMINISTIC:
             # Key tiles [0, n_max] add into query tile m; the higher ones have gone first.
             m0 = start_m
@@ -101,7 +106,7 @@ def attn_bwd_tiled_kernel(
     H, N, K_END, N_BUCKET, block_size, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DQ_KEY_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (key tile, batch * head), the highest key tile first: dK, dV of BLOCK_N keys written
     once, dQ shares accumulated in DQ_ACC (B * H, N, HEAD_D) fp32 (zeroed by the launcher; SEM (B * H,
@@ -145,17 +150,17 @@ def attn_bwd_tiled_kernel(
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_lo, m_full,
                            n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
                            HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC,
-                           DOT_PRECISION)
+                           DQ_KEY_MAJOR, DOT_PRECISION)
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_full,
                            m_split, n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
                            HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DETERMINISTIC,
-                           DOT_PRECISION)
+                           DQ_KEY_MAJOR, DOT_PRECISION)
     # Tail query tiles: semaphores after the m_split // BLOCK_M main ones (start_m // QUERY_TAIL counts from
     # 0, so subtract the m_split // QUERY_TAIL tail-sized slots it would skip).
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, t_lo, N,
                            n_tile, last_tile, m_split // BLOCK_M - m_split // QUERY_TAIL, offs_n, offs_d, sqn, sqd, sdn, sdd,
                            N, prefix, block_size, qk_scale, HEAD_D, BLOCK_D, QUERY_TAIL, BLOCK_N, IS_CAUSAL,
-                           HAS_PREFIX, True, DETERMINISTIC, DOT_PRECISION)
+                           HAS_PREFIX, True, DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
     store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, K_END, offs_d,
                skgn, skgd, HEAD_D)
     store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, K_END, offs_d, svgn, svgd, HEAD_D)

@@ -165,11 +165,11 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
     choice = kern.backward_tiled(d, fp32, n, table_arch(q.device))
     dq_acc = torch.zeros((b * h, n, d), device=q.device, dtype=torch.float32)
     sem = torch.zeros((b * h, cdiv(n, kern.BWD_QUERY_TAIL)), device=q.device, dtype=torch.int32)  # >= tiles
-    k_end, key_tile = kern.key_tail(n)
+    k_end, key_tile = kern.key_tail(n, d)
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride())
     if key_tile:  # the last keys first, in one narrow tile: their dQ shares land before the tiled kernel's
         launch(
-            kern.backward_key_tail(d, fp32, key_tile), lambda META: (b * h,),
+            kern.backward_key_tail(d, fp32, key_tile, table_arch(q.device)), lambda META: (b * h,),
             (q, k, v, do, lse, delta, dk, dv, dq_acc, prefix, *in_strides, h, n, k_end, block_size,
              scale * _LOG2E, scale),
             **common,
@@ -178,7 +178,7 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
         choice, lambda META: (cdiv(k_end, META["BLOCK_N"]), b * h),
         (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, _bucket(n), block_size,
          scale * _LOG2E, scale),
-        DETERMINISTIC=deterministic, **common,
+        DETERMINISTIC=deterministic, DQ_KEY_MAJOR=table_arch(q.device) >= 90, **common,
     )
     dq.copy_(dq_acc.view(b, h, n, d).mul_(scale))  # one pass: scale and cast into dq's strides
     return dq, dk, dv
