@@ -43,20 +43,19 @@ BUDGETS = {
 # yet, each explained in benchmarks/RESULTS.md. The allowance is the measured value (rounded up by at most
 # 0.01), so any further growth still fails; remove an entry as soon as the kernels meet the budget.
 _N196 = "B=256 N=196 D=64"
-_PAD_196 = ("N = 196 = 3 x 64 + 4: the 64-row query and key tiles pad the head to 256 on both sides (no tail "
-            "tiles yet); at N = 256 the same kernels meet the budget")
+_DIAG_196 = ("N = 196 with 64-row wgmma tiles: the three 64 x 64 diagonal blocks waste about half each (~6,000 of "
+             "the 19,306 causal pairs) whatever the tiling, and the block-causal rows (block 14) do not align "
+             "with 64; N = 256 meets the budget with the same kernels")
 _BYTES_SHORT = ("at N = 193..256 the fused one-program-per-head backward needs 4 key tiles of 64, which spill "
                 "280 B (compile gate), so the default is the tiled backward: q, do re-read by every key tile "
                 "that sees them and dQ shares added through fp32 atomics (mostly L2 traffic)")
 EXCEPTIONS: dict = {
-    **{("attention forward, full attention, every N", _N196, "full"): (1.71, _PAD_196)},
-    **{("attention forward, causal / block-causal / prefix, N <= 256", _N196, m): (x, _PAD_196)
-       for m, x in (("causal", 2.13), ("prefix", 1.88), ("block", 2.59))},
-    **{("attention backward (default path), N <= 256", _N196, m): (x, _PAD_196)
-       for m, x in (("full", 1.71), ("causal", 2.13), ("prefix", 1.88), ("block", 2.59))},
+    ("attention forward, causal / block-causal / prefix, N <= 256", _N196, "block"): (1.35, _DIAG_196),
+    **{("attention backward (default path), N <= 256", _N196, m): (x, _DIAG_196)
+       for m, x in (("causal", 1.58), ("prefix", 1.44), ("block", 1.93))},
     **{("short-N backward (default path), global-memory bytes requested", shape, m): (x, _BYTES_SHORT)
-       for shape, vals in (("B=256 N=256 D=64", (("full", 3.78), ("causal", 2.65), ("prefix", 2.84), ("block", 2.65))),
-                           (_N196, (("full", 3.78), ("causal", 2.30), ("prefix", 2.55), ("block", 3.04))))
+       for shape, vals in (("B=256 N=256 D=64", (("full", 3.78), ("causal", 2.64), ("prefix", 2.83), ("block", 2.64))),
+                           (_N196, (("full", 4.03), ("causal", 2.55), ("prefix", 2.80), ("block", 3.29))))
        for m, x in vals},
 }
 
