@@ -15,7 +15,8 @@ import torch
 from aimkern import CausalViT
 from aimkern.train import build_parser, parse_args, train
 from aimkern.train import checkpoint as ckpt
-from aimkern.train.data import SampleOrder, make_stream
+from aimkern.data.sampling import SampleOrder
+from aimkern.data.sources import make_stream
 from aimkern.train.model import enable_activation_checkpointing
 from aimkern.train.schedule import WarmupCosine, param_groups
 from conftest import requires_cuda

@@ -92,7 +92,7 @@ def test_finished_run_resumed_only_does_what_was_asked(tmp_path, monkeypatch):
     import aimkern.train.loop as loop
 
     fake_probe = {"probe_pretrained": 0.5, "probe_random_init": 0.25}
-    monkeypatch.setattr(loop, "_probe", lambda args, env, model_sd: fake_probe)
+    monkeypatch.setattr(loop, "probe", lambda args, env, model_sd, say: fake_probe)
     again, after = run(tmp_path, "--resume", "--probe", steps=3)
     assert after == before  # nothing trained, the metrics untouched
     with open(tmp_path / "summary.json") as f:
@@ -175,16 +175,16 @@ def test_sigterm_saves_and_resume_equals_the_uninterrupted_run(tmp_path):
 
 
 def test_sigusr1_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
-    import aimkern.train.loop as loop
+    import aimkern.train.step as step_module
 
-    real = loop.step_prefix
+    real = step_module.step_prefix
 
-    def prefix_then_signal(model, step, *a, **k):
+    def prefix_then_signal(run, step):
         if step == 1:
             os.kill(os.getpid(), signal.SIGUSR1)  # arrives mid-step: the step still finishes
-        return real(model, step, *a, **k)
+        return real(run, step)
 
-    monkeypatch.setattr(loop, "step_prefix", prefix_then_signal)
+    monkeypatch.setattr(step_module, "step_prefix", prefix_then_signal)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, steps=5)
     assert e.value.code == PREEMPTED_EXIT_CODE and ckpt.load(ckpt.checkpoint_path(tmp_path))["step"] == 2
@@ -215,9 +215,13 @@ def test_corrupt_image_is_skipped_counted_and_resume_stays_exact(tmp_path, folde
     data = ["--data", folder_with_a_corrupt_image, "--workers", 0, "--max-bad-samples", 1]
     summary, straight = run(tmp_path / "straight", *data, steps=3)
     broken = str(folder_with_a_corrupt_image / "b" / "broken.png")
-    assert summary["bad_files"] == [broken] and summary["bad_samples"] >= 1
+    (record,) = summary["bad_files"]  # one record type: sample, error class, message
+    assert record["sample"] == broken and record["error"] == "UnidentifiedImageError" and "broken.png" in record["message"]
+    assert summary["bad_samples"] >= 1
     assert straight[3]["bad_samples"] == summary["bad_samples"] and straight[3]["bad_files"] == 1
-    assert f"skipped unreadable sample {broken}" in capsys.readouterr().out
+    assert [r for line in straight.values() for r in line["new_bad"]] == [record]  # listed once, when first met
+    err = capsys.readouterr().err
+    assert f"skipped bad sample {broken} at step" in err and "UnidentifiedImageError" in err
     run(tmp_path / "resumed", *data, "--stop-at", 1, steps=3)
     resumed_summary, resumed = run(tmp_path / "resumed", *data, "--resume", steps=3)
     assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in straight.items()}
@@ -225,7 +229,7 @@ def test_corrupt_image_is_skipped_counted_and_resume_stays_exact(tmp_path, folde
 
 
 def test_mostly_broken_data_stops_the_run(tmp_path, folder_with_a_corrupt_image, capsys):
-    with pytest.raises(BadDataError, match="1 of 9 files are unreadable.*--max-bad-samples 0.001") as stop:
+    with pytest.raises(BadDataError, match="1 of 9 samples are unreadable.*--max-bad-samples 0.001") as stop:
         run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, steps=3)  # default: 1 in 1000
     # The work is kept: a checkpoint at the stop, from which a raised bound continues (not a restart).
     (stopped_at,) = [s for s, _ in ckpt.step_files(tmp_path)]
