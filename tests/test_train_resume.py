@@ -123,6 +123,26 @@ def test_cli_resume_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("python -m aimkern.train: error: ")
 
 
+def without_wall_clock(lines: dict) -> dict:
+    from aimkern.train.metering import WALL_CLOCK
+
+    return {step: {k: v for k, v in r.items() if k not in WALL_CLOCK} for step, r in lines.items()}
+
+
+def test_resumed_log_lines_equal_the_uninterrupted_runs(tmp_path):
+    """Every metrics.jsonl line of a run stopped between log steps and resumed equals the uninterrupted run's
+    line, wall-clock fields aside: the checkpoint carries the open loss window (steps 4 and 5 here)."""
+    cadence = ["--log-every", 3, "--save-every", 2]
+    _, straight = run(tmp_path / "straight", *cadence, steps=9)
+    assert sorted(straight) == [3, 6, 9]
+    _, stopped = run(tmp_path / "resumed", *cadence, "--stop-at", 5, steps=9)
+    assert sorted(stopped) == [3]  # a stop writes no line of its own
+    _, resumed = run(tmp_path / "resumed", *cadence, "--resume", steps=9)
+    assert without_wall_clock(resumed) == without_wall_clock(straight)
+    assert resumed[6]["loss"] == straight[6]["loss"]  # bit for bit, though steps 4-5 ran in another process
+    assert set(straight[6]) - set(without_wall_clock(straight)[6]) == {"img_per_s", "elapsed_s"}
+
+
 # ------------------------------------------------------------------------------------------------------
 # checkpoints: the last --keep, fallback on a corrupt latest
 def test_keeps_the_last_checkpoints_and_falls_back_on_a_corrupt_one(tmp_path, capsys):
