@@ -104,6 +104,26 @@ def test_stream_is_a_function_of_position_and_ranks_split_the_global_batch():
     assert sorted(order.indices(torch.arange(10, 20)).tolist()) == list(range(10))
 
 
+def test_the_public_step_is_the_trainers_step(tmp_path, baseline):
+    """build_run + train_step over the run's stream take the very steps python -m aimkern.train logs."""
+    from aimkern.train import build_run, train_step
+
+    args = parse_args([*TINY, "--steps", "3", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trainer runs on the CPU
+    try:
+        run = build_run(args)
+        cfg = run.core.config
+        stream = iter(make_stream("digits", img_size=cfg.img_size, in_chans=cfg.in_chans, global_batch=8, rank=0,
+                                  world=1, seed=0, start=0, device=torch.device("cpu")))
+        outs = [train_step(run, next(stream), step) for step in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert [out.loss.item() for out in outs] == [baseline[s] for s in (1, 2, 3)]
+    assert outs[0].targets > 0 and outs[1].lr > outs[0].lr > 0 and float(outs[0].grad_norm) > 0
+    assert not os.listdir(tmp_path)  # building and stepping a run writes nothing
+
+
 # ------------------------------------------------------------------------------------------------------
 def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path):
     _, straight = run(tmp_path / "a", steps=6)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator
 
 from ..data.sources import BatchStream, make_stream
 from ..distributed import DistEnv
