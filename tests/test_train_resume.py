@@ -255,9 +255,13 @@ def test_mostly_broken_data_stops_the_run(tmp_path, folder_with_a_corrupt_image,
     (stopped_at,) = [s for s, _ in ckpt.step_files(tmp_path)]
     assert "checkpoint" in str(stop.value) and stopped_at < 3
     capsys.readouterr()
-    run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, "--resume", "--max-bad-samples", 1, steps=3)
+    _, resumed = run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, "--resume",
+                     "--max-bad-samples", 1, steps=3)
     assert f"at step {stopped_at}" in capsys.readouterr().out  # resumed, not restarted
     assert ckpt.load(ckpt.checkpoint_path(tmp_path))["step"] == 3
+    _, straight = run(tmp_path / "straight", "--data", folder_with_a_corrupt_image, "--workers", 0,
+                      "--max-bad-samples", 1, steps=3)
+    assert without_wall_clock(resumed) == without_wall_clock(straight)  # the stop's own line was written
 
 
 def test_fallback_sets_the_unreadable_checkpoint_aside(tmp_path, capsys):

@@ -85,9 +85,8 @@ def _train(args, env: DistEnv, guard: PreemptionGuard) -> dict:
     return summary
 
 
-def _check_bad(s: Session, done: int) -> None:
-    """Collective: merge the ranks' bad samples; past --max-bad-samples, save (keeping the work) and stop."""
-    s.bad.sync(s.run.env, s.console.warn, done)
+def _enforce_bad(s: Session, done: int) -> None:
+    """Past --max-bad-samples (merged over the ranks at this step): save, keeping the work, and stop."""
     try:
         s.bad.check(done)
     except BadDataError as stop:  # fix the data or raise the bound, then --resume
@@ -97,12 +96,13 @@ def _check_bad(s: Session, done: int) -> None:
 
 
 def _log(s: Session, done: int, intervals: list) -> float:
-    """A log step: the window's loss over all ranks, checks, one metrics.jsonl line; returns the loss."""
+    """A log step: the window's loss over all ranks, one metrics.jsonl line, then the checks; returns the loss.
+    The line is written before --max-bad-samples can stop the run, so a resumed run does not miss it."""
     mean_loss, last = s.window.mean(s.run.env), s.window.last
     if not np.isfinite(mean_loss):
         raise DivergedError(f"the loss is {mean_loss} at step {done} (lr {last.lr:.3g}); lower --lr or check "
                             "the data, then --resume from the last checkpoint")
-    _check_bad(s, done)
+    s.bad.sync(s.run.env, s.console.warn, done)
     images, seconds = s.window.images_per_second(done, s.run.args.batch_size)
     grad_norm = last.grad_norm.full_tensor() if hasattr(last.grad_norm, "full_tensor") else last.grad_norm
     s.metrics.write({
@@ -113,10 +113,12 @@ def _log(s: Session, done: int, intervals: list) -> float:
     intervals.append((images, seconds))
     s.console.show(loss=f"{mean_loss:.4f}", img_s=f"{images / seconds:.0f}", lr=f"{last.lr:.2e}")
     s.window.restart(done)
+    _enforce_bad(s, done)
     return mean_loss
 
 
 def _save(s: Session, done: int) -> tuple:
-    _check_bad(s, done)
+    s.bad.sync(s.run.env, s.console.warn, done)
+    _enforce_bad(s, done)
     return save_checkpoint(s.run, step=done, samples_seen=s.samples_seen, bad=s.bad, window=s.window,
                            say=s.console.warn)
