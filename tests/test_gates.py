@@ -21,7 +21,7 @@ PY = sys.executable
 
 GATES = {  # name: (command, seconds allowed)
     "compile gate, sm_90a + sm_80": ([PY, "benchmarks/kernel_report.py", "--quiet"], 2400),
-    "compile gate on Triton 3.6 (the GPU machine's), sm_90a": (["bash", "benchmarks/compile_gate_triton36.sh"], 2400),
+    "compile gate on Triton 3.6, sm_90a": (["bash", "benchmarks/compile_gate_triton36.sh"], 2400),
 }
 
 

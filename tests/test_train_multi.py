@@ -124,7 +124,7 @@ def test_sigterm_to_the_whole_torchrun_job_stops_every_rank_at_one_step_and_resu
 
 # ------------------------------------------------------------------------------------------------------
 @requires_cuda
-def test_the_step_loop_makes_no_device_sync_between_log_steps(tmp_path):
+def test_cuda_step_loop_makes_no_device_sync_between_log_steps(tmp_path):
     from aimkern.distributed import setup
     from aimkern.train import parse_args
     from aimkern.train.loop import advance
