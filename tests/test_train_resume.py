@@ -276,3 +276,27 @@ def test_fallback_sets_the_unreadable_checkpoint_aside(tmp_path, capsys):
     assert f"kept the unreadable checkpoint as {ckpt.step_path(out, 6)}.unreadable" in capsys.readouterr().out
     assert [s for s, _ in ckpt.step_files(out)] == [4, 8]  # without the rename: [6 (unreadable), 8]
     assert os.path.isfile(f"{ckpt.step_path(out, 6)}.unreadable")
+
+
+def test_bad_sample_state_round_trips_and_reads_the_old_format():
+    from aimkern.data.bad import BadRecord
+    from aimkern.distributed import DistEnv
+    from aimkern.train.bad_samples import BadSamples
+
+    bad, said = BadSamples(5, 100), []
+    bad.add([BadRecord("a.jpg", "OSError", "cut"), BadRecord("a.jpg", "OSError", "cut"), BadRecord("b.png", "E", "m")])
+    bad.sync(DistEnv(), said.append, step=7)
+    assert bad.reads == 3 and len(said) == 2 and "a.jpg at step 7: OSError: cut" in said[0]
+    assert bad.since(6) == [{"sample": "a.jpg", "error": "OSError", "message": "cut"},
+                            {"sample": "b.png", "error": "E", "message": "m"}] and bad.since(7) == []
+    again = BadSamples(5, 100)
+    again.load_state_dict(bad.state_dict())
+    assert again.records() == bad.records() and again.reads == 3 and again.since(6) == bad.since(6)
+    old = BadSamples(5, 100)  # a checkpoint written before BadRecord: {path: "Error: message"}
+    old.load_state_dict({"paths": {"c.jpg": "UnidentifiedImageError: cannot identify"}, "reads": 2})
+    assert old.records() == [{"sample": "c.jpg", "error": "UnidentifiedImageError", "message": "cannot identify"}]
+    bounded = BadSamples(1, 100)  # at most 1 bad sample, 2 met
+    bounded.load_state_dict(bad.state_dict())
+    with pytest.raises(BadDataError, match="2 of 100 samples are unreadable by step 9"):
+        bounded.check(9)
+    bad.check(9)  # within its bound of 5
