@@ -284,7 +284,8 @@ def test_bad_sample_state_round_trips_and_reads_the_old_format():
     from aimkern.train.bad_samples import BadSamples
 
     bad, said = BadSamples(5, 100), []
-    bad.add([BadRecord("a.jpg", "OSError", "cut"), BadRecord("a.jpg", "OSError", "cut"), BadRecord("b.png", "E", "m")])
+    cut = BadRecord("a.jpg", "OSError", "cut")
+    bad.add([cut, cut, BadRecord("b.png", "E", "m")])  # a.jpg read twice
     bad.sync(DistEnv(), said.append, step=7)
     assert bad.reads == 3 and len(said) == 2 and "a.jpg at step 7: OSError: cut" in said[0]
     assert bad.since(6) == [{"sample": "a.jpg", "error": "OSError", "message": "cut"},
