@@ -2,7 +2,13 @@
 
     python benchmarks/pretrain_throughput.py [--quick] [--models vit-b16,aim-600m] [--variants ...]
 
-Workloads (bf16 autocast, fp32 master weights, fused AdamW; one step = forward, backward, optimizer step):
+Every variant is timed through the trainer's own step, ``aimkern.train.train_step`` (built by
+``aimkern.train.build_run``): AIM's prefix from the model's ``sample_prefix_len``, bf16 autocast, forward,
+backward, global-norm clipping at 1.0, AdamW (0.9, 0.95; fused on CUDA; weight decay 0.05 on matrices) and the
+warmup + cosine schedule, as ``python -m aimkern.train`` runs it; only the model differs. Its figures are the
+trainer's figures.
+
+Workloads (fp32 master weights):
 - vit-b16, batch 256, 224 px (N = 196), token-causal attention, linear pixel head.
 - aim-600m, batch 64, 224 px (N = 256), AIM's prefix-causal attention (a prefix per image), its 12-block MLP
   pixel head at width 2048.
@@ -16,13 +22,15 @@ ceiling measured in the same run, peak memory (parameters, optimizer state and a
 the first (compiling) step. Table on stdout, JSON and PNG under $AIMKERN_BENCH_OUT or benchmarks/out/.
 
 Without CUDA nothing is timed: a small CPU check shows that the plain twin computes the same loss and
-gradients as aimkern's CausalViT (reference ops, and Triton's interpreter where the kernels have landed)
-and that the FLOP formula agrees with torch's FLOP counter.
+gradients as aimkern's CausalViT (reference ops, and Triton's interpreter where the kernels have landed),
+that the trainer's step gives both the same loss and gradient norm, and that the FLOP formula agrees with
+torch's FLOP counter.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import sys
 import time
@@ -40,6 +48,9 @@ import torch.nn.functional as F  # noqa: E402
 from common import has_cuda, no_cuda_notice, time_ms, write_report  # noqa: E402
 
 from aimkern import CausalViT, ViTConfig  # noqa: E402
+from aimkern.distributed import DistEnv  # noqa: E402
+from aimkern.train import parse_args  # noqa: E402
+from aimkern.train.step import build_run, step_prefix, train_step  # the trainer's step, timed as is  # noqa: E402
 from aimkern.nn import PredictionHead, make_mlp, make_norm  # plain nn.Linear and norms: no aimkern op  # noqa: E402
 from aimkern.reference.attention import attention_mask  # noqa: E402
 from aimkern.reference.pixel_loss import next_patch_pixel_loss_reference  # noqa: E402
@@ -51,6 +62,8 @@ WORKLOADS = {
 }
 DEVICE = "cuda"
 VARIANTS = ("aimkern", "aimkern+compile", "plain", "plain+compile", "plain-flex+compile")
+TIMED_STEP = ("timed step: aimkern.train.train_step, the trainer's (prefix from the model's sample_prefix_len, bf16 "
+              "autocast, forward, backward, clip 1.0, fused AdamW, warmup + cosine); only the model differs")
 QUICK_VARIANTS = {"vit-b16": ("aimkern", "plain+compile"), "aim-600m": ("aimkern", "plain-flex+compile")}
 
 
@@ -129,6 +142,11 @@ class PlainViT(nn.Module):
         plain.load_state_dict(state)
         return plain
 
+    @torch.compiler.disable
+    def _eager_mask(self, batch: int, prefix_len: Optional[torch.Tensor]):
+        """``make_mask`` outside torch.compile's graph (as a training loop builds it, then calls the model)."""
+        return self.make_mask(batch, prefix_len)
+
     def make_mask(self, batch: int, prefix_len: Optional[torch.Tensor]):
         """The attention mask the mode needs for this batch (built per step: prefixes change every step)."""
         n, cfg = self.config.num_patches, self.config
@@ -147,8 +165,13 @@ class PlainViT(nn.Module):
 
         return create_block_mask(visible, batch, None, n, n, device=self.pos_embed.device)
 
-    def forward(self, images, prefix_len=None, mask=None):
+    # AIM's prefix sampling, CausalViT's own: the trainer's step asks the model for its prefixes
+    sample_prefix_len = CausalViT.sample_prefix_len
+
+    def forward(self, images, prefix_len=None, targets=None):
+        """CausalViT's training signature: the next-patch pixel loss (the mask is built here, every call)."""
         cfg = self.config
+        mask = self._eager_mask(images.shape[0], prefix_len)
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
         x = self.patch_embed.norm(x) + self.pos_embed.to(x.dtype)
         for block in self.blocks:
@@ -193,44 +216,38 @@ def matmul_ceiling_tflops() -> float:
     return 2 * 8192**3 / (ms * 1e-3) / 1e12
 
 
-def build(variant: str, name: str):
+def trainer_args(preset: str, batch: int, device: str, compiled: bool = False):
+    """The trainer's options for a timed run: its defaults (AIM's recipe), a schedule longer than any timing."""
+    argv = ["--preset", preset, "--batch-size", str(batch), "--steps", "1000000", "--device", device,
+            "--data", "synthetic", "--no-progress"]
+    return parse_args(argv + (["--compile"] if compiled else []))
+
+
+def build(variant: str, name: str, device: str = DEVICE):
+    """(the trainer's Run for this variant's model, a batch of images): aimkern's CausalViT or its plain twin."""
     preset, batch, overrides = WORKLOADS[name]
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    with torch.device(device):
         model = CausalViT.from_preset(preset, **overrides)
     cfg = model.config
-    images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=DEVICE)
-    gen = torch.Generator().manual_seed(0)
-    prefix = model.sample_prefix_len(batch, DEVICE, generator=gen) if cfg.prefix else None
+    images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     if variant.startswith("plain"):
         mode = "flex" if "flex" in variant else ("mask" if cfg.prefix else "causal")
         model = PlainViT.twin_of(model, mode)
-    return model, images, prefix
+    args = trainer_args(preset, batch, device, compiled="compile" in variant)
+    return build_run(args, DistEnv(device=torch.device(device)), model=model), images
 
 
-def make_step(model, images, prefix, compiled: bool) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-    fwd = torch.compile(model) if compiled else model
-    plain = isinstance(model, PlainViT)
-
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            if plain:
-                loss = fwd(images, prefix, model.make_mask(images.shape[0], prefix))
-            else:
-                loss = fwd(images, prefix_len=prefix)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+def make_step(run, images) -> Callable[[], None]:
+    """The timed call: the trainer's step on a fixed batch (prefixes still drawn per step, as in training)."""
+    steps = itertools.count()
+    return lambda: train_step(run, images, next(steps))
 
 
 def _measure(row: dict, name: str, variant: str, ceiling: float, quick: bool) -> None:
-    model, images, prefix = build(variant, name)
-    cfg = model.config
-    step = make_step(model, images, prefix, compiled="compile" in variant)
+    run, images = build(variant, name)
+    cfg, prefix = run.core.config, step_prefix(run, 0)[0]  # the FLOP count uses step 0's prefixes
+    step = make_step(run, images)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     step()
@@ -292,6 +309,7 @@ def chart(rows):
 def run_gpu(args) -> None:
     ceiling = matmul_ceiling_tflops()
     print(f"{torch.cuda.get_device_name()}: measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
+    print(TIMED_STEP)
     rows = []
     for name in args.models:
         cfg = ViTConfig.from_preset(WORKLOADS[name][0], **WORKLOADS[name][2])
@@ -307,7 +325,7 @@ def run_gpu(args) -> None:
     columns = ["model", "variant", "batch", "img_per_s", "step_ms", "tflops", "mfu_pct", "peak_gib",
                "first_step_s", "x_best_plain", "mem_x_best_plain", "error"]
     for r in rows:
-        r["matmul_ceiling_tflops"] = ceiling
+        r["matmul_ceiling_tflops"], r["step"] = ceiling, "aimkern.train.train_step"
     write_report("pretrain_throughput", rows, columns, chart=chart(rows))
 
 
@@ -315,10 +333,7 @@ def run_gpu(args) -> None:
 def loss_and_grads(model, images, prefix) -> tuple:
     """(loss, {name: grad}) of one forward + backward of a CausalViT or a PlainViT."""
     model.zero_grad(set_to_none=True)
-    if isinstance(model, PlainViT):
-        loss = model(images, prefix, model.make_mask(images.shape[0], prefix))
-    else:
-        loss = model(images, prefix_len=prefix)
+    loss = model(images, prefix_len=prefix)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -373,7 +388,7 @@ def cpu_check() -> int:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dense, flex = (PlainViT.twin_of(model, m) for m in ("mask", "flex"))
-        err = abs(dense(images, prefix, dense.make_mask(3, prefix)) - flex(images, prefix, flex.make_mask(3, prefix)))
+        err = abs(dense(images, prefix_len=prefix) - flex(images, prefix_len=prefix))
     print(f"  flex prefix block mask vs dense prefix mask: loss difference {err.item():.2e}")
     failures += not err.item() <= 1e-6
     for preset, extra in (("aim-600m", dict(head_depth=2, head_dim=48)), ("aimv2-large", {})):
@@ -386,8 +401,28 @@ def cpu_check() -> int:
         counted = counter.get_total_flops()
         print(f"  {preset:11s} FLOP formula {formula:.0f} vs torch's counter {counted:.0f} (2 images, full attention)")
         failures += formula != counted
+    failures += trainer_step_check(tiny)
     print("cpu check:", "OK" if not failures else f"{failures} FAILURE(S)")
     return 1 if failures else 0
+
+
+def trainer_step_check(tiny: dict) -> int:
+    """The timed step is the trainer's: ``train_step`` on a CausalViT and on its plain twin (float64, reference
+    ops) gives the same loss and gradient norm for the same prefixes. Returns the failures."""
+    print(f"  {TIMED_STEP}")
+    failures = 0
+    for preset, overrides, mode in (("vit-tiny", dict(tiny, prefix=False), "causal"),
+                                    ("aim-600m", dict(tiny, head_depth=2, head_dim=48), "mask")):
+        torch.manual_seed(0)
+        model = CausalViT.from_preset(preset, backend="reference", **overrides).double()
+        images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+        twin = PlainViT.twin_of(model, mode)
+        outs = [train_step(build_run(trainer_args(preset, 3, "cpu"), DistEnv(), model=m), images, 0)
+                for m in (model, twin)]
+        err = max(abs(outs[0].loss.item() - outs[1].loss.item()), abs(float(outs[0].grad_norm - outs[1].grad_norm)))
+        print(f"  train_step {preset:9s} aimkern vs plain twin: |loss| + |grad norm| difference {err:.2e} (bound 1e-9)")
+        failures += not err <= 1e-9
+    return failures
 
 
 def main(argv=None) -> int:

@@ -16,12 +16,12 @@ pytest.importorskip("torchvision")  # pack lists the ImageFolder with torchvisio
 
 from aimkern.data import is_shard_spec, resolve_shards  # noqa: E402
 from aimkern.data.__main__ import main as data_main  # noqa: E402
-from aimkern.data.bad import BadSampleLog, load_or_replace  # noqa: E402
+from aimkern.data.bad import BadRecord, BadSampleLog, load_or_replace  # noqa: E402
 from aimkern.data.decode import decode_crop  # noqa: E402
 from aimkern.data.order import ShardWindowOrder  # noqa: E402
 from aimkern.data.stream import ShardStream  # noqa: E402
 from aimkern.train import parse_args  # noqa: E402
-from aimkern.train.data import make_stream  # noqa: E402
+from aimkern.data.sources import make_stream  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -124,7 +124,8 @@ def test_bad_samples_are_replaced_deterministically_counted_and_bounded(tmp_path
     assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
     # The trainer's mode (no bound given): failures go to take_bad(), once in each pass over the epoch.
     bad = [f for _, failures in a + b for f in failures]
-    assert len(bad) == 2 and all("OSError" in error for _, error in bad), bad
+    assert len(bad) == 2 and all(isinstance(r, BadRecord) for r in bad), bad
+    assert all(r.sample.endswith("]") and r.error in ("OSError", "UnidentifiedImageError") for r in bad), bad
     assert capfd.readouterr().err.count("skipped bad sample") == 0  # the trainer prints them, not the stream
     s = stream(shards, max_bad_samples=5)
     for _ in zip(range(4), s):
@@ -142,13 +143,19 @@ def test_bad_samples_are_replaced_deterministically_counted_and_bounded(tmp_path
 
     got = [load_or_replace(load, i, n=30, seed=i + 100) for i in range(6)]
     assert got == [load_or_replace(load, i, n=30, seed=i + 100) for i in range(6)]
-    assert got[1] == (10, []) and got[0][0] % 30 != 0 and got[0][1][0] == "0: OSError: broken 0"
+    assert got[1] == (10, []) and got[0][0] % 30 != 0 and got[0][1][0] == BadRecord("0", "OSError", "broken 0")
     with pytest.raises(RuntimeError, match="in a row"):
         load_or_replace(lambda i: load(0), 0, n=30, seed=1)
+
+    def buggy(i):
+        raise TypeError("a programming error")
+
+    with pytest.raises(TypeError):  # not a decode error: it crashes, it is not skipped
+        load_or_replace(buggy, 0, n=30, seed=1)
     log = BadSampleLog(limit=1)
-    log.record(["x"])
+    log.record([BadRecord("x", "OSError", "cut")])
     with pytest.raises(RuntimeError):
-        log.record(["y"])
+        log.record([BadRecord("y", "OSError", "cut")])
 
 
 def test_draft_decode_matches_a_full_decode(tmp_path):

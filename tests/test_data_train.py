@@ -39,7 +39,7 @@ def test_pack_train_stop_resume_is_exact_on_shards(tmp_path, capfd):
     assert after == straight  # bit-exact: same floats at every step, whatever the workers
     assert len(set(straight.values())) == 6
     # 6 steps of 8 = 2 epochs of 26: the corrupt one is met, and the trainer reports it
-    assert "skipped unreadable sample" in capfd.readouterr().out
+    assert "aimkern.train: skipped bad sample" in capfd.readouterr().err
     with open(os.path.join(tmp_path / "a", "summary.json")) as f:
         assert json.load(f)["bad_samples"] >= 1
 

@@ -15,7 +15,8 @@ import torch
 from aimkern import CausalViT
 from aimkern.train import build_parser, parse_args, train
 from aimkern.train import checkpoint as ckpt
-from aimkern.train.data import SampleOrder, make_stream
+from aimkern.data.sampling import SampleOrder
+from aimkern.data.sources import make_stream
 from aimkern.train.model import enable_activation_checkpointing
 from aimkern.train.schedule import WarmupCosine, param_groups
 from conftest import requires_cuda
@@ -101,6 +102,26 @@ def test_stream_is_a_function_of_position_and_ranks_split_the_global_batch():
     assert first[0].shape == (8, 3, 32, 32) and not torch.equal(first[0], first[1])
     order = SampleOrder(10, seed=0)  # each epoch is a permutation
     assert sorted(order.indices(torch.arange(10, 20)).tolist()) == list(range(10))
+
+
+def test_the_public_step_is_the_trainers_step(tmp_path, baseline):
+    """build_run + train_step over the run's stream take the very steps python -m aimkern.train logs."""
+    from aimkern.train import build_run, train_step
+
+    args = parse_args([*TINY, "--steps", "3", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trainer runs on the CPU
+    try:
+        run = build_run(args)
+        cfg = run.core.config
+        stream = iter(make_stream("digits", img_size=cfg.img_size, in_chans=cfg.in_chans, global_batch=8, rank=0,
+                                  world=1, seed=0, start=0, device=torch.device("cpu")))
+        outs = [train_step(run, next(stream), step) for step in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert [out.loss.item() for out in outs] == [baseline[s] for s in (1, 2, 3)]
+    assert outs[0].targets > 0 and outs[1].lr > outs[0].lr > 0 and float(outs[0].grad_norm) > 0
+    assert not os.listdir(tmp_path)  # building and stepping a run writes nothing
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_training_and_tokenizer_do_not_import_the_reference():
 def test_tokenizer_fit_announces_estimates_warns_and_shows_progress(tmp_path, monkeypatch, capsys):
     pytest.importorskip("aimkern.tokenizers")
     from aimkern.train import tokens
-    from aimkern.train.distributed import DistEnv
+    from aimkern.distributed import DistEnv
 
     monkeypatch.setattr(tokens, "SLOW_FIT_S", 0.0)  # every estimate counts as slow
     images = torch.randn(8, 1, 16, 16)

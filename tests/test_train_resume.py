@@ -92,7 +92,7 @@ def test_finished_run_resumed_only_does_what_was_asked(tmp_path, monkeypatch):
     import aimkern.train.loop as loop
 
     fake_probe = {"probe_pretrained": 0.5, "probe_random_init": 0.25}
-    monkeypatch.setattr(loop, "_probe", lambda args, env, model_sd: fake_probe)
+    monkeypatch.setattr(loop, "probe", lambda args, env, model_sd, say: fake_probe)
     again, after = run(tmp_path, "--resume", "--probe", steps=3)
     assert after == before  # nothing trained, the metrics untouched
     with open(tmp_path / "summary.json") as f:
@@ -121,6 +121,26 @@ def test_cli_resume_errors_are_one_line(tmp_path):
     proc = subprocess.run([*cmd, "--img-size", "16"], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("python -m aimkern.train: error: ")
+
+
+def without_wall_clock(lines: dict) -> dict:
+    from aimkern.train.metering import WALL_CLOCK
+
+    return {step: {k: v for k, v in r.items() if k not in WALL_CLOCK} for step, r in lines.items()}
+
+
+def test_resumed_log_lines_equal_the_uninterrupted_runs(tmp_path):
+    """Every metrics.jsonl line of a run stopped between log steps and resumed equals the uninterrupted run's
+    line, wall-clock fields aside: the checkpoint carries the open loss window (steps 4 and 5 here)."""
+    cadence = ["--log-every", 3, "--save-every", 2]
+    _, straight = run(tmp_path / "straight", *cadence, steps=9)
+    assert sorted(straight) == [3, 6, 9]
+    _, stopped = run(tmp_path / "resumed", *cadence, "--stop-at", 5, steps=9)
+    assert sorted(stopped) == [3]  # a stop writes no line of its own
+    _, resumed = run(tmp_path / "resumed", *cadence, "--resume", steps=9)
+    assert without_wall_clock(resumed) == without_wall_clock(straight)
+    assert resumed[6]["loss"] == straight[6]["loss"]  # bit for bit, though steps 4-5 ran in another process
+    assert set(straight[6]) - set(without_wall_clock(straight)[6]) == {"img_per_s", "elapsed_s"}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -175,16 +195,16 @@ def test_sigterm_saves_and_resume_equals_the_uninterrupted_run(tmp_path):
 
 
 def test_sigusr1_in_process_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
-    import aimkern.train.loop as loop
+    import aimkern.train.step as step_module
 
-    real = loop.step_prefix
+    real = step_module.step_prefix
 
-    def prefix_then_signal(model, step, *a, **k):
+    def prefix_then_signal(run, step):
         if step == 1:
             os.kill(os.getpid(), signal.SIGUSR1)  # arrives mid-step: the step still finishes
-        return real(model, step, *a, **k)
+        return real(run, step)
 
-    monkeypatch.setattr(loop, "step_prefix", prefix_then_signal)
+    monkeypatch.setattr(step_module, "step_prefix", prefix_then_signal)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, steps=5)
     assert e.value.code == PREEMPTED_EXIT_CODE and ckpt.load(ckpt.checkpoint_path(tmp_path))["step"] == 2
@@ -215,9 +235,13 @@ def test_corrupt_image_is_skipped_counted_and_resume_stays_exact(tmp_path, folde
     data = ["--data", folder_with_a_corrupt_image, "--workers", 0, "--max-bad-samples", 1]
     summary, straight = run(tmp_path / "straight", *data, steps=3)
     broken = str(folder_with_a_corrupt_image / "b" / "broken.png")
-    assert summary["bad_files"] == [broken] and summary["bad_samples"] >= 1
+    (record,) = summary["bad_files"]  # one record type: sample, error class, message
+    assert record["sample"] == broken and record["error"] == "UnidentifiedImageError" and "broken.png" in record["message"]
+    assert summary["bad_samples"] >= 1
     assert straight[3]["bad_samples"] == summary["bad_samples"] and straight[3]["bad_files"] == 1
-    assert f"skipped unreadable sample {broken}" in capsys.readouterr().out
+    assert [r for line in straight.values() for r in line["new_bad"]] == [record]  # listed once, when first met
+    err = capsys.readouterr().err
+    assert f"skipped bad sample {broken} at step" in err and "UnidentifiedImageError" in err
     run(tmp_path / "resumed", *data, "--stop-at", 1, steps=3)
     resumed_summary, resumed = run(tmp_path / "resumed", *data, "--resume", steps=3)
     assert {s: r["loss"] for s, r in resumed.items()} == {s: r["loss"] for s, r in straight.items()}
@@ -225,15 +249,19 @@ def test_corrupt_image_is_skipped_counted_and_resume_stays_exact(tmp_path, folde
 
 
 def test_mostly_broken_data_stops_the_run(tmp_path, folder_with_a_corrupt_image, capsys):
-    with pytest.raises(BadDataError, match="1 of 9 files are unreadable.*--max-bad-samples 0.001") as stop:
+    with pytest.raises(BadDataError, match="1 of 9 samples are unreadable.*--max-bad-samples 0.001") as stop:
         run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, steps=3)  # default: 1 in 1000
     # The work is kept: a checkpoint at the stop, from which a raised bound continues (not a restart).
     (stopped_at,) = [s for s, _ in ckpt.step_files(tmp_path)]
     assert "checkpoint" in str(stop.value) and stopped_at < 3
     capsys.readouterr()
-    run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, "--resume", "--max-bad-samples", 1, steps=3)
+    _, resumed = run(tmp_path, "--data", folder_with_a_corrupt_image, "--workers", 0, "--resume",
+                     "--max-bad-samples", 1, steps=3)
     assert f"at step {stopped_at}" in capsys.readouterr().out  # resumed, not restarted
     assert ckpt.load(ckpt.checkpoint_path(tmp_path))["step"] == 3
+    _, straight = run(tmp_path / "straight", "--data", folder_with_a_corrupt_image, "--workers", 0,
+                      "--max-bad-samples", 1, steps=3)
+    assert without_wall_clock(resumed) == without_wall_clock(straight)  # the stop's own line was written
 
 
 def test_fallback_sets_the_unreadable_checkpoint_aside(tmp_path, capsys):
@@ -248,3 +276,28 @@ def test_fallback_sets_the_unreadable_checkpoint_aside(tmp_path, capsys):
     assert f"kept the unreadable checkpoint as {ckpt.step_path(out, 6)}.unreadable" in capsys.readouterr().out
     assert [s for s, _ in ckpt.step_files(out)] == [4, 8]  # without the rename: [6 (unreadable), 8]
     assert os.path.isfile(f"{ckpt.step_path(out, 6)}.unreadable")
+
+
+def test_bad_sample_state_round_trips_and_reads_the_old_format():
+    from aimkern.data.bad import BadRecord
+    from aimkern.distributed import DistEnv
+    from aimkern.train.bad_samples import BadSamples
+
+    bad, said = BadSamples(5, 100), []
+    cut = BadRecord("a.jpg", "OSError", "cut")
+    bad.add([cut, cut, BadRecord("b.png", "E", "m")])  # a.jpg read twice
+    bad.sync(DistEnv(), said.append, step=7)
+    assert bad.reads == 3 and len(said) == 2 and "a.jpg at step 7: OSError: cut" in said[0]
+    assert bad.since(6) == [{"sample": "a.jpg", "error": "OSError", "message": "cut"},
+                            {"sample": "b.png", "error": "E", "message": "m"}] and bad.since(7) == []
+    again = BadSamples(5, 100)
+    again.load_state_dict(bad.state_dict())
+    assert again.records() == bad.records() and again.reads == 3 and again.since(6) == bad.since(6)
+    old = BadSamples(5, 100)  # a checkpoint written before BadRecord: {path: "Error: message"}
+    old.load_state_dict({"paths": {"c.jpg": "UnidentifiedImageError: cannot identify"}, "reads": 2})
+    assert old.records() == [{"sample": "c.jpg", "error": "UnidentifiedImageError", "message": "cannot identify"}]
+    bounded = BadSamples(1, 100)  # at most 1 bad sample, 2 met
+    bounded.load_state_dict(bad.state_dict())
+    with pytest.raises(BadDataError, match="2 of 100 samples are unreadable by step 9"):
+        bounded.check(9)
+    bad.check(9)  # within its bound of 5

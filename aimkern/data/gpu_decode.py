@@ -50,17 +50,17 @@ def _crop_resize(image: torch.Tensor, box: Box, flip: bool, img_size: int) -> to
 
 
 def decode_batch(items: List[GpuItem], img_size: int, in_chans: int, device: torch.device,
-                 fallback: Callable[[int], Tuple[torch.Tensor, List[str]]]) -> Tuple[torch.Tensor, List[str]]:
-    """Items -> uint8 (B, in_chans, S, S) on ``device``, and the messages of samples that failed on the GPU.
+                 fallback: Callable[[int], Tuple[torch.Tensor, list]]) -> Tuple[torch.Tensor, list]:
+    """Items -> uint8 (B, in_chans, S, S) on ``device``, and the ``BadRecord``s of the samples skipped on the way.
 
-    ``fallback(i)`` gives row i's replacement as a CPU-decoded uint8 (C, S, S) (with its own skip messages)
+    ``fallback(i)`` gives row i's replacement as a CPU-decoded uint8 (C, S, S) (with its own skip records)
     when the GPU decoder refuses row i's bytes.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
     rows: List[Optional[torch.Tensor]] = [None] * len(items)
-    skipped: List[str] = []
+    skipped: list = []
     jpeg_rows = [i for i, it in enumerate(items) if it.jpeg is not None]
     decoded = {}
     if jpeg_rows:

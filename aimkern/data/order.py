@@ -1,6 +1,6 @@
 """The order samples are read in: global sample position -> global sample index, shard-aware.
 
-``aimkern.train.data.SampleOrder`` draws one permutation of all n samples per epoch: 8 bytes per sample
+``aimkern.data.sampling.SampleOrder`` draws one permutation of all n samples per epoch: 8 bytes per sample
 (16 GB for DFN-2B) and every batch touching a different random shard. Here each epoch permutes the
 shards, cuts that shard order into windows of ``window`` shards, and permutes the samples within each
 window. Memory is O(shards + window's samples), a rank's DataLoader workers keep only about one window of
@@ -13,17 +13,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-import numpy as np
 import torch
+
+from .seeds import TAG_SHARD_ORDER, TAG_WINDOW, mix_seed
 
 WINDOW_SHARDS = 16
 _CACHED = 4  # epochs / windows whose permutations are kept (positions only move forward)
-
-
-def _mix(*values: int) -> int:
-    """A well-mixed 63-bit seed from ints (the same rule as aimkern.train.data.mix_seed)."""
-    words = [int(v) & 0xFFFFFFFFFFFFFFFF for v in values]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _randperm(n: int, seed: int) -> torch.Tensor:
@@ -60,7 +55,7 @@ class ShardWindowOrder:
     def _epoch(self, epoch: int):
         """(shard order (S,), end position of each window within the epoch (G,))."""
         def make():
-            shard_order = _randperm(len(self.counts), _mix(self.seed, epoch, 10))
+            shard_order = _randperm(len(self.counts), mix_seed(self.seed, epoch, TAG_SHARD_ORDER))
             sizes = self.counts[shard_order].split(self.window)
             return shard_order, torch.cumsum(torch.stack([s.sum() for s in sizes]), 0)
         return self._epochs.get_or(epoch, make)
@@ -71,7 +66,7 @@ class ShardWindowOrder:
             shard_order, _ = self._epoch(epoch)
             shards = shard_order[g * self.window:(g + 1) * self.window]
             ends = torch.cumsum(self.counts[shards], 0)
-            return shards, ends, _randperm(int(ends[-1]), _mix(self.seed, epoch, g, 11))
+            return shards, ends, _randperm(int(ends[-1]), mix_seed(self.seed, epoch, g, TAG_WINDOW))
         return self._windows.get_or((epoch, g), make)
 
     def indices(self, positions: torch.Tensor) -> torch.Tensor:

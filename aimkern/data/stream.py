@@ -1,6 +1,6 @@
-"""The training stream over WebDataset shards, the counterpart of ``aimkern.train.data.FolderStream``.
+"""The training stream over WebDataset shards, the counterpart of ``aimkern.data.folder.FolderStream``.
 
-Same guarantees as the ImageFolder stream, through the same machinery: ``_PositionBatches`` turns the
+Same guarantees as the ImageFolder stream, through the same machinery: ``PositionBatches`` turns the
 global positions of this rank's rows of each global batch into (index, seed) keys, a ``ShardWindowOrder``
 maps positions to samples, and DataLoader workers fetch and decode each key with wids' indexed tar reader.
 Every batch is a pure function of (seed, positions): the worker count never changes it, ranks read disjoint
@@ -14,10 +14,10 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..train.data import _PositionBatches
-from .bad import BadSample, BadSampleLog, load_or_replace
+from .bad import BadRecord, BadSample, BadSampleLog, load_or_replace
 from .decode import augmentation, check_channels, decode_crop, normalize, open_image, pil_mode
 from .order import WINDOW_SHARDS, ShardWindowOrder
+from .sampling import PositionBatches
 from .shards import ShardList, resolve_shards
 
 IMAGE_KEYS = (".jpg", ".jpeg", ".png", ".webp")
@@ -25,8 +25,8 @@ _OPEN_SHARDS = 2 * WINDOW_SHARDS  # per process: a window of shards plus the nex
 
 
 class ShardImages(torch.utils.data.Dataset):
-    """Samples of a ShardList by global index. ``[(index, seed)]`` -> (uint8 (C, S, S), skip messages), or
-    with ``gpu=True`` -> (GpuItem, skip messages): bytes and crop only, decoded later on the GPU.
+    """Samples of a ShardList by global index. ``[(index, seed)]`` -> (uint8 (C, S, S), BadRecords of the
+    skipped samples), or with ``gpu=True`` -> (GpuItem, BadRecords): bytes and crop only, decoded later on the GPU.
 
     Open shards (mmapped by wids) live in a per-process LRU that is not pickled, so each worker opens its own.
     """
@@ -91,24 +91,25 @@ class ShardImages(torch.utils.data.Dataset):
         load = (lambda i: self._load_gpu(i, seed, key)) if self.gpu else (lambda i: self._load_cpu(i, seed))
         return load_or_replace(load, index, n=len(self), seed=seed, name=self.name)
 
-    def replace_on_cpu(self, key) -> Tuple[torch.Tensor, List[str]]:
+    def replace_on_cpu(self, key) -> Tuple[torch.Tensor, List[BadRecord]]:
         """A sample the GPU decoder refused: a CPU decode of it, or of its seeded replacement."""
         index, seed = key
         return load_or_replace(lambda i: self._load_cpu(i, seed), index, n=len(self), seed=seed, name=self.name)
 
 
 def collate(items):
-    """[(image or GpuItem, messages)] -> (uint8 (B, C, S, S) or [GpuItem], all messages)."""
+    """[(image or GpuItem, records)] -> (uint8 (B, C, S, S) or [GpuItem], all records)."""
     images, skipped = zip(*items)
-    messages = [m for ms in skipped for m in ms]
+    records = [r for rs in skipped for r in rs]
     if isinstance(images[0], torch.Tensor):
-        return torch.stack(images), messages
-    return list(images), messages
+        return torch.stack(images), records
+    return list(images), records
 
 
 class ShardStream:
     """Infinite (global_batch // world, C, S, S) float32 batches on ``device`` from WebDataset shards,
-    starting at global sample position ``start``; the arguments of ``FolderStream``, plus:
+    starting at global sample position ``start``; a ``BatchStream`` (``aimkern.data.sources``) with the
+    arguments of ``FolderStream``, plus:
 
     Args:
         decode: 'cpu' (PIL, draft mode) or 'gpu' (nvJPEG; refused without CUDA).
@@ -132,13 +133,13 @@ class ShardStream:
         shards = data if isinstance(data, ShardList) else resolve_shards(data)
         self.device, self.img_size, self.in_chans, self.gpu = torch.device(device), img_size, in_chans, decode == "gpu"
         self.dataset = ShardImages(shards, img_size, in_chans, draft=draft, gpu=self.gpu)
-        sampler = _PositionBatches(ShardWindowOrder(shards.counts, seed, window), global_batch=global_batch,
+        sampler = PositionBatches(ShardWindowOrder(shards.counts, seed, window), global_batch=global_batch,
                                    rank=rank, world=world, seed=seed, start=start)
         self.bad = BadSampleLog(max_bad_samples, prefix=f"aimkern.data (rank {rank})") \
             if max_bad_samples is not None else None
-        self.num_files = sum(shards.counts)  # what a --max-bad-samples fraction refers to
+        self.num_samples = sum(shards.counts)  # what a --max-bad-samples fraction refers to
         self._skipped = 0
-        self._pending: list = []  # (sample, error) since the last take_bad()
+        self._pending: List[BadRecord] = []  # since the last take_bad()
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda" and not self.gpu, persistent_workers=workers > 0,
@@ -149,8 +150,8 @@ class ShardStream:
     def bad_samples(self) -> int:
         return self._skipped
 
-    def take_bad(self) -> list:
-        """The (sample, error) decode failures since the last call."""
+    def take_bad(self) -> List[BadRecord]:
+        """The samples that failed to decode since the last call."""
         bad, self._pending = self._pending, []
         return bad
 
@@ -164,8 +165,7 @@ class ShardStream:
                                            lambda i: self.dataset.replace_on_cpu(items[i].key))
                 skipped = skipped + more
             self._skipped += len(skipped)
-            self._pending.extend(tuple(message.split(": ", 1)) if ": " in message else (message, "")
-                                 for message in skipped)
+            self._pending.extend(skipped)
             if self.bad is not None:
                 self.bad.record(skipped)
             yield normalize(batch.to(self.device, non_blocking=True), self.in_chans)

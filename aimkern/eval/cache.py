@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..train.distributed import DistEnv, barrier
+from ..distributed import DistEnv, barrier
 
 VERSION = 1  # bump when the extraction itself changes, to orphan older entries
 

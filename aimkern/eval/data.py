@@ -2,7 +2,7 @@
 
 Sources:
 - ``digits``: scikit-learn's bundled 8x8 digits (no download), the fixed stratified train/test split of
-  ``aimkern.train.data.digits_split``, upsampled and standardized exactly as pretraining sees them.
+  ``aimkern.data.digits.digits_split``, upsampled and standardized exactly as pretraining sees them.
 - two ImageFolder trees (``--train DIR --val DIR``): class sub-folders of images, read without augmentation
   (resize to ``img_size / 0.875`` then center crop, as ImageNet evaluation does). The val tree's classes are
   mapped onto the train tree's by name; a val class that train lacks is an error (no probe could predict it).
@@ -20,7 +20,7 @@ from typing import Callable, Iterator, List, Sequence
 import numpy as np
 import torch
 
-from ..train.data import digits_split, digits_to_images
+from ..data.digits import digits_split, digits_to_images
 
 # Center-crop ratio of the standard ImageNet evaluation transform (resize to img / 0.875, crop img).
 CROP_RATIO = 0.875

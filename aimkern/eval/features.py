@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..models import CausalViT
-from ..train.distributed import DistEnv, barrier
+from ..distributed import DistEnv, barrier
 from . import cache as fcache
 from .data import Split
 

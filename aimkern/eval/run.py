@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..models import CausalViT
-from ..train.distributed import DistEnv, setup, teardown
+from ..distributed import DistEnv, setup, teardown
 from . import data as edata
 from .features import Features, describe_layers, extract, resolve_layers
 from .models import load_trunk, model_digest

@@ -1,11 +1,20 @@
 """``python -m aimkern.train``: AIM-style autoregressive pretraining of a CausalViT.
 
 One process, or many through ``torchrun`` (DDP, or FSDP2 with ``--fsdp``). Run ``python -m aimkern.train
---help`` for the options. Modules: ``args`` (the command line), ``data`` (resumable batch streams),
-``model`` (build + activation checkpointing), ``schedule`` (AdamW + warmup/cosine), ``distributed``,
-``checkpoint`` (atomic, exact resume), ``probe`` (linear probe on digits), ``tokens`` (token objective),
-``loop`` (the training loop), ``resume`` (which options a resume keeps), ``preemption`` (SIGTERM / SIGUSR1),
-``bad_samples`` (unreadable images), ``errors`` (exit statuses).
+--help`` for the options.
+
+The step is public: ``build_run(args) -> Run`` builds the model, optimizer, schedule and autocast of a run,
+and ``train_step(run, batch, step) -> StepOut`` does one step (prefix, forward, backward, clipping, AdamW,
+schedule); ``benchmarks/pretrain_throughput.py`` times that same step. To try a kernel in training, change
+the model or the step, not the loop.
+
+Modules: ``args`` (the command line), ``step`` (the step), ``session`` (setup before the first step),
+``loop`` (the loop over the step), ``metering`` (loss window, metrics.jsonl, progress), ``summary``
+(summary.json, --probe), ``state`` (what a checkpoint holds, restoring it), ``checkpoint`` (atomic files,
+keep-K, fallback), ``resume`` (which options a resume keeps), ``preemption`` (SIGTERM / SIGUSR1),
+``bad_samples`` (unreadable samples over all ranks), ``model`` (build + activation checkpointing),
+``schedule`` (AdamW + warmup / cosine), ``tokens`` (token objective), ``probe``, ``errors`` (exit statuses).
+Data streams are in ``aimkern.data``, process groups in ``aimkern.distributed``.
 """
 from .args import build_parser, parse_args
 
@@ -20,4 +29,13 @@ def train(argv=None) -> dict:
     return run(args)
 
 
-__all__ = ["build_parser", "parse_args", "train"]
+def __getattr__(name: str):
+    """``build_run``, ``train_step``, ``Run`` and ``StepOut`` load on first use (they import torch; --help must not)."""
+    if name in ("build_run", "train_step", "Run", "StepOut"):
+        from . import step
+
+        return getattr(step, name)
+    raise AttributeError(f"module 'aimkern.train' has no attribute {name!r}")
+
+
+__all__ = ["Run", "StepOut", "build_parser", "build_run", "parse_args", "train", "train_step"]

@@ -72,7 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m aimkern.train", description=DESCRIPTION, epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g = p.add_argument_group("model and data")
+    _model_and_data(p.add_argument_group("model and data"))
+    _optimization(p.add_argument_group("optimization (AIM's recipe)"))
+    _execution(p.add_argument_group("execution"))
+    _output(p.add_argument_group("output"))
+    return p
+
+
+def _model_and_data(g) -> None:
+    """--preset, --data and how it is read, the objective and its tokenizer, the op backend."""
     g.add_argument("--preset", default="vit-tiny", choices=sorted(PRESETS), help="model preset (default: vit-tiny)")
     g.add_argument(
         "--data", default="digits",
@@ -99,13 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token objective: how many training images a tokenizer fitted on the fly clusters "
                    "(default: 4096)")
     g.add_argument("--max-bad-samples", type=non_negative_float, default=0.001,
-                   help="--data DIR: unreadable images are skipped (replaced by the next readable one, so resume "
-                   "stays exact), logged and counted; stop when more files than this are bad: a count when >= 1, "
-                   "else a fraction of the dataset's files (default: 0.001, 1 in 1000)")
+                   help="an ImageFolder or shards: a sample that fails to decode is replaced by a seeded draw (so "
+                   "resume stays exact), reported on stderr and counted in metrics.jsonl / summary.json; stop when "
+                   "more samples than this are bad: a count when >= 1, else a fraction of the dataset (default: "
+                   "0.001, 1 in 1000)")
     g.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
                    help="aimkern op backend: 'auto' runs Triton kernels on CUDA and the reference on CPU (default)")
 
-    g = p.add_argument_group("optimization (AIM's recipe)")
+
+
+def _optimization(g) -> None:
+    """AIM's recipe: batch, steps, learning rate and schedule, weight decay, clipping, seed, precision."""
     g.add_argument("--batch-size", type=positive_int, default=64,
                    help="GLOBAL batch size, over all ranks (default: 64)")
     g.add_argument("--steps", type=positive_int, default=300, help="optimizer steps in the schedule (default: 300)")
@@ -124,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
                    help="bf16 autocast on CUDA (default), or fp32; the CPU always runs fp32")
 
-    g = p.add_argument_group("execution")
+
+
+def _execution(g) -> None:
+    """Where and how the steps run: device, threads, torch.compile, activation checkpointing, FSDP2."""
     g.add_argument("--device", default=None,
                    help="'cuda' or 'cpu' (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--threads", type=positive_int, default=None,
@@ -139,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard) "
                    "instead of DistributedDataParallel; for the big presets")
 
-    g = p.add_argument_group("output")
+
+
+def _output(g) -> None:
+    """The run directory, --resume, checkpoint cadence and count, logging, --stop-at, --probe."""
     g.add_argument("--out", default=None,
                    help="run directory: run.json, metrics.jsonl, checkpoint-STEP.pt (checkpoint.pt links the "
                    "latest), summary.json (default: runs/PRESET)")
@@ -160,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training: linear probe (logistic regression) on frozen, mean-pooled full-attention "
                    "features of the digits train/test split, beside the same probe on a random-init model")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    return p
 
 
 def given_options(argv: Optional[Sequence[str]]) -> set:

@@ -1,62 +1,81 @@
-"""Unreadable samples: skipped deterministically, logged, counted, and bounded by ``--max-bad-samples``.
+"""Samples that failed to decode, over all ranks: reported, counted, and bounded by ``--max-bad-samples``.
 
-The data stream replaces a sample it cannot read with the next readable one of the dataset (same
-augmentation seed), so a batch keeps its size and a resumed run reads exactly what an uninterrupted one
-did. It reports each failure as (path, error); this tracker gathers them from every rank (at log and save
-steps, which every rank reaches together), prints each file the first time, and stops the run when more
-distinct files are bad than the bound allows.
+Every stream replaces a sample it cannot decode by a seeded draw (``aimkern.data.bad``), so a batch keeps
+its size and a resumed run reads exactly what an uninterrupted one did, and hands over a ``BadRecord`` per
+skip. This tracker gathers them from every rank at log and save steps (which every rank reaches together),
+prints each sample the first time on stderr, lists it in the next metrics.jsonl line and in summary.json,
+and stops the run when more distinct samples are bad than the bound allows.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
-from .distributed import DistEnv, gather_objects
+from ..data.bad import BadRecord, describe
+from ..distributed import DistEnv, gather_objects
 from .errors import BadDataError
 
 
-def limit_of(max_bad: float, num_files: Optional[int]) -> float:
-    """--max-bad-samples as a number of files: a count when >= 1, else a fraction of the dataset's files."""
-    if max_bad >= 1 or not num_files:
+def limit_of(max_bad: float, num_samples: Optional[int]) -> float:
+    """--max-bad-samples as a number of samples: a count when >= 1, else a fraction of the dataset."""
+    if max_bad >= 1 or not num_samples:
         return max_bad
-    return max_bad * num_files
+    return max_bad * num_samples
 
 
 class BadSamples:
-    """Distinct unreadable files (``paths``) and how many reads failed (``reads``), over all ranks."""
+    """Distinct bad samples (``first``: sample -> (record, the step it was first reported at)) and how many
+    reads failed (``reads``), over all ranks."""
 
-    def __init__(self, max_bad: float, num_files: Optional[int]):
-        self.max_bad, self.num_files = max_bad, num_files
-        self.paths: dict = {}  # path -> first error message
+    def __init__(self, max_bad: float, num_samples: Optional[int] = None):
+        self.max_bad, self.num_samples = max_bad, num_samples
+        self.first: Dict[str, Tuple[BadRecord, int]] = {}
         self.reads = 0
-        self._pending: list = []  # this rank's (path, error) since the last sync
+        self._pending: List[BadRecord] = []  # this rank's records since the last sync
 
-    def add(self, failures: list) -> None:
-        self._pending.extend(failures)
+    def add(self, records: List[BadRecord]) -> None:
+        self._pending.extend(records)
 
-    def sync(self, env: DistEnv, say: Callable[[str], None], step: int, enforce: bool = True) -> None:
-        """Collective: merge every rank's new failures, print new files, and (``enforce``) raise BadDataError
-        past the bound."""
-        if env.distributed or self._pending:
-            everyone = gather_objects(self._pending, env) if env.distributed else [self._pending]
-            self._pending = []
-            for failures in everyone:
-                for path, error in failures:
-                    self.reads += 1
-                    if path not in self.paths:
-                        self.paths[path] = error
-                        say(f"skipped unreadable sample {path} at step {step}: {error}")
-        limit = limit_of(self.max_bad, self.num_files)
-        if enforce and len(self.paths) > limit:
-            of = f" of {self.num_files}" if self.num_files else ""
+    def sync(self, env: DistEnv, warn: Callable[[str], None], step: int) -> None:
+        """Collective: merge every rank's new records; ``warn`` each new sample (one line, rank 0 only)."""
+        if not (env.distributed or self._pending):
+            return
+        everyone = gather_objects(self._pending, env)
+        self._pending = []
+        for records in everyone:
+            for rec in records:
+                self.reads += 1
+                if rec.sample not in self.first:
+                    self.first[rec.sample] = (BadRecord(*rec), step)
+                    if env.is_main:
+                        warn(f"aimkern.train: {describe(rec, f' at step {step}')}")
+
+    def check(self, step: int) -> None:
+        """BadDataError when more distinct samples are bad than --max-bad-samples allows."""
+        limit = limit_of(self.max_bad, self.num_samples)
+        if len(self.first) > limit:
+            of = f" of {self.num_samples}" if self.num_samples else ""
             raise BadDataError(
-                f"{len(self.paths)}{of} files are unreadable by step {step} (e.g. {next(iter(self.paths))}), more "
-                f"than --max-bad-samples {self.max_bad:g} allows ({limit:g} files): fix the data, or raise the bound "
+                f"{len(self.first)}{of} samples are unreadable by step {step} (e.g. {next(iter(self.first))}), "
+                f"more than --max-bad-samples {self.max_bad:g} allows ({limit:g}): fix the data, or raise the bound "
                 "and --resume"
             )
 
+    def since(self, step: int) -> List[dict]:
+        """The records first reported after ``step`` (what a metrics.jsonl line lists), in report order."""
+        return [rec.to_json() for rec, at in self.first.values() if at > step]
+
+    def records(self) -> List[dict]:
+        """Every distinct bad sample's record, sorted by sample (summary.json's ``bad_files``)."""
+        return [self.first[k][0].to_json() for k in sorted(self.first)]
+
     def state_dict(self) -> dict:
-        return {"paths": dict(self.paths), "reads": self.reads}
+        return {"records": [[*rec, at] for rec, at in self.first.values()], "reads": self.reads}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
-        if state:
-            self.paths, self.reads = dict(state["paths"]), int(state["reads"])
+        if not state:
+            return
+        self.reads = int(state["reads"])
+        if "records" in state:
+            self.first = {r[0]: (BadRecord(*r[:3]), int(r[3])) for r in state["records"]}
+        else:  # a checkpoint from before records: {path: "Error: message"}
+            self.first = {p: (BadRecord(p, *(e.split(": ", 1) + [""])[:2]), 0) for p, e in state["paths"].items()}

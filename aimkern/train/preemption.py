@@ -2,9 +2,10 @@
 
 The handler only records the signal; the loop checks after each optimizer step, so the step in flight
 finishes, a checkpoint is saved atomically and the process exits with ``errors.PREEMPTED_EXIT_CODE``.
-Under torchrun the signal may reach the ranks at different steps: every rank reports whether it has
-seen one (an all-reduce of one int per step, MAX) and all stop after the same step, so the collective save
-lines up. Handlers are installed only in the main thread and restored when the run ends.
+Under torchrun the signal may reach the ranks at different steps (a scheduler signals the whole job, torchrun
+forwards it once more): every rank reports whether it has seen one, an all-reduce of one int per step on
+the CPU control group (gloo; no GPU sync, see ``aimkern.distributed``), and all stop after the same step, so
+the collective save lines up. Handlers are installed only in the main thread and restored when the run ends.
 """
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import signal
 import threading
 from typing import Optional
 
-import torch
-
-from .distributed import DistEnv
+from ..distributed import DistEnv, any_rank
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -41,14 +40,8 @@ class PreemptionGuard:
         self._previous.clear()
 
     def should_stop(self, env: DistEnv) -> bool:
-        """Whether any rank has received a preemption signal (collective under torchrun)."""
-        if not env.distributed:
-            return self.received is not None
-        import torch.distributed as dist
-
-        flag = torch.tensor([0 if self.received is None else 1], device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Whether any rank has received a preemption signal (collective under torchrun, on the CPU)."""
+        return any_rank(self.received is not None, env)
 
     @property
     def signal_name(self) -> str:

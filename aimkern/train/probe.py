@@ -19,7 +19,7 @@ def compare(pretrained: CausalViT, random_init: CausalViT, device: torch.device)
     from ..eval import data as edata
     from ..eval.features import resolve_layers
     from ..eval.run import ProbeSettings, evaluate_models
-    from .distributed import DistEnv
+    from ..distributed import DistEnv
 
     cfg = pretrained.config
     results = evaluate_models(

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .distributed import DistEnv, barrier
+from ..distributed import DistEnv, barrier
 
 TOKENIZER_NAME = "tokenizer.pt"
 SLOW_FIT_S = 300.0  # warn above this estimate

@@ -1,13 +1,18 @@
-"""Multi-process training through the standard engine: torchrun's environment, DDP or FSDP2.
+"""Multi-process runs through the standard engine: torchrun's environment, DDP or FSDP2; shared by
+``aimkern.train`` and ``aimkern.eval``.
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process. Under
 torchrun each process drives one device: ``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo (CI).
+
+Control decisions that every rank must take together (stop after this step?) are agreed on a CPU group:
+the default gloo group on the CPU, and on CUDA a gloo group created beside NCCL's, so agreeing costs a CPU
+round trip and never waits for the GPU (an NCCL all-reduce read back with ``.item()`` would, every step).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +25,7 @@ class DistEnv:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    control: Any = None  # the CPU (gloo) process group for control decisions; None: the default group
 
     @property
     def is_main(self) -> bool:
@@ -31,7 +37,8 @@ class DistEnv:
 
 
 def setup(device: Optional[str] = None) -> DistEnv:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device and start the process group."""
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device and start the process group (and, on
+    CUDA, the gloo control group beside it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -42,10 +49,14 @@ def setup(device: Optional[str] = None) -> DistEnv:
         dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
-    return DistEnv(rank=rank, world=world, local_rank=local_rank, device=dev)
+    control = None
+    if world > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        if dist.get_backend() != "gloo":
+            control = dist.new_group(backend="gloo")  # collective: every rank runs setup
+    return DistEnv(rank=rank, world=world, local_rank=local_rank, device=dev, control=control)
 
 
 def teardown(env: DistEnv, barrier: bool = False) -> None:
@@ -54,7 +65,7 @@ def teardown(env: DistEnv, barrier: bool = False) -> None:
     called without an active exception", under FSDP2 on CPU). Never after an error: the others may not come."""
     if env.distributed and dist.is_initialized():
         if barrier:
-            dist.barrier()
+            dist.barrier(group=env.control)
         dist.destroy_process_group()
 
 
@@ -76,20 +87,30 @@ def wrap(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """``t`` summed over the ranks, in place (on the data backend: NCCL on CUDA)."""
     if env.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """Whether ``flag`` is true on any rank. Collective on the CPU control group: no GPU sync."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control)
+    return bool(t.item())
+
+
 def gather_objects(obj, env: DistEnv) -> list:
-    """Every rank's ``obj``, in rank order (on every rank)."""
+    """Every rank's ``obj``, in rank order (on every rank; pickled over the CPU control group)."""
     if not env.distributed:
         return [obj]
     out = [None] * env.world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=env.control)
     return out
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
-        dist.barrier()
+        dist.barrier(group=env.control)
