@@ -126,6 +126,8 @@ def cross_entropy_problems(subset: str):
                         lse, _, _ = op._launch_forward(x, w, b, tgt, params, policy)
                         grad = _meta(1, dtype=torch.float32).expand(t)
                         op._launch_backward(grad, x, w, b, tgt, lse, params, True, True, bias, policy)
+                        # the forward-with-gradient path (mean / sum with grad): logits stored, dlogits in place
+                        op._launch_forward_with_grad(x, w, b, tgt, params, True, True, bias, policy)
 
                     yield f"cross_entropy {dname} {sname} bias={bias} smoothing={smoothing}", run
 
