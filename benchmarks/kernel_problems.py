@@ -64,20 +64,19 @@ def attention_problems(subset: str):
 
     yield "attention bf16 D=64 N=224 prefix split", run_tail32
     # The fused backward at every on-chip head size it accepts (one to three 64-row key tiles), bf16 causal +
-    # prefix.
-    if subset != "gpu-run":
-        for n in (16, 64, 128, 192):
-            def run_small(n=n):
-                if not op._kernels().fused_backward_fits(64, False, n, op.table_arch(qdev)):
-                    return
-                qkv = _meta(2, n, 3, 4, 64, dtype=torch.bfloat16)
-                q, k, v = op._unpack(qkv)
-                pre = _meta(2, dtype=torch.int32)
-                o, lse = op._launch_forward(q, k, v, pre, True, 1, 0.125, op.LaunchPolicy())
-                op._launch_backward(o, q, k, v, o, lse, pre, True, 1, 0.125, op.LaunchPolicy(), "fused",
-                                    out=op._unpack(_meta(2, n, 3, 4, 64, dtype=torch.bfloat16)))
+    # prefix; the GPU run meets it at three (the benchmark shapes, 196 and 256, take the tiled backward).
+    for n in ((192,) if subset == "gpu-run" else (16, 64, 128, 192)):
+        def run_small(n=n):
+            if not op._kernels().fused_backward_fits(64, False, n, op.table_arch(qdev)):
+                return
+            qkv = _meta(2, n, 3, 4, 64, dtype=torch.bfloat16)
+            q, k, v = op._unpack(qkv)
+            pre = _meta(2, dtype=torch.int32)
+            o, lse = op._launch_forward(q, k, v, pre, True, 1, 0.125, op.LaunchPolicy())
+            op._launch_backward(o, q, k, v, o, lse, pre, True, 1, 0.125, op.LaunchPolicy(), "fused",
+                                out=op._unpack(_meta(2, n, 3, 4, 64, dtype=torch.bfloat16)))
 
-            yield f"attention bf16 D=64 N={n} prefix fused", run_small
+        yield f"attention bf16 D=64 N={n} prefix fused", run_small
 
 
 def patch_embed_problems(subset: str):

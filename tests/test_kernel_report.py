@@ -64,13 +64,19 @@ def test_rules(report):
     assert "wgmma" in report.violations({**ok, "mma": {"hgmma": 0, "hmma": 12}})[0]
     assert report.violations({**ok, "arch": "sm_80", "mma": {"hgmma": 0, "hmma": 12}}) == []
     assert "shared memory" in report.violations({**ok, "shared_bytes": 300_000})[0]
+    # attention kernels are wgmma-only on sm_90a: one HMMA fails, except the D = 256 tiled backward
+    assert "mma.sync" in report.violations({**ok, "mma": {"hgmma": 8, "hmma": 4}})[0]
+    tiled = {**ok, "kernel": "attn_bwd_tiled_kernel", "mma": {"hgmma": 8, "hmma": 4}}
+    assert report.violations({**tiled, "config": {**ok["config"], "BLOCK_D": 256}}) == []
+    assert report.violations({**tiled, "config": {**ok["config"], "BLOCK_D": 64}})
 
 
 def test_every_family_yields_launches_on_meta_tensors(report):
     """Each family's problems drive the real launchers; every kernel the ops launch is among them."""
     jobs = report.collect_jobs(list(report.FAMILIES), "gpu-run", ["sm_90a"])
     names = {job.kernel for job in jobs}
-    assert names >= {"attn_fwd_kernel", "attn_bwd_tiled_kernel", "attn_bwd_fused_kernel",
-                     "attn_bwd_preprocess_kernel", "ce_fwd_kernel", "ce_dlogits_kernel", "matmul_kernel",
+    assert names >= {"attn_fwd_kernel", "attn_fwd_tail_kernel", "attn_bwd_tiled_kernel", "attn_bwd_key_tail_kernel",
+                     "attn_bwd_fused_kernel", "attn_bwd_preprocess_kernel", "ce_fwd_kernel", "ce_dlogits_kernel",
+                     "ce_dlogits_inplace_kernel", "matmul_kernel",
                      "patch_embed_fwd_kernel", "patch_embed_dw_kernel", "patch_embed_dx_kernel", "pixel_loss_kernel"}
     assert sys.modules.get("aimkern.kernels.attention") is not None
