@@ -224,7 +224,8 @@ def print_tables(rows: list) -> None:
     print("Peers: fwd+bwd ms measured on the H200 (benchmarks/RESULTS.md).\n")
     attn = [r for r in rows if r["op"] == "attention"]
     if attn:
-        head = (f"{'shape':<20} {'mask':<7} {'bwd path (*: default)':<22} {'fwd x':>6} {'bwd x':>6} {'bwd bytes x':>11} "
+        head = (f"{'shape':<20} {'mask':<7} {'bwd path (*: default)':<22} {'fwd x':>6} {'bwd x':>6} "
+                f"{'bwd bytes x':>11} "
                 f"{'fwd+bwd GFLOP':>13} {'req GB':>6} {'floor ms':>8} {'(req B)':>8}  peer ms")
         print(head)
         print("-" * len(head))

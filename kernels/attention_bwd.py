@@ -152,13 +152,15 @@ def attn_bwd_tiled_kernel(
                            HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC,
                            DQ_KEY_MAJOR, DOT_PRECISION)
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_full,
-                           m_split, n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
+                           m_split, n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size,
+                           qk_scale,
                            HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DETERMINISTIC,
                            DQ_KEY_MAJOR, DOT_PRECISION)
     # Tail query tiles: semaphores after the m_split // BLOCK_M main ones (start_m // QUERY_TAIL counts from
     # 0, so subtract the m_split // QUERY_TAIL tail-sized slots it would skip).
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, t_lo, N,
-                           n_tile, last_tile, m_split // BLOCK_M - m_split // QUERY_TAIL, offs_n, offs_d, sqn, sqd, sdn, sdd,
+                           n_tile, last_tile, m_split // BLOCK_M - m_split // QUERY_TAIL, offs_n, offs_d, sqn, sqd,
+                           sdn, sdd,
                            N, prefix, block_size, qk_scale, HEAD_D, BLOCK_D, QUERY_TAIL, BLOCK_N, IS_CAUSAL,
                            HAS_PREFIX, True, DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
     store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, K_END, offs_d,

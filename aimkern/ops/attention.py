@@ -130,7 +130,8 @@ def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale
 def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_size: int, scale: float,
                      policy: LaunchPolicy, bwd_path: str, out: Optional[tuple] = None, deterministic: bool = True):
     """dq, dk, dv of (B, H, N, D) inputs. ``bwd_path``: "fused" or "split" (the tiled kernel), decided at
-    forward time (``_backward_path``); ``deterministic`` orders the tiled kernel's dQ accumulation. ``out``: optional preallocated (dq, dk, dv), any (B, H, N, D) strided views (the
+    forward time (``_backward_path``); ``deterministic`` orders the tiled kernel's dQ accumulation.
+    ``out``: optional preallocated (dq, dk, dv), any (B, H, N, D) strided views (the
     packed op passes slices of one (B, N, 3, H, D) buffer); every kernel stores through the output
     strides, so nothing is copied afterwards."""
     b, h, n, d = q.shape
@@ -164,7 +165,9 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
     )
     choice = kern.backward_tiled(d, fp32, n, table_arch(q.device))
     dq_acc = torch.zeros((b * h, n, d), device=q.device, dtype=torch.float32)
-    sem = torch.zeros((b * h, cdiv(n, kern.BWD_QUERY_TAIL)), device=q.device, dtype=torch.int32)  # >= tiles
+    # One turn counter per query tile (>= the tiles of any config); never touched without DETERMINISTIC.
+    sem_shape = (b * h, cdiv(n, kern.BWD_QUERY_TAIL)) if deterministic else (1,)
+    sem = torch.zeros(sem_shape, device=q.device, dtype=torch.int32)
     k_end, key_tile = kern.key_tail(n, d)
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride())
     if key_tile:  # the last keys first, in one narrow tile: their dQ shares land before the tiled kernel's
