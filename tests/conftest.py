@@ -5,11 +5,18 @@ kernel is defined), so it is decided here, at collection time, before the tests 
 On a CUDA machine the same tests run the compiled kernels.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The op, model and training tests are about what each path computes: there backend="auto" keeps the fixed
+# rule (Triton on CUDA, the reference elsewhere), so a test runs the path it names whatever the timings.
+# tests/test_dispatch*.py measure for real. No test writes to the user's ~/.cache.
+os.environ.setdefault("AIMKERN_DISPATCH", "fixed")
+os.environ.setdefault("AIMKERN_CACHE_DIR", tempfile.mkdtemp(prefix="aimkern-test-cache-"))
 
 import pytest  # noqa: E402
 

@@ -41,6 +41,16 @@ def resolve_backend(backend: str, ref: torch.Tensor, op: str) -> str:
     return backend
 
 
+def measured_auto(backend: str) -> bool:
+    """Whether ``backend`` ("auto") is decided by measuring (``aimkern.dispatch``) rather than by the fixed
+    rule (``AIMKERN_DISPATCH=fixed``: Triton on CUDA, the reference elsewhere)."""
+    if backend != "auto":
+        return False
+    from ..dispatch.environment import mode
+
+    return mode() == "measured"
+
+
 def autocast_inputs(*tensors):
     """Cast floating inputs to the autocast dtype when autocast is on for their device, as F.linear and SDPA do.
 
@@ -137,3 +147,14 @@ def _already_validated(t: torch.Tensor, n: int) -> bool:
 def _remember_validated(t: torch.Tensor, n: int) -> None:
     global _last_validated
     _last_validated = (weakref.ref(t), t._version, n)
+
+
+def run_dispatched(op: str, tensors: tuple, options: dict, dtype: torch.dtype):
+    """Run the call through the candidate ``aimkern.dispatch`` chooses for it (``backend="auto"``)."""
+    from ..dispatch import choose
+    from .spec import describe, get_spec
+
+    spec = get_spec(op)
+    cand = choose(spec, describe(op, tensors, options, dtype))
+    args, kwargs = spec.split_call(tensors, options)
+    return cand.fn(*args, **kwargs)

@@ -28,7 +28,9 @@ from ._checks import (
     autocast_inputs,
     check_float_dtype,
     check_same_device,
+    check_backend_name,
     check_tensor,
+    measured_auto,
     normalize_prefix_len,
     resolve_backend,
 )
@@ -75,7 +77,7 @@ def _check_inputs(q, k, v, params: AttentionParams, backend: str, op: str = OP) 
     check_same_device((("q", q), ("k", k), ("v", v)), op)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_float_dtype(q, "q", op, backend)
+    check_float_dtype(q, "q", op, "reference" if backend == "measured" else backend)
     n, d = q.shape[2], q.shape[3]
     if n < 1:
         raise ValueError(f"{op}: sequence length N must be >= 1, got {n}")
@@ -272,8 +274,11 @@ def _triton_args(q, prefix_len: Optional[torch.Tensor], params: AttentionParams)
 
 
 def _resolve(q, k, v, params: AttentionParams, backend: str, prefix_len, op: str) -> tuple:
-    """(backend, prefix_len as None or an int32 (B,) tensor) for (B, H, N, D) q, k, v, after every check."""
-    be = resolve_backend(backend, q, op)
+    """(backend, prefix_len as None or an int32 (B,) tensor) for (B, H, N, D) q, k, v, after every check.
+    backend "measured": ``aimkern.dispatch`` chooses (inputs checked as for the reference, which takes the
+    most dtypes; each candidate says what it supports)."""
+    check_backend_name(backend, op)
+    be = "measured" if measured_auto(backend) else resolve_backend(backend, q, op)
     _check_inputs(q, k, v, params, be, op=op)
     return be, normalize_prefix_len(prefix_len, q.shape[0], q.shape[2], q.device, op)
 
@@ -287,6 +292,17 @@ def _reference(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionPar
 def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
     o, _ = _attention_fwd(q, k, v, *_triton_args(q, prefix_len, params))
     return o
+
+
+def _measured(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams):
+    """The candidate ``aimkern.dispatch`` chooses for this call, and the options it is called with."""
+    from ..dispatch import choose
+    from .spec import describe, get_spec
+
+    spec = get_spec(OP)
+    options = dict(is_causal=params.is_causal, block_size=params.block_size, scale=params.scale,
+                   deterministic=params.deterministic)
+    return choose(spec, describe(OP, (q, k, v, prefix_len), options, q.dtype)), options
 
 
 # ------------------------------------------------------------------- packed qkv: custom ops + autograd
@@ -394,6 +410,9 @@ def attention(
     check_tensor(q, "q", OP)
     q, k, v = autocast_inputs(q, k, v)
     be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP)
+    if be == "measured":
+        cand, options = _measured(q, k, v, prefix, params)
+        return cand.fn(q, k, v, prefix_len=prefix, **options)
     if be == "reference":
         return _reference(q, k, v, prefix, params)
     return _attention_triton(q, k, v, prefix, params)
@@ -429,7 +448,16 @@ def attention_qkvpacked(
     (qkv,) = autocast_inputs(qkv)
     q, k, v = _unpack(qkv)
     be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP_PACKED)
+    if be == "measured":  # the choice of attention on the unpacked views; a packed variant where it has one
+        cand, options = _measured(q, k, v, prefix, params)
+        if "packed" in cand.extra:
+            return cand.extra["packed"](qkv, prefix_len=prefix, **options)
+        return cand.fn(q, k, v, prefix_len=prefix, **options).transpose(1, 2)
     if be == "reference":
         return _reference(q, k, v, prefix, params).transpose(1, 2)
-    o, _ = _attention_qkvpacked_fwd(qkv, *_triton_args(q, prefix, params))
+    return _attention_qkvpacked_triton(qkv, prefix, params)
+
+
+def _attention_qkvpacked_triton(qkv, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
+    o, _ = _attention_qkvpacked_fwd(qkv, *_triton_args(_unpack(qkv)[0], prefix_len, params))
     return o

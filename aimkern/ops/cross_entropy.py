@@ -25,7 +25,8 @@ import torch
 
 from ..reference.cross_entropy import linear_cross_entropy_reference
 from ._checks import (
-    autocast_inputs, can_inspect_values, check_float_dtype, check_same_device, check_tensor, resolve_backend,
+    autocast_inputs, can_inspect_values, check_backend_name, check_float_dtype, check_same_device, check_tensor,
+    measured_auto, resolve_backend, run_dispatched,
 )
 from ._launch import (
     LaunchPolicy, autotunes, cdiv, current_policy, fixed_config, gpu_configs_active, interpreting, launch, sm_count,
@@ -442,6 +443,12 @@ def linear_cross_entropy(
     params = CrossEntropyParams(reduction, ignore_index, float(label_smoothing), float(z_loss))
     check_tensor(input, "input", OP)
     input, linear_weight, linear_bias = autocast_inputs(input, linear_weight, linear_bias)
+    check_backend_name(backend, OP)
+    if measured_auto(backend):  # aimkern.dispatch chooses; inputs checked as for the reference
+        _check_inputs(input, linear_weight, target, linear_bias, params, "reference")
+        options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+                       z_loss=float(z_loss))
+        return run_dispatched(OP, (input, linear_weight, target, linear_bias), options, input.dtype)
     be = resolve_backend(backend, input, OP)
     _check_inputs(input, linear_weight, target, linear_bias, params, be)
     if be == "reference":

@@ -17,7 +17,10 @@ from typing import Optional
 import torch
 
 from ..reference.patch_embed import patch_embed_reference
-from ._checks import autocast_inputs, check_float_dtype, check_same_device, check_tensor, resolve_backend
+from ._checks import (
+    autocast_inputs, check_backend_name, check_float_dtype, check_same_device, check_tensor, measured_auto,
+    resolve_backend, run_dispatched,
+)
 from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, launch, sm_count
 
 OP = "patch_embed"
@@ -238,6 +241,10 @@ def patch_embed(
     """
     check_tensor(images, "images", OP)
     images, weight, bias, pos_embed = autocast_inputs(images, weight, bias, pos_embed)
+    check_backend_name(backend, OP)
+    if measured_auto(backend):  # aimkern.dispatch chooses; inputs checked as for the reference
+        _check_inputs(images, weight, bias, pos_embed, "reference")
+        return run_dispatched(OP, (images, weight, bias, pos_embed), {}, images.dtype)
     be = resolve_backend(backend, images, OP)
     _check_inputs(images, weight, bias, pos_embed, be)
     if be == "reference":

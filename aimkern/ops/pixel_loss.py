@@ -20,7 +20,10 @@ import torch
 
 from ..reference.pixel_loss import counted_targets, next_patch_pixel_loss_reference
 from ._checks import (
+    check_backend_name,
     check_float_dtype,
+    measured_auto,
+    run_dispatched,
     check_same_device,
     check_tensor,
     normalize_prefix_len,
@@ -201,6 +204,12 @@ def next_patch_pixel_loss(
     """
     params = PixelLossParams(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=float(eps))
     check_tensor(pred, "pred", OP)
+    check_backend_name(backend, OP)
+    if measured_auto(backend):  # aimkern.dispatch chooses; inputs checked as for the reference
+        _check_inputs(pred, images, params, "reference")
+        prefix = normalize_prefix_len(prefix_len, pred.shape[0], pred.shape[1], pred.device, OP)
+        options = dict(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=float(eps))
+        return run_dispatched(OP, (pred, images, prefix), options, pred.dtype)
     be = resolve_backend(backend, pred, OP)
     if be == "triton" and backend == "auto" and isinstance(images, torch.Tensor) and _images_need_grad(images):
         be = "reference"  # only the reference gives the images a gradient

@@ -1,0 +1,209 @@
+"""The spec of ``aimkern.attention``: its candidates, problems, key parts and tolerance.
+
+Candidates (each a forward + the backward autograd takes through it):
+
+    triton-fused          aimkern's one-program-per-head backward (where a head's K, V fit on chip)
+    triton-split          the tiled dK/dV + dQ backward, dQ shares added in a fixed order (the forward alone
+                          when nothing needs a gradient)
+    triton-split-atomic   the same, dQ shares added by fp32 atomics: only when the call says deterministic=False
+    sdpa-cudnn / -flash / -efficient / -math   F.scaled_dot_product_attention pinned to one backend (CUDA);
+                          is_causal=True for token-causal, a boolean (B, 1, N, N) mask for block and prefix
+    sdpa                  F.scaled_dot_product_attention as torch picks it (CPU)
+    reference             aimkern.reference.attention_reference (einsum, softmax in fp32)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ...reference.attention import attention_mask, attention_reference
+from .. import attention as op
+from .._launch import interpreting, launch_policy, table_arch
+from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
+from .common import pow2, randint, randn, seq_band
+
+TENSORS = ("q", "k", "v", "prefix_len")
+
+
+def _effective(problem: Problem) -> tuple:
+    """(causal, block_size, has_prefix) as the kernels see them: one causal block spanning N is full."""
+    n = problem.shapes[0][2]
+    causal = bool(problem.option("is_causal")) and problem.option("block_size", 1) < n
+    return causal, (problem.option("block_size", 1) if causal else 1), causal and problem.shapes[3] is not None
+
+
+def mask_kind(problem: Problem) -> str:
+    causal, block, prefix = _effective(problem)
+    if not causal:
+        return "full"
+    kind = "causal" if block == 1 else "block"
+    return f"prefix-{kind}" if prefix else kind
+
+
+def band(problem: Problem) -> str:
+    b, h, n, d = problem.shapes[0]
+    return f"bh<={pow2(b * h)}|n{seq_band(n)}|d{d}"
+
+
+def small_problem(problem: Problem) -> Problem:
+    """2 x 2 heads, N up to 97 (tails in every tile), the same D, dtype and mask kind."""
+    b, h, n, d = problem.shapes[0]
+    b2, h2, n2 = min(b, 2), min(h, 2), min(n, 97)
+    options = problem.kwargs()
+    causal, block, _ = _effective(problem)
+    if causal and block >= n2:
+        options["block_size"] = max(2, n2 // 2)
+    qshape = (b2, h2, n2, d)
+    return problem.with_(shapes=(qshape, qshape, qshape, (b2,) if problem.shapes[3] is not None else None),
+                         options=options)
+
+
+def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
+    q, k, v = (randn(problem, i, gen) for i in range(3))
+    return q, k, v, randint(problem, 3, 0, problem.shapes[0][2] + 1, gen)
+
+
+def _call_layout(tensors: tuple, options: dict) -> tuple:
+    q, k, v, prefix = tensors
+    return (q, k, v), dict(options, prefix_len=prefix)
+
+
+# ------------------------------------------------------------------------------------------- Triton paths
+def _triton_unsupported(problem: Problem) -> Optional[str]:
+    if problem.device_type == "cpu":
+        if not interpreting():
+            return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
+        if problem.dtype == "bfloat16":
+            return "bfloat16 is wrong under Triton's interpreter"
+    if problem.dtype not in ("float16", "bfloat16", "float32"):
+        return f"{problem.dtype} is not a kernel dtype"
+    return None
+
+
+def _fused_unsupported(problem: Problem):
+    if not problem.grad:
+        return "no backward to choose (the forward is triton-split's)"
+    if problem.device_type == "cuda":
+        _, _, n, d = problem.shapes[0]
+        arch = table_arch(torch.device(problem.device))
+        if not op._kernels().fused_backward_fits(d, problem.dtype == "float32", n, arch):
+            return f"a head's (N={n}, D={d}) tile does not fit on chip"
+    return _triton_unsupported(problem)
+
+
+def _atomic_unsupported(problem: Problem):
+    if not problem.grad:
+        return "no backward to choose (the forward is triton-split's)"
+    if problem.option("deterministic", True):
+        return "adds dQ with atomics: only for deterministic=False"
+    return _triton_unsupported(problem)
+
+
+def _triton(backward: str, deterministic: Optional[bool] = None):
+    """A Triton candidate: the aimkern kernels with one backward path (``deterministic`` overrides the call's)."""
+
+    def run(q, k, v, *, prefix_len=None, deterministic_=deterministic, **options):
+        params = _params(options, deterministic_)
+        with launch_policy(attention_backward=backward):
+            return op._attention_triton(q, k, v, prefix_len, params)
+
+    def packed(qkv, *, prefix_len=None, deterministic_=deterministic, **options):
+        params = _params(options, deterministic_)
+        with launch_policy(attention_backward=backward):
+            return op._attention_qkvpacked_triton(qkv, prefix_len, params)
+
+    return run, packed
+
+
+def _params(options: dict, deterministic: Optional[bool]) -> "op.AttentionParams":
+    if deterministic is not None:
+        options = dict(options, deterministic=deterministic)
+    return op.AttentionParams(**options)
+
+
+# -------------------------------------------------------------------------------------------- torch paths
+_SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def _sdpa(backend: Optional[str]):
+    def run(q, k, v, *, is_causal=False, block_size=1, prefix_len=None, scale=None, deterministic=True):
+        n = q.shape[2]
+        causal = is_causal and block_size < n
+        mask, token_causal = None, False
+        if causal and block_size == 1 and prefix_len is None:
+            token_causal = True
+        elif causal:
+            mask = attention_mask(n, is_causal=True, block_size=block_size, prefix_len=prefix_len,
+                                  batch=q.shape[0], device=q.device)
+        ctx = contextlib.nullcontext()
+        if backend is not None:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+            ctx = sdpa_kernel(which)
+        with ctx:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=token_causal, scale=scale)
+
+    return run
+
+
+def _sdpa_unsupported(backend: str):
+    def rule(problem: Problem):
+        if problem.dtype not in ("float16", "bfloat16", "float32"):
+            return f"{problem.dtype} is not an SDPA kernel dtype"
+        if backend in ("cudnn", "flash"):
+            if problem.dtype == "float32":
+                return f"SDPA's {backend} backend takes 16-bit inputs only"
+            if mask_kind(problem) not in ("full", "causal"):
+                return f"SDPA's {backend} backend takes no explicit mask ({mask_kind(problem)} needs one)"
+        if backend != "math" and problem.grad and problem.option("deterministic", True):
+            return f"SDPA's {backend} backward adds dQ with atomics: only for deterministic=False"
+        return None
+
+    return rule
+
+
+def _reference(q, k, v, *, is_causal=False, block_size=1, prefix_len=None, scale=None, deterministic=True):
+    return attention_reference(q, k, v, is_causal=is_causal, block_size=block_size, prefix_len=prefix_len,
+                               scale=scale)
+
+
+def _candidates() -> list:
+    fused, fused_packed = _triton("fused")
+    split, split_packed = _triton("split")
+    atomic, atomic_packed = _triton("split", deterministic=False)
+    out = [
+        Candidate("triton-fused", fused, "aimkern", _fused_unsupported, interpreted=True,
+                  extra={"packed": fused_packed}),
+        Candidate("triton-split", split, "aimkern", _triton_unsupported, interpreted=True,
+                  extra={"packed": split_packed}),
+        Candidate("triton-split-atomic", atomic, "aimkern", _atomic_unsupported, interpreted=True,
+                  extra={"packed": atomic_packed}),
+    ]
+    out += [Candidate(f"sdpa-{b}", _sdpa(b), "torch", _sdpa_unsupported(b), devices=("cuda",)) for b in _SDPA_BACKENDS]
+    out.append(Candidate("sdpa", _sdpa(None), "torch", _sdpa_unsupported("math"), devices=("cpu",)))
+    out.append(Candidate("reference", _reference, "torch"))
+    return out
+
+
+def _reference_fn(q, k, v, *, prefix_len=None, **options):
+    return _reference(q, k, v, prefix_len=prefix_len, **options)
+
+
+SPEC = add_spec(OpSpec(
+    name="attention",
+    tensor_args=TENSORS,
+    grad_args=("q", "k", "v"),
+    reference=_reference_fn,
+    candidates=_candidates(),
+    make_inputs=make_inputs,
+    small_problem=small_problem,
+    mask_kind=mask_kind,
+    band=band,
+    call_layout=_call_layout,
+    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+))

@@ -1,0 +1,43 @@
+"""Helpers the op specs share: shape bands and synthetic inputs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..spec import Problem
+
+
+def pow2(n: int) -> int:
+    """n rounded up to a power of two (the band of a dimension that only changes the grid)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def seq_band(n: int) -> str:
+    """Sequence lengths up to 1024 are their own band (the kernels' tail tiles and the fused / split
+    hand-over change within a few tokens); longer ones share a power-of-two band."""
+    return str(n) if n <= 1024 else f"<={pow2(n)}"
+
+
+def randn(problem: Problem, index: int, gen: torch.Generator, scale: float = 1.0) -> Optional[torch.Tensor]:
+    """Tensor argument ``index`` of ``problem``: standard normal (times ``scale``) in its dtype on the
+    problem's device, drawn on the CPU from ``gen``, requiring grad as the problem says; None if absent."""
+    shape = problem.shapes[index]
+    if shape is None:
+        return None
+    t = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+    t = t.to(device=problem.device, dtype=problem.dtype_of(index))
+    return t.requires_grad_(bool(problem.requires_grad[index]))
+
+
+def randint(problem: Problem, index: int, low: int, high: int, gen: torch.Generator) -> Optional[torch.Tensor]:
+    """Integer tensor argument ``index`` of ``problem``, uniform in [low, high), in its dtype; None if absent."""
+    shape = problem.shapes[index]
+    if shape is None:
+        return None
+    t = torch.randint(low, high, shape, generator=gen, dtype=torch.int64)
+    return t.to(device=problem.device, dtype=problem.dtype_of(index))
+
+
+def on_device(problem: Problem, device_type: str) -> Optional[str]:
+    return None if problem.device_type == device_type else f"runs on {device_type} only"

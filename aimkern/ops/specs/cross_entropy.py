@@ -1,0 +1,157 @@
+"""The spec of ``aimkern.linear_cross_entropy``.
+
+Candidates:
+
+    triton       aimkern's fused head: logits tile by tile, never the (tokens, V) matrix; with a gradient,
+                 loss and gradients in one pass (3 GEMM-equivalents)
+    chunked      F.linear + F.cross_entropy over token chunks, each chunk recomputed in the backward
+                 (torch.utils.checkpoint), so at most one chunk's logits live at a time
+    torch-fused  torch's own F.linear_cross_entropy (torch >= 2.13; chunked with LinearCrossEntropyOptions
+                 where torch has them), without z-loss
+    reference    F.linear + F.cross_entropy on the whole (tokens, V) logits
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ...reference.cross_entropy import linear_cross_entropy_reference
+from .. import cross_entropy as op
+from .._launch import interpreting
+from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
+from .common import pow2, randint, randn
+
+CHUNK_TOKENS = 4096  # the chunked candidate's tokens per chunk: 4096 x 8192 fp32 logits = 128 MiB
+
+
+def _float_dtypes_match(problem: Problem) -> Optional[str]:
+    for i, name in ((1, "linear_weight"), (3, "linear_bias")):
+        if problem.shapes[i] is not None and problem.dtype_of(i) != problem.dtype_of(0):
+            return f"needs {name} in input's dtype"
+    return None
+
+
+def _triton_unsupported(problem: Problem) -> Optional[str]:
+    if problem.device_type == "cpu" and not interpreting():
+        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
+    if problem.dtype not in ("float16", "bfloat16", "float32"):
+        return f"{problem.dtype} is not a kernel dtype"
+    return _float_dtypes_match(problem)
+
+
+def _triton(input, linear_weight, target, *, linear_bias=None, **options):
+    return op._linear_cross_entropy_triton(input, linear_weight, target, linear_bias, op.CrossEntropyParams(**options))
+
+
+def _chunk_losses(x, w, b, t, ignore_index: int, label_smoothing: float, z_loss: float):
+    """Per-token loss (T,) fp32 of one chunk, zero where ignored."""
+    logits = F.linear(x, w, b).float()
+    loss = F.cross_entropy(logits, t, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if z_loss:
+        keep = (t != ignore_index).to(logits.dtype)
+        loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square() * keep
+    return loss
+
+
+def _chunked(input, linear_weight, target, *, linear_bias=None, reduction="mean", ignore_index=-100,
+             label_smoothing=0.0, z_loss=0.0):
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1).long()
+    parts = []
+    for t0 in range(0, x.shape[0], CHUNK_TOKENS):
+        args = (x[t0:t0 + CHUNK_TOKENS], linear_weight, linear_bias, t[t0:t0 + CHUNK_TOKENS],
+                ignore_index, label_smoothing, z_loss)
+        grad = torch.is_grad_enabled() and any(a.requires_grad for a in args[:3] if a is not None)
+        parts.append(checkpoint(_chunk_losses, *args, use_reentrant=False) if grad else _chunk_losses(*args))
+    loss = torch.cat(parts) if parts else x.new_zeros((0,), dtype=torch.float32)
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (t != ignore_index).sum()
+
+
+def _torch_fused(input, linear_weight, target, *, linear_bias=None, reduction="mean", ignore_index=-100,
+                 label_smoothing=0.0, z_loss=0.0):
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    kwargs = dict(linear_bias=linear_bias, reduction=reduction, ignore_index=ignore_index,
+                  label_smoothing=label_smoothing)
+    if options is not None:
+        kwargs["options"] = options()
+    x = input.reshape(-1, input.shape[-1])  # it takes (T, E) and (T,)
+    loss = F.linear_cross_entropy(x, linear_weight, target.reshape(-1).long(), **kwargs).float()
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _torch_fused_unsupported(problem: Problem) -> Optional[str]:
+    if not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"
+    if problem.option("z_loss", 0.0):
+        return "torch's F.linear_cross_entropy has no z-loss"
+    return _float_dtypes_match(problem)
+
+
+def _reference(input, linear_weight, target, *, linear_bias=None, **options):
+    return linear_cross_entropy_reference(input, linear_weight, target, linear_bias=linear_bias, **options)
+
+
+def mask_kind(problem: Problem) -> str:
+    parts = [problem.option("reduction", "mean")]
+    parts += ["ls"] if problem.option("label_smoothing", 0.0) else []
+    parts += ["z"] if problem.option("z_loss", 0.0) else []
+    parts += ["bias"] if problem.shapes[3] is not None else []
+    return "+".join(parts)
+
+
+def band(problem: Problem) -> str:
+    tokens = 1
+    for s in problem.shapes[2]:
+        tokens *= s
+    v, e = problem.shapes[1]
+    return f"t<={pow2(tokens)}|v{v}|e{e}"
+
+
+def small_problem(problem: Problem) -> Problem:
+    """37 tokens (a ragged tile), the same vocabulary, width, dtype and options."""
+    v, e = problem.shapes[1]
+    shapes = list(problem.shapes)
+    shapes[0], shapes[2] = (37, e), (37,)
+    return problem.with_(shapes=tuple(shapes))
+
+
+def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
+    v, e = problem.shapes[1]
+    x, w, b = randn(problem, 0, gen), randn(problem, 1, gen, e**-0.5), randn(problem, 3, gen)
+    target = randint(problem, 2, 0, v, gen)
+    ignore = problem.option("ignore_index", -100)
+    drop = torch.rand(target.shape, generator=gen) < 0.1  # about one token in ten ignored
+    target = torch.where(drop.to(target.device), torch.full_like(target, ignore), target)
+    return x, w, target, b
+
+
+def _call_layout(tensors: tuple, options: dict) -> tuple:
+    x, w, target, b = tensors
+    return (x, w, target), dict(options, linear_bias=b)
+
+
+SPEC = add_spec(OpSpec(
+    name="linear_cross_entropy",
+    tensor_args=("input", "linear_weight", "target", "linear_bias"),
+    grad_args=("input", "linear_weight", "linear_bias"),
+    reference=_reference,
+    candidates=[
+        Candidate("triton", _triton, "aimkern", _triton_unsupported, interpreted=True),
+        Candidate("chunked", _chunked, "torch", _float_dtypes_match),
+        Candidate("torch-fused", _torch_fused, "torch", _torch_fused_unsupported),
+        Candidate("reference", _reference, "torch"),
+    ],
+    make_inputs=make_inputs,
+    small_problem=small_problem,
+    mask_kind=mask_kind,
+    band=band,
+    call_layout=_call_layout,
+    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}),
+))

@@ -1,0 +1,86 @@
+"""The spec of ``aimkern.next_patch_pixel_loss``.
+
+Candidates:
+
+    triton     aimkern's fused kernel (one read of pred and images forward, one backward; images are data)
+    reference  patchify + per-patch normalization + shift + masked MSE in PyTorch
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...reference.pixel_loss import next_patch_pixel_loss_reference
+from .. import pixel_loss as op
+from .._launch import interpreting
+from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
+from .common import pow2, randint, randn, seq_band
+
+
+def _triton_unsupported(problem: Problem) -> Optional[str]:
+    if problem.device_type == "cpu" and not interpreting():
+        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
+    for i, name in ((0, "pred"), (1, "images")):
+        if problem.dtype_of(i) not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"{name} in {problem.dtype_of(i)} is not a kernel dtype"
+    if problem.requires_grad[1]:
+        return "treats images as data (no gradient); the images require grad"
+    return None
+
+
+def _triton(pred, images, *, prefix_len=None, **options):
+    return op._pixel_loss_triton(pred, images, prefix_len, op.PixelLossParams(**options))
+
+
+def _reference(pred, images, *, prefix_len=None, **options):
+    return next_patch_pixel_loss_reference(pred, images, prefix_len=prefix_len, **options)
+
+
+def mask_kind(problem: Problem) -> str:
+    kind = f"offset{problem.option('offset', 1)}" + ("+prefix" if problem.shapes[2] is not None else "")
+    return kind + ("" if problem.option("norm_pix", True) else "+raw")
+
+
+def band(problem: Problem) -> str:
+    b, n, d = problem.shapes[0]
+    return f"b<={pow2(b)}|n{seq_band(n)}|d{d}|c{problem.shapes[1][1]}"
+
+
+def small_problem(problem: Problem) -> Problem:
+    """Two images of at most 3 x 5 patches, the same patch size, channels and options."""
+    b, c, h, w = problem.shapes[1]
+    p = problem.option("patch_size")
+    h2, w2 = min(h, 3 * p), min(w, 5 * p)
+    b2 = min(b, 2)
+    n2 = (h2 // p) * (w2 // p)
+    return problem.with_(shapes=((b2, n2, problem.shapes[0][2]), (b2, c, h2, w2),
+                                 (b2,) if problem.shapes[2] is not None else None))
+
+
+def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
+    n = problem.shapes[0][1]
+    return randn(problem, 0, gen), randn(problem, 1, gen), randint(problem, 2, 0, n + 1, gen)
+
+
+def _call_layout(tensors: tuple, options: dict) -> tuple:
+    pred, images, prefix = tensors
+    return (pred, images), dict(options, prefix_len=prefix)
+
+
+SPEC = add_spec(OpSpec(
+    name="next_patch_pixel_loss",
+    tensor_args=("pred", "images", "prefix_len"),
+    grad_args=("pred", "images"),
+    reference=_reference,
+    candidates=[
+        Candidate("triton", _triton, "aimkern", _triton_unsupported, interpreted=True),
+        Candidate("reference", _reference, "torch"),
+    ],
+    make_inputs=make_inputs,
+    small_problem=small_problem,
+    mask_kind=mask_kind,
+    band=band,
+    call_layout=_call_layout,
+    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3}),
+))
