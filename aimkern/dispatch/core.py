@@ -72,14 +72,19 @@ def unregister(op: str, name: str) -> None:
 def _forget(op: str) -> None:
     for p in [p for p in _MEMO if p.op == op]:
         del _MEMO[p]
+    for sig in [sig for sig in _FAST if sig[0] == op]:
+        del _FAST[sig]
     for k in [k for k, row in _ROWS.items() if row["op"] == op]:
         del _ROWS[k]
 
 
 def reset() -> None:
-    """Forget this process's decisions, pins and warnings (the decisions file stays)."""
+    """Forget this process's decisions, pins and warnings (the decisions file stays), and read
+    ``AIMKERN_DISPATCH`` again."""
+    environment.refresh()
     with _LOCK:
         _MEMO.clear()
+        _FAST.clear()
         _ROWS.clear()
         _PINNED.clear()
         _WARNED.clear()
@@ -103,6 +108,32 @@ def decision_key(spec: OpSpec, problem: Problem) -> str:
 
 
 # ------------------------------------------------------------------------------------------ choosing
+_FAST: dict = {}  # call signature (plain tuple) -> Candidate: the per-call path, a few microseconds
+
+
+def select(op: str, tensors: tuple, options: dict, dtype: torch.dtype) -> Candidate:
+    """The candidate for a call of ``op`` on ``tensors`` (in the spec's order, None where absent) with
+    ``options``: one dict look-up once the call's signature was seen, ``choose`` otherwise."""
+    if torch.compiler.is_compiling():
+        from ..ops.spec import describe
+
+        spec = get_spec(op)
+        return choose(spec, describe(op, tensors, options, dtype))
+    grad = torch.is_grad_enabled()
+    # Cheap to build and to hash: shapes are tuples, dtypes hash by identity, get_device() is an int
+    # (-1 on the CPU); torch.device objects would cost more than everything else together.
+    sig = (op, dtype, grad, *options.values(),
+           *[None if t is None else (t.shape, t.dtype, t.get_device(), t.requires_grad) for t in tensors])
+    cand = _FAST.get(sig)
+    if cand is None:
+        from ..ops.spec import describe
+
+        spec = get_spec(op)
+        cand = choose(spec, describe(op, tensors, options, dtype))
+        _FAST[sig] = cand
+    return cand
+
+
 def choose(spec: OpSpec, problem: Problem) -> Candidate:
     """The candidate that runs ``problem`` (deciding it on first use)."""
     if torch.compiler.is_compiling():
@@ -265,3 +296,4 @@ def pin(recorded: dict) -> None:
     with _LOCK:
         _PINNED.update(recorded)
         _MEMO.clear()
+        _FAST.clear()

@@ -5,21 +5,52 @@ torch, Triton and driver versions. ``AIMKERN_DISPATCH`` and ``AIMKERN_CACHE_DIR`
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 from pathlib import Path
+from typing import Iterator
 
 MODES = ("measured", "fixed")
 
 
+_FORCED: list = []  # modes set by forced_mode(), innermost last
+
+
 def mode() -> str:
     """``AIMKERN_DISPATCH``: "measured" (default: verify and time the candidates on first use) or "fixed"
-    (today's rule without measuring: Triton on CUDA, the reference elsewhere)."""
-    value = os.environ.get("AIMKERN_DISPATCH", "measured").strip().lower() or "measured"
+    (the rule without measuring: Triton on CUDA, the reference elsewhere). Read once per process (every op
+    call asks; ``os.environ`` costs microseconds): ``refresh()`` reads it again."""
+    if _FORCED:
+        return _FORCED[-1]
+    if _ENV_MODE[0] is None:
+        value = os.environ.get("AIMKERN_DISPATCH", "measured").strip().lower() or "measured"
+        if value not in MODES:
+            raise ValueError(f"AIMKERN_DISPATCH must be one of {MODES}, got {value!r}")
+        _ENV_MODE[0] = value
+    return _ENV_MODE[0]
+
+
+_ENV_MODE: list = [None]  # AIMKERN_DISPATCH as read (a plain global: torch.compile traces through mode())
+
+
+def refresh() -> None:
+    """Read ``AIMKERN_DISPATCH`` again (after changing it in this process)."""
+    _ENV_MODE[0] = None
+
+
+@contextlib.contextmanager
+def forced_mode(value: str) -> Iterator[None]:
+    """Use dispatch mode ``value`` inside the block, whatever ``AIMKERN_DISPATCH`` says (``python -m
+    aimkern.tune`` measures even where the environment says fixed)."""
     if value not in MODES:
-        raise ValueError(f"AIMKERN_DISPATCH must be one of {MODES}, got {value!r}")
-    return value
+        raise ValueError(f"dispatch mode must be one of {MODES}, got {value!r}")
+    _FORCED.append(value)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
 
 
 def cache_dir() -> Path:

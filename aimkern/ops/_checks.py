@@ -46,9 +46,15 @@ def measured_auto(backend: str) -> bool:
     rule (``AIMKERN_DISPATCH=fixed``: Triton on CUDA, the reference elsewhere)."""
     if backend != "auto":
         return False
-    from ..dispatch.environment import mode
+    global _mode
+    if _mode is None:
+        from ..dispatch.environment import mode  # imported late: aimkern.dispatch imports the ops' specs
 
-    return mode() == "measured"
+        _mode = mode
+    return _mode() == "measured"
+
+
+_mode = None  # aimkern.dispatch.environment.mode, once imported
 
 
 def autocast_inputs(*tensors):
@@ -149,12 +155,18 @@ def _remember_validated(t: torch.Tensor, n: int) -> None:
     _last_validated = (weakref.ref(t), t._version, n)
 
 
+_select = None  # aimkern.dispatch.core.select, once imported
+
+
 def run_dispatched(op: str, tensors: tuple, options: dict, dtype: torch.dtype):
     """Run the call through the candidate ``aimkern.dispatch`` chooses for it (``backend="auto"``)."""
-    from ..dispatch import choose
-    from .spec import describe, get_spec
+    global _select
+    if _select is None:
+        from ..dispatch.core import select
 
-    spec = get_spec(op)
-    cand = choose(spec, describe(op, tensors, options, dtype))
-    args, kwargs = spec.split_call(tensors, options)
+        _select = select
+    from .spec import SPECS
+
+    cand = _select(op, tensors, options, dtype)
+    args, kwargs = SPECS[op].split_call(tensors, options)
     return cand.fn(*args, **kwargs)

@@ -296,13 +296,11 @@ def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: Atten
 
 def _measured(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams):
     """The candidate ``aimkern.dispatch`` chooses for this call, and the options it is called with."""
-    from ..dispatch import choose
-    from .spec import describe, get_spec
+    from ..dispatch.core import select
 
-    spec = get_spec(OP)
     options = dict(is_causal=params.is_causal, block_size=params.block_size, scale=params.scale,
                    deterministic=params.deterministic)
-    return choose(spec, describe(OP, (q, k, v, prefix_len), options, q.dtype)), options
+    return select(OP, (q, k, v, prefix_len), options, q.dtype), options
 
 
 # ------------------------------------------------------------------- packed qkv: custom ops + autograd
