@@ -24,20 +24,22 @@ def mode() -> str:
     call asks; ``os.environ`` costs microseconds): ``refresh()`` reads it again."""
     if _FORCED:
         return _FORCED[-1]
-    if _ENV_MODE[0] is None:
-        value = os.environ.get("AIMKERN_DISPATCH", "measured").strip().lower() or "measured"
-        if value not in MODES:
-            raise ValueError(f"AIMKERN_DISPATCH must be one of {MODES}, got {value!r}")
-        _ENV_MODE[0] = value
+    if _ENV_MODE[0] not in MODES:
+        raise ValueError(f"AIMKERN_DISPATCH must be one of {MODES}, got {_ENV_MODE[0]!r}")
     return _ENV_MODE[0]
 
 
-_ENV_MODE: list = [None]  # AIMKERN_DISPATCH as read (a plain global: torch.compile traces through mode())
+def _read_env_mode() -> str:
+    return os.environ.get("AIMKERN_DISPATCH", "measured").strip().lower() or "measured"
+
+
+# AIMKERN_DISPATCH as read at import or by refresh(): a constant by the time torch.compile traces mode().
+_ENV_MODE: list = [_read_env_mode()]
 
 
 def refresh() -> None:
     """Read ``AIMKERN_DISPATCH`` again (after changing it in this process)."""
-    _ENV_MODE[0] = None
+    _ENV_MODE[0] = _read_env_mode()
 
 
 @contextlib.contextmanager
