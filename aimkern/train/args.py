@@ -112,7 +112,9 @@ def _model_and_data(g) -> None:
                    "more samples than this are bad: a count when >= 1, else a fraction of the dataset (default: "
                    "0.001, 1 in 1000)")
     g.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
-                   help="aimkern op backend: 'auto' runs Triton kernels on CUDA and the reference on CPU (default)")
+                   help="aimkern op backend: 'auto' (default) measures each op's candidates on first use and runs "
+                        "the fastest correct one (aimkern.dispatch; AIMKERN_DISPATCH=fixed: Triton on CUDA, the "
+                        "reference on CPU); 'triton' or 'reference' force a path")
 
 
 

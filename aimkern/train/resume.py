@@ -44,11 +44,29 @@ def saved_options(out_dir: str) -> Optional[dict]:
 
 
 def write_options(out_dir: str, options: dict) -> None:
-    """Write ``OUT/run.json`` atomically (rank 0)."""
+    """Write the options into ``OUT/run.json`` atomically (rank 0), keeping its recorded dispatch choices."""
+    _update(out_dir, args=options)
+
+
+def write_dispatch(out_dir: str, choices: dict) -> None:
+    """Record the paths ``aimkern.dispatch`` chose ({problem key: candidate}) in ``OUT/run.json`` (rank 0,
+    at each checkpoint; the checkpoint holds the same dict, which is what --resume pins)."""
+    _update(out_dir, dispatch=choices)
+
+
+def _update(out_dir: str, **fields) -> None:
     os.makedirs(out_dir, exist_ok=True)
     path = run_file(out_dir)
+    data = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}  # a torn or foreign run.json: rewritten whole below
+    data.update(fields)
     with open(path + ".tmp", "w") as f:
-        json.dump({"args": options}, f, indent=1)
+        json.dump(data, f, indent=1)
     os.replace(path + ".tmp", path)
 
 

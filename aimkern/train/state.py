@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from .. import dispatch
 from ..distributed import DistEnv, barrier, gather_objects
 from . import checkpoint as ckpt
 from . import resume
@@ -30,11 +31,13 @@ def save_checkpoint(run: Run, *, step: int, samples_seen: int, bad: BadSamples, 
     ranks = gather_objects({"rng": ckpt.capture_rng(), "window": window.state()}, run.env)
     path = None
     if run.env.is_main:
+        choices = dispatch.choices()  # the paths the run took: --resume pins them (bit-exact resume)
+        resume.write_dispatch(run.args.out, choices)
         path = ckpt.save_step({
             "model": model_sd, "optimizer": optim_sd, "scheduler": run.scheduler.state_dict(), "step": step,
             "samples_seen": samples_seen, "rng": [r["rng"] for r in ranks], "world_size": run.env.world,
             "log_window": [r["window"] for r in ranks], "config": run.core.config.to_dict(),
-            "args": run_options(run.args), "bad_samples": bad.state_dict(),
+            "args": run_options(run.args), "bad_samples": bad.state_dict(), "dispatch": choices,
         }, run.args.out, run.args.keep)
     return model_sd, path
 
@@ -55,6 +58,11 @@ def load_resume_state(args, env: DistEnv, say: Callable[[str], None]) -> Optiona
                           "be shortened behind its checkpoint")
     state["path"] = path
     say(f"resuming from {path} at step {state['step']}")
+    recorded = state.get("dispatch")  # absent in checkpoints written before measured dispatch
+    if recorded:
+        dispatch.pin(recorded)
+        say(f"dispatch: reusing the {len(recorded)} path(s) the run chose (" +
+            ", ".join(f"{k.split('|')[0]}: {v}" for k, v in sorted(recorded.items())) + ")")
     barrier(env)  # every rank has read its checkpoint before rank 0 renames the ones it fell back past
     if env.is_main:
         for moved in ckpt.set_aside_newer(args.out, state["step"]):
