@@ -167,7 +167,7 @@ def _by_name(spec: OpSpec, name: str) -> Candidate:
 def _eligible(problem: Problem) -> Callable[[Candidate], Optional[str]]:
     def why_not(c: Candidate) -> Optional[str]:
         if c.interpreted and problem.device_type == "cpu" and not environment.interpreter_allowed():
-            return "Triton's interpreter (a correctness tool) is a candidate on CPU only with AIMKERN_DISPATCH_INTERPRETER=1"
+            return "Triton's interpreter is a correctness tool, not a fast path (AIMKERN_DISPATCH_INTERPRETER=1 allows it)"
         return c.unsupported(problem)
 
     return why_not

@@ -167,13 +167,15 @@ class Candidate:
 # -------------------------------------------------------------------------------------------------- specs
 @dataclass(frozen=True)
 class Tolerance:
-    """``err(candidate) <= factor * err(reference in the same dtype) + atol[dtype]`` (max abs, vs float64)."""
+    """``err(candidate) <= factor * err(reference in the same dtype) + atol[dtype] * max(1, max |ref|)``:
+    max abs errors against float64. The floor scales with the values once they exceed 1 (a summed loss of
+    hundreds may differ in its last bits without being wrong)."""
 
     factor: float = 2.0
     atol: dict = field(default_factory=lambda: {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2})
 
-    def bound(self, dtype: str, same_dtype_err: float) -> float:
-        return self.factor * same_dtype_err + self.atol.get(dtype, 1e-5)
+    def bound(self, dtype: str, same_dtype_err: float, ref_absmax: float = 1.0) -> float:
+        return self.factor * same_dtype_err + self.atol.get(dtype, 1e-5) * max(1.0, ref_absmax)
 
 
 @dataclass
