@@ -156,17 +156,22 @@ def _remember_validated(t: torch.Tensor, n: int) -> None:
 
 
 _select = None  # aimkern.dispatch.core.select, once imported
+_SPECS: dict = {}  # aimkern.ops.spec.SPECS, once imported
 
 
 def run_dispatched(op: str, tensors: tuple, options: dict, dtype: torch.dtype):
     """Run the call through the candidate ``aimkern.dispatch`` chooses for it (``backend="auto"``)."""
-    global _select
+    cand = select_candidate(op, tensors, options, dtype)
+    args, kwargs = _SPECS[op].split_call(tensors, options)
+    return cand.fn(*args, **kwargs)
+
+
+def select_candidate(op: str, tensors: tuple, options: dict, dtype: torch.dtype):
+    """``aimkern.dispatch.core.select``, imported on first use (aimkern.dispatch imports the ops' specs)."""
+    global _select, _SPECS
     if _select is None:
         from ..dispatch.core import select
+        from .spec import SPECS
 
-        _select = select
-    from .spec import SPECS
-
-    cand = _select(op, tensors, options, dtype)
-    args, kwargs = SPECS[op].split_call(tensors, options)
-    return cand.fn(*args, **kwargs)
+        _select, _SPECS = select, SPECS
+    return _select(op, tensors, options, dtype)

@@ -32,6 +32,7 @@ from ._checks import (
     check_tensor,
     measured_auto,
     normalize_prefix_len,
+    select_candidate,
     resolve_backend,
 )
 from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, launch, table_arch
@@ -296,11 +297,9 @@ def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: Atten
 
 def _measured(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams):
     """The candidate ``aimkern.dispatch`` chooses for this call, and the options it is called with."""
-    from ..dispatch.core import select
-
     options = dict(is_causal=params.is_causal, block_size=params.block_size, scale=params.scale,
                    deterministic=params.deterministic)
-    return select(OP, (q, k, v, prefix_len), options, q.dtype), options
+    return select_candidate(OP, (q, k, v, prefix_len), options, q.dtype), options
 
 
 # ------------------------------------------------------------------- packed qkv: custom ops + autograd
