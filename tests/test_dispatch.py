@@ -394,3 +394,64 @@ def test_cache_file_reads_back(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert DecisionCache(tmp_path / "missing").get("k") is None  # no file: nothing to report
+
+
+_RANKS = textwrap.dedent("""
+    import json, os, sys, time
+    import torch, torch.distributed as dist
+    import aimkern
+    from aimkern import dispatch
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    answers = {}
+    def only_fast_on_rank0(q, k, v, **kw):
+        # Correct everywhere; fast on rank 0 (a memo), slow on rank 1: rank 1 alone would never choose it.
+        if rank == 1:
+            time.sleep(0.02)
+        kw.pop("deterministic")
+        key = (q.shape, q.data_ptr())
+        if key not in answers:
+            answers[key] = aimkern.reference.attention_reference(q, k, v, **kw)
+        return answers[key]
+    dispatch.register("attention", "rank0-fast", only_fast_on_rank0)
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 96, 32)
+    with torch.no_grad():
+        aimkern.attention(q, q, q)
+    row = dispatch.report()[0]
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump({"chosen": row["chosen"]}, f)
+    dist.destroy_process_group()
+""")
+
+
+def test_torchrun_ranks_run_rank0s_choice(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS)
+    env = dict(os.environ, AIMKERN_DISPATCH="measured", AIMKERN_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "0", str(script), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    chosen = [json.loads((tmp_path / f"rank{r}.json").read_text())["chosen"] for r in (0, 1)]
+    assert chosen == ["rank0-fast", "rank0-fast"]
+
+
+def test_triton_candidates_verify_under_the_interpreter_when_asked(measured, monkeypatch):
+    """AIMKERN_DISPATCH_INTERPRETER=1 makes the Triton paths candidates on CPU: each is verified (fp32,
+    against float64) and timed like the others; wherever it applies, it is correct."""
+    monkeypatch.setenv("AIMKERN_DISPATCH_INTERPRETER", "1")
+    q, k, v = _qkv(n=20, d=16)
+    aimkern.attention(q, k, v, is_causal=True, prefix_len=3, deterministic=False).sum().backward()
+    img, w = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(16, 3, 4, 4, requires_grad=True)
+    aimkern.patch_embed(img, w, torch.randn(16), torch.randn(4, 16)).sum().backward()
+    x = torch.randn(5, 16, requires_grad=True)
+    aimkern.linear_cross_entropy(x, torch.randn(40, 16), torch.randint(0, 40, (5,))).backward()
+    pred = torch.randn(2, 4, 48, requires_grad=True)
+    aimkern.next_patch_pixel_loss(pred, torch.randn(2, 3, 8, 8), patch_size=4).backward()
+    rows = {r["op"]: r for r in dispatch.report()}
+    triton = {op: {n: c for n, c in r["candidates"].items() if r["kinds"][n] == "aimkern"} for op, r in rows.items()}
+    assert set(triton["attention"]) == {"triton-fused", "triton-split", "triton-split-atomic"}
+    for op, cands in triton.items():
+        for name, c in cands.items():
+            assert c["verified"] and c["ms"] > 0, (op, name, c["reason"])

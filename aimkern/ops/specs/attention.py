@@ -14,16 +14,19 @@ Candidates (each a forward + the backward autograd takes through it):
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ...reference.attention import attention_mask, attention_reference
-from .. import attention as op
 from .._launch import interpreting, launch_policy, table_arch
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
 from .common import pow2, randint, randn, seq_band
+
+# The module, not the function: aimkern.ops re-exports attention() under the module's name.
+op = importlib.import_module("aimkern.ops.attention")
 
 TENSORS = ("q", "k", "v", "prefix_len")
 

@@ -8,16 +8,19 @@ Candidates:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ...reference.patch_embed import patch_embed_reference
-from .. import patch_embed as op
 from .._launch import interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
 from .common import pow2, randn
+
+# The module, not the function: aimkern.ops re-exports patch_embed() under the module's name.
+op = importlib.import_module("aimkern.ops.patch_embed")
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
