@@ -425,12 +425,20 @@ _RANKS = textwrap.dedent("""
 """)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_ranks_run_rank0s_choice(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(_RANKS)
     env = dict(os.environ, AIMKERN_DISPATCH="measured", AIMKERN_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "0", str(script), str(tmp_path)],
+                          "--master-port", str(_free_port()), str(script), str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     chosen = [json.loads((tmp_path / f"rank{r}.json").read_text())["chosen"] for r in (0, 1)]
