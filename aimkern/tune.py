@@ -1,7 +1,7 @@
 """``python -m aimkern.tune``: decide every op call of one training step of a preset, and show why.
 
     python -m aimkern.tune --preset vit-b16 [--batch-size B] [--dtype bf16|fp16|fp32] [--device cuda|cpu]
-                           [--objective pixel|token] [--json FILE] [--png FILE]
+                           [--objective pixel|token] [--json FILE] [--png FILE] [--markdown]
 
 Runs one forward + backward of the preset's ``CausalViT`` (its own masks and shapes, AIM's sampled prefix,
 the step's autocast dtype) with measured dispatch on, whatever ``AIMKERN_DISPATCH`` says, so every op call
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the head: pixel loss or the token cross-entropy (default: the preset's)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")
     p.add_argument("--png", default=None, metavar="FILE", help="write a chart of the candidates' times (matplotlib)")
+    p.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     return p
 
 
@@ -102,6 +103,21 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list) -> str:
+    """The rows as a Markdown table: op, shape, every timed candidate's ms, the choice, the speed-up."""
+    lines = ["| op | problem | candidates (ms; fastest correct wins) | chosen | vs PyTorch's best |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        timed = ", ".join(f"{n} {c['ms']:.3f}" for n, c in row["candidates"].items() if c.get("ms") is not None)
+        rejected = [n for n, c in row["candidates"].items() if c.get("verified") is False and c.get("ms") is None
+                    and c.get("reason") and not c["reason"].startswith(("runs on", "Triton's interpreter"))]
+        if rejected:
+            timed += "; out: " + ", ".join(rejected)
+        sp = speedup(row)
+        lines.append(f"| {row['op']} | {_shape(row)} | {timed} | {row['chosen']} | {f'{sp:.2f}x' if sp else '-'} |")
+    return "\n".join(lines)
+
+
 def write_png(rows: list, path: str, title: str) -> bool:
     try:
         import matplotlib
@@ -146,6 +162,8 @@ def main(argv=None) -> int:
              f"on {dispatch.fingerprint(rows[0]['problem']['device']) if rows else args.device}")
     print(title)
     print(format_table(rows))
+    if args.markdown:
+        print(format_markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "batch_size": args.batch_size, "dtype": args.dtype,

@@ -19,8 +19,10 @@ def cache(monkeypatch, tmp_path):
 
 def test_tune_decides_one_training_step(cache, capsys):
     out = cache / "tune.json"
-    assert main(["--preset", "vit-tiny", "--device", "cpu", "--batch-size", "4", "--json", str(out)]) == 0
+    assert main(["--preset", "vit-tiny", "--device", "cpu", "--batch-size", "4", "--json", str(out),
+                 "--markdown"]) == 0
     text = capsys.readouterr().out
+    assert "| op | problem | candidates" in text and "| attention | 4x4x64x16 float32 prefix-causal fwd+bwd |" in text
     data = json.loads(out.read_text())
     ops = {r["op"] for r in data["rows"]}
     assert ops == {"patch_embed", "attention", "next_patch_pixel_loss"}
