@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import time
 from datetime import datetime, timezone
 from typing import Callable, Optional, Sequence
 
@@ -30,6 +32,22 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def wall_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn()`` on the CPU by the wall clock, read like do_bench: ``warmup`` ms of
+    calls first, then calls for ``rep`` ms (at least one warm-up call and three timed ones)."""
+    start = time.perf_counter()
+    fn()
+    while (time.perf_counter() - start) * 1e3 < warmup:
+        fn()
+    times: list = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start) * 1e3 < rep:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def peak_extra_mib(fn: Callable[[], object]) -> float:
@@ -92,8 +110,10 @@ def write_report(
     *,
     chart: Optional[Callable[["object"], None]] = None,
     out_dir: str = OUT_DIR,
+    extra: Optional[dict] = None,
 ) -> str:
-    """Print the table, write ``out/<name>.json`` (rows + environment) and, if ``chart`` is given, ``out/<name>.png``.
+    """Print the table, write ``out/<name>.json`` (rows + environment + ``extra``'s keys) and, if ``chart`` is
+    given, ``out/<name>.png``.
 
     ``chart(ax)`` draws on a matplotlib Axes. Returns the JSON path.
     """
@@ -101,7 +121,7 @@ def write_report(
     print(format_table(rows, columns))
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w") as f:
-        json.dump({"env": environment(), "rows": list(rows)}, f, indent=1)
+        json.dump({"env": environment(), "rows": list(rows), **(extra or {})}, f, indent=1)
     if chart is not None:
         try:
             import matplotlib
