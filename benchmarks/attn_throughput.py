@@ -184,9 +184,10 @@ def derive(row: dict, by_peer: dict) -> None:
 
 def run(args) -> None:
     device = "cuda" if has_cuda() else "cpu"
+    args.dtype = harness.dtype(args, device)
     masks = SPEC.bench["quick_masks" if args.quick else "masks"]
     cases = [dict(shape, mask=m) for shape in harness.cases(SPEC, args, device) for m in masks]
-    timing = QUICK_TIMING if args.quick else (25, 100)
+    timing = QUICK_TIMING if args.quick and device == "cuda" else None
     ps = peers(args)
     results = harness.measure(SPEC, cases, problem_of(harness.DTYPES[args.dtype], device), ps, work=work,
                               timing=timing)

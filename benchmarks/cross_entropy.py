@@ -80,6 +80,7 @@ def row(r: "harness.Result") -> dict:
 
 def run(args) -> None:
     device = "cuda" if has_cuda() else "cpu"
+    args.dtype = harness.dtype(args, device)
     cases = [dict(c, dtype=args.dtype) for c in harness.cases(SPEC, args, device)]
     peers = harness.spec_peers(SPEC, all_candidates=args.all_candidates or device == "cpu") + EXTRAS
     results = harness.measure(SPEC, cases, problem_of(harness.DTYPES[args.dtype], device), peers,

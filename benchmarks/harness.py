@@ -29,6 +29,8 @@ import aimkern
 from aimkern.ops.spec import Candidate, OpSpec, Problem
 
 PASSES = ("fwd", "fwd+bwd")
+GPU_TIMING = (25, 100)  # do_bench's warm-up and repetition ms, as the scripts have always timed
+CPU_TIMING = (2, 20)  # a CPU run's tiny shapes show that the peers run, not how fast: keep it short
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PUBLIC_OP = "backend=triton"  # a bench "peers" value: the public op forced onto aimkern's Triton path
 INTERPRETER_NOT_TIMED = "Triton on CPU runs under its interpreter: a correctness tool, not timed"
@@ -214,17 +216,20 @@ def _one(spec: OpSpec, peer: Peer, res: Result, problem: Problem, tensors: tuple
 
 
 def measure(spec: OpSpec, cases: Sequence[dict], problem_of: Callable[[dict, bool], Problem], peers: Sequence[Peer],
-            *, passes: Sequence[str] = PASSES, work: Optional[Callable] = None, timing: tuple = (25, 100)) -> list:
+            *, passes: Sequence[str] = PASSES, work: Optional[Callable] = None, timing: Optional[tuple] = None) -> list:
     """Results of every case x pass x peer (skipped ones included, with their reason).
 
     problem_of(case, grad) gives the case's problem (grad: the inputs that take a gradient in fwd+bwd);
     the inputs are made once per case from its fwd+bwd problem (``spec.make_inputs``) and the forward runs
     under no_grad. work(case, problem, tensors, pass) -> {"flop": ..., "bytes": ...} (either may be absent).
-    timing: (warm-up, repetition) in ms, do_bench's meaning (the CPU wall clock reads it the same way).
+    timing: (warm-up, repetition) in ms, do_bench's meaning (the CPU wall clock reads it the same way);
+    default GPU_TIMING on CUDA, CPU_TIMING on the CPU.
     """
     results = []
     for case in cases:
-        tensors = spec.make_inputs(problem_of(case, True), torch.Generator().manual_seed(0))
+        first = problem_of(case, True)
+        timing = timing or (GPU_TIMING if first.device_type == "cuda" else CPU_TIMING)
+        tensors = spec.make_inputs(first, torch.Generator().manual_seed(0))
         cache: dict = {}
         label = " ".join(f"{k}={v}" for k, v in case.items())
         for pass_ in passes:
@@ -265,7 +270,7 @@ def skipped(results: Sequence[Result]) -> list:
 
 
 def write(name: str, rows: Sequence[dict], columns: Sequence[str], results: Sequence[Result], *,
-          chart: Optional[Callable] = None, device: str = "cuda") -> str:
+          chart: Optional[Callable] = None, device: str = "cuda", out_dir: Optional[str] = None) -> str:
     """The table on stdout (``measure`` printed each skip as it happened), ``out/<name>.json`` ({"env", "rows",
     "skipped": [{case..., "peer", "pass", "reason"}]}) and the PNG. A CPU run writes ``<name>_cpu.*`` (a GPU
     run's report beside it stays its own) and its table leaves out the columns nobody filled (most peers are
@@ -273,7 +278,8 @@ def write(name: str, rows: Sequence[dict], columns: Sequence[str], results: Sequ
     if device == "cpu":
         name = f"{name}_cpu"
         columns = [c for c in columns if any(r.get(c) is not None for r in rows)]
-    return write_report(name, rows, columns, chart=chart, extra={"skipped": skipped(results)})
+    where = {"out_dir": out_dir} if out_dir else {}  # default: $AIMKERN_BENCH_OUT or benchmarks/out
+    return write_report(name, rows, columns, chart=chart, extra={"skipped": skipped(results)}, **where)
 
 
 def bar_chart(points: Sequence[tuple], *, ylabel: str, title: str, log: bool = False,
@@ -311,10 +317,16 @@ def parser(doc: str) -> argparse.ArgumentParser:
     """The flags every op benchmark shares; a script adds its own shape flags."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the spec's quick shapes (gpu_check.sh)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on the CPU")
     ap.add_argument("--all-candidates", action="store_true",
                     help="also time the spec's candidates that are not named peers (always on the CPU)")
     return ap
+
+
+def dtype(args, device: str) -> str:
+    """--dtype, else bf16 on CUDA (what the benchmarks are about) and fp32 on the CPU (bf16 matmuls are slow
+    there, and Triton's interpreter gets bf16 wrong)."""
+    return args.dtype or ("bf16" if device == "cuda" else "fp32")
 
 
 def cases(spec: OpSpec, args, device: str) -> list:

@@ -62,6 +62,7 @@ def work(case: dict, problem: Problem, tensors: tuple, pass_: str) -> dict:
 
 def run(args) -> None:
     device = "cuda" if has_cuda() else "cpu"
+    args.dtype = harness.dtype(args, device)
     flags = {k: getattr(args, k) for k in ("batch", "img", "patch") if getattr(args, k) is not None}
     cases = [dict(c, **flags) for c in harness.cases(SPEC, args, device)]
     peers = harness.spec_peers(SPEC, all_candidates=args.all_candidates or device == "cpu") + EXTRAS
