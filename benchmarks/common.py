@@ -60,16 +60,6 @@ def peak_extra_mib(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def try_run(fn: Callable[[], float]) -> Optional[float]:
-    """Run a measurement; a peer that fails (unsupported shape, out of memory, missing feature) gives None."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - a failing peer is reported as missing, not fatal
-        print(f"  (skipped: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-        torch.cuda.empty_cache() if has_cuda() else None
-        return None
-
-
 def environment() -> dict:
     import triton
 

@@ -229,9 +229,15 @@ def measure(spec: OpSpec, cases: Sequence[dict], problem_of: Callable[[dict, boo
     for case in cases:
         first = problem_of(case, True)
         timing = timing or (GPU_TIMING if first.device_type == "cuda" else CPU_TIMING)
-        tensors = spec.make_inputs(first, torch.Generator().manual_seed(0))
-        cache: dict = {}
         label = " ".join(f"{k}={v}" for k, v in case.items())
+        try:
+            tensors = spec.make_inputs(first, torch.Generator().manual_seed(0))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the case is reported, the run goes on
+            why = f"making the inputs failed: {_why(e)}"
+            print(f"{label}: {why}", flush=True)
+            results += [Result(dict(case), p.name, pass_, {}, reason=why) for pass_ in passes for p in peers]
+            continue
+        cache: dict = {}
         for pass_ in passes:
             problem = problem_of(case, pass_ == "fwd+bwd")
             w = work(case, problem, tensors, pass_) if work is not None else {}
@@ -242,6 +248,8 @@ def measure(spec: OpSpec, cases: Sequence[dict], problem_of: Callable[[dict, boo
                 if res.reason:
                     print(f"  skipped: {res.reason}", flush=True)
         del tensors, cache
+        if first.device_type == "cuda":
+            torch.cuda.empty_cache()  # the next case's inputs may be larger
     return results
 
 

@@ -201,6 +201,14 @@ def test_wide_rows_put_each_peer_in_its_columns():
         assert {"batch", "img", "patch", "reference extra MiB", "raises extra MiB"} <= set(row)
 
 
+def test_a_case_whose_inputs_cannot_be_made_is_reported_not_fatal():
+    cases = [dict(batch=2, img=32, patch=16), dict(batch=-1, img=32, patch=16)]  # a negative batch: no tensor
+    peers = [harness.candidate_peer(SPEC.candidate("reference"), "reference")]
+    results = harness.measure(SPEC, cases, problem_of, peers, passes=("fwd",), timing=FAST)
+    assert results[0].ms > 0
+    assert results[1].ms is None and results[1].reason.startswith("making the inputs failed: RuntimeError")
+
+
 def test_wall_clock_is_a_median_of_at_least_three_calls():
     from common import wall_ms
 
