@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import time
 from datetime import datetime, timezone
 from typing import Callable, Optional, Sequence
 
@@ -32,6 +34,22 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def wall_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn()`` on the CPU by the wall clock, read like do_bench: ``warmup`` ms of
+    calls first, then calls for ``rep`` ms (at least one warm-up call and three timed ones)."""
+    start = time.perf_counter()
+    fn()
+    while (time.perf_counter() - start) * 1e3 < warmup:
+        fn()
+    times: list = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start) * 1e3 < rep:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def peak_extra_mib(fn: Callable[[], object]) -> float:
     """Peak CUDA memory allocated while running ``fn()`` once, beyond what was allocated before, in MiB."""
     torch.cuda.synchronize()
@@ -40,16 +58,6 @@ def peak_extra_mib(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def try_run(fn: Callable[[], float]) -> Optional[float]:
-    """Run a measurement; a peer that fails (unsupported shape, out of memory, missing feature) gives None."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - a failing peer is reported as missing, not fatal
-        print(f"  (skipped: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
-        torch.cuda.empty_cache() if has_cuda() else None
-        return None
 
 
 def environment() -> dict:
@@ -92,8 +100,10 @@ def write_report(
     *,
     chart: Optional[Callable[["object"], None]] = None,
     out_dir: str = OUT_DIR,
+    extra: Optional[dict] = None,
 ) -> str:
-    """Print the table, write ``out/<name>.json`` (rows + environment) and, if ``chart`` is given, ``out/<name>.png``.
+    """Print the table, write ``out/<name>.json`` (rows + environment + ``extra``'s keys) and, if ``chart`` is
+    given, ``out/<name>.png``.
 
     ``chart(ax)`` draws on a matplotlib Axes. Returns the JSON path.
     """
@@ -101,7 +111,7 @@ def write_report(
     print(format_table(rows, columns))
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w") as f:
-        json.dump({"env": environment(), "rows": list(rows)}, f, indent=1)
+        json.dump({"env": environment(), "rows": list(rows), **(extra or {})}, f, indent=1)
     if chart is not None:
         try:
             import matplotlib

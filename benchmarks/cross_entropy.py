@@ -1,22 +1,25 @@
 """Benchmark: aimkern.linear_cross_entropy (fused linear + 8192-way cross-entropy) against its peers.
 
-Forward + backward (d(input), d(weight)) of the token head, bf16, V = 8192, in the same run:
-  * aimkern            the Triton kernels (no (T, V) logits in memory)
-  * eager fp32 logits  F.cross_entropy(F.linear(x, W).float(), t)       (what the reference computes)
-  * eager bf16 logits  F.cross_entropy(F.linear(x, W), t)
-  * compiled           torch.compile of the fp32-logits version
-  * torch fused        F.linear_cross_entropy, where the installed torch has it (>= 2.13)
+Forward + backward (d(input), d(weight)) of the token head, bf16, V = 8192, in the same run. Shapes and
+peers: the spec's ``BENCH`` (aimkern/ops/specs/cross_entropy.py), timed by benchmarks/harness.py:
+  * aimkern              the Triton kernels (no (T, V) logits in memory)
+  * eager fp32 logits    F.cross_entropy(F.linear(x, W).float(), t)       (the reference)
+  * chunked fp32 logits  the same over 4096-token chunks, each recomputed in the backward
+  * torch fused          F.linear_cross_entropy, where the installed torch has it (>= 2.13)
+and this script's own:
+  * eager bf16 logits    F.cross_entropy(F.linear(x, W), t)
+  * compiled             torch.compile of the fp32-logits version
 Reported: median ms (triton.testing.do_bench), TFLOP/s counting the 3 GEMMs of the math (6 T V E flops),
 and peak memory beyond what was live before the call, minus the two gradients themselves.
 
     python benchmarks/cross_entropy.py           # T in {8k, 65k, 262k} x E in {768, 1024, 1536}
     python benchmarks/cross_entropy.py --quick   # T in {8k, 65k}, E = 768 (for gpu_check.sh)
 
-Without CUDA it says so and runs a small correctness sweep under Triton's interpreter instead.
+Without CUDA it says so, runs a small correctness sweep under Triton's interpreter and times the CPU
+peers at a tiny shape.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -30,91 +33,65 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    MATMUL_CEILING_TFLOPS, has_cuda, no_cuda_notice, peak_extra_mib, time_ms, try_run, write_report,
-)
+import harness  # noqa: E402
+from common import MATMUL_CEILING_TFLOPS, has_cuda, no_cuda_notice, write_report  # noqa: E402
 
 import aimkern  # noqa: E402
+from aimkern.ops.spec import Problem, dtype_name, get_spec  # noqa: E402
 from aimkern.reference.cross_entropy import linear_cross_entropy_reference  # noqa: E402
 
-V = 8192
 NAME = "cross_entropy"
+SPEC = get_spec("linear_cross_entropy")
+V = SPEC.bench["shapes"][0]["V"]
 
 
-def _peers() -> dict:
-    def eager_fp32(x, w, t):
-        return F.cross_entropy(F.linear(x, w).float(), t)
-
-    def eager_bf16(x, w, t):
-        return F.cross_entropy(F.linear(x, w), t)
-
-    peers = {
-        "aimkern": lambda x, w, t: aimkern.linear_cross_entropy(x, w, t, backend="triton"),
-        "eager fp32 logits": eager_fp32,
-        "eager bf16 logits": eager_bf16,
-        # A fresh compiled function per shape: no recompile-limit surprises across the sweep.
-        "compiled": "compile",
-    }
-    if hasattr(F, "linear_cross_entropy"):
-        peers["torch fused"] = lambda x, w, t: F.linear_cross_entropy(x, w, t)
-    return peers
+def eager_bf16(x, w, t, *, linear_bias=None, **options):
+    return F.cross_entropy(F.linear(x, w, linear_bias), t, **options)
 
 
-def _bench_shape(t_tokens: int, e: int, rows: list) -> None:
-    torch.manual_seed(0)
-    x = (torch.randn(t_tokens, e, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
-    w = (torch.randn(V, e, device="cuda") * e**-0.5).to(torch.bfloat16).requires_grad_()
-    t = torch.randint(0, V, (t_tokens,), device="cuda")
-    grads_mib = (x.numel() + w.numel()) * 2 / 2**20
-    flops = 6.0 * t_tokens * V * e
-    for name, fn in _peers().items():
-        if fn == "compile":
-            fn = torch.compile(lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t))
-
-        def step(fn=fn):
-            return torch.autograd.grad(fn(x, w, t), (x, w))
-
-        print(f"T={t_tokens} E={e} {name} ...", flush=True)
-        ok = try_run(lambda: (step(), torch.cuda.synchronize(), 0.0)[-1])  # warm-up, autotune, compile
-        ms = try_run(lambda: time_ms(step)) if ok is not None else None
-        mem = try_run(lambda: peak_extra_mib(step)) if ms is not None else None
-        rows.append({
-            "T": t_tokens, "E": e, "V": V, "method": name, "ms": ms,
-            "TFLOP/s": flops / ms / 1e9 if ms else None,
-            "% of matmul ceiling": 100 * flops / ms / 1e9 / MATMUL_CEILING_TFLOPS if ms else None,
-            "extra MiB beyond grads": mem - grads_mib if mem is not None else None,
-        })
-        torch.cuda.empty_cache()
+def eager_fp32(x, w, t, *, linear_bias=None, **options):
+    return F.cross_entropy(F.linear(x, w, linear_bias).float(), t, **options)
 
 
-def _chart(rows):
-    def draw(ax):
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        shapes = list(dict.fromkeys((r["T"], r["E"]) for r in rows))
-        width = 0.8 / len(methods)
-        for i, m in enumerate(methods):
-            vals = [next((r["ms"] or 0.0 for r in rows if r["method"] == m and (r["T"], r["E"]) == s), 0.0)
-                    for s in shapes]
-            ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=m)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-        ax.set_xticklabels([f"T={s[0] // 1024}k\nE={s[1]}" for s in shapes])
-        ax.set_ylabel("fwd+bwd ms (lower is better)")
-        ax.set_yscale("log")
-        ax.set_title(f"linear + {V}-way cross-entropy, bf16, {torch.cuda.get_device_name()}")
-        ax.legend(fontsize=8)
-
-    return draw
+EXTRAS = [harness.Peer("eager bf16 logits", lambda problem: eager_bf16),
+          harness.compiled_peer("compiled", eager_fp32)]
 
 
-def run_gpu(quick: bool) -> None:
-    tokens = [8192, 65536] if quick else [8192, 65536, 262144]
-    widths = [768] if quick else [768, 1024, 1536]
-    rows: list = []
-    for t_tokens in tokens:
-        for e in widths:
-            _bench_shape(t_tokens, e, rows)
-    cols = ["T", "E", "method", "ms", "TFLOP/s", "% of matmul ceiling", "extra MiB beyond grads"]
-    write_report(NAME, rows, cols, chart=_chart(rows))
+def problem_of(dtype: torch.dtype, device: str):
+    def make(case: dict, grad: bool) -> Problem:
+        t, e, v = case["T"], case["E"], case["V"]
+        return Problem("linear_cross_entropy", device, dtype_name(dtype), ((t, e), (v, e), (t,), None), (),
+                       (grad, grad, False, False), (dtype_name(dtype), dtype_name(dtype), "int64", None))
+
+    return make
+
+
+def work(case: dict, problem: Problem, tensors: tuple, pass_: str) -> dict:
+    return {"flop": 6.0 * case["T"] * case["V"] * case["E"]}  # the 3 GEMMs of forward + backward
+
+
+def row(r: "harness.Result") -> dict:
+    x, w = r.case["T"] * r.case["E"], r.case["V"] * r.case["E"]
+    grads_mib = (x + w) * harness.DTYPES[r.case["dtype"]].itemsize / 2**20
+    return {**{k: r.case[k] for k in ("T", "E", "V")}, "method": r.peer, "ms": r.ms, "TFLOP/s": r.tflops,
+            "% of matmul ceiling": 100 * r.tflops / MATMUL_CEILING_TFLOPS if r.tflops else None,
+            "extra MiB beyond grads": r.mib - grads_mib if r.mib is not None else None}
+
+
+def run(args) -> None:
+    device = "cuda" if has_cuda() else "cpu"
+    args.dtype = harness.dtype(args, device)
+    cases = [dict(c, dtype=args.dtype) for c in harness.cases(SPEC, args, device)]
+    peers = harness.spec_peers(SPEC, all_candidates=args.all_candidates or device == "cpu") + EXTRAS
+    results = harness.measure(SPEC, cases, problem_of(harness.DTYPES[args.dtype], device), peers,
+                              passes=("fwd+bwd",), work=work)
+    rows = [row(r) for r in results]
+    chart = harness.bar_chart([(f"T={r['T'] // 1024}k\nE={r['E']}", r["method"], r["ms"]) for r in rows],
+                              ylabel="fwd+bwd ms (lower is better)", log=True,
+                              title=f"linear + {V}-way cross-entropy, {args.dtype}, {harness.device_name()}")
+    harness.write(NAME, rows,
+                  ["T", "E", "method", "ms", "TFLOP/s", "% of matmul ceiling", "extra MiB beyond grads"], results,
+                  chart=chart, device=device)
 
 
 def run_interpreter_check() -> None:
@@ -145,13 +122,11 @@ def run_interpreter_check() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="T in {8k, 65k}, E = 768 only")
-    args = parser.parse_args()
-    if has_cuda():
-        run_gpu(args.quick)
-    else:
+    args = harness.parser(__doc__).parse_args()
+    if not has_cuda():
         run_interpreter_check()
+        harness.cpu_notice(NAME)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,15 @@
 
     python benchmarks/patch_embed.py [--batch 256] [--img 224] [--patch 16] [--dim 768] [--dtype bf16]
 
-Forward and forward+backward (weight, bias and pos_embed gradients; images are data) in the same run:
-median ms (triton.testing.do_bench), TFLOP/s of the patch GEMM(s), GB/s over the bytes that must move
-(images read, tokens written; in the backward images and dOut read again) and peak extra memory.
-Table on stdout, JSON and PNG under $AIMKERN_BENCH_OUT or benchmarks/out/. Without CUDA it measures
-nothing and runs a tiny correctness check under Triton's interpreter instead.
+Shapes and peers: the spec's ``BENCH`` (aimkern/ops/specs/patch_embed.py), timed by benchmarks/harness.py;
+the flags override the spec's shape. Forward and forward+backward (weight, bias and pos_embed gradients;
+images are data) in the same run: median ms (triton.testing.do_bench), TFLOP/s of the patch GEMM(s), GB/s
+over the bytes that must move (images read, tokens written; in the backward images and dOut read again)
+and peak extra memory. Table on stdout, JSON and PNG under $AIMKERN_BENCH_OUT or benchmarks/out/. Without
+CUDA it runs a tiny correctness check under Triton's interpreter and times the CPU peers at a tiny shape.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,13 +20,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before aimkern's kernels are defined
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import has_cuda, no_cuda_notice, peak_extra_mib, time_ms, try_run, write_report  # noqa: E402
+from common import has_cuda, no_cuda_notice  # noqa: E402
 
 import aimkern  # noqa: E402
+from aimkern.ops.spec import Problem, dtype_name, get_spec  # noqa: E402
 from aimkern.reference.patch_embed import patch_embed_reference, patchify  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NAME = "patch_embed"
+SPEC = get_spec("patch_embed")
 
 
 def conv2d_peer(images, weight, bias, pos):
@@ -38,66 +41,43 @@ def unfold_linear_peer(images, weight, bias, pos):
     return F.linear(x, weight.reshape(weight.shape[0], -1), bias) + pos
 
 
-def aimkern_op(images, weight, bias, pos):
-    return aimkern.patch_embed(images, weight, bias, pos, backend="triton")
+EXTRAS = [harness.compiled_peer("compile(Conv2d)", conv2d_peer),
+          harness.compiled_peer("compile(unfold+Linear)", unfold_linear_peer)]
 
 
-def measure(args) -> list[dict]:
-    dtype = DTYPES[args.dtype]
-    b, c, s, p, e = args.batch, 3, args.img, args.patch, args.dim
-    n, k = (s // p) ** 2, 3 * p * p
-    images = torch.randn(b, c, s, s, device="cuda", dtype=dtype)
-    weight = (torch.randn(e, c, p, p, device="cuda") * k**-0.5).to(dtype).requires_grad_()
-    bias = torch.zeros(e, device="cuda", dtype=dtype, requires_grad=True)
-    pos = (torch.randn(1, n, e, device="cuda") * 0.02).to(dtype).requires_grad_()
-    params = (weight, bias, pos)
-    grad = torch.randn(b, n, e, device="cuda", dtype=dtype)
-    itemsize = images.element_size()
-    gemm_flop = 2.0 * b * n * k * e
-    once = (images.numel() + grad.numel()) * itemsize  # images read + tokens written (or dOut read)
-    moved = {"fwd": once, "fwd+bwd": 2 * once}
-    flops = {"fwd": gemm_flop, "fwd+bwd": 2 * gemm_flop}  # forward GEMM + dW GEMM (no dImages)
+def problem_of(dtype: torch.dtype, device: str):
+    def make(case: dict, grad: bool) -> Problem:
+        b, s, p, e = case["batch"], case["img"], case["patch"], case["dim"]
+        shapes = ((b, 3, s, s), (e, 3, p, p), (e,), (1, (s // p) ** 2, e))
+        return Problem("patch_embed", device, dtype_name(dtype), shapes, (), (False, grad, grad, grad),
+                       (dtype_name(dtype),) * 4)
 
-    peers = {
-        "aimkern": aimkern_op,
-        "nn.Conv2d+flatten+add": conv2d_peer,
-        "unfold+nn.Linear+add": unfold_linear_peer,
-        "compile(Conv2d)": torch.compile(conv2d_peer),
-        "compile(unfold+Linear)": torch.compile(unfold_linear_peer),
-    }
-    rows = []
-    for name, fn in peers.items():
-        run = {
-            "fwd": lambda fn=fn: fn(images, *params),
-            "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(images, *params), params, grad),
-        }
-        for mode, call in run.items():
-            print(f"{name} {mode} ...", flush=True)
-            ms = try_run(lambda call=call: time_ms(call))
-            mib = try_run(lambda call=call: peak_extra_mib(call)) if ms is not None else None
-            rows.append({
-                "peer": name, "mode": mode, "ms": ms,
-                "TFLOP/s": flops[mode] / ms / 1e9 if ms else None,
-                "GB/s": moved[mode] / ms / 1e6 if ms else None,
-                "peak_extra_MiB": mib,
-            })
-    return rows
+    return make
 
 
-def chart(rows):
-    def draw(ax):
-        modes = ["fwd", "fwd+bwd"]
-        names = list(dict.fromkeys(r["peer"] for r in rows))
-        width = 0.8 / len(modes)
-        for i, mode in enumerate(modes):
-            ys = [next((r["ms"] or 0.0) for r in rows if r["peer"] == nm and r["mode"] == mode) for nm in names]
-            ax.bar([x + i * width for x in range(len(names))], ys, width, label=mode)
-        ax.set_xticks([x + width / 2 for x in range(len(names))], names, rotation=15)
-        ax.set_ylabel("ms (lower is better)")
-        ax.set_title("patch embedding, median ms")
-        ax.legend()
+def work(case: dict, problem: Problem, tensors: tuple, pass_: str) -> dict:
+    """The patch GEMM (forward; and dW in the backward: no dImages) and the bytes that must move."""
+    images, weight = tensors[0], tensors[1]
+    e, k = weight.shape[0], weight[0].numel()
+    tokens = images.shape[0] * (images.shape[2] // weight.shape[-1]) ** 2
+    once = (images.numel() + tokens * e) * images.element_size()  # images read + tokens written (or dOut read)
+    times = 1 if pass_ == "fwd" else 2
+    return {"flop": times * 2.0 * tokens * k * e, "bytes": times * once}
 
-    return draw
+
+def run(args) -> None:
+    device = "cuda" if has_cuda() else "cpu"
+    args.dtype = harness.dtype(args, device)
+    flags = {k: getattr(args, k) for k in ("batch", "img", "patch", "dim") if getattr(args, k) is not None}
+    cases = [dict(c, **flags) for c in harness.cases(SPEC, args, device)]
+    peers = harness.spec_peers(SPEC, all_candidates=args.all_candidates or device == "cpu") + EXTRAS
+    results = harness.measure(SPEC, cases, problem_of(harness.DTYPES[args.dtype], device), peers, work=work)
+    rows = [{"peer": r.peer, "mode": r.pass_, "ms": r.ms, "TFLOP/s": r.tflops, "GB/s": r.gbps,
+             "peak_extra_MiB": r.mib, **r.case, "dtype": args.dtype} for r in results]
+    chart = harness.bar_chart([(r["peer"], r["mode"], r["ms"]) for r in rows], ylabel="ms (lower is better)",
+                              title=f"patch embedding, median ms, {harness.device_name()}")
+    harness.write(NAME, rows,
+                  ["peer", "mode", "ms", "TFLOP/s", "GB/s", "peak_extra_MiB"], results, chart=chart, device=device)
 
 
 def interpreter_check() -> None:
@@ -109,7 +89,7 @@ def interpreter_check() -> None:
         bias = torch.randn(e, requires_grad=True)
         pos = torch.randn((h // p) * (w // p), e, requires_grad=True)
         inputs = (images, weight, bias, pos)
-        outs = [fn(*inputs) for fn in (aimkern_op, patch_embed_reference)]
+        outs = [fn(*inputs) for fn in (lambda *a: aimkern.patch_embed(*a, backend="triton"), patch_embed_reference)]
         g = torch.randn_like(outs[0])
         grads = [torch.autograd.grad(o, inputs, g) for o in outs]
         err = max([(outs[0] - outs[1]).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(*grads)])
@@ -119,24 +99,15 @@ def interpreter_check() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--img", type=int, default=224)
-    ap.add_argument("--patch", type=int, default=16)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap = harness.parser(__doc__)
+    for flag in ("batch", "img", "patch", "dim"):
+        ap.add_argument(f"--{flag}", type=int, default=None, help="overrides the spec's shape")
     args = ap.parse_args()
     if not has_cuda():
-        no_cuda_notice("patch_embed")
+        no_cuda_notice(NAME)
         interpreter_check()
-        return
-    rows = measure(args)
-    for r in rows:
-        r.update(batch=args.batch, img=args.img, patch=args.patch, dim=args.dim, dtype=args.dtype)
-    write_report(
-        "patch_embed", rows, ["peer", "mode", "ms", "TFLOP/s", "GB/s", "peak_extra_MiB"],
-        chart=chart(rows),
-    )
+        harness.cpu_notice(NAME)
+    run(args)
 
 
 if __name__ == "__main__":

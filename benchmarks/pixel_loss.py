@@ -2,15 +2,16 @@
 
     python benchmarks/pixel_loss.py [--batch 256] [--img 224] [--patch 16] [--dtype bf16]
 
-Forward and forward+backward (d(pred); images are data) in the same run, AIM's setting: norm_pix, a
-per-sample prefix, offset 1. Median ms (triton.testing.do_bench), GB/s over the bytes the op must move
-(pred and images read once; in fwd+bwd also d(pred) written once), that as a share of the 4.2 TB/s copy
-ceiling, and peak extra memory. Table on stdout, JSON and PNG under $AIMKERN_BENCH_OUT or benchmarks/out/.
-Without CUDA it measures nothing and runs a tiny correctness check under Triton's interpreter instead.
+Shapes and peers: the spec's ``BENCH`` (aimkern/ops/specs/pixel_loss.py), timed by benchmarks/harness.py;
+the flags override the spec's shape. Forward and forward+backward (d(pred); images are data) in the same
+run, AIM's setting: norm_pix, a per-sample prefix, offset 1. Median ms (triton.testing.do_bench), GB/s over
+the bytes the op must move (pred and images read once; in fwd+bwd also d(pred) written once), that as a
+share of the 4.2 TB/s copy ceiling, and peak extra memory. Table on stdout, JSON and PNG under
+$AIMKERN_BENCH_OUT or benchmarks/out/. Without CUDA it runs a tiny correctness check under Triton's
+interpreter and times the CPU peers at a tiny shape.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,20 +21,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before aimkern's kernels are defined
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    COPY_CEILING_GBPS,
-    has_cuda,
-    no_cuda_notice,
-    peak_extra_mib,
-    time_ms,
-    try_run,
-    write_report,
-)
+import harness  # noqa: E402
+from common import COPY_CEILING_GBPS, has_cuda, no_cuda_notice  # noqa: E402
 
 import aimkern  # noqa: E402
+from aimkern.ops.spec import Problem, dtype_name, get_spec  # noqa: E402
 from aimkern.reference.pixel_loss import next_patch_pixel_loss_reference  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NAME = "pixel_loss"
+SPEC = get_spec("next_patch_pixel_loss")
 
 
 def aimkern_op(pred, images, prefix, patch_size):
@@ -44,54 +40,42 @@ def reference_peer(pred, images, prefix, patch_size):
     return next_patch_pixel_loss_reference(pred, images, patch_size=patch_size, prefix_len=prefix)
 
 
-def measure(args) -> list[dict]:
-    dtype = DTYPES[args.dtype]
-    b, c, s, p = args.batch, 3, args.img, args.patch
-    n, d = (s // p) ** 2, 3 * p * p
-    images = torch.rand(b, c, s, s, device="cuda", dtype=dtype)
-    pred = torch.randn(b, n, d, device="cuda", dtype=dtype, requires_grad=True)
-    prefix = torch.randint(0, n, (b,), device="cuda", dtype=torch.int32)  # AIM: a random prefix per image
-    nbytes = pred.numel() * pred.element_size() + images.numel() * images.element_size()
-    moved = {"fwd": nbytes, "fwd+bwd": nbytes + pred.numel() * pred.element_size()}
-    peers = {
-        "aimkern": aimkern_op,
-        "reference (eager)": reference_peer,
-        "compile(reference)": torch.compile(reference_peer),
-    }
-    rows = []
-    for name, fn in peers.items():
-        run = {
-            "fwd": lambda fn=fn: fn(pred, images, prefix, p),
-            "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(pred, images, prefix, p), pred),
-        }
-        for mode, call in run.items():
-            print(f"{name} {mode} ...", flush=True)
-            ms = try_run(lambda call=call: time_ms(call))
-            mib = try_run(lambda call=call: peak_extra_mib(call)) if ms is not None else None
-            gbps = moved[mode] / ms / 1e6 if ms else None
-            rows.append({
-                "peer": name, "mode": mode, "ms": ms, "GB/s": gbps,
-                "%copy": 100.0 * gbps / COPY_CEILING_GBPS if gbps else None,
-                "peak_extra_MiB": mib,
-            })
-    return rows
+EXTRAS = [harness.compiled_peer("compile(reference)", next_patch_pixel_loss_reference)]
 
 
-def chart(rows):
-    def draw(ax):
-        modes = ["fwd", "fwd+bwd"]
-        names = list(dict.fromkeys(r["peer"] for r in rows))
-        width = 0.8 / len(modes)
-        for i, mode in enumerate(modes):
-            ys = [next((r["GB/s"] or 0.0) for r in rows if r["peer"] == nm and r["mode"] == mode) for nm in names]
-            ax.bar([x + i * width for x in range(len(names))], ys, width, label=mode)
-        ax.axhline(COPY_CEILING_GBPS, color="gray", linestyle="--", label="copy ceiling")
-        ax.set_xticks([x + width / 2 for x in range(len(names))], names)
-        ax.set_ylabel("GB/s over the bytes that must move (higher is better)")
-        ax.set_title("next-patch pixel loss")
-        ax.legend()
+def problem_of(dtype: torch.dtype, device: str):
+    def make(case: dict, grad: bool) -> Problem:
+        b, s, p = case["batch"], case["img"], case["patch"]
+        shapes = ((b, (s // p) ** 2, 3 * p * p), (b, 3, s, s), (b,))  # AIM: a random prefix per image
+        return Problem("next_patch_pixel_loss", device, dtype_name(dtype), shapes, (("patch_size", p),),
+                       (grad, False, False), (dtype_name(dtype), dtype_name(dtype), "int32"))
 
-    return draw
+    return make
+
+
+def work(case: dict, problem: Problem, tensors: tuple, pass_: str) -> dict:
+    pred, images = tensors[0], tensors[1]
+    pred_bytes = pred.numel() * pred.element_size()
+    nbytes = pred_bytes + images.numel() * images.element_size()
+    return {"bytes": nbytes if pass_ == "fwd" else nbytes + pred_bytes}
+
+
+def run(args) -> None:
+    device = "cuda" if has_cuda() else "cpu"
+    args.dtype = harness.dtype(args, device)
+    flags = {k: getattr(args, k) for k in ("batch", "img", "patch") if getattr(args, k) is not None}
+    cases = [dict(c, **flags) for c in harness.cases(SPEC, args, device)]
+    peers = harness.spec_peers(SPEC, all_candidates=args.all_candidates or device == "cpu") + EXTRAS
+    results = harness.measure(SPEC, cases, problem_of(harness.DTYPES[args.dtype], device), peers, work=work)
+    rows = [{"peer": r.peer, "mode": r.pass_, "ms": r.ms, "GB/s": r.gbps,
+             "%copy": 100.0 * r.gbps / COPY_CEILING_GBPS if r.gbps else None,
+             "peak_extra_MiB": r.mib, **r.case, "dtype": args.dtype} for r in results]
+    chart = harness.bar_chart([(r["peer"], r["mode"], r["GB/s"]) for r in rows],
+                              ylabel="GB/s over the bytes that must move (higher is better)",
+                              title=f"next-patch pixel loss, {harness.device_name()}",
+                              hline=(COPY_CEILING_GBPS, "copy ceiling"))
+    harness.write(NAME, rows,
+                  ["peer", "mode", "ms", "GB/s", "%copy", "peak_extra_MiB"], results, chart=chart, device=device)
 
 
 def interpreter_check() -> None:
@@ -111,23 +95,15 @@ def interpreter_check() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--img", type=int, default=224)
-    ap.add_argument("--patch", type=int, default=16)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap = harness.parser(__doc__)
+    for flag in ("batch", "img", "patch"):
+        ap.add_argument(f"--{flag}", type=int, default=None, help="overrides the spec's shape")
     args = ap.parse_args()
     if not has_cuda():
-        no_cuda_notice("pixel_loss")
+        no_cuda_notice(NAME)
         interpreter_check()
-        return
-    rows = measure(args)
-    for r in rows:
-        r.update(batch=args.batch, img=args.img, patch=args.patch, dtype=args.dtype)
-    write_report(
-        "pixel_loss", rows, ["peer", "mode", "ms", "GB/s", "%copy", "peak_extra_MiB"],
-        chart=chart(rows),
-    )
+        harness.cpu_notice(NAME)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,24 @@ from .common import pow2, randint, randn, seq_band
 # The module, not the function: aimkern.ops re-exports attention() under the module's name.
 op = importlib.import_module("aimkern.ops.attention")
 
+# Benchmark shapes and peers (benchmarks/attn_throughput.py through benchmarks/harness.py): the peer table's
+# shapes of benchmarks/RESULTS.md (65,536 tokens per call). Peers map a label to a candidate, "(candidate,
+# options)" or "backend=triton" (the public op on aimkern's path); SDPA's backwards add dQ with atomics, so
+# they are timed as deterministic=False.
+BENCH = {
+    "heads": 12,
+    "shapes": [dict(B=256, N=256, D=64), dict(B=256, N=196, D=64), dict(B=64, N=1024, D=64),
+               dict(B=16, N=4096, D=64), dict(B=64, N=1024, D=128)],
+    "quick": [dict(B=256, N=256, D=64), dict(B=256, N=196, D=64), dict(B=64, N=1024, D=128)],
+    "cpu": [dict(B=1, N=64, D=16)],
+    "masks": ["full", "causal", "prefix", "block"],
+    "quick_masks": ["causal", "prefix", "block"],
+    "peers": {"aimkern": "backend=triton", "aimkern split bwd": "triton-split",
+              "SDPA cuDNN": ("sdpa-cudnn", {"deterministic": False}),
+              "SDPA FA2": ("sdpa-flash", {"deterministic": False}),
+              "SDPA mem-eff + mask": ("sdpa-efficient", {"deterministic": False})},
+}
+
 TENSORS = ("q", "k", "v", "prefix_len")
 
 
@@ -209,4 +227,5 @@ SPEC = add_spec(OpSpec(
     band=band,
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    bench=BENCH,
 ))

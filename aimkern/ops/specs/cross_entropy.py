@@ -24,6 +24,16 @@ from .._launch import interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
 from .common import pow2, randint, randn
 
+# Benchmark shapes and peers (benchmarks/cross_entropy.py through benchmarks/harness.py): AIM's 8192-way
+# token head; peers map a label to a candidate, or "backend=triton" for the public op on aimkern's path.
+BENCH = {
+    "shapes": [dict(T=t, E=e, V=8192) for t in (8192, 65536, 262144) for e in (768, 1024, 1536)],
+    "quick": [dict(T=t, E=768, V=8192) for t in (8192, 65536)],
+    "cpu": [dict(T=256, E=64, V=1024)],
+    "peers": {"aimkern": "backend=triton", "eager fp32 logits": "reference", "chunked fp32 logits": "chunked",
+              "torch fused": "torch-fused"},
+}
+
 CHUNK_TOKENS = 4096  # the chunked candidate's tokens per chunk: 4096 x 8192 fp32 logits = 128 MiB
 
 
@@ -154,4 +164,5 @@ SPEC = add_spec(OpSpec(
     band=band,
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}),
+    bench=BENCH,
 ))

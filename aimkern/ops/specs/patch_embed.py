@@ -22,6 +22,14 @@ from .common import pow2, randn
 # The module, not the function: aimkern.ops re-exports patch_embed() under the module's name.
 op = importlib.import_module("aimkern.ops.patch_embed")
 
+# Benchmark shapes and peers (benchmarks/patch_embed.py through benchmarks/harness.py): ViT-B/16's stem;
+# peers map a label to a candidate, or "backend=triton" for the public op forced onto aimkern's path.
+BENCH = {
+    "shapes": [dict(batch=256, img=224, patch=16, dim=768)],
+    "cpu": [dict(batch=2, img=32, patch=16, dim=64)],
+    "peers": {"aimkern": "backend=triton", "nn.Conv2d+flatten+add": "conv2d", "unfold+nn.Linear+add": "unfold-linear"},
+}
+
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
     if problem.device_type == "cpu" and not interpreting():
@@ -97,4 +105,5 @@ SPEC = add_spec(OpSpec(
     mask_kind=mask_kind,
     band=band,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    bench=BENCH,
 ))

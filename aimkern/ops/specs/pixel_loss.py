@@ -17,6 +17,14 @@ from .._launch import interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
 from .common import pow2, randint, randn, seq_band
 
+# Benchmark shapes and peers (benchmarks/pixel_loss.py through benchmarks/harness.py): AIM's setting at
+# 224 px; peers map a label to a candidate, or "backend=triton" for the public op on aimkern's path.
+BENCH = {
+    "shapes": [dict(batch=256, img=224, patch=16)],
+    "cpu": [dict(batch=2, img=32, patch=16)],
+    "peers": {"aimkern": "backend=triton", "reference (eager)": "reference"},
+}
+
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
     if problem.device_type == "cpu" and not interpreting():
@@ -83,4 +91,5 @@ SPEC = add_spec(OpSpec(
     band=band,
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3}),
+    bench=BENCH,
 ))
