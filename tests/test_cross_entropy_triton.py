@@ -194,7 +194,11 @@ def test_out_of_range_target_is_an_error_not_a_wrong_loss():
     with pytest.raises(ValueError, match="target values"):
         aimkern.linear_cross_entropy(x.float(), w.float(), t, backend="triton")
     # Under torch.compile the host-side check is skipped; the op itself then marks the token NaN.
-    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(x.float(), w.float(), None, t, IGNORE, 0.0, 0.0, False)
+    from aimkern.ops._boundary import encode
+    from aimkern.ops.cross_entropy import CrossEntropyCall, CrossEntropyParams
+
+    call = encode(CrossEntropyCall(params=CrossEntropyParams(ignore_index=IGNORE), policy=aimkern.ops.LaunchPolicy()))
+    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(x.float(), w.float(), None, t, call)
     assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(6) != 2]).all()
 
 

@@ -88,8 +88,7 @@ def _fused_unsupported(problem: Problem):
         return "no backward to choose (the forward is triton-split's)"
     if problem.device_type == "cuda":
         _, _, n, d = problem.shapes[0]
-        arch = table_arch(torch.device(problem.device))
-        if not op._kernels().fused_backward_fits(d, problem.dtype == "float32", n, arch):
+        if not op.fused_backward_fits(d, problem.torch_dtype, n, torch.device(problem.device)):
             return f"a head's (N={n}, D={d}) tile does not fit on chip"
     return _triton_unsupported(problem)
 
