@@ -14,16 +14,19 @@ Candidates (each a forward + the backward autograd takes through it):
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ...reference.attention import attention_mask, attention_reference
-from .. import attention as op
-from .._launch import interpreting, launch_policy, table_arch
+from .._launch import LaunchPolicy, interpreting, launch_policy
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import pow2, randint, randn, seq_band
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, randint, randn, seq_band
+
+# The module, not the function: aimkern.ops binds the name 'attention' to the public op where they share it.
+op = importlib.import_module("aimkern.ops.attention")
 
 TENSORS = ("q", "k", "v", "prefix_len")
 
@@ -189,6 +192,56 @@ def _candidates() -> list:
     return out
 
 
+# ------------------------------------------------------------------------------------ compile gate
+def gate_problems(subset: str):
+    """(label, thunk) pairs driving the attention launchers on meta tensors, packed (B, N, 3, H, D) qkv as a
+    ViT block has (q, k, v strided views, the gradient written into one packed buffer).
+
+    Every table entry is reached by bf16 with the most general mask (causal + prefix) at D = 64, 80, 128,
+    256 and N in both bands; the other mask variants at D = 64, fp16 and fp32 at D = 64 and 128 (the
+    compile budget of CI: a full product would be ~5x the compiles for near-identical code)."""
+    masks = {"full": (False, None), "causal": (True, None), "prefix": (True, "prefix")}
+    qdev = torch.device("meta")
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        dims = (64, 80, 128, 256) if dname == "bf16" and subset != "gpu-run" else (64, 128)
+        for d in dims:
+            for n in (196, 256, 1024):
+                for mname, (causal, prefix) in masks.items():
+                    if mname != "prefix" and (dname != "bf16" or d != 64):
+                        continue
+                    paths = ["split"]
+                    if op.fused_backward_fits(d, dtype, n, qdev):
+                        paths.append("fused")
+                    for path in paths:
+                        def run(dtype=dtype, d=d, n=n, causal=causal, prefix=prefix, path=path):
+                            _gate_run(2, n, 4, d, dtype, prefix, causal, 4 if causal else 1, d**-0.5, path)
+
+                        yield f"attention {dname} D={d} N={n} {mname} {path}", run
+    # N = 224 = 3 x 64 + 32: the tiled backward's 32-key tail tile (196 reaches the 16-key one).
+    yield "attention bf16 D=64 N=224 prefix split", lambda: _gate_run(
+        2, 224, 4, 64, torch.bfloat16, "prefix", True, 1, 0.125, "split")
+    # The fused backward at every on-chip head size it accepts (one to three 64-row key tiles), bf16 causal +
+    # prefix; the GPU run meets it at three (the benchmark shapes, 196 and 256, take the tiled backward).
+    for n in ((192,) if subset == "gpu-run" else (16, 64, 128, 192)):
+        def run_small(n=n):
+            if op.fused_backward_fits(64, torch.bfloat16, n, qdev):  # (no launch where it does not fit)
+                _gate_run(2, n, 4, 64, torch.bfloat16, "prefix", True, 1, 0.125, "fused")
+
+        yield f"attention bf16 D=64 N={n} prefix fused", run_small
+
+
+def _gate_run(b, n, h, d, dtype, prefix, causal, block_size, scale, path) -> None:
+    """Forward + backward of one packed-qkv problem through the public launchers."""
+    qkv = meta(b, n, 3, h, d, dtype=dtype)
+    q, k, v = op.unpack(qkv)
+    pre = meta(b, dtype=torch.int32) if prefix else None
+    params = op.AttentionParams(is_causal=causal, block_size=block_size, scale=scale)
+    policy = LaunchPolicy(attention_backward=path)
+    o, lse = op.launch_forward(q, k, v, pre, params, policy)
+    op.launch_backward(o, q, k, v, o, lse, pre, params, policy, out=op.unpack(meta(b, n, 3, h, d, dtype=dtype)))
+
+
 def _reference_fn(q, k, v, *, prefix_len=None, **options):
     return _reference(q, k, v, prefix_len=prefix_len, **options)
 
@@ -205,4 +258,6 @@ SPEC = add_spec(OpSpec(
     band=band,
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    gate_problems=gate_problems,
+    family="attention",
 ))

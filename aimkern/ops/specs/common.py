@@ -41,3 +41,17 @@ def randint(problem: Problem, index: int, low: int, high: int, gen: torch.Genera
 
 def on_device(problem: Problem, device_type: str) -> Optional[str]:
     return None if problem.device_type == device_type else f"runs on {device_type} only"
+
+
+# --------------------------------------------------------------------------------- compile gate problems
+GATE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def gate_dtypes(subset: str) -> tuple:
+    """The dtypes of the compile gate's problems: "gpu-run" keeps the 16-bit ones benchmarks/gpu_check.sh runs."""
+    return ("bf16", "fp16") if subset == "gpu-run" else ("bf16", "fp16", "fp32")
+
+
+def meta(*shape, dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor: the gate's launchers see shapes, dtypes and strides, and launch nothing."""
+    return torch.empty(*shape, device="meta", dtype=dtype)

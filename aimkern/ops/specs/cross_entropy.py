@@ -12,6 +12,7 @@ Candidates:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -19,10 +20,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ...reference.cross_entropy import linear_cross_entropy_reference
-from .. import cross_entropy as op
-from .._launch import interpreting
+from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import pow2, randint, randn
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, randint, randn
+
+# The module, not the function: aimkern.ops binds the name 'cross_entropy' to the public op where they share it.
+op = importlib.import_module("aimkern.ops.cross_entropy")
 
 CHUNK_TOKENS = 4096  # the chunked candidate's tokens per chunk: 4096 x 8192 fp32 logits = 128 MiB
 
@@ -137,6 +140,33 @@ def _call_layout(tensors: tuple, options: dict) -> tuple:
     return (x, w, target), dict(options, linear_bias=b)
 
 
+def gate_problems(subset: str):
+    """(label, thunk) pairs driving the cross-entropy launchers on meta tensors: a ViT-scale head (the
+    autotuned big tiles) and a small one, each dtype, bias and label smoothing on / off; forward, backward
+    and the forward-with-gradient path (logits stored, dlogits in place)."""
+    shapes = {"65536x768 V=8192": (65536, 8192, 768), "small": (300, 512, 80)}
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for sname, (t, v, e) in shapes.items():
+            for bias in (True, False) if dname == "bf16" else (True,):
+                for smoothing in (0.0, 0.1) if dname == "bf16" else (0.1,):
+                    if subset == "gpu-run" and smoothing:
+                        continue
+
+                    def run(dtype=dtype, t=t, v=v, e=e, bias=bias, smoothing=smoothing):
+                        x, w = meta(t, e, dtype=dtype), meta(v, e, dtype=dtype)
+                        b = meta(v, dtype=dtype) if bias else None
+                        tgt = meta(t, dtype=torch.int64)
+                        params = op.CrossEntropyParams("mean", -100, smoothing, 1e-4)
+                        policy = LaunchPolicy()
+                        lse, _, _ = op.launch_forward(x, w, b, tgt, params, policy)
+                        grad = meta(1, dtype=torch.float32).expand(t)
+                        op.launch_backward(grad, x, w, b, tgt, lse, params, True, True, bias, policy)
+                        op.launch_forward_with_grad(x, w, b, tgt, params, True, True, bias, policy)
+
+                    yield f"cross_entropy {dname} {sname} bias={bias} smoothing={smoothing}", run
+
+
 SPEC = add_spec(OpSpec(
     name="linear_cross_entropy",
     tensor_args=("input", "linear_weight", "target", "linear_bias"),
@@ -154,4 +184,6 @@ SPEC = add_spec(OpSpec(
     band=band,
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}),
+    gate_problems=gate_problems,
+    family="cross_entropy",
 ))

@@ -8,16 +8,19 @@ Candidates:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ...reference.patch_embed import patch_embed_reference
-from .. import patch_embed as op
-from .._launch import interpreting
+from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import pow2, randn
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, randn
+
+# The module, not the function: aimkern.ops binds the name 'patch_embed' to the public op where they share it.
+op = importlib.import_module("aimkern.ops.patch_embed")
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
@@ -79,6 +82,30 @@ def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
             randn(problem, 3, gen))
 
 
+def gate_problems(subset: str):
+    """(label, thunk) pairs driving the patch-embed launchers on meta tensors: ViT-B/16 at batch 256 (the
+    autotuned big GEMMs) and a small problem (the fixed small tiles), each dtype, with and without bias, and
+    every subset of the parameter gradients."""
+    shapes = {"vit-b16 x256": (256, 224, 16, 768), "small": (2, 32, 4, 40)}
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for sname, (b, img, p, e) in shapes.items():
+            for bias in (True, False) if dname == "bf16" else (True,):
+                def run(dtype=dtype, b=b, img=img, p=p, e=e, bias=bias):
+                    images = meta(b, 3, img, img, dtype=dtype)
+                    weight = meta(e, 3, p, p, dtype=dtype)
+                    n = (img // p) ** 2
+                    policy = LaunchPolicy()
+                    out = op.launch_forward(images, weight, meta(e, dtype=dtype) if bias else None,
+                                            meta(n, e, dtype=dtype), policy)
+                    op.launch_backward_params(out, images, weight, True, True, policy)
+                    op.launch_backward_params(out, images, weight, True, False, policy)
+                    op.launch_backward_params(out, images, weight, False, True, policy)
+                    op.launch_backward_images(out, weight, images, policy)
+
+                yield f"patch_embed {dname} {sname} bias={bias}", run
+
+
 SPEC = add_spec(OpSpec(
     name="patch_embed",
     tensor_args=("images", "weight", "bias", "pos_embed"),
@@ -94,4 +121,6 @@ SPEC = add_spec(OpSpec(
     mask_kind=mask_kind,
     band=band,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    gate_problems=gate_problems,
+    family="patch_embed",
 ))

@@ -7,15 +7,18 @@ Candidates:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 
 from ...reference.pixel_loss import next_patch_pixel_loss_reference
-from .. import pixel_loss as op
-from .._launch import interpreting
+from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import pow2, randint, randn, seq_band
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, randint, randn, seq_band
+
+# The module, not the function: aimkern.ops binds the name 'pixel_loss' to the public op where they share it.
+op = importlib.import_module("aimkern.ops.pixel_loss")
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
@@ -68,6 +71,24 @@ def _call_layout(tensors: tuple, options: dict) -> tuple:
     return (pred, images), dict(options, prefix_len=prefix)
 
 
+def gate_problems(subset: str):
+    """(label, thunk) pairs driving the pixel-loss launchers on meta tensors: AIM's 224 px / P = 16 batch of
+    64, each dtype, with and without a prefix and norm_pix; forward and backward."""
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for prefix in (True, False) if dname == "bf16" else (True,):
+            for norm_pix in (True, False) if dname == "bf16" else (True,):
+                def run(dtype=dtype, prefix=prefix, norm_pix=norm_pix):
+                    pred, images = meta(64, 196, 768, dtype=dtype), meta(64, 3, 224, 224, dtype=dtype)
+                    pre = meta(64, dtype=torch.int32) if prefix else None
+                    params = op.PixelLossParams(patch_size=16, norm_pix=norm_pix)
+                    policy = LaunchPolicy()
+                    op.launch_forward(pred, images, pre, params, policy)
+                    op.launch_backward(pred, images, pre, meta(1, dtype=torch.float32), params, policy)
+
+                yield f"pixel_loss {dname} prefix={prefix} norm_pix={norm_pix}", run
+
+
 SPEC = add_spec(OpSpec(
     name="next_patch_pixel_loss",
     tensor_args=("pred", "images", "prefix_len"),
@@ -83,4 +104,6 @@ SPEC = add_spec(OpSpec(
     band=band,
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3}),
+    gate_problems=gate_problems,
+    family="pixel_loss",
 ))
