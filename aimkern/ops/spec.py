@@ -201,6 +201,9 @@ class OpSpec:
     custom_ops:      () -> (label, op, args) samples, at least one per ``torch.ops.aimkern`` custom op the
                      Triton path registers, for ``torch.library.opcheck`` (tests/test_op_contracts.py); the
                      args are small CPU tensors, run under Triton's interpreter.
+    examples:        dtype name -> small awkward CPU problems (ragged tiles, every option class, with and
+                     without gradients) that the contract tests hold every candidate to the reference on.
+    empty_batch:     dtype name -> the problem of an empty batch, or None where an empty call is refused.
     bench:           the benchmark's shapes and peers (benchmarks/harness.py), free-form per op.
     """
 
@@ -219,6 +222,8 @@ class OpSpec:
     gate_problems: Optional[Callable[[str], Iterable]] = None
     family: Optional[str] = None
     custom_ops: Optional[Callable[[], Iterable]] = None
+    examples: Optional[Callable[[str], list]] = None
+    empty_batch: Optional[Callable[[str], Optional[Problem]]] = None
     bench: Optional[dict] = None
 
     def candidate(self, name: str) -> Candidate:

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ...reference.attention import attention_mask, attention_reference
+from .._boundary import encode
 from .._launch import LaunchPolicy, interpreting, launch_policy
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import GATE_DTYPES, gate_dtypes, meta, pow2, randint, randn, seq_band
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, problem, randint, randn, seq_band
 
 # The module, not the function: aimkern.ops binds the name 'attention' to the public op where they share it.
 op = importlib.import_module("aimkern.ops.attention")
@@ -242,6 +243,53 @@ def _gate_run(b, n, h, d, dtype, prefix, causal, block_size, scale, path) -> Non
     op.launch_backward(o, q, k, v, o, lse, pre, params, policy, out=op.unpack(meta(b, n, 3, h, d, dtype=dtype)))
 
 
+# ---------------------------------------------------------------------------------- contract tests
+def _problem(dtype: str, qshape: tuple, prefix: bool, grad: bool, **options) -> Problem:
+    opts = dict(is_causal=False, block_size=1, scale=None, deterministic=True)
+    opts.update(options)
+    return problem("attention", dtype, (qshape, qshape, qshape, (qshape[0],) if prefix else None), opts,
+                   (grad, grad, grad, False), (None, None, None, "int32"))
+
+
+def examples(dtype: str) -> list:
+    """N = 37 and 19 (ragged tiles), D = 16 and 24 (a padded head dim), every mask kind, both determinisms."""
+    return [
+        _problem(dtype, (2, 2, 37, 16), True, True, is_causal=True, block_size=3),
+        _problem(dtype, (1, 2, 19, 24), False, True, is_causal=True, deterministic=False),
+        _problem(dtype, (2, 1, 19, 16), False, True, scale=0.3),
+        _problem(dtype, (1, 1, 7, 16), True, False, is_causal=True, block_size=2),
+    ]
+
+
+def empty_batch(dtype: str) -> Problem:
+    return _problem(dtype, (0, 2, 7, 16), True, True, is_causal=True, block_size=2)
+
+
+def custom_ops() -> list:
+    """opcheck samples of aimkern::attention_fwd / _bwd in both layouts, with a prefix."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 9, 3, 2, 16, generator=gen)
+    prefix = torch.tensor([3, 0], dtype=torch.int32)
+    params = op.AttentionParams(is_causal=True, block_size=2, scale=0.25)
+    for layout in op.LAYOUTS:
+        for path in ("fused", "split"):
+            call = encode(op.AttentionCall(params=params, policy=LaunchPolicy(autotune=False, attention_backward=path),
+                                           layout=layout))
+            if layout == "packed":
+                tensors = (qkv.clone().requires_grad_(), None, None)
+            else:
+                tensors = tuple(t.contiguous().requires_grad_() for t in op.unpack(qkv))
+            out.append((f"attention_fwd {layout} {path}", torch.ops.aimkern.attention_fwd,
+                        (*tensors, prefix, call)))
+            with torch.no_grad():
+                o, lse = torch.ops.aimkern.attention_fwd(*tensors, prefix, call)
+            do = torch.randn(o.shape, generator=gen)
+            out.append((f"attention_bwd {layout} {path}", torch.ops.aimkern.attention_bwd,
+                        (do, *(None if t is None else t.detach() for t in tensors), o, lse, prefix, call)))
+    return out
+
+
 def _reference_fn(q, k, v, *, prefix_len=None, **options):
     return _reference(q, k, v, prefix_len=prefix_len, **options)
 
@@ -260,4 +308,7 @@ SPEC = add_spec(OpSpec(
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
     gate_problems=gate_problems,
     family="attention",
+    custom_ops=custom_ops,
+    examples=examples,
+    empty_batch=empty_batch,
 ))
