@@ -321,9 +321,12 @@ def _backward(ctx, do, _dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams, layout: str) -> tuple:
+def _call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams, layout: str,
+          backward: Optional[str] = None) -> tuple:
     """(prefix_len for the kernels, the encoded ``AttentionCall``) of a call on (B, H, N, D) ``q``: the
-    mask as the kernels see it and the launch choices of the current LaunchPolicy."""
+    mask as the kernels see it and the launch choices of the current LaunchPolicy; ``backward`` ("auto",
+    "fused", "split") overrides its attention_backward (the dispatch candidates pin a path this way: a
+    ``launch_policy`` block would set a ContextVar, which torch.compile cannot trace)."""
     b, h, n, d = q.shape
     if interpreting() and not q.is_cuda and q.dtype == torch.bfloat16:
         raise TypeError(
@@ -336,6 +339,8 @@ def _call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams, layout
     elif prefix_len is not None:
         prefix_len = prefix_len.contiguous()  # the kernels read prefix_len[b] at stride 1
     policy = current_policy()
+    if backward is not None:
+        policy = LaunchPolicy(autotune=policy.autotune, attention_backward=backward)
     kernel_params = AttentionParams(is_causal=is_causal, block_size=params.block_size if is_causal else 1,
                                     scale=params.resolved_scale(d), deterministic=params.deterministic)
     launch = LaunchPolicy(autotune=policy.autotune,
@@ -359,16 +364,18 @@ def _reference(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionPar
     )
 
 
-def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
-    """The Triton path on (B, H, N, D) q, k, v -> (B, H, N, D)."""
-    prefix_len, call = _call(q, prefix_len, params, "bhnd")
+def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams,
+                      backward: Optional[str] = None) -> torch.Tensor:
+    """The Triton path on (B, H, N, D) q, k, v -> (B, H, N, D); ``backward`` as in ``_call``."""
+    prefix_len, call = _call(q, prefix_len, params, "bhnd", backward)
     o, _ = _attention_fwd(q, k, v, prefix_len, call)
     return o
 
 
-def _attention_qkvpacked_triton(qkv, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
+def _attention_qkvpacked_triton(qkv, prefix_len: Optional[torch.Tensor], params: AttentionParams,
+                                backward: Optional[str] = None) -> torch.Tensor:
     """The Triton path on a (B, N, 3, H, D) qkv -> (B, N, H, D) contiguous; the same op as ``attention``."""
-    prefix_len, call = _call(unpack(qkv)[0], prefix_len, params, "packed")
+    prefix_len, call = _call(unpack(qkv)[0], prefix_len, params, "packed", backward)
     o, _ = _attention_fwd(qkv, None, None, prefix_len, call)
     return o
 

@@ -237,6 +237,8 @@ def _patch_embed_triton(images, weight, bias, pos_embed) -> torch.Tensor:
             raise TypeError(
                 f"{OP}: {name} must have the images' dtype {images.dtype} for backend='triton', got {t.dtype}"
             )
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[e] at unit stride (E values: no cost to copy)
     return _patch_embed_fwd(images, weight, bias, pos_embed, encode(PatchEmbedCall(policy=current_policy())))
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ...reference.attention import attention_mask, attention_reference
 from .._boundary import encode
-from .._launch import LaunchPolicy, interpreting, launch_policy
+from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
 from .common import GATE_DTYPES, gate_dtypes, meta, pow2, problem, randint, randn, seq_band
 
@@ -106,17 +106,14 @@ def _atomic_unsupported(problem: Problem):
 
 
 def _triton(backward: str, deterministic: Optional[bool] = None):
-    """A Triton candidate: the aimkern kernels with one backward path (``deterministic`` overrides the call's)."""
+    """A Triton candidate: the aimkern kernels with one backward path (``deterministic`` overrides the call's).
+    The path is passed down, not set with ``launch_policy``: torch.compile cannot trace a ContextVar.set()."""
 
     def run(q, k, v, *, prefix_len=None, deterministic_=deterministic, **options):
-        params = _params(options, deterministic_)
-        with launch_policy(attention_backward=backward):
-            return op._attention_triton(q, k, v, prefix_len, params)
+        return op._attention_triton(q, k, v, prefix_len, _params(options, deterministic_), backward)
 
     def packed(qkv, *, prefix_len=None, deterministic_=deterministic, **options):
-        params = _params(options, deterministic_)
-        with launch_policy(attention_backward=backward):
-            return op._attention_qkvpacked_triton(qkv, prefix_len, params)
+        return op._attention_qkvpacked_triton(qkv, prefix_len, _params(options, deterministic_), backward)
 
     return run, packed
 
