@@ -100,7 +100,7 @@ def test_gradient_is_written_packed_not_stacked(device):
     unpacked = _graph_nodes(aimkern.attention(*_unpack(qkv), is_causal=True, backend="triton"))
     assert any(name.startswith("Unbind") for name in unpacked)  # the control: this check can see a stack
     assert not any(name.startswith(("Unbind", "Stack", "Permute", "Clone", "Copy")) for name in packed), packed
-    assert packed == {"GeneratedBackwardFor_aimkern_attention_qkvpacked_fwd_defaultBackward", "AccumulateGrad"}
+    assert packed == {"GeneratedBackwardFor_aimkern_attention_fwd_defaultBackward", "AccumulateGrad"}
 
 
 def test_reference_backend_matches_attention(device):

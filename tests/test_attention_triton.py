@@ -157,13 +157,12 @@ def test_scale(device):
 
 
 # ---------------------------------------------------------------------------------- layouts, strides
-@pytest.mark.parametrize("layout", ["packed", "d_major"])
-def test_strided_inputs(layout, path, device):
-    check_attention(2, 2, 37, 16, torch.float32, dict(is_causal=True, prefix_len="mixed"), device, layout=layout)
+# Generic strided inputs, stride-0 gradients and torch.compile: tests/test_op_contracts.py. Here: q, k, v as
+# aliasing views of one packed qkv (autograd sums three gradients into one leaf).
+def test_strided_inputs(path, device):
+    check_attention(2, 2, 37, 16, torch.float32, dict(is_causal=True, prefix_len="mixed"), device, layout="packed")
 
 
-def test_expanded_gradient(path, device):
-    check_attention(1, 2, 37, 16, torch.float32, dict(is_causal=True, block_size=4), device, grad="sum")
 
 
 def test_output_is_bnhd_memory(device):
@@ -237,20 +236,6 @@ def test_backward_is_deterministic(path, device):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_torch_compile_fullgraph(device):
-    backend = "inductor" if HAS_CUDA else "aot_eager"
-
-    def f(q, k, v, prefix):
-        o = aimkern.attention(q, k, v, is_causal=True, block_size=2, prefix_len=prefix, backend="triton")
-        return (o * o).sum()
-
-    (q, k, v), _ = make_qkv(2, 2, 19, 16, torch.float32, device, layout="packed")
-    prefix = torch.tensor([3, 19], device=device)
-    compiled = torch.compile(f, fullgraph=True, backend=backend)
-    got = torch.autograd.grad(compiled(q, k, v, prefix), (q, k, v))
-    want = torch.autograd.grad(f(q, k, v, prefix), (q, k, v))
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_nn_attention_uses_the_kernel(device):

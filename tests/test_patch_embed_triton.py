@@ -106,26 +106,8 @@ def test_only_bias_and_pos_need_grad():
     check_against_references([images, weight.detach(), bias, pos])
 
 
-def test_non_contiguous_inputs_and_expanded_grad():
-    """Strided images (channels_last, a crop), a transposed-storage weight, and the stride-0 grad of .sum()."""
-    b, c, h, w, p, e = 2, 3, 16, 24, 4, 32
-    big = torch.randn(b, c, h + 3, w + 5, device=DEV)[:, :, 1 : h + 1, 2 : w + 2]  # a crop: no unit strides
-    images = big.contiguous(memory_format=torch.channels_last)[:, :, :, :].requires_grad_()
-    weight = torch.randn(c, p, p, e, device=DEV).mul(0.1).permute(3, 0, 1, 2).requires_grad_()
-    pos = torch.randn(e, (h // p) * (w // p), device=DEV).t().requires_grad_()
-    bias = torch.randn(e, device=DEV).requires_grad_()
-    assert not images.is_contiguous() and not weight.is_contiguous() and not pos.is_contiguous()
-    inputs = [images, weight, bias, pos]
-    n = (h // p) * (w // p)
-    check_against_references(inputs, grad_out=torch.ones(1, 1, 1, device=DEV).expand(b, n, e))
-    crop = [big.requires_grad_(), weight, bias, pos]
-    check_against_references(crop)
 
 
-def test_torch_compile_fullgraph_forward_backward():
-    inputs = make_inputs(2, 3, 12, 16, 4, 32, torch.float32)
-    fn = torch.compile(lambda *a: aimkern.patch_embed(*a, backend="triton"), fullgraph=True, backend="aot_eager")
-    check_against_references(inputs, fn=fn)
 
 
 def test_dtype_mismatch_is_a_type_error():

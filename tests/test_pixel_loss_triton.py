@@ -117,20 +117,8 @@ def test_eps_matters():
         check_against_references(pred, images, patch_size=4, eps=eps)
 
 
-def test_strided_pred_and_images():
-    b, c, h, w, p = 2, 3, 12, 16, 4
-    n, d = (h // p) * (w // p), p * p * c
-    pred = torch.randn(b, d, 2 * n, device=DEV).transpose(1, 2)[:, ::2].requires_grad_()  # no unit stride
-    images = torch.rand(b, c, h + 2, w + 4, device=DEV)[:, :, 1 : h + 1, 3 : w + 3]
-    assert not pred.is_contiguous() and not images.is_contiguous()
-    check_against_references(pred, images, patch_size=p, offset=3, prefix_len=torch.tensor([0, 4], device=DEV))
-    check_against_references(pred, images.contiguous(memory_format=torch.channels_last), patch_size=p)
 
 
-def test_torch_compile_fullgraph_forward_backward():
-    pred, images = make_inputs(2, 3, 12, 16, 4, torch.float32)
-    fn = torch.compile(triton_loss, fullgraph=True, backend="aot_eager")
-    check_against_references(pred, images, fn=fn, patch_size=4, offset=2, prefix_len=torch.tensor([1, 5], device=DEV))
 
 
 def test_images_requiring_grad_are_refused():

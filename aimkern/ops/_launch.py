@@ -9,8 +9,9 @@ One place owns what used to be decided per family:
   (kernels/launch_table.py): the interpreter config under the interpreter, the autotuner when the
   policy allows it and the Choice has several configs, else the first config;
 * the launch policy (``LaunchPolicy``): frozen, read once when an op is called, passed into its custom op
-  as plain arguments and saved for the backward, so that a choice made at forward time (e.g. the fused or
-  split attention backward) still holds when autograd runs the backward later.
+  inside the op's encoded call (ops/_boundary.py) and saved for the backward, so that a choice made at
+  forward time (e.g. the fused or split attention backward) still holds when autograd runs the backward;
+* the kernel modules (``kernels(family)``): aimkern/kernels/<family>.py, imported on first use.
 
 Observers (``observe()``) see every launch: tests use it to prove which kernels ran, and the compile gate
 (benchmarks/kernel_report.py) uses ``observe(dry_run=True)`` to collect the exact launches of the real
@@ -21,11 +22,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
+import sys
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from ._boundary import crosses_boundary
 
 BACKWARD_PATHS = ("auto", "fused", "split")
 
@@ -40,6 +45,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+@crosses_boundary
 @dataclass(frozen=True)
 class LaunchPolicy:
     """How the Triton launchers choose among their configs. Frozen: it is read when an op is called.
@@ -91,6 +97,18 @@ def launch_policy(policy: Optional[LaunchPolicy] = None, **changes) -> Iterator[
         yield new
     finally:
         _POLICY.reset(token)
+
+
+def kernels(family: str):
+    """The kernel module aimkern/kernels/<family>.py ("attention", "cross_entropy", "patch_embed",
+    "pixel_loss"). Imported on first use, not with aimkern: Triton reads TRITON_INTERPRET when a kernel is
+    defined, so the test setup (or the user) must decide it first. Dynamo traces the look-up in
+    ``sys.modules`` (it refuses ``importlib``): an op traced before any eager call imports through an eager
+    helper first (attention's ``fused_backward_fits``)."""
+    module = sys.modules.get("aimkern.kernels." + family)
+    if module is None:
+        module = importlib.import_module("aimkern.kernels." + family)
+    return module
 
 
 # ------------------------------------------------------------------------------------------- observers

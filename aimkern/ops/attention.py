@@ -4,17 +4,24 @@ Backend dispatch, input checks, the Triton launchers (kernels/attention.py picks
 in kernels/attention_fwd.py and kernels/attention_bwd.py), their custom-op registration
 (``aimkern::attention_fwd``, ``aimkern::attention_bwd``) and the autograd wiring.
 
-    forward:  o, lse = attention_fwd(q, k, v)     lse (B, H, N) fp32, natural log, saved for backward
-    backward: dq, dk, dv = attention_bwd(do, q, k, v, o, lse)   deterministic, no atomics
+    forward:  o, lse = attention_fwd(q, k, v, prefix_len, call)   lse (B, H, N) fp32, natural log
+    backward: dq, dk, dv = attention_bwd(do, q, k, v, o, lse, prefix_len, call)   deterministic, no atomics
+
+``call`` is one str, the encoded ``AttentionCall`` (ops/_boundary.py): the mask as the kernels see it
+(``AttentionParams``), the launch choices (``LaunchPolicy``: autotune, the fused or split backward) and the
+layout. The forward's call is saved and handed to the backward op as it stands.
 
 Outputs (o, dq, dk, dv) are (B, N, H, D) memory returned as (B, H, N, D) views: ``o.transpose(1, 2)`` is
 then contiguous, so a ViT block's reshape to (B, N, H * D) before the output projection copies nothing.
 Inputs are read through their strides (strided views of a packed qkv, stride-0 expanded gradients).
 
-``attention_qkvpacked(qkv)`` takes the packed (B, N, 3, H, D) activation of a ViT block and is its own
-custom-op pair (``aimkern::attention_qkvpacked_fwd`` / ``_bwd``): the backward kernels write dq, dk, dv
-through strides straight into one (B, N, 3, H, D) gradient, where ``attention`` on unbound views would
-make autograd stack them into (3, B, H, N, D) and copy that again into the packed order.
+``attention_qkvpacked(qkv)`` takes the packed (B, N, 3, H, D) activation of a ViT block through the same two
+ops (layout "packed": qkv in place of q, k and v None): the backward kernels write dq, dk, dv through
+strides straight into one (B, N, 3, H, D) gradient, where ``attention`` on unbound views would make
+autograd stack them into (3, B, H, N, D) and copy that again into the packed order.
+
+Public launcher entry points (the custom ops run them; the compile gate drives them on meta tensors):
+``launch_forward``, ``launch_backward``, ``backward_path``, ``fused_backward_fits`` and ``unpack``.
 """
 from __future__ import annotations
 
@@ -35,12 +42,14 @@ from ._checks import (
     select_candidate,
     resolve_backend,
 )
-from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, launch, table_arch
+from ._boundary import crosses_boundary, decode, encode
+from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, kernels, launch, table_arch
 
 OP = "attention"
 _LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
 
 
+@crosses_boundary
 @dataclass(frozen=True)
 class AttentionParams:
     """Non-tensor options of one attention call."""
@@ -87,12 +96,6 @@ def _check_inputs(q, k, v, params: AttentionParams, backend: str, op: str = OP) 
     params.check(op)
 
 
-def _kernels():
-    from aimkern.kernels import attention as kern  # imported late: TRITON_INTERPRET must be decided first
-
-    return kern
-
-
 def _bucket(n: int) -> int:
     """The autotuning key's sequence band: N rounded up to a power of two."""
     return 1 << max(0, n - 1).bit_length()
@@ -104,58 +107,72 @@ def _bhnd_empty(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((b, n, h, d)).permute(0, 2, 1, 3)
 
 
-def _launch_forward(q, k, v, prefix_len, is_causal: bool, block_size: int, scale: float, policy: LaunchPolicy):
+def unpack(qkv: torch.Tensor) -> tuple:
+    """q, k, v as (B, H, N, D) strided views of a (B, N, 3, H, D) tensor (no copy)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+# The public launcher entry points: what the custom ops run, and what the compile gate
+# (aimkern/ops/specs/attention.py's gate problems) drives on meta tensors. ``params`` are the kernels' view
+# of the mask: is_causal only where a causal block is shorter than N; scale may be None (D ** -0.5).
+def launch_forward(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams, policy: LaunchPolicy):
+    """q, k, v (B, H, N, D) any strides, prefix_len None or int32 (B,) contiguous ->
+    (o (B, H, N, D) as a view of (B, N, H, D) memory, lse (B, H, N) fp32, natural log)."""
     b, h, n, d = q.shape
     o = _bhnd_empty(q)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if b * h == 0:
         return o, lse
-    kern = _kernels()
+    kern = kernels("attention")
     fp32 = q.dtype == torch.float32
+    scale = params.resolved_scale(d)
     split = kern.query_tail_start(n)  # queries [split, n) go to the narrow key-major tail kernel
     tensors = (q, k, v, o, lse, prefix_len if prefix_len is not None else lse)
     strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride())
-    flags = dict(HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None)
+    flags = dict(HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal, HAS_PREFIX=prefix_len is not None)
     launch(
         kern.forward(d, fp32, n, table_arch(q.device)), lambda META: (cdiv(split, META["BLOCK_M"]), b * h),
-        (*tensors, *strides, h, n, split, _bucket(n), block_size, scale * _LOG2E),
+        (*tensors, *strides, h, n, split, _bucket(n), params.block_size, scale * _LOG2E),
         dtype=q.dtype, policy=policy, **flags,
     )
     if split < n:
         launch(
             kern.forward_tail(d, fp32), lambda META: (cdiv(n - split, META["BLOCK_M"]), b * h),
-            (*tensors, *strides, h, n, split, block_size, scale * _LOG2E),
+            (*tensors, *strides, h, n, split, params.block_size, scale * _LOG2E),
             dtype=q.dtype, policy=policy, **flags,
         )
     return o, lse
 
 
-def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_size: int, scale: float,
-                     policy: LaunchPolicy, bwd_path: str, out: Optional[tuple] = None, deterministic: bool = True):
-    """dq, dk, dv of (B, H, N, D) inputs. ``bwd_path``: "fused" or "split" (the tiled kernel), decided at
-    forward time (``_backward_path``); ``deterministic`` orders the tiled kernel's dQ accumulation.
-    ``out``: optional preallocated (dq, dk, dv), any (B, H, N, D) strided views (the
-    packed op passes slices of one (B, N, 3, H, D) buffer); every kernel stores through the output
-    strides, so nothing is copied afterwards."""
+def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], params: AttentionParams,
+                    policy: LaunchPolicy, out: Optional[tuple] = None) -> tuple:
+    """dq, dk, dv of (B, H, N, D) inputs (do, o as well: any strides). ``policy.attention_backward``:
+    "fused" or "split" (the tiled kernel; "auto" is resolved here by ``backward_path``);
+    ``params.deterministic`` orders the tiled kernel's dQ accumulation. ``out``: optional preallocated
+    (dq, dk, dv), any (B, H, N, D) strided views (the packed layout passes slices of one (B, N, 3, H, D)
+    buffer); every kernel stores through the output strides, so nothing is copied afterwards."""
     b, h, n, d = q.shape
     dq, dk, dv = out if out is not None else (_bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v))
     if b * h == 0:
         return dq, dk, dv
-    kern = _kernels()
+    kern = kernels("attention")
     fp32 = q.dtype == torch.float32
+    scale = params.resolved_scale(d)
+    path = backward_path(d, q.dtype, n, q.device, policy)
     common = dict(
         dtype=q.dtype, policy=policy,
-        HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=is_causal, HAS_PREFIX=prefix_len is not None,
+        HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal, HAS_PREFIX=prefix_len is not None,
     )
     prefix = prefix_len if prefix_len is not None else lse  # never read when HAS_PREFIX is False
-    if bwd_path == "fused":
+    if path == "fused":
         choice = kern.backward_fused(d, fp32, n)
         launch(
             choice, lambda META: (b * h,),
             (q, k, v, o, do, lse, dq, dk, dv, prefix,
              *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
              *dq.stride(), *dk.stride(), *dv.stride(),
-             h, n, block_size, scale * _LOG2E, scale),
+             h, n, params.block_size, scale * _LOG2E, scale),
             K_TILES=kern.fused_key_tiles(n, fixed_config(choice, policy)), **common,
         )
         return dq, dk, dv
@@ -169,30 +186,40 @@ def _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal: bool, block_siz
     choice = kern.backward_tiled(d, fp32, n, table_arch(q.device))
     dq_acc = torch.zeros((b * h, n, d), device=q.device, dtype=torch.float32)
     # One turn counter per query tile (>= the tiles of any config); never touched without DETERMINISTIC.
-    sem_shape = (b * h, cdiv(n, kern.BWD_QUERY_TAIL)) if deterministic else (1,)
+    sem_shape = (b * h, cdiv(n, kern.BWD_QUERY_TAIL)) if params.deterministic else (1,)
     sem = torch.zeros(sem_shape, device=q.device, dtype=torch.int32)
     k_end, key_tile = kern.key_tail(n, d)
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride())
     if key_tile:  # the last keys first, in one narrow tile: their dQ shares land before the tiled kernel's
         launch(
             kern.backward_key_tail(d, fp32, key_tile, table_arch(q.device)), lambda META: (b * h,),
-            (q, k, v, do, lse, delta, dk, dv, dq_acc, prefix, *in_strides, h, n, k_end, block_size,
+            (q, k, v, do, lse, delta, dk, dv, dq_acc, prefix, *in_strides, h, n, k_end, params.block_size,
              scale * _LOG2E, scale),
             **common,
         )
     launch(
         choice, lambda META: (cdiv(k_end, META["BLOCK_N"]), b * h),
-        (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, _bucket(n), block_size,
-         scale * _LOG2E, scale),
-        DETERMINISTIC=deterministic, DQ_KEY_MAJOR=table_arch(q.device) >= 90, **common,
+        (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, _bucket(n),
+         params.block_size, scale * _LOG2E, scale),
+        DETERMINISTIC=params.deterministic, DQ_KEY_MAJOR=table_arch(q.device) >= 90, **common,
     )
     dq.copy_(dq_acc.view(b, h, n, d).mul_(scale))  # one pass: scale and cast into dq's strides
     return dq, dk, dv
 
 
-def _backward_path(head_dim: int, dtype: torch.dtype, n: int, device: torch.device, policy: LaunchPolicy) -> str:
-    """The policy's attention backward ("fused" | "split") for one problem, decided at forward time."""
-    fits = _kernels().fused_backward_fits(head_dim, dtype == torch.float32, n, table_arch(device))
+@torch._dynamo.assume_constant_result  # a constant to Dynamo: it imports the kernel module when it must
+def _fused_fits(head_dim: int, fp32: bool, n: int, arch: int) -> bool:
+    return kernels("attention").fused_backward_fits(head_dim, fp32, n, arch)
+
+
+def fused_backward_fits(head_dim: int, dtype: torch.dtype, n: int, device: torch.device) -> bool:
+    """Whether the fused one-program-per-head backward keeps a head's padded (N, D) K, V tile on chip."""
+    return _fused_fits(head_dim, dtype == torch.float32, n, table_arch(device))
+
+
+def backward_path(head_dim: int, dtype: torch.dtype, n: int, device: torch.device, policy: LaunchPolicy) -> str:
+    """The policy's attention backward ("fused" | "split") for one problem: decided at forward time."""
+    fits = fused_backward_fits(head_dim, dtype, n, device)
     if policy.attention_backward == "auto":
         return "fused" if fits else "split"
     # Under the interpreter there is no chip to fit on: tests run the fused path at any N.
@@ -205,59 +232,102 @@ def _backward_path(head_dim: int, dtype: torch.dtype, n: int, device: torch.devi
 
 
 # ------------------------------------------------------------------------------ custom ops + autograd
-# Every custom op takes the mask (prefix_len, is_causal, block_size, scale) and the launch choices
-# (autotune, bwd_path) as plain arguments; setup_context saves both, so the backward runs with exactly
-# what the forward decided, whatever policy is current when autograd gets to it.
+LAYOUTS = ("bhnd", "packed")
+
+
+@crosses_boundary
+@dataclass(frozen=True)
+class AttentionCall:
+    """The non-tensor argument of both attention custom ops, encoded into one str (ops/_boundary.py).
+
+    params: as the kernels see them (``_call``): is_causal only where a causal block is shorter than N
+            (block_size 1 otherwise), scale a float.
+    policy: the LaunchPolicy current at the forward, attention_backward resolved to "fused" or "split".
+    layout: "bhnd":   q, k, v (B, H, N, D) in; o (B, H, N, D) out (a view of (B, N, H, D) memory);
+            "packed": the (B, N, 3, H, D) qkv in place of q (k, v None); o (B, N, H, D) contiguous out,
+                      and the backward writes dq, dk, dv into one (B, N, 3, H, D) gradient of qkv.
+    """
+
+    params: AttentionParams
+    policy: LaunchPolicy
+    layout: str = "bhnd"
+
+
+def _qkv_views(call: AttentionCall, q, k, v) -> tuple:
+    """The (B, H, N, D) q, k, v views of the ops' tensor arguments."""
+    return unpack(q) if call.layout == "packed" else (q, k, v)
+
+
+# Both ops take the call as one encoded str; setup_context keeps that str and hands it to the backward op,
+# so the backward runs with exactly what the forward decided, whatever policy is current when autograd
+# gets to it.
 @torch.library.custom_op("aimkern::attention_fwd", mutates_args=())
 def _attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: Optional[torch.Tensor],
-    is_causal: bool, block_size: int, scale: float, autotune: bool, bwd_path: str, deterministic: bool,
+    q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], prefix_len: Optional[torch.Tensor],
+    call: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(q, k, v, prefix_len, is_causal, block_size, scale, LaunchPolicy(autotune=autotune))
+    """-> (o, lse (B, H, N) fp32); q is the packed qkv for layout "packed" (see ``AttentionCall``)."""
+    c = decode(call)
+    o, lse = launch_forward(*_qkv_views(c, q, k, v), prefix_len, c.params, c.policy)
+    return (o.transpose(1, 2) if c.layout == "packed" else o), lse  # packed: o's own contiguous memory
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, prefix_len, is_causal, block_size, scale, autotune, bwd_path, deterministic):
+def _(q, k, v, prefix_len, call):
+    c = decode(call)
+    q = _qkv_views(c, q, k, v)[0]
     b, h, n, _ = q.shape
-    return _bhnd_empty(q), q.new_empty((b, h, n), dtype=torch.float32)
+    o = _bhnd_empty(q)
+    return (o.transpose(1, 2) if c.layout == "packed" else o), q.new_empty((b, h, n), dtype=torch.float32)
 
 
 @torch.library.custom_op("aimkern::attention_bwd", mutates_args=())
 def _attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float, autotune: bool,
-    bwd_path: str, deterministic: bool,
+    do: torch.Tensor, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], o: torch.Tensor,
+    lse: torch.Tensor, prefix_len: Optional[torch.Tensor], call: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale,
-                            LaunchPolicy(autotune=autotune), bwd_path, deterministic=deterministic)
+    """-> (dq, dk, dv) like q, k, v; for layout "packed" (dqkv (B, N, 3, H, D), empty, empty)."""
+    c = decode(call)
+    if c.layout == "packed":
+        dqkv = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        launch_backward(do.transpose(1, 2), *unpack(q), o.transpose(1, 2), lse, prefix_len, c.params, c.policy,
+                        out=unpack(dqkv))
+        return dqkv, q.new_empty((0,)), q.new_empty((0,))
+    return launch_backward(do, q, k, v, o, lse, prefix_len, c.params, c.policy)
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, prefix_len, is_causal, block_size, scale, autotune, bwd_path, deterministic):
+def _(do, q, k, v, o, lse, prefix_len, call):
+    if decode(call).layout == "packed":
+        return q.new_empty(q.shape), q.new_empty((0,)), q.new_empty((0,))
     return _bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_len, *options = inputs
+    q, k, v, prefix_len, call = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, prefix_len)
-    ctx.options = tuple(options)  # is_causal, block_size, scale, autotune, bwd_path, deterministic
+    ctx.call = call
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, prefix_len = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, prefix_len, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, prefix_len, ctx.call)
+    if decode(ctx.call).layout == "packed":
+        dk = dv = None  # k, v were None: dq is the whole packed gradient
+    return dq, dk, dv, None, None  # q, k, v, prefix_len, call
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_args(q, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> tuple:
-    """The custom ops' non-tensor arguments for (B, H, N, D) ``q``: the mask (prefix_len, is_causal,
-    block_size, scale), then the launch choices (autotune, bwd_path) of the current LaunchPolicy, then
-    ``deterministic``."""
+def _call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams, layout: str,
+          backward: Optional[str] = None) -> tuple:
+    """(prefix_len for the kernels, the encoded ``AttentionCall``) of a call on (B, H, N, D) ``q``: the
+    mask as the kernels see it and the launch choices of the current LaunchPolicy; ``backward`` ("auto",
+    "fused", "split") overrides its attention_backward (the dispatch candidates pin a path this way: a
+    ``launch_policy`` block would set a ContextVar, which torch.compile cannot trace)."""
     b, h, n, d = q.shape
     if interpreting() and not q.is_cuda and q.dtype == torch.bfloat16:
         raise TypeError(
@@ -270,8 +340,13 @@ def _triton_args(q, prefix_len: Optional[torch.Tensor], params: AttentionParams)
     elif prefix_len is not None:
         prefix_len = prefix_len.contiguous()  # the kernels read prefix_len[b] at stride 1
     policy = current_policy()
-    return (prefix_len, is_causal, params.block_size if is_causal else 1, params.resolved_scale(d),
-            policy.autotune, _backward_path(d, q.dtype, n, q.device, policy), params.deterministic)
+    if backward is not None:
+        policy = LaunchPolicy(autotune=policy.autotune, attention_backward=backward)
+    kernel_params = AttentionParams(is_causal=is_causal, block_size=params.block_size if is_causal else 1,
+                                    scale=params.resolved_scale(d), deterministic=params.deterministic)
+    launch = LaunchPolicy(autotune=policy.autotune,
+                          attention_backward=backward_path(d, q.dtype, n, q.device, policy))
+    return prefix_len, encode(AttentionCall(params=kernel_params, policy=launch, layout=layout))
 
 
 def _resolve(q, k, v, params: AttentionParams, backend: str, prefix_len, op: str) -> tuple:
@@ -290,8 +365,19 @@ def _reference(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionPar
     )
 
 
-def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
-    o, _ = _attention_fwd(q, k, v, *_triton_args(q, prefix_len, params))
+def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams,
+                      backward: Optional[str] = None) -> torch.Tensor:
+    """The Triton path on (B, H, N, D) q, k, v -> (B, H, N, D); ``backward`` as in ``_call``."""
+    prefix_len, call = _call(q, prefix_len, params, "bhnd", backward)
+    o, _ = _attention_fwd(q, k, v, prefix_len, call)
+    return o
+
+
+def _attention_qkvpacked_triton(qkv, prefix_len: Optional[torch.Tensor], params: AttentionParams,
+                                backward: Optional[str] = None) -> torch.Tensor:
+    """The Triton path on a (B, N, 3, H, D) qkv -> (B, N, H, D) contiguous; the same op as ``attention``."""
+    prefix_len, call = _call(unpack(qkv)[0], prefix_len, params, "packed", backward)
+    o, _ = _attention_fwd(qkv, None, None, prefix_len, call)
     return o
 
 
@@ -302,64 +388,7 @@ def _measured(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionPara
     return select_candidate(OP, (q, k, v, prefix_len), options, q.dtype), options
 
 
-# ------------------------------------------------------------------- packed qkv: custom ops + autograd
 OP_PACKED = "attention_qkvpacked"
-
-
-def _unpack(qkv: torch.Tensor) -> tuple:
-    """q, k, v as (B, H, N, D) strided views of a (B, N, 3, H, D) tensor (no copy)."""
-    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
-
-
-@torch.library.custom_op("aimkern::attention_qkvpacked_fwd", mutates_args=())
-def _attention_qkvpacked_fwd(
-    qkv: torch.Tensor, prefix_len: Optional[torch.Tensor], is_causal: bool, block_size: int, scale: float,
-    autotune: bool, bwd_path: str, deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    o, lse = _launch_forward(*_unpack(qkv), prefix_len, is_causal, block_size, scale,
-                             LaunchPolicy(autotune=autotune))
-    return o.transpose(1, 2), lse  # o is (B, N, H, D) memory: this is the contiguous tensor itself
-
-
-@_attention_qkvpacked_fwd.register_fake
-def _(qkv, prefix_len, is_causal, block_size, scale, autotune, bwd_path, deterministic):
-    b, n, _, h, d = qkv.shape
-    return qkv.new_empty((b, n, h, d)), qkv.new_empty((b, h, n), dtype=torch.float32)
-
-
-@torch.library.custom_op("aimkern::attention_qkvpacked_bwd", mutates_args=())
-def _attention_qkvpacked_bwd(
-    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, prefix_len: Optional[torch.Tensor],
-    is_causal: bool, block_size: int, scale: float, autotune: bool, bwd_path: str, deterministic: bool,
-) -> torch.Tensor:
-    """do, o (B, N, H, D) -> dqkv (B, N, 3, H, D): the kernels write dq, dk, dv into its slices."""
-    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    _launch_backward(do.transpose(1, 2), *_unpack(qkv), o.transpose(1, 2), lse, prefix_len, is_causal,
-                     block_size, scale, LaunchPolicy(autotune=autotune), bwd_path, out=_unpack(dqkv),
-                     deterministic=deterministic)
-    return dqkv
-
-
-@_attention_qkvpacked_bwd.register_fake
-def _(do, qkv, o, lse, prefix_len, is_causal, block_size, scale, autotune, bwd_path, deterministic):
-    return qkv.new_empty(qkv.shape)
-
-
-def _setup_context_packed(ctx, inputs, output):
-    qkv, prefix_len, *options = inputs
-    o, lse = output
-    ctx.save_for_backward(qkv, o, lse, prefix_len)
-    ctx.options = tuple(options)  # is_causal, block_size, scale, autotune, bwd_path, deterministic
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward_packed(ctx, do, _dlse):
-    qkv, o, lse, prefix_len = ctx.saved_tensors
-    dqkv = _attention_qkvpacked_bwd(do, qkv, o, lse, prefix_len, *ctx.options)
-    return dqkv, None, None, None, None, None, None, None
-
-
-_attention_qkvpacked_fwd.register_autograd(_backward_packed, setup_context=_setup_context_packed)
 
 
 def attention(
@@ -443,7 +472,7 @@ def attention_qkvpacked(
     if qkv.shape[2] != 3:
         raise ValueError(f"{OP_PACKED}: qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is not 3)")
     (qkv,) = autocast_inputs(qkv)
-    q, k, v = _unpack(qkv)
+    q, k, v = unpack(qkv)
     be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP_PACKED)
     if be == "measured":  # the choice of attention on the unpacked views; a packed variant where it has one
         cand, options = _measured(q, k, v, prefix, params)
@@ -454,7 +483,3 @@ def attention_qkvpacked(
         return _reference(q, k, v, prefix, params).transpose(1, 2)
     return _attention_qkvpacked_triton(qkv, prefix, params)
 
-
-def _attention_qkvpacked_triton(qkv, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
-    o, _ = _attention_qkvpacked_fwd(qkv, *_triton_args(_unpack(qkv)[0], prefix_len, params))
-    return o

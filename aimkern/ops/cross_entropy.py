@@ -2,6 +2,8 @@
 
 Mirrors ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) and adds z-loss. Backend dispatch,
 input checks, the Triton launchers (kernels/cross_entropy.py) and their custom-op + autograd registration.
+The custom ops take their non-tensor arguments as one str, the encoded ``CrossEntropyCall``
+(``CrossEntropyParams`` whole, the ``LaunchPolicy``, which gradients to compute; ops/_boundary.py).
 
 Two Triton paths:
 
@@ -15,10 +17,13 @@ Two Triton paths:
   logsumexp; the reduction is plain torch on that (T,) vector, so its gradient reaches
   ``aimkern::linear_cross_entropy_bwd`` as per-token scales (often a stride-0 expanded view, read with its
   stride), which recomputes the logits tile by tile (4 GEMM-equivalents with the forward; 1 without grad).
+
+Public launcher entry points (the custom ops run them; the compile gate drives them on meta tensors):
+``launch_forward``, ``launch_backward`` and ``launch_forward_with_grad``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -28,15 +33,17 @@ from ._checks import (
     autocast_inputs, can_inspect_values, check_backend_name, check_float_dtype, check_same_device, check_tensor,
     measured_auto, resolve_backend, run_dispatched,
 )
+from ._boundary import crosses_boundary, decode, encode
 from ._launch import (
-    LaunchPolicy, autotunes, cdiv, current_policy, fixed_config, gpu_configs_active, interpreting, launch, sm_count,
-    table_arch,
+    LaunchPolicy, autotunes, cdiv, current_policy, fixed_config, gpu_configs_active, interpreting, kernels, launch,
+    sm_count, table_arch,
 )
 
 OP = "linear_cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
 
 
+@crosses_boundary
 @dataclass(frozen=True)
 class CrossEntropyParams:
     """Non-tensor options of one linear_cross_entropy call."""
@@ -94,23 +101,17 @@ def _check_inputs(input, weight, target, bias, params: CrossEntropyParams, backe
                 )
 
 
-def _kernels():
-    from aimkern.kernels import cross_entropy as kern  # imported late: TRITON_INTERPRET must be decided first
-
-    return kern
-
-
 def _programs_wanted(device: torch.device) -> int:
     # About two waves on the card; under the interpreter a small number, so small tests split the vocab.
     return 2 * sm_count(device) if device.type in ("cuda", "meta") else 4
 
 
-def _launch_forward(x, w, b, tgt, params: CrossEntropyParams, policy: LaunchPolicy, logits=None):
+def launch_forward(x, w, b, tgt, params: CrossEntropyParams, policy: LaunchPolicy, logits=None):
     """Per-token statistics over vocabulary slices -> (lse, target logit, logit sum or None), each (T,) fp32.
 
     logits: optional (T, V) buffer (row stride free, unit column stride) that receives the logits, bias
     included, in its dtype (the forward-with-gradient path)."""
-    kern = _kernels()
+    kern = kernels("cross_entropy")
     t, e = x.shape
     v = w.shape[0]
     choice = kern.tile("fwd", t, v, e, x.element_size(), table_arch(x.device))
@@ -149,10 +150,10 @@ def _token_losses(lse, tgt_logit, logit_sum, tgt, v: int, params: CrossEntropyPa
     return torch.where(bad, torch.full_like(loss, float("nan")), loss)
 
 
-def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_dx: bool, need_dw: bool,
+def launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_dx: bool, need_dw: bool,
                      need_db: bool, policy: LaunchPolicy):
     """(dx (T, E) in x's dtype or None, dW32 (V, E) fp32 or None, db32 (V,) fp32 or None), chunk by chunk."""
-    kern = _kernels()
+    kern = kernels("cross_entropy")
     t, e = x.shape
     v = w.shape[0]
     dev = x.device
@@ -184,7 +185,7 @@ def _launch_backward(grad, x, w, b, tgt, lse, params: CrossEntropyParams, need_d
     return dx, dw32, db32
 
 
-def _launch_forward_with_grad(x, w, b, tgt, params: CrossEntropyParams, need_dx: bool, need_dw: bool,
+def launch_forward_with_grad(x, w, b, tgt, params: CrossEntropyParams, need_dx: bool, need_dw: bool,
                               need_db: bool, policy: LaunchPolicy):
     """The reduced loss and its gradients in one pass: 3 GEMM-equivalents instead of forward + backward's 4.
 
@@ -195,7 +196,7 @@ def _launch_forward_with_grad(x, w, b, tgt, params: CrossEntropyParams, need_dx:
     chunk order: deterministic). Returns (loss 0-d fp32, dx or None, dW32 or None, db32 or None); the
     autograd backward only scales them by the incoming gradient.
     """
-    kern = _kernels()
+    kern = kernels("cross_entropy")
     t, e = x.shape
     v = w.shape[0]
     dev = x.device
@@ -215,7 +216,7 @@ def _launch_forward_with_grad(x, w, b, tgt, params: CrossEntropyParams, need_dx:
         tc = min(chunk, t - t0)
         d = dbuf[:tc]
         xc, tgt_c = x[t0 : t0 + tc], tgt[t0 : t0 + tc]
-        lse, tgt_logit, logit_sum = _launch_forward(xc, w, b, tgt_c, params, policy, logits=d)
+        lse, tgt_logit, logit_sum = launch_forward(xc, w, b, tgt_c, params, policy, logits=d)
         losses[t0 : t0 + tc] = _token_losses(lse, tgt_logit, logit_sum, tgt_c, v, params)
         lse = lse.contiguous()
         launch(
@@ -238,7 +239,7 @@ def _matmul(a, b, c, rs, *, accumulate: bool, policy: LaunchPolicy) -> None:
     m, k = a.shape
     n = b.shape[1]
     launch(
-        _kernels().matmul(m, n, k, a.element_size(), table_arch(a.device)),
+        kernels("cross_entropy").matmul(m, n, k, a.element_size(), table_arch(a.device)),
         lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(n, META["BLOCK_N"]),),
         (a, b, c, rs if rs is not None else c,  # rs never touched without ROWSUM
          m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1)),
@@ -246,27 +247,43 @@ def _matmul(a, b, c, rs, *, accumulate: bool, policy: LaunchPolicy) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (no graph break), fake implementations give the output shapes.
+# ------------------------------------------------------------------------------ custom ops + autograd
+# Custom ops: opaque to torch.compile (no graph break), fake implementations give the output shapes. Each
+# takes its non-tensor arguments as one str, the encoded ``CrossEntropyCall`` (ops/_boundary.py).
+@crosses_boundary
+@dataclass(frozen=True)
+class CrossEntropyCall:
+    """The non-tensor argument of the cross-entropy custom ops.
+
+    params: the call's CrossEntropyParams, whole (the per-token ops ignore ``reduction``; the
+            forward-with-gradient op reads "mean" / "sum" from it).
+    policy: the LaunchPolicy current at the forward (the backward op gets the same).
+    need_dx, need_dw, need_db: which gradients the backward / forward-with-gradient op computes.
+    """
+
+    params: CrossEntropyParams
+    policy: LaunchPolicy
+    need_dx: bool = False
+    need_dw: bool = False
+    need_db: bool = False
 
 
 @torch.library.custom_op("aimkern::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd(
-    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
-    ignore_index: int, label_smoothing: float, z_loss: float, autotune: bool,
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor, call: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, E), w (V, E), b (V,) or None, tgt (T,) int64 -> (per-token loss (T,) fp32, lse (T,) fp32)."""
-    params = CrossEntropyParams("none", ignore_index, label_smoothing, z_loss)
+    c = decode(call)
     t = x.shape[0]
     if t == 0:
         empty = torch.empty((0,), device=x.device, dtype=torch.float32)
         return empty, empty.clone()
-    lse, tgt_logit, logit_sum = _launch_forward(x, w, b, tgt, params, LaunchPolicy(autotune=autotune))
-    return _token_losses(lse, tgt_logit, logit_sum, tgt, w.shape[0], params), lse.contiguous()
+    lse, tgt_logit, logit_sum = launch_forward(x, w, b, tgt, c.params, c.policy)
+    return _token_losses(lse, tgt_logit, logit_sum, tgt, w.shape[0], c.params), lse.contiguous()
 
 
 @_lce_fwd.register_fake
-def _(x, w, b, tgt, ignore_index, label_smoothing, z_loss, autotune):
+def _(x, w, b, tgt, call):
     t = x.shape[0]
     return x.new_empty((t,), dtype=torch.float32), x.new_empty((t,), dtype=torch.float32)
 
@@ -274,56 +291,53 @@ def _(x, w, b, tgt, ignore_index, label_smoothing, z_loss, autotune):
 @torch.library.custom_op("aimkern::linear_cross_entropy_bwd", mutates_args=())
 def _lce_bwd(
     grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
-    lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    need_dx: bool, need_dw: bool, need_db: bool, autotune: bool,
+    lse: torch.Tensor, call: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx like x, dW like w, db like b); an output not asked for is an empty (0,) tensor."""
-    params = CrossEntropyParams("none", ignore_index, label_smoothing, z_loss)
-    need_db = need_db and b is not None
+    """grad (T,) per-token (any stride) -> (dx like x, dW like w, db like b); an output the call does not
+    ask for is an empty (0,) tensor."""
+    c = decode(call)
+    need_db = c.need_db and b is not None
     t, e = x.shape
     v = w.shape[0]
     if t == 0:
-        dx = x.new_zeros((t, e)) if need_dx else None
-        dw32 = x.new_zeros((v, e), dtype=torch.float32) if need_dw else None
+        dx = x.new_zeros((t, e)) if c.need_dx else None
+        dw32 = x.new_zeros((v, e), dtype=torch.float32) if c.need_dw else None
         db32 = x.new_zeros((v,), dtype=torch.float32) if need_db else None
     else:
-        dx, dw32, db32 = _launch_backward(grad, x, w, b, tgt, lse, params, need_dx, need_dw, need_db,
-                                          LaunchPolicy(autotune=autotune))
+        dx, dw32, db32 = launch_backward(grad, x, w, b, tgt, lse, c.params, c.need_dx, c.need_dw, need_db, c.policy)
     none = x.new_empty((0,))
     return (
-        dx if need_dx else none,
-        dw32.to(w.dtype) if need_dw else none.clone(),
+        dx if c.need_dx else none,
+        dw32.to(w.dtype) if c.need_dw else none.clone(),
         db32.to(b.dtype) if need_db else none.clone(),
     )
 
 
 @_lce_bwd.register_fake
-def _(grad, x, w, b, tgt, lse, ignore_index, label_smoothing, z_loss, need_dx, need_dw, need_db, autotune):
+def _(grad, x, w, b, tgt, lse, call):
+    c = decode(call)
+
     def out(need, like):
         return torch.empty_like(like) if need and like is not None else x.new_empty((0,))
 
-    return out(need_dx, x), out(need_dw, w), out(need_db, b)
+    return out(c.need_dx, x), out(c.need_dw, w), out(c.need_db, b)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, b, tgt, ignore_index, label_smoothing, z_loss, autotune = inputs
+    x, w, b, tgt, call = inputs
     _, lse = output
     ctx.save_for_backward(x, w, b, tgt, lse)
-    ctx.params = (ignore_index, label_smoothing, z_loss)
-    ctx.autotune = autotune
+    ctx.call = call
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_loss, _grad_lse):
     x, w, b, tgt, lse = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = torch.ops.aimkern.linear_cross_entropy_bwd(
-        grad_loss, x, w, b, tgt, lse, *ctx.params, need_dx, need_dw, need_db and b is not None, ctx.autotune
-    )
-    return (
-        dx if need_dx else None, dw if need_dw else None, db if need_db and b is not None else None,
-        None, None, None, None, None,
-    )
+    need_db = need_db and b is not None
+    call = replace(decode(ctx.call), need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+    dx, dw, db = torch.ops.aimkern.linear_cross_entropy_bwd(grad_loss, x, w, b, tgt, lse, encode(call))
+    return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None  # x w b tgt call
 
 
 _lce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -331,37 +345,37 @@ _lce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("aimkern::linear_cross_entropy_fwd_grad", mutates_args=())
 def _lce_fwd_grad(
-    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor,
-    ignore_index: int, label_smoothing: float, z_loss: float, mean: bool,
-    need_dx: bool, need_dw: bool, need_db: bool, autotune: bool,
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor, call: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (reduced loss 0-d fp32, dx like x, dW32 (V, E) fp32, db32 (V,) fp32) for an upstream gradient of 1;
-    a gradient not asked for is an empty (0,) tensor."""
-    params = CrossEntropyParams("mean" if mean else "sum", ignore_index, label_smoothing, z_loss)
+    """-> (reduced loss 0-d fp32, dx like x, dW32 (V, E) fp32, db32 (V,) fp32) for an upstream gradient of 1
+    (the call's reduction: "mean" or "sum"); a gradient the call does not ask for is an empty (0,) tensor."""
+    c = decode(call)
+    mean = c.params.reduction == "mean"
     t, e = x.shape
     v = w.shape[0]
-    need_db = need_db and b is not None
+    need_db = c.need_db and b is not None
     if t == 0:
         loss = x.new_full((), float("nan") if mean else 0.0, dtype=torch.float32)
-        dx = x.new_zeros((0, e)) if need_dx else None
-        dw32 = x.new_zeros((v, e), dtype=torch.float32) if need_dw else None
+        dx = x.new_zeros((0, e)) if c.need_dx else None
+        dw32 = x.new_zeros((v, e), dtype=torch.float32) if c.need_dw else None
         db32 = x.new_zeros((v,), dtype=torch.float32) if need_db else None
     else:
-        loss, dx, dw32, db32 = _launch_forward_with_grad(x, w, b, tgt, params, need_dx, need_dw, need_db,
-                                                         LaunchPolicy(autotune=autotune))
+        loss, dx, dw32, db32 = launch_forward_with_grad(x, w, b, tgt, c.params, c.need_dx, c.need_dw, need_db,
+                                                        c.policy)
     none = x.new_empty((0,), dtype=torch.float32)
-    return (loss, dx if need_dx else x.new_empty((0,)), dw32 if need_dw else none,
+    return (loss, dx if c.need_dx else x.new_empty((0,)), dw32 if c.need_dw else none,
             db32 if need_db else none.clone())
 
 
 @_lce_fwd_grad.register_fake
-def _(x, w, b, tgt, ignore_index, label_smoothing, z_loss, mean, need_dx, need_dw, need_db, autotune):
+def _(x, w, b, tgt, call):
+    c = decode(call)
     t, e = x.shape
     v = w.shape[0]
     f32 = dict(dtype=torch.float32)
-    return (x.new_empty((), **f32), x.new_empty((t, e)) if need_dx else x.new_empty((0,)),
-            x.new_empty((v, e), **f32) if need_dw else x.new_empty((0,), **f32),
-            x.new_empty((v,), **f32) if need_db and b is not None else x.new_empty((0,), **f32))
+    return (x.new_empty((), **f32), x.new_empty((t, e)) if c.need_dx else x.new_empty((0,)),
+            x.new_empty((v, e), **f32) if c.need_dw else x.new_empty((0,), **f32),
+            x.new_empty((v,), **f32) if c.need_db and b is not None else x.new_empty((0,), **f32))
 
 
 def _setup_context_grad(ctx, inputs, output):
@@ -381,7 +395,7 @@ def _backward_grad(ctx, grad_loss, _gdx, _gdw, _gdb):
         (dx * grad_loss.to(dx.dtype)) if need_dx else None,
         (dw32 * grad_loss).to(w_dtype) if need_dw else None,
         (db32 * grad_loss).to(b_dtype) if need_db and b_dtype is not None else None,
-        None, None, None, None, None, None, None, None, None,
+        None, None,  # tgt, call
     )
 
 
@@ -395,17 +409,15 @@ def _wants_grad(*tensors) -> bool:
 def _linear_cross_entropy_triton(input, weight, target, bias, params: CrossEntropyParams) -> torch.Tensor:
     x = input.reshape(-1, input.shape[-1])
     tgt = target.reshape(-1).to(torch.int64)
+    policy = current_policy()
     if params.reduction != "none" and _wants_grad(x, weight, bias):
         # The loss will be differentiated: compute the gradients now, with the logits (3 GEMM-equivalents).
-        loss, *_ = torch.ops.aimkern.linear_cross_entropy_fwd_grad(
-            x, weight, bias, tgt, params.ignore_index, params.label_smoothing, params.z_loss,
-            params.reduction == "mean", x.requires_grad, weight.requires_grad,
-            bias is not None and bias.requires_grad, current_policy().autotune,
-        )
+        call = CrossEntropyCall(params=params, policy=policy, need_dx=x.requires_grad,
+                                need_dw=weight.requires_grad, need_db=bias is not None and bias.requires_grad)
+        loss, *_ = torch.ops.aimkern.linear_cross_entropy_fwd_grad(x, weight, bias, tgt, encode(call))
         return loss
-    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(
-        x, weight, bias, tgt, params.ignore_index, params.label_smoothing, params.z_loss, current_policy().autotune
-    )
+    call = CrossEntropyCall(params=params, policy=policy)
+    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(x, weight, bias, tgt, encode(call))
     if params.reduction == "none":
         return loss.reshape(target.shape)
     if params.reduction == "sum":

@@ -9,9 +9,15 @@ registration (``aimkern::patch_embed_fwd``, ``aimkern::patch_embed_bwd_params``,
     d(pos)  = dOut summed over the batch           in the same pass over dOut as dW
     db      = d(pos) summed over the tokens
     dImages = dOut @ W scattered back to NCHW      only when images require grad
+
+The custom ops take their non-tensor arguments as one str, the encoded ``PatchEmbedCall`` (the
+``LaunchPolicy`` of the forward, which gradients to compute; ops/_boundary.py). Public launcher entry
+points (the custom ops run them; the compile gate drives them on meta tensors): ``launch_forward``,
+``launch_backward_params`` and ``launch_backward_images``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,7 +27,8 @@ from ._checks import (
     autocast_inputs, check_backend_name, check_float_dtype, check_same_device, check_tensor, measured_auto,
     resolve_backend, run_dispatched,
 )
-from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, launch, sm_count
+from ._boundary import crosses_boundary, decode, encode
+from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, kernels, launch, sm_count
 
 OP = "patch_embed"
 
@@ -59,12 +66,6 @@ def _check_inputs(images, weight, bias, pos_embed, backend: str) -> None:
                                 f"got {t.dtype}")
 
 
-def _kernels():
-    from aimkern.kernels import patch_embed as kern  # imported late: TRITON_INTERPRET must be decided first
-
-    return kern
-
-
 def _geometry(images: torch.Tensor, weight: torch.Tensor):
     """(B, C, P, GW, N, E, K) of one call."""
     b, c, h, w = images.shape
@@ -72,7 +73,9 @@ def _geometry(images: torch.Tensor, weight: torch.Tensor):
     return b, c, p, w // p, (h // p) * (w // p), e, c * p * p
 
 
-def _launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> torch.Tensor:
+def launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> torch.Tensor:
+    """images (B, C, H, W), weight (E, C, P, P), bias (E,) or None, pos_embed (N, E) / (1, N, E) or None,
+    any strides -> (B, N, E) in images' dtype."""
     b, _, p, gw, n, e, k = _geometry(images, weight)
     m = b * n
     out = torch.empty((b, n, e), device=images.device, dtype=images.dtype)
@@ -80,7 +83,7 @@ def _launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> to
         return out
     pos = pos_embed.reshape(n, e) if pos_embed is not None else None
     launch(
-        _kernels().forward(m * e * k, images.element_size() == 2),
+        kernels("patch_embed").forward(m * e * k, images.element_size() == 2),
         lambda META: (cdiv(e, META["BLOCK_E"]) * cdiv(m, META["BLOCK_M"]),),
         (images, weight, bias if bias is not None else out, pos if pos is not None else out, out,
          m, n, gw, e, k,
@@ -90,7 +93,7 @@ def _launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> to
     return out
 
 
-def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: bool, policy: LaunchPolicy):
+def launch_backward_params(grad, images, weight, want_weight: bool, want_pos: bool, policy: LaunchPolicy):
     """(dW in weight's dtype or an empty tensor, d(pos) as fp32 (N, E) or an empty tensor)."""
     b, _, p, gw, n, e, k = _geometry(images, weight)
     dw = weight.new_empty(0)
@@ -100,7 +103,7 @@ def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: b
         dpos = grad.new_zeros((n, e), dtype=torch.float32) if want_pos else dpos
     if b == 0 or not (want_weight or want_pos):
         return dw, dpos
-    kern = _kernels()
+    kern = kernels("patch_embed")
     choice = kern.backward_params(images.element_size() == 2)
     tiles = fixed_config(choice, policy).kwargs
     split = kern.dw_slicing(b, n, e, k, want_weight, tiles, sm_count(images.device), interpreting())
@@ -123,14 +126,15 @@ def _launch_backward_params(grad, images, weight, want_weight: bool, want_pos: b
     return dw, dpos
 
 
-def _launch_backward_images(grad, weight, images, policy: LaunchPolicy) -> torch.Tensor:
+def launch_backward_images(grad, weight, images, policy: LaunchPolicy) -> torch.Tensor:
+    """grad (B, N, E) any strides -> d(images) (B, C, H, W) contiguous, in images' dtype."""
     b, _, p, gw, n, e, k = _geometry(images, weight)
     m = b * n
     dx = torch.empty(images.shape, device=images.device, dtype=images.dtype)
     if m == 0:
         return dx
     launch(
-        _kernels().backward_images(m * e * k, images.element_size() == 2),
+        kernels("patch_embed").backward_images(m * e * k, images.element_size() == 2),
         lambda META: (cdiv(k, META["BLOCK_K"]) * cdiv(m, META["BLOCK_M"]),),
         (grad, weight, dx, m, n, gw, e, k, *grad.stride(), *weight.stride(), *dx.stride()),
         dtype=images.dtype, policy=policy, P=p,
@@ -139,52 +143,67 @@ def _launch_backward_images(grad, weight, images, policy: LaunchPolicy) -> torch
 
 
 # ------------------------------------------------------------------------------ custom ops + autograd
+@crosses_boundary
+@dataclass(frozen=True)
+class PatchEmbedCall:
+    """The non-tensor argument of the patch-embed custom ops, encoded into one str (ops/_boundary.py).
+
+    policy: the LaunchPolicy current at the forward (the backward ops get the same).
+    want_weight, want_pos: which parameter gradients ``patch_embed_bwd_params`` computes (d(pos) also
+            gives d(bias)).
+    """
+
+    policy: LaunchPolicy
+    want_weight: bool = False
+    want_pos: bool = False
+
+
 @torch.library.custom_op("aimkern::patch_embed_fwd", mutates_args=())
 def _patch_embed_fwd(
     images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor],
-    autotune: bool,
+    call: str,
 ) -> torch.Tensor:
-    return _launch_forward(images, weight, bias, pos_embed, LaunchPolicy(autotune=autotune))
+    return launch_forward(images, weight, bias, pos_embed, decode(call).policy)
 
 
 @_patch_embed_fwd.register_fake
-def _(images, weight, bias, pos_embed, autotune):
+def _(images, weight, bias, pos_embed, call):
     b, _, _, _, n, e, _ = _geometry(images, weight)
     return images.new_empty((b, n, e))
 
 
 @torch.library.custom_op("aimkern::patch_embed_bwd_params", mutates_args=())
 def _patch_embed_bwd_params(
-    grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, want_weight: bool, want_pos: bool,
-    autotune: bool,
+    grad: torch.Tensor, images: torch.Tensor, weight: torch.Tensor, call: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_backward_params(grad, images, weight, want_weight, want_pos, LaunchPolicy(autotune=autotune))
+    """-> (dW like weight, d(pos) (N, E) fp32); one the call does not want is an empty (0,) tensor."""
+    c = decode(call)
+    return launch_backward_params(grad, images, weight, c.want_weight, c.want_pos, c.policy)
 
 
 @_patch_embed_bwd_params.register_fake
-def _(grad, images, weight, want_weight, want_pos, autotune):
+def _(grad, images, weight, call):
+    c = decode(call)
     _, _, _, _, n, e, _ = _geometry(images, weight)
-    dw = weight.new_empty(weight.shape) if want_weight else weight.new_empty(0)
-    dpos = grad.new_empty((n, e) if want_pos else (0,), dtype=torch.float32)
+    dw = weight.new_empty(weight.shape) if c.want_weight else weight.new_empty(0)
+    dpos = grad.new_empty((n, e) if c.want_pos else (0,), dtype=torch.float32)
     return dw, dpos
 
 
 @torch.library.custom_op("aimkern::patch_embed_bwd_images", mutates_args=())
-def _patch_embed_bwd_images(
-    grad: torch.Tensor, weight: torch.Tensor, images: torch.Tensor, autotune: bool
-) -> torch.Tensor:
-    return _launch_backward_images(grad, weight, images, LaunchPolicy(autotune=autotune))
+def _patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: torch.Tensor, call: str) -> torch.Tensor:
+    return launch_backward_images(grad, weight, images, decode(call).policy)
 
 
 @_patch_embed_bwd_images.register_fake
-def _(grad, weight, images, autotune):
+def _(grad, weight, images, call):
     return torch.empty(images.shape, device=images.device, dtype=images.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    images, weight, bias, pos_embed, autotune = inputs
+    images, weight, bias, pos_embed, call = inputs
     ctx.save_for_backward(images, weight)
-    ctx.autotune = autotune
+    ctx.call = call
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.pos_meta = (tuple(pos_embed.shape), pos_embed.dtype) if pos_embed is not None else None
 
@@ -192,9 +211,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     images, weight = ctx.saved_tensors
     need_x, need_w, need_b, need_pos, _ = ctx.needs_input_grad
+    policy = decode(ctx.call).policy
     dx = dw = db = dpos = None
     if need_w or need_b or need_pos:
-        dw, dpos32 = _patch_embed_bwd_params(grad, images, weight, need_w, need_b or need_pos, ctx.autotune)
+        call = PatchEmbedCall(policy=policy, want_weight=need_w, want_pos=need_b or need_pos)
+        dw, dpos32 = _patch_embed_bwd_params(grad, images, weight, encode(call))
         dw = dw if need_w else None
         if need_b:
             db = dpos32.sum(0).to(ctx.bias_dtype)  # db = dOut summed over batch and tokens
@@ -202,8 +223,8 @@ def _backward(ctx, grad):
             shape, dtype = ctx.pos_meta
             dpos = dpos32.reshape(shape).to(dtype)
     if need_x:
-        dx = _patch_embed_bwd_images(grad, weight, images, ctx.autotune)
-    return dx, dw, db, dpos, None
+        dx = _patch_embed_bwd_images(grad, weight, images, encode(PatchEmbedCall(policy=policy)))
+    return dx, dw, db, dpos, None  # images, weight, bias, pos_embed, call
 
 
 _patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -216,7 +237,9 @@ def _patch_embed_triton(images, weight, bias, pos_embed) -> torch.Tensor:
             raise TypeError(
                 f"{OP}: {name} must have the images' dtype {images.dtype} for backend='triton', got {t.dtype}"
             )
-    return _patch_embed_fwd(images, weight, bias, pos_embed, current_policy().autotune)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[e] at unit stride (E values: no cost to copy)
+    return _patch_embed_fwd(images, weight, bias, pos_embed, encode(PatchEmbedCall(policy=current_policy())))
 
 
 def patch_embed(

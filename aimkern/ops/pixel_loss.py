@@ -10,6 +10,11 @@ and images once in the forward and once in the backward, which writes d(pred) di
 recomputing the normalized targets t in registers (never stored). The images are data: the Triton path
 gives them no gradient and refuses images that require grad (the reference does differentiate through
 the targets' normalization).
+
+The custom ops take their non-tensor arguments as one str, the encoded ``PixelLossCall``
+(``PixelLossParams`` whole and the forward's ``LaunchPolicy``; ops/_boundary.py). Public launcher entry
+points (the custom ops run them; the compile gate drives them on meta tensors): ``launch_forward`` and
+``launch_backward``.
 """
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ from ._checks import (
     normalize_prefix_len,
     resolve_backend,
 )
-from ._launch import cdiv, current_policy, fixed_config, launch
+from ._boundary import crosses_boundary, decode, encode
+from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, kernels, launch
 
 OP = "next_patch_pixel_loss"
 
 
+@crosses_boundary
 @dataclass(frozen=True)
 class PixelLossParams:
     """Non-tensor options of one next_patch_pixel_loss call."""
@@ -69,24 +76,19 @@ def _check_inputs(pred, images, params: PixelLossParams, backend: str) -> None:
     check_float_dtype(images, "images", OP, backend)
 
 
-def _kernels():
-    from aimkern.kernels import pixel_loss as kern  # imported late: TRITON_INTERPRET must be decided first
-
-    return kern
-
-
 def _count(prefix: Optional[torch.Tensor], batch: int, n: int, offset: int, device) -> torch.Tensor:
     """Number of counted targets of the batch, as an fp32 scalar tensor."""
     return counted_targets(batch, n, offset, prefix, device).sum().to(torch.float32)
 
 
-def _launch(pred, images, prefix, scale, params: PixelLossParams, backward: bool) -> torch.Tensor:
-    """Forward: (B * row blocks,) fp32 partial sums. Backward: d(pred) (B, N, D) in pred's dtype."""
+# ------------------------------------------------------------------------------------------ launchers
+# The public launcher entry points: what the custom ops run, and what the compile gate
+# (aimkern/ops/specs/pixel_loss.py's gate problems) drives on meta tensors.
+def _launch(pred, images, prefix, scale, params: PixelLossParams, policy: LaunchPolicy, backward: bool):
     b, n, d = pred.shape
     p = params.patch_size
     c = images.shape[1]
-    choice = _kernels().loss(n, d)
-    policy = current_policy()
+    choice = kernels("pixel_loss").loss(n, d)
     r_blocks = cdiv(n, fixed_config(choice, policy).kwargs["BLOCK_R"])
     if backward:
         out = torch.empty((b, n, d), device=pred.device, dtype=pred.dtype)
@@ -105,55 +107,73 @@ def _launch(pred, images, prefix, scale, params: PixelLossParams, backward: bool
     return out
 
 
+def launch_forward(pred, images, prefix: Optional[torch.Tensor], params: PixelLossParams,
+                   policy: LaunchPolicy) -> torch.Tensor:
+    """pred (B, N, D), images (B, C, H, W) any strides, prefix None or int32 (B,) contiguous ->
+    (B * row blocks,) fp32 partial sums of the per-patch mean squared errors of the counted targets."""
+    return _launch(pred, images, prefix, None, params, policy, backward=False)
+
+
+def launch_backward(pred, images, prefix: Optional[torch.Tensor], scale: torch.Tensor, params: PixelLossParams,
+                    policy: LaunchPolicy) -> torch.Tensor:
+    """d(pred) (B, N, D) in pred's dtype, for ``scale`` (1,) fp32 = d(loss) * 2 / (D * count)."""
+    return _launch(pred, images, prefix, scale, params, policy, backward=True)
+
+
 # ------------------------------------------------------------------------------ custom ops + autograd
-def _params(patch_size: int, offset: int, norm_pix: bool, eps: float) -> PixelLossParams:
-    return PixelLossParams(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=eps)
+@crosses_boundary
+@dataclass(frozen=True)
+class PixelLossCall:
+    """The non-tensor argument of the pixel-loss custom ops, encoded into one str (ops/_boundary.py):
+    the call's PixelLossParams whole, and the LaunchPolicy current at the forward (the backward gets it too)."""
+
+    params: PixelLossParams
+    policy: LaunchPolicy
 
 
 @torch.library.custom_op("aimkern::next_patch_pixel_loss_fwd", mutates_args=())
-def _pixel_loss_fwd(
-    pred: torch.Tensor, images: torch.Tensor, prefix: Optional[torch.Tensor],
-    patch_size: int, offset: int, norm_pix: bool, eps: float,
-) -> torch.Tensor:
+def _pixel_loss_fwd(pred: torch.Tensor, images: torch.Tensor, prefix: Optional[torch.Tensor], call: str) -> torch.Tensor:
+    """-> the loss, a 0-d fp32 tensor (0 when no target counts)."""
+    c = decode(call)
     b, n, _ = pred.shape
-    partials = _launch(pred, images, prefix, None, _params(patch_size, offset, norm_pix, eps), backward=False)
-    # Loss 0 (partials all 0) when no target counts.
-    return partials.sum() / _count(prefix, b, n, offset, pred.device).clamp_min(1.0)
+    partials = launch_forward(pred, images, prefix, c.params, c.policy)
+    return partials.sum() / _count(prefix, b, n, c.params.offset, pred.device).clamp_min(1.0)
 
 
 @_pixel_loss_fwd.register_fake
-def _(pred, images, prefix, patch_size, offset, norm_pix, eps):
+def _(pred, images, prefix, call):
     return pred.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("aimkern::next_patch_pixel_loss_bwd", mutates_args=())
 def _pixel_loss_bwd(
-    grad: torch.Tensor, pred: torch.Tensor, images: torch.Tensor, prefix: Optional[torch.Tensor],
-    patch_size: int, offset: int, norm_pix: bool, eps: float,
+    grad: torch.Tensor, pred: torch.Tensor, images: torch.Tensor, prefix: Optional[torch.Tensor], call: str,
 ) -> torch.Tensor:
+    """grad 0-d -> d(pred) like pred."""
+    c = decode(call)
     b, n, d = pred.shape
-    count = _count(prefix, b, n, offset, pred.device).clamp_min(1.0)
+    count = _count(prefix, b, n, c.params.offset, pred.device).clamp_min(1.0)
     scale = (grad.to(torch.float32) * 2.0 / (d * count)).reshape(1)  # d/dpred of mean_d (pred - t)^2 / count
-    return _launch(pred, images, prefix, scale, _params(patch_size, offset, norm_pix, eps), backward=True)
+    return launch_backward(pred, images, prefix, scale, c.params, c.policy)
 
 
 @_pixel_loss_bwd.register_fake
-def _(grad, pred, images, prefix, patch_size, offset, norm_pix, eps):
+def _(grad, pred, images, prefix, call):
     return torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    pred, images, prefix, patch_size, offset, norm_pix, eps = inputs
+    pred, images, prefix, call = inputs
     ctx.save_for_backward(pred, images, prefix)
-    ctx.options = (patch_size, offset, norm_pix, eps)
+    ctx.call = call
 
 
 def _backward(ctx, grad):
     pred, images, prefix = ctx.saved_tensors
-    dpred = _pixel_loss_bwd(grad, pred, images, prefix, *ctx.options) if ctx.needs_input_grad[0] else None
+    dpred = _pixel_loss_bwd(grad, pred, images, prefix, ctx.call) if ctx.needs_input_grad[0] else None
     # The images are data: no gradient flows to them through this op (the caller refuses images that
     # require grad; see _pixel_loss_triton).
-    return dpred, None, None, None, None, None, None
+    return dpred, None, None, None  # pred, images, prefix, call
 
 
 _pixel_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -171,7 +191,7 @@ def _pixel_loss_triton(pred, images, prefix_len: Optional[torch.Tensor], params:
         )
     if prefix_len is not None:
         prefix_len = prefix_len.contiguous()  # the kernel reads prefix_len[b] at offset b
-    return _pixel_loss_fwd(pred, images, prefix_len, params.patch_size, params.offset, params.norm_pix, params.eps)
+    return _pixel_loss_fwd(pred, images, prefix_len, encode(PixelLossCall(params=params, policy=current_policy())))
 
 
 def next_patch_pixel_loss(

@@ -195,7 +195,17 @@ class OpSpec:
                      positionally, the options as keywords), for ops whose optional tensors are keywords.
     tolerance:       the rule a candidate's output and gradients are held to.
     verify_outputs:  output -> the tensors compared to the reference (default: the output itself).
-    gate_problems:   subset -> (label, thunk) pairs for the compile gate (benchmarks/kernel_problems.py).
+    gate_problems:   subset -> (label, thunk) pairs for the compile gate (benchmarks/kernel_problems.py):
+                     each thunk calls the op module's public launchers (``launch_*``) on meta tensors;
+                     subset "all" reaches every config-table entry, "gpu-run" what benchmarks/gpu_check.sh
+                     meets. The gate records the launches with ``observe(dry_run=True)``.
+    family:          the kernel family's name: aimkern/kernels/<family>.py, the compile gate's --family.
+    custom_ops:      () -> (label, op, args) samples, at least one per ``torch.ops.aimkern`` custom op the
+                     Triton path registers, for ``torch.library.opcheck`` (tests/test_op_contracts.py); the
+                     args are small CPU tensors, run under Triton's interpreter.
+    examples:        dtype name -> small awkward CPU problems (ragged tiles, every option class, with and
+                     without gradients) that the contract tests hold every candidate to the reference on.
+    empty_batch:     dtype name -> the problem of an empty batch, or None where an empty call is refused.
     bench:           the benchmark's shapes and peers (benchmarks/harness.py), free-form per op.
     """
 
@@ -212,6 +222,10 @@ class OpSpec:
     tolerance: Tolerance = field(default_factory=Tolerance)
     verify_outputs: Optional[Callable[[Any], tuple]] = None
     gate_problems: Optional[Callable[[str], Iterable]] = None
+    family: Optional[str] = None
+    custom_ops: Optional[Callable[[], Iterable]] = None
+    examples: Optional[Callable[[str], list]] = None
+    empty_batch: Optional[Callable[[str], Optional[Problem]]] = None
     bench: Optional[dict] = None
 
     def candidate(self, name: str) -> Candidate:

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ...reference.attention import attention_mask, attention_reference
-from .._launch import interpreting, launch_policy, table_arch
+from .._boundary import encode
+from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import pow2, randint, randn, seq_band
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, problem, randint, randn, seq_band
 
-# The module, not the function: aimkern.ops re-exports attention() under the module's name.
+# The module, not the function: aimkern.ops binds the name 'attention' to the public op where they share it.
 op = importlib.import_module("aimkern.ops.attention")
 
 # Benchmark shapes and peers (benchmarks/attn_throughput.py through benchmarks/harness.py): the peer table's
@@ -109,8 +110,7 @@ def _fused_unsupported(problem: Problem):
         return "no backward to choose (the forward is triton-split's)"
     if problem.device_type == "cuda":
         _, _, n, d = problem.shapes[0]
-        arch = table_arch(torch.device(problem.device))
-        if not op._kernels().fused_backward_fits(d, problem.dtype == "float32", n, arch):
+        if not op.fused_backward_fits(d, problem.torch_dtype, n, torch.device(problem.device)):
             return f"a head's (N={n}, D={d}) tile does not fit on chip"
     return _triton_unsupported(problem)
 
@@ -124,17 +124,14 @@ def _atomic_unsupported(problem: Problem):
 
 
 def _triton(backward: str, deterministic: Optional[bool] = None):
-    """A Triton candidate: the aimkern kernels with one backward path (``deterministic`` overrides the call's)."""
+    """A Triton candidate: the aimkern kernels with one backward path (``deterministic`` overrides the call's).
+    The path is passed down, not set with ``launch_policy``: torch.compile cannot trace a ContextVar.set()."""
 
     def run(q, k, v, *, prefix_len=None, deterministic_=deterministic, **options):
-        params = _params(options, deterministic_)
-        with launch_policy(attention_backward=backward):
-            return op._attention_triton(q, k, v, prefix_len, params)
+        return op._attention_triton(q, k, v, prefix_len, _params(options, deterministic_), backward)
 
     def packed(qkv, *, prefix_len=None, deterministic_=deterministic, **options):
-        params = _params(options, deterministic_)
-        with launch_policy(attention_backward=backward):
-            return op._attention_qkvpacked_triton(qkv, prefix_len, params)
+        return op._attention_qkvpacked_triton(qkv, prefix_len, _params(options, deterministic_), backward)
 
     return run, packed
 
@@ -211,6 +208,103 @@ def _candidates() -> list:
     return out
 
 
+# ------------------------------------------------------------------------------------ compile gate
+def gate_problems(subset: str):
+    """(label, thunk) pairs driving the attention launchers on meta tensors, packed (B, N, 3, H, D) qkv as a
+    ViT block has (q, k, v strided views, the gradient written into one packed buffer).
+
+    Every table entry is reached by bf16 with the most general mask (causal + prefix) at D = 64, 80, 128,
+    256 and N in both bands; the other mask variants at D = 64, fp16 and fp32 at D = 64 and 128 (the
+    compile budget of CI: a full product would be ~5x the compiles for near-identical code)."""
+    masks = {"full": (False, None), "causal": (True, None), "prefix": (True, "prefix")}
+    qdev = torch.device("meta")
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        dims = (64, 80, 128, 256) if dname == "bf16" and subset != "gpu-run" else (64, 128)
+        for d in dims:
+            for n in (196, 256, 1024):
+                for mname, (causal, prefix) in masks.items():
+                    if mname != "prefix" and (dname != "bf16" or d != 64):
+                        continue
+                    paths = ["split"]
+                    if op.fused_backward_fits(d, dtype, n, qdev):
+                        paths.append("fused")
+                    for path in paths:
+                        def run(dtype=dtype, d=d, n=n, causal=causal, prefix=prefix, path=path):
+                            _gate_run(2, n, 4, d, dtype, prefix, causal, 4 if causal else 1, d**-0.5, path)
+
+                        yield f"attention {dname} D={d} N={n} {mname} {path}", run
+    # N = 224 = 3 x 64 + 32: the tiled backward's 32-key tail tile (196 reaches the 16-key one).
+    yield "attention bf16 D=64 N=224 prefix split", lambda: _gate_run(
+        2, 224, 4, 64, torch.bfloat16, "prefix", True, 1, 0.125, "split")
+    # The fused backward at every on-chip head size it accepts (one to three 64-row key tiles), bf16 causal +
+    # prefix; the GPU run meets it at three (the benchmark shapes, 196 and 256, take the tiled backward).
+    for n in ((192,) if subset == "gpu-run" else (16, 64, 128, 192)):
+        def run_small(n=n):
+            if op.fused_backward_fits(64, torch.bfloat16, n, qdev):  # (no launch where it does not fit)
+                _gate_run(2, n, 4, 64, torch.bfloat16, "prefix", True, 1, 0.125, "fused")
+
+        yield f"attention bf16 D=64 N={n} prefix fused", run_small
+
+
+def _gate_run(b, n, h, d, dtype, prefix, causal, block_size, scale, path) -> None:
+    """Forward + backward of one packed-qkv problem through the public launchers."""
+    qkv = meta(b, n, 3, h, d, dtype=dtype)
+    q, k, v = op.unpack(qkv)
+    pre = meta(b, dtype=torch.int32) if prefix else None
+    params = op.AttentionParams(is_causal=causal, block_size=block_size, scale=scale)
+    policy = LaunchPolicy(attention_backward=path)
+    o, lse = op.launch_forward(q, k, v, pre, params, policy)
+    op.launch_backward(o, q, k, v, o, lse, pre, params, policy, out=op.unpack(meta(b, n, 3, h, d, dtype=dtype)))
+
+
+# ---------------------------------------------------------------------------------- contract tests
+def _problem(dtype: str, qshape: tuple, prefix: bool, grad: bool, **options) -> Problem:
+    opts = dict(is_causal=False, block_size=1, scale=None, deterministic=True)
+    opts.update(options)
+    return problem("attention", dtype, (qshape, qshape, qshape, (qshape[0],) if prefix else None), opts,
+                   (grad, grad, grad, False), (None, None, None, "int32"))
+
+
+def examples(dtype: str) -> list:
+    """N = 37 and 19 (ragged tiles), D = 16 and 24 (a padded head dim), every mask kind, both determinisms."""
+    return [
+        _problem(dtype, (2, 2, 37, 16), True, True, is_causal=True, block_size=3),
+        _problem(dtype, (1, 2, 19, 24), False, True, is_causal=True, deterministic=False),
+        _problem(dtype, (2, 1, 19, 16), False, True, scale=0.3),
+        _problem(dtype, (1, 1, 7, 16), True, False, is_causal=True, block_size=2),
+    ]
+
+
+def empty_batch(dtype: str) -> Problem:
+    return _problem(dtype, (0, 2, 7, 16), True, True, is_causal=True, block_size=2)
+
+
+def custom_ops() -> list:
+    """opcheck samples of aimkern::attention_fwd / _bwd in both layouts, with a prefix."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 9, 3, 2, 16, generator=gen)
+    prefix = torch.tensor([3, 0], dtype=torch.int32)
+    params = op.AttentionParams(is_causal=True, block_size=2, scale=0.25)
+    for layout in op.LAYOUTS:
+        for path in ("fused", "split"):
+            call = encode(op.AttentionCall(params=params, policy=LaunchPolicy(autotune=False, attention_backward=path),
+                                           layout=layout))
+            if layout == "packed":
+                tensors = (qkv.clone().requires_grad_(), None, None)
+            else:
+                tensors = tuple(t.contiguous().requires_grad_() for t in op.unpack(qkv))
+            out.append((f"attention_fwd {layout} {path}", torch.ops.aimkern.attention_fwd,
+                        (*tensors, prefix, call)))
+            with torch.no_grad():
+                o, lse = torch.ops.aimkern.attention_fwd(*tensors, prefix, call)
+            do = torch.randn(o.shape, generator=gen)
+            out.append((f"attention_bwd {layout} {path}", torch.ops.aimkern.attention_bwd,
+                        (do, *(None if t is None else t.detach() for t in tensors), o, lse, prefix, call)))
+    return out
+
+
 def _reference_fn(q, k, v, *, prefix_len=None, **options):
     return _reference(q, k, v, prefix_len=prefix_len, **options)
 
@@ -228,4 +322,9 @@ SPEC = add_spec(OpSpec(
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
     bench=BENCH,
+    gate_problems=gate_problems,
+    family="attention",
+    custom_ops=custom_ops,
+    examples=examples,
+    empty_batch=empty_batch,
 ))

@@ -41,3 +41,40 @@ def randint(problem: Problem, index: int, low: int, high: int, gen: torch.Genera
 
 def on_device(problem: Problem, device_type: str) -> Optional[str]:
     return None if problem.device_type == device_type else f"runs on {device_type} only"
+
+
+# --------------------------------------------------------------------------------- compile gate problems
+GATE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def gate_dtypes(subset: str) -> tuple:
+    """The dtypes of the compile gate's problems: "gpu-run" keeps the 16-bit ones benchmarks/gpu_check.sh runs."""
+    return ("bf16", "fp16") if subset == "gpu-run" else ("bf16", "fp16", "fp32")
+
+
+def meta(*shape, dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor: the gate's launchers see shapes, dtypes and strides, and launch nothing."""
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ contract problems
+def problem(op: str, dtype: str, shapes: tuple, options: dict, requires_grad: tuple, dtypes: tuple) -> Problem:
+    """A CPU ``Problem`` of the contract tests (tests/test_op_contracts.py); ``dtypes`` entries of None
+    (for present tensors) mean the problem's dtype."""
+    dtypes = tuple(None if s is None else (d or dtype) for s, d in zip(shapes, dtypes))
+    return Problem(op=op, device="cpu", dtype=dtype, shapes=tuple(shapes), options=tuple(sorted(options.items())),
+                   requires_grad=tuple(requires_grad), dtypes=dtypes)
+
+
+def strided(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The same values in a layout no kernel may assume: memory order reversed (dim 0 is the fastest) and
+    neighbours two elements apart. A view of a leaf that requires grad when ``t`` does, so a gradient
+    reaches it through its strides."""
+    if t is None or t.dim() == 0:
+        return t
+    rev = tuple(range(t.dim() - 1, -1, -1))
+    base = t.detach().permute(rev).contiguous()
+    wide = base.new_zeros((*base.shape[:-1], 2 * base.shape[-1]))
+    wide[..., ::2] = base
+    wide.requires_grad_(t.requires_grad)
+    return wide[..., ::2].permute(rev)

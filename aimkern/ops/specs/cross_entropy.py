@@ -12,6 +12,7 @@ Candidates:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -19,10 +20,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ...reference.cross_entropy import linear_cross_entropy_reference
-from .. import cross_entropy as op
-from .._launch import interpreting
+from .._boundary import encode
+from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import pow2, randint, randn
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, problem, randint, randn
+
+# The module, not the function: aimkern.ops binds the name 'cross_entropy' to the public op where they share it.
+op = importlib.import_module("aimkern.ops.cross_entropy")
 
 # Benchmark shapes and peers (benchmarks/cross_entropy.py through benchmarks/harness.py): AIM's 8192-way
 # token head; peers map a label to a candidate, or "backend=triton" for the public op on aimkern's path.
@@ -147,6 +151,82 @@ def _call_layout(tensors: tuple, options: dict) -> tuple:
     return (x, w, target), dict(options, linear_bias=b)
 
 
+def gate_problems(subset: str):
+    """(label, thunk) pairs driving the cross-entropy launchers on meta tensors: a ViT-scale head (the
+    autotuned big tiles) and a small one, each dtype, bias and label smoothing on / off; forward, backward
+    and the forward-with-gradient path (logits stored, dlogits in place)."""
+    shapes = {"65536x768 V=8192": (65536, 8192, 768), "small": (300, 512, 80)}
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for sname, (t, v, e) in shapes.items():
+            for bias in (True, False) if dname == "bf16" else (True,):
+                for smoothing in (0.0, 0.1) if dname == "bf16" else (0.1,):
+                    if subset == "gpu-run" and smoothing:
+                        continue
+
+                    def run(dtype=dtype, t=t, v=v, e=e, bias=bias, smoothing=smoothing):
+                        x, w = meta(t, e, dtype=dtype), meta(v, e, dtype=dtype)
+                        b = meta(v, dtype=dtype) if bias else None
+                        tgt = meta(t, dtype=torch.int64)
+                        params = op.CrossEntropyParams("mean", -100, smoothing, 1e-4)
+                        policy = LaunchPolicy()
+                        lse, _, _ = op.launch_forward(x, w, b, tgt, params, policy)
+                        grad = meta(1, dtype=torch.float32).expand(t)
+                        op.launch_backward(grad, x, w, b, tgt, lse, params, True, True, bias, policy)
+                        op.launch_forward_with_grad(x, w, b, tgt, params, True, True, bias, policy)
+
+                    yield f"cross_entropy {dname} {sname} bias={bias} smoothing={smoothing}", run
+
+
+# ---------------------------------------------------------------------------------- contract tests
+def _problem(dtype: str, lead: tuple, v: int, e: int, bias: bool, grad: bool, **options) -> Problem:
+    opts = dict(reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0)
+    opts.update(options)
+    return problem("linear_cross_entropy", dtype, ((*lead, e), (v, e), lead, (v,) if bias else None), opts,
+                   (grad, grad, False, bias and grad), (None, None, "int64", None))
+
+
+def examples(dtype: str) -> list:
+    """V = 300 and 517 (no tile divides them), leading dims (2, 37) = 74 tokens (two backward chunks under
+    the interpreter), every reduction (the forward-with-gradient op, and the per-token op + backward op),
+    label smoothing, z-loss, bias on and off, and no gradient."""
+    return [
+        _problem(dtype, (2, 37), 517, 48, True, True, label_smoothing=0.1, z_loss=1e-3),
+        _problem(dtype, (19,), 300, 80, False, True, reduction="none", z_loss=1e-2),
+        _problem(dtype, (13,), 300, 48, True, True, reduction="sum", label_smoothing=0.2),
+        _problem(dtype, (5,), 300, 48, True, False),
+    ]
+
+
+def empty_batch(dtype: str) -> Problem:
+    # "sum": a mean over no token is NaN (0 / 0), like F.cross_entropy, and NaN equals nothing.
+    return _problem(dtype, (0,), 300, 48, True, True, reduction="sum")
+
+
+def custom_ops() -> list:
+    """opcheck samples of the three cross-entropy ops: per-token forward + backward, forward-with-gradient."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(11, 48, generator=gen), torch.randn(300, 48, generator=gen) * 0.2, torch.randn(300, generator=gen)
+    tgt = torch.randint(0, 300, (11,), generator=gen)
+    tgt[3] = -100
+    params = op.CrossEntropyParams(label_smoothing=0.1, z_loss=1e-3)
+    policy = LaunchPolicy(autotune=False)
+    leaves = tuple(t.clone().requires_grad_() for t in (x, w, b))
+    fwd = encode(op.CrossEntropyCall(params=params, policy=policy))
+    needs = dict(need_dx=True, need_dw=True, need_db=True)
+    out = [("linear_cross_entropy_fwd", torch.ops.aimkern.linear_cross_entropy_fwd, (*leaves, tgt, fwd))]
+    with torch.no_grad():
+        _, lse = torch.ops.aimkern.linear_cross_entropy_fwd(x, w, b, tgt, fwd)
+    grad = torch.full((), 0.5).expand(11)  # a stride-0 per-token gradient, as the gradient of .sum() is
+    bwd = encode(op.CrossEntropyCall(params=params, policy=policy, **needs))
+    out.append(("linear_cross_entropy_bwd", torch.ops.aimkern.linear_cross_entropy_bwd, (grad, x, w, b, tgt, lse, bwd)))
+    for reduction in ("mean", "sum"):
+        call = encode(op.CrossEntropyCall(params=op.CrossEntropyParams(reduction=reduction), policy=policy, **needs))
+        out.append((f"linear_cross_entropy_fwd_grad {reduction}", torch.ops.aimkern.linear_cross_entropy_fwd_grad,
+                    (*leaves, tgt, call)))
+    return out
+
+
 SPEC = add_spec(OpSpec(
     name="linear_cross_entropy",
     tensor_args=("input", "linear_weight", "target", "linear_bias"),
@@ -165,4 +245,9 @@ SPEC = add_spec(OpSpec(
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}),
     bench=BENCH,
+    gate_problems=gate_problems,
+    family="cross_entropy",
+    custom_ops=custom_ops,
+    examples=examples,
+    empty_batch=empty_batch,
 ))

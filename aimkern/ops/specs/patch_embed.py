@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from ...reference.patch_embed import patch_embed_reference
-from .._launch import interpreting
+from .._boundary import encode
+from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import pow2, randn
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, problem, randn
 
-# The module, not the function: aimkern.ops re-exports patch_embed() under the module's name.
+# The module, not the function: aimkern.ops binds the name 'patch_embed' to the public op where they share it.
 op = importlib.import_module("aimkern.ops.patch_embed")
 
 # Benchmark shapes and peers (benchmarks/patch_embed.py through benchmarks/harness.py): ViT-B/16's stem;
@@ -90,6 +91,71 @@ def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
             randn(problem, 3, gen))
 
 
+def gate_problems(subset: str):
+    """(label, thunk) pairs driving the patch-embed launchers on meta tensors: ViT-B/16 at batch 256 (the
+    autotuned big GEMMs) and a small problem (the fixed small tiles), each dtype, with and without bias, and
+    every subset of the parameter gradients."""
+    shapes = {"vit-b16 x256": (256, 224, 16, 768), "small": (2, 32, 4, 40)}
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for sname, (b, img, p, e) in shapes.items():
+            for bias in (True, False) if dname == "bf16" else (True,):
+                def run(dtype=dtype, b=b, img=img, p=p, e=e, bias=bias):
+                    images = meta(b, 3, img, img, dtype=dtype)
+                    weight = meta(e, 3, p, p, dtype=dtype)
+                    n = (img // p) ** 2
+                    policy = LaunchPolicy()
+                    out = op.launch_forward(images, weight, meta(e, dtype=dtype) if bias else None,
+                                            meta(n, e, dtype=dtype), policy)
+                    op.launch_backward_params(out, images, weight, True, True, policy)
+                    op.launch_backward_params(out, images, weight, True, False, policy)
+                    op.launch_backward_params(out, images, weight, False, True, policy)
+                    op.launch_backward_images(out, weight, images, policy)
+
+                yield f"patch_embed {dname} {sname} bias={bias}", run
+
+
+# ---------------------------------------------------------------------------------- contract tests
+def _problem(dtype: str, b: int, c: int, h: int, w: int, p: int, e: int, bias: bool, pos, images_grad: bool) -> Problem:
+    n = (h // p) * (w // p)
+    pos_shape = None if pos is None else ((1, n, e) if pos == "1NE" else (n, e))
+    return problem("patch_embed", dtype, ((b, c, h, w), (e, c, p, p), (e,) if bias else None, pos_shape), {},
+                   (images_grad, True, bias, pos is not None), (None, None, None, None))
+
+
+def examples(dtype: str) -> list:
+    """K = C*P*P not a power of two, P = 5, H != W, B = 3 (an image chunk of the dW kernel loops), each
+    optional part on and off, images with and without a gradient."""
+    return [
+        _problem(dtype, 2, 3, 12, 20, 4, 40, True, "1NE", True),
+        _problem(dtype, 3, 1, 10, 15, 5, 24, False, "NE", False),
+        _problem(dtype, 1, 4, 8, 8, 4, 16, True, None, True),
+    ]
+
+
+def empty_batch(dtype: str) -> Problem:
+    return _problem(dtype, 0, 3, 8, 12, 4, 16, True, "1NE", True)
+
+
+def custom_ops() -> list:
+    """opcheck samples of the three patch-embed ops: forward with bias and position, each backward."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 8, 12, generator=gen)
+    weight = torch.randn(16, 3, 4, 4, generator=gen) * 0.2
+    bias, pos = torch.randn(16, generator=gen), torch.randn(1, 6, 16, generator=gen)
+    grad = torch.randn(2, 6, 16, generator=gen)
+    policy = LaunchPolicy(autotune=False)
+    fwd = encode(op.PatchEmbedCall(policy=policy))
+    leaves = tuple(t.clone().requires_grad_() for t in (images, weight, bias, pos))
+    out = [("patch_embed_fwd", torch.ops.aimkern.patch_embed_fwd, (*leaves, fwd))]
+    for want_weight, want_pos in ((True, True), (True, False), (False, True)):
+        call = encode(op.PatchEmbedCall(policy=policy, want_weight=want_weight, want_pos=want_pos))
+        out.append((f"patch_embed_bwd_params w={want_weight} pos={want_pos}", torch.ops.aimkern.patch_embed_bwd_params,
+                    (grad, images, weight, call)))
+    out.append(("patch_embed_bwd_images", torch.ops.aimkern.patch_embed_bwd_images, (grad, weight, images, fwd)))
+    return out
+
+
 SPEC = add_spec(OpSpec(
     name="patch_embed",
     tensor_args=("images", "weight", "bias", "pos_embed"),
@@ -106,4 +172,9 @@ SPEC = add_spec(OpSpec(
     band=band,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
     bench=BENCH,
+    gate_problems=gate_problems,
+    family="patch_embed",
+    custom_ops=custom_ops,
+    examples=examples,
+    empty_batch=empty_batch,
 ))

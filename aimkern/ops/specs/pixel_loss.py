@@ -7,15 +7,19 @@ Candidates:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 
 from ...reference.pixel_loss import next_patch_pixel_loss_reference
-from .. import pixel_loss as op
-from .._launch import interpreting
+from .._boundary import encode
+from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
-from .common import pow2, randint, randn, seq_band
+from .common import GATE_DTYPES, gate_dtypes, meta, pow2, problem, randint, randn, seq_band
+
+# The module, not the function: aimkern.ops binds the name 'pixel_loss' to the public op where they share it.
+op = importlib.import_module("aimkern.ops.pixel_loss")
 
 # Benchmark shapes and peers (benchmarks/pixel_loss.py through benchmarks/harness.py): AIM's setting at
 # 224 px; peers map a label to a candidate, or "backend=triton" for the public op on aimkern's path.
@@ -76,6 +80,61 @@ def _call_layout(tensors: tuple, options: dict) -> tuple:
     return (pred, images), dict(options, prefix_len=prefix)
 
 
+def gate_problems(subset: str):
+    """(label, thunk) pairs driving the pixel-loss launchers on meta tensors: AIM's 224 px / P = 16 batch of
+    64, each dtype, with and without a prefix and norm_pix; forward and backward."""
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for prefix in (True, False) if dname == "bf16" else (True,):
+            for norm_pix in (True, False) if dname == "bf16" else (True,):
+                def run(dtype=dtype, prefix=prefix, norm_pix=norm_pix):
+                    pred, images = meta(64, 196, 768, dtype=dtype), meta(64, 3, 224, 224, dtype=dtype)
+                    pre = meta(64, dtype=torch.int32) if prefix else None
+                    params = op.PixelLossParams(patch_size=16, norm_pix=norm_pix)
+                    policy = LaunchPolicy()
+                    op.launch_forward(pred, images, pre, params, policy)
+                    op.launch_backward(pred, images, pre, meta(1, dtype=torch.float32), params, policy)
+
+                yield f"pixel_loss {dname} prefix={prefix} norm_pix={norm_pix}", run
+
+
+# ---------------------------------------------------------------------------------- contract tests
+def _problem(dtype: str, b: int, c: int, h: int, w: int, p: int, prefix: bool, grad: bool, **options) -> Problem:
+    opts = dict(patch_size=p, offset=1, norm_pix=True, eps=1e-6)
+    opts.update(options)
+    n = (h // p) * (w // p)
+    return problem("next_patch_pixel_loss", dtype, ((b, n, p * p * c), (b, c, h, w), (b,) if prefix else None),
+                   opts, (grad, False, False), (None, None, "int32"))
+
+
+def examples(dtype: str) -> list:
+    """P = 4 and 5, C = 1 and 3, non-square images, offsets 0 to 3, prefixes, raw and normalized targets."""
+    return [
+        _problem(dtype, 2, 3, 12, 20, 4, True, True, offset=2),
+        _problem(dtype, 2, 1, 10, 15, 5, False, True, norm_pix=False),
+        _problem(dtype, 1, 3, 8, 12, 4, True, True, offset=0, eps=0.5),
+        _problem(dtype, 2, 3, 8, 8, 4, False, False, offset=3),
+    ]
+
+
+def empty_batch(dtype: str) -> Problem:
+    return _problem(dtype, 0, 3, 8, 12, 4, False, True)
+
+
+def custom_ops() -> list:
+    """opcheck samples of the pixel-loss forward (with a prefix) and backward."""
+    gen = torch.Generator().manual_seed(0)
+    pred, images = torch.randn(2, 6, 48, generator=gen), torch.rand(2, 3, 8, 12, generator=gen)
+    prefix = torch.tensor([1, 4], dtype=torch.int32)
+    call = encode(op.PixelLossCall(params=op.PixelLossParams(patch_size=4, offset=1), policy=LaunchPolicy(autotune=False)))
+    return [
+        ("next_patch_pixel_loss_fwd", torch.ops.aimkern.next_patch_pixel_loss_fwd,
+         (pred.clone().requires_grad_(), images, prefix, call)),
+        ("next_patch_pixel_loss_bwd", torch.ops.aimkern.next_patch_pixel_loss_bwd,
+         (torch.tensor(1.5), pred, images, prefix, call)),
+    ]
+
+
 SPEC = add_spec(OpSpec(
     name="next_patch_pixel_loss",
     tensor_args=("pred", "images", "prefix_len"),
@@ -92,4 +151,9 @@ SPEC = add_spec(OpSpec(
     call_layout=_call_layout,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3}),
     bench=BENCH,
+    gate_problems=gate_problems,
+    family="pixel_loss",
+    custom_ops=custom_ops,
+    examples=examples,
+    empty_batch=empty_batch,
 ))
