@@ -155,11 +155,15 @@ def measure(args) -> tuple:
             pack(folder, shards, max(1, n // 8), progress=False)
             image = f"{w}x{h} q{args.quality} {kib:.0f}KiB"
             print(f"{n} JPEGs, {image}; crops to {args.img} px; {cores} CPU core(s) here", flush=True)
+            # The anchor before and after the readers, averaged: on a shared machine the load drifts over a
+            # run, and the ratios should compare the readers with the anchor under the same conditions.
             rate, per_cpu_s = time_anchor(folder, n, args.img)
+            anchor_row = {"reader": ANCHOR, "workers": 0, "img_per_s": rate, "img_per_s_per_core": per_cpu_s,
+                          "vs_anchor": 1.0, "image": image, "crop": args.img, "anchor_first": per_cpu_s}
+            rows.append(anchor_row)
             anchor = per_cpu_s
-            rows.append({"reader": ANCHOR, "workers": 0, "img_per_s": rate, "img_per_s_per_core": per_cpu_s,
-                         "vs_anchor": 1.0, "image": image, "crop": args.img})
             print(f"  {ANCHOR:12s} no loader: {rate:7.1f} img/s, {per_cpu_s:6.1f} per core (CPU second)", flush=True)
+            first = len(rows)
             for kind in set_kinds:
                 for workers in set_counts:
                     stream = build(kind, folder, shards, args.img, args.batch, workers)
@@ -169,7 +173,14 @@ def measure(args) -> tuple:
                                  "img_per_s_per_core": per_cpu_s, "vs_anchor": per_cpu_s / anchor, "image": image,
                                  "crop": args.img})
                     print(f"  {kind:12s} workers={workers}: {rate:7.1f} img/s, {per_cpu_s:6.1f} per core (CPU second), "
-                          f"{per_cpu_s / anchor:.2f}x the anchor", flush=True)
+                          f"{per_cpu_s / anchor:.2f}x the first anchor", flush=True)
+            rate, last = time_anchor(folder, n, args.img)
+            anchor = (anchor_row["anchor_first"] + last) / 2
+            anchor_row.update(img_per_s=(anchor_row["img_per_s"] + rate) / 2, img_per_s_per_core=anchor,
+                              anchor_last=last)
+            for row in rows[first:]:
+                row["vs_anchor"] = row["img_per_s_per_core"] / anchor
+            print(f"  {ANCHOR:12s} again: {last:6.1f} per core; the ratios below use the mean, {anchor:.1f}", flush=True)
     return rows, cores
 
 

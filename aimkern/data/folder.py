@@ -8,11 +8,12 @@ by the seeded draw of ``aimkern.data.bad`` (the shard stream's rule) and reporte
 """
 from __future__ import annotations
 
+import re
 from typing import Iterator, List
 
 import torch
 
-from .bad import BadRecord, load_or_replace
+from .bad import BadRecord, decode_errors, load_or_replace
 from .collate import collate_images
 from .decode import augmentation, check_channels, decode_crop, pil_pixels
 from .resize import crop_resize
@@ -49,6 +50,18 @@ def image_folder_transform(img_size: int, in_chans: int) -> SeededCrop:
     return SeededCrop(img_size, in_chans)
 
 
+def _naming(error: BaseException, path: str) -> BaseException:
+    """``error`` with the file's path where PIL's message names the in-memory buffer it read (PIL opened the
+    path itself before, and the bad-sample record says which file to fix)."""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", repr(path), str(error))
+    if text == str(error):
+        return error
+    try:
+        return type(error)(text)
+    except TypeError:  # an exception class that wants other arguments: keep the original
+        return error
+
+
 def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -70,7 +83,14 @@ class SeededImages(torch.utils.data.Dataset):
     def _load(self, index: int, seed: int) -> torch.Tensor:
         transform = self.folder.transform
         if isinstance(transform, SeededCrop):
-            return transform.decode(read_file(self.folder.samples[index][0]), seed)
+            path = self.folder.samples[index][0]
+            try:
+                return transform.decode(read_file(path), seed)
+            except decode_errors() as e:
+                named = _naming(e, path)
+                if named is e:
+                    raise
+                raise named from e
         with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's global RNG
             torch.manual_seed(seed)
             return self.folder[index][0]
