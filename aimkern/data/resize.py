@@ -19,8 +19,8 @@ PixelBox = Tuple[int, int, int, int]  # left, top, right, bottom in whole pixels
 
 
 def crop_resize(pixels: np.ndarray, box: PixelBox, size: int, flip: bool) -> torch.Tensor:
-    """uint8 (h, w, C) array -> uint8 (C, size, size) tensor: ``box`` resized to size x size, then mirrored
-    left-right when ``flip``.
+    """uint8 (h, w, C) array -> uint8 (C, size, size) tensor (channels-last strides, which ``torch.stack``
+    and ``.contiguous()`` lay out): ``box`` resized to size x size, then mirrored left-right when ``flip``.
 
     Args:
         pixels: uint8 (h, w, C), C in (1, 3), as a decoder returns it (not copied unless the resize needs it).
@@ -43,6 +43,6 @@ def crop_resize(pixels: np.ndarray, box: PixelBox, size: int, flip: bool) -> tor
     else:
         out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     out = out[0]
-    if flip:
-        out = out.flip(-1)
-    return out.contiguous()  # (C, S, S) in the usual layout: what collate and the GPU path expect
+    # Left in channels-last strides: the batch's stack (or .contiguous()) lays it out, in the copy it makes
+    # anyway; a copy here would be one more pass over every image.
+    return out.flip(-1) if flip else out

@@ -8,6 +8,7 @@ rows, and resume restarts at the checkpoint's position.
 """
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from typing import Iterator, List, Optional, Tuple
 
@@ -37,6 +38,7 @@ class ShardImages(torch.utils.data.Dataset):
         check_channels(in_chans)
         self.shards, self.img_size, self.in_chans, self.draft, self.gpu = shards, img_size, in_chans, draft, gpu
         self.starts = torch.tensor(shards.starts(), dtype=torch.int64)
+        self._starts = [int(v) for v in shards.starts()]
         self._open: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
@@ -47,8 +49,8 @@ class ShardImages(torch.utils.data.Dataset):
 
     def locate(self, index: int) -> Tuple[int, int]:
         """Global index -> (shard number, sample within the shard)."""
-        k = int(torch.searchsorted(self.starts, torch.tensor(index), right=True)) - 1
-        return k, index - int(self.starts[k])
+        k = bisect.bisect_right(self._starts, index) - 1  # plain ints: two torch calls cost more per sample
+        return k, index - self._starts[k]
 
     def _tar(self, k: int):
         from wids.wids import IndexedTarSamples
