@@ -180,7 +180,8 @@ def measure(args) -> tuple:
                               anchor_last=last)
             for row in rows[first:]:
                 row["vs_anchor"] = row["img_per_s_per_core"] / anchor
-            print(f"  {ANCHOR:12s} again: {last:6.1f} per core; the ratios below use the mean, {anchor:.1f}", flush=True)
+            print(f"  {ANCHOR:12s} again: {last:6.1f} per core; the ratios below use the mean, {anchor:.1f}",
+                  flush=True)
     return rows, cores
 
 

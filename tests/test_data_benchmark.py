@@ -1,5 +1,6 @@
 """benchmarks/data_throughput.py in its small CPU form: it times every reader and the bare-PIL anchor, reports
-each reader's ratio to the anchor and the cores needed for the step goals, and writes its JSON (the CI guard against the script drifting from aimkern.data / aimkern.train)."""
+each reader's ratio to the anchor and the cores needed for the step goals, and writes its JSON (the CI guard
+against the script drifting from aimkern.data / aimkern.train)."""
 import json
 import os
 import subprocess

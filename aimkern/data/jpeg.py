@@ -54,9 +54,11 @@ def dct_denominator(box_w: float, box_h: float, out_w: int, out_h: int) -> int:
 def decode(data: bytes, gray: bool, denominator: int = 1, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """A JPEG -> uint8 (h, w, 3) RGB or (h, w, 1) gray array, decoded at 1/``denominator`` of its stored size.
 
-    ``size``: the stored (width, height) when the caller has read the header already. Raises ValueError (simplejpeg's error for a broken or unsupported stream, e.g. CMYK to RGB; the caller
-    falls back to PIL). Uses libjpeg-turbo's accurate integer IDCT and fancy upsampling, the defaults (PIL's
-    too): the fast variants save 4-5 % and move pixels by more than resampling round-off.
+    ``size``: the stored (width, height) when the caller has read the header already. Raises ValueError
+    (simplejpeg's error for a broken or unsupported stream, e.g. CMYK to RGB; the caller falls back to PIL).
+    Uses libjpeg-turbo's accurate integer IDCT and fancy upsampling, the defaults (PIL's too): the fast
+    variants save 4-5 % each and move pixels by more than resampling round-off (measured: a mean of 1.0 and
+    1.5 grey levels, up to 16 at chroma edges).
     """
     import simplejpeg
 

@@ -32,7 +32,8 @@ CROP_RATIO = 0.875
 class Split:
     """One split: ``n`` images, their (n,) int64 ``labels``, and ``batches(index_batches)`` which yields one
     (B, C, H, W) image tensor per list of indices: uint8 images (ImageFolder trees) or float32 model input
-    (digits); ``aimkern.data.inputs.model_input`` makes either the model's input. ``identity`` names the content for the cache key."""
+    (digits); ``aimkern.data.inputs.model_input`` makes either the model's input. ``identity`` names the
+    content for the cache key."""
     name: str
     labels: np.ndarray
     batches: Callable[[Sequence[Sequence[int]]], Iterator[torch.Tensor]]
@@ -148,7 +149,9 @@ def image_folders(train_root: str, val_root: str, img_size: int, in_chans: int, 
             for images, _ in loader:
                 yield images
 
-        return Split(name, labels, batches, identity=f"folder/{_folder_identity(root, samples)}/{img_size}")
+        # "decode2": the libjpeg-turbo decoder's pixels; features cached from the PIL transform are not reused.
+        identity = f"folder/{_folder_identity(root, samples)}/{img_size}/decode2"
+        return Split(name, labels, batches, identity=identity)
 
     return Labelled(f"folders:{os.path.basename(os.path.normpath(train_root))}", split("train", train_root),
                     split("val", val_root), train_classes)
