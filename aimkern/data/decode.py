@@ -176,4 +176,4 @@ def decode_crop(data: bytes, img_size: int, in_chans: int, seed: int, draft: boo
 def normalize(images: torch.Tensor, in_chans: int) -> torch.Tensor:
     """uint8 (B, C, H, W) on any device -> float32, /255 then ImageNet mean / std (as ToTensor + Normalize)."""
     mean, std = (torch.tensor(v, dtype=torch.float32, device=images.device).view(-1, 1, 1) for v in MEAN_STD[in_chans])
-    return images.float().sub_(mean * 255).div_(std * 255)  # two in-place passes; the step uses inputs.model_input (one pass)
+    return images.float().sub_(mean * 255).div_(std * 255)  # 2 passes; the step uses model_input
