@@ -28,6 +28,8 @@ setup(
         # WebDataset shards (aimkern.data): ShardWriter / TarWriter and the indexed `wids` reader, which the
         # 1.x releases no longer ship (checked: 1.0.2 has no wids package; 0.2.111 does).
         "webdataset>=0.2.100,<1",
+        # JPEG decode with libjpeg-turbo at a DCT scale (aimkern.data.jpeg): binary wheels, no system library.
+        "simplejpeg>=1.8",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],

@@ -38,10 +38,12 @@ def pack_folder(src, dst, shard_size=5):
 
 
 def ids_of(images: torch.Tensor):
-    """Normalized (B, 3, H, W) batch -> the image id of each row (nearest base colour of its mean)."""
+    """uint8 or normalized (B, 3, H, W) batch -> the image id of each row (nearest base colour of its mean)."""
     from aimkern.data.decode import MEAN_STD
 
     mean, std = (torch.tensor(v).view(1, 3) for v in MEAN_STD[3])
-    rgb = (images.float().mean(dim=(2, 3)) * std + mean) * 255
+    rgb = images.float().mean(dim=(2, 3))
+    if images.is_floating_point():  # the model's input: undo the normalization
+        rgb = (rgb * std + mean) * 255
     table = torch.tensor([colour(i) for i in range(N_IMAGES)], dtype=torch.float32)
     return torch.cdist(rgb, table).argmin(dim=1).tolist()

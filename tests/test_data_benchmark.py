@@ -1,5 +1,6 @@
-"""benchmarks/data_throughput.py in its small CPU form: it times every reader, reports cores needed for the
-step goals and writes its JSON (the CI guard against the script drifting from aimkern.data / aimkern.train)."""
+"""benchmarks/data_throughput.py in its small CPU form: it times every reader and the bare-PIL anchor, reports
+each reader's ratio to the anchor and the cores needed for the step goals, and writes its JSON (the CI guard
+against the script drifting from aimkern.data / aimkern.train)."""
 import json
 import os
 import subprocess
@@ -22,5 +23,10 @@ def test_data_throughput_quick(tmp_path):
     with open(tmp_path / "data_throughput.json") as f:
         rows = json.load(f)["rows"]
     readers = {r["reader"] for r in rows}
-    assert {"imagefolder", "shards-full", "shards-draft"} <= readers
-    assert all(r["img_per_s"] > 0 and r["img_per_s_per_core"] > 0 for r in rows)
+    assert {"anchor-pil", "imagefolder", "shards-full", "shards-draft"} <= readers
+    assert all(r["img_per_s"] > 0 and r["img_per_s_per_core"] > 0 and r["vs_anchor"] > 0 for r in rows)
+    # every reader's ratio is against the anchor of its own image set, timed in the same run
+    for r in rows:
+        anchor = next(a for a in rows if a["reader"] == "anchor-pil" and a["image"] == r["image"])
+        assert r["vs_anchor"] == pytest.approx(r["img_per_s_per_core"] / anchor["img_per_s_per_core"])
+    assert "goal: shards-draft, 1 worker(s)" in run.stdout

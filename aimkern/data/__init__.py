@@ -9,7 +9,10 @@
 - ``shards``: where the shards are (a brace pattern, a directory of ``.tar`` files, a shard-list file or a
   wids JSON index) and how many samples each holds; ``order``: the shard-aware sample order.
 - ``pack``: ``python -m aimkern.data pack SRC DST`` (ImageFolder -> shards + index) and ``index``.
-- ``decode`` / ``gpu_decode``: PIL decode with JPEG draft mode; ``--decode gpu`` with nvJPEG.
+- ``decode``: the one CPU decoder (header -> crop box -> DCT-scaled libjpeg-turbo decode (``jpeg``) -> uint8
+  crop / resize / flip (``resize``); PIL for the rest); ``gpu_decode``: ``--decode gpu`` with nvJPEG.
+- ``collate``: uint8 batches stacked into a worker's shared memory; ``inputs``: ``model_input``, the
+  normalization of a uint8 batch on the device, inside the training step.
 
 Nothing here imports ``aimkern.train``. Only ``shards`` is imported eagerly (``aimkern.train.args`` uses it,
 and must not pay for torch before ``--help``); the other public names load on first use.

@@ -24,7 +24,10 @@ SYNTHETIC_POOL = 512  # random images kept on the device for --data synthetic
 
 @runtime_checkable
 class BatchStream(Protocol):
-    """What the trainer reads: an iterable of this rank's (local batch, C, S, S) float32 batches on the device.
+    """What the trainer reads: an iterable of this rank's (local batch, C, S, S) batches on the device: uint8
+    images from the image sources (ImageFolder, shards, ``--decode gpu``; the training step normalizes them
+    on the device with ``aimkern.data.inputs.model_input``) or the model's float32 input from the in-memory
+    ones (digits, synthetic), which ``model_input`` passes unchanged.
 
     ``take_bad()`` returns the samples that failed to decode since the last call (each replaced by a seeded
     draw, so the batch kept its size); ``num_samples`` is the dataset's size, what a --max-bad-samples

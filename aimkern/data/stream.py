@@ -8,6 +8,7 @@ rows, and resume restarts at the checkpoint's position.
 """
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from typing import Iterator, List, Optional, Tuple
 
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 
 from .bad import BadRecord, BadSample, BadSampleLog, load_or_replace
-from .decode import augmentation, check_channels, decode_crop, normalize, open_image, pil_mode
+from . import jpeg
+from .collate import stack_images
+from .decode import augmentation, check_channels, decode_crop, open_image, pil_mode
 from .order import WINDOW_SHARDS, ShardWindowOrder
 from .sampling import PositionBatches
 from .shards import ShardList, resolve_shards
@@ -35,6 +38,7 @@ class ShardImages(torch.utils.data.Dataset):
         check_channels(in_chans)
         self.shards, self.img_size, self.in_chans, self.draft, self.gpu = shards, img_size, in_chans, draft, gpu
         self.starts = torch.tensor(shards.starts(), dtype=torch.int64)
+        self._starts = [int(v) for v in shards.starts()]
         self._open: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
@@ -45,8 +49,8 @@ class ShardImages(torch.utils.data.Dataset):
 
     def locate(self, index: int) -> Tuple[int, int]:
         """Global index -> (shard number, sample within the shard)."""
-        k = int(torch.searchsorted(self.starts, torch.tensor(index), right=True)) - 1
-        return k, index - int(self.starts[k])
+        k = bisect.bisect_right(self._starts, index) - 1  # plain ints: two torch calls cost more per sample
+        return k, index - self._starts[k]
 
     def _tar(self, k: int):
         from wids.wids import IndexedTarSamples
@@ -78,10 +82,16 @@ class ShardImages(torch.utils.data.Dataset):
         from .gpu_decode import GpuItem
 
         data = self.image_bytes(index)
-        im = open_image(data)  # parses the header: a broken one is skipped here, on the CPU
+        if jpeg.is_jpeg(data):
+            try:
+                size = jpeg.jpeg_size(data)  # a broken header is left to PIL below, and skipped on the CPU
+            except ValueError:
+                size = None
+            if size is not None:
+                box, flip = augmentation(*size, seed)
+                return GpuItem(torch.frombuffer(bytearray(data), dtype=torch.uint8), None, box, flip, key)
+        im = open_image(data)
         box, flip = augmentation(*im.size, seed)
-        if im.format == "JPEG":
-            return GpuItem(torch.frombuffer(bytearray(data), dtype=torch.uint8), None, box, flip, key)
         pixels = torch.from_numpy(np.asarray(im.convert(pil_mode(self.in_chans))).copy())
         pixels = pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels
         return GpuItem(None, pixels.permute(2, 0, 1).contiguous(), box, flip, key)
@@ -102,21 +112,22 @@ def collate(items):
     images, skipped = zip(*items)
     records = [r for rs in skipped for r in rs]
     if isinstance(images[0], torch.Tensor):
-        return torch.stack(images), records
+        return stack_images(images), records
     return list(images), records
 
 
 class ShardStream:
-    """Infinite (global_batch // world, C, S, S) float32 batches on ``device`` from WebDataset shards,
+    """Infinite (global_batch // world, C, S, S) uint8 batches on ``device`` from WebDataset shards,
     starting at global sample position ``start``; a ``BatchStream`` (``aimkern.data.sources``) with the
     arguments of ``FolderStream``, plus:
 
     Args:
-        decode: 'cpu' (PIL, draft mode) or 'gpu' (nvJPEG; refused without CUDA).
+        decode: 'cpu' (libjpeg-turbo at a DCT scale, ``aimkern.data.decode``) or 'gpu' (nvJPEG; refused
+            without CUDA). Either way the batch is uint8; the training step normalizes it.
         max_bad_samples: print each sample that fails to decode and stop once more than this failed; None
             (what the trainer passes) leaves counting, printing and bounding to the caller, which drains
             ``take_bad()`` each step (the trainer's --max-bad-samples, over all ranks).
-        draft: JPEG draft-mode decode on the CPU path (the benchmark turns it off to compare).
+        draft: DCT-scaled JPEG decode on the CPU path (the benchmark turns it off to compare).
     """
 
     def __init__(self, data: str, img_size: int, in_chans: int, *, global_batch: int, rank: int, world: int,
@@ -168,4 +179,5 @@ class ShardStream:
             self._pending.extend(skipped)
             if self.bad is not None:
                 self.bad.record(skipped)
-            yield normalize(batch.to(self.device, non_blocking=True), self.in_chans)
+            # uint8 to the device (pinned on CUDA: an asynchronous copy); model_input normalizes it there.
+            yield batch.to(self.device, non_blocking=True)

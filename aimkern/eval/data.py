@@ -4,7 +4,9 @@ Sources:
 - ``digits``: scikit-learn's bundled 8x8 digits (no download), the fixed stratified train/test split of
   ``aimkern.data.digits.digits_split``, upsampled and standardized exactly as pretraining sees them.
 - two ImageFolder trees (``--train DIR --val DIR``): class sub-folders of images, read without augmentation
-  (resize to ``img_size / 0.875`` then center crop, as ImageNet evaluation does). The val tree's classes are
+  (resize to ``img_size / 0.875`` then center crop, as ImageNet evaluation does) through the training
+  decoder (``aimkern.data.decode``: libjpeg-turbo at a DCT scale, uint8 crop and resize); their batches are
+  uint8, normalized on the device by ``extract`` as the training step does. The val tree's classes are
   mapped onto the train tree's by name; a val class that train lacks is an error (no probe could predict it).
 
 Every split yields its images in caller-chosen batches of indices, so extraction can hand batch b to rank
@@ -29,7 +31,9 @@ CROP_RATIO = 0.875
 @dataclass
 class Split:
     """One split: ``n`` images, their (n,) int64 ``labels``, and ``batches(index_batches)`` which yields one
-    (B, C, H, W) float32 image tensor per list of indices. ``identity`` names the content for the cache key."""
+    (B, C, H, W) image tensor per list of indices: uint8 images (ImageFolder trees) or float32 model input
+    (digits); ``aimkern.data.inputs.model_input`` makes either the model's input. ``identity`` names the
+    content for the cache key."""
     name: str
     labels: np.ndarray
     batches: Callable[[Sequence[Sequence[int]]], Iterator[torch.Tensor]]
@@ -66,23 +70,30 @@ def digits(img_size: int, in_chans: int) -> Labelled:
 
 
 # ------------------------------------------------------------------------------------------------------
-def eval_transform(img_size: int, in_chans: int):
-    """Deterministic evaluation transform: resize, center crop, normalize (ImageNet statistics, or their
-    channel mean for grayscale models; the same statistics as pretraining's ImageFolder stream)."""
-    from torchvision import transforms as T
+class CenterDecode:
+    """Encoded bytes -> uint8 (in_chans, img_size, img_size): the deterministic evaluation view (resize to
+    ``img_size / 0.875``, centre crop) through the training decoder. The normalization (ImageNet statistics,
+    or their channel mean for grayscale; pretraining's) happens on the device, in ``extract``."""
 
-    from ..data.decode import MEAN_STD
+    def __init__(self, img_size: int, in_chans: int):
+        from ..data.decode import MEAN_STD, center_view
 
-    if in_chans not in MEAN_STD:
-        raise ValueError(f"ImageFolder data is read as RGB or grayscale, but the model has in_chans={in_chans}")
-    (mean, std), mode = MEAN_STD[in_chans], "RGB" if in_chans == 3 else "L"
-    return T.Compose([
-        T.Lambda(lambda im: im.convert(mode)),
-        T.Resize(int(round(img_size / CROP_RATIO)), interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+        if in_chans not in MEAN_STD:
+            raise ValueError(f"ImageFolder data is read as RGB or grayscale, but the model has in_chans={in_chans}")
+        if img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {img_size}")
+        self.img_size, self.in_chans, self.view = img_size, in_chans, center_view(img_size, CROP_RATIO)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        from ..data.decode import decode_view
+
+        return decode_view(data, self.view, self.img_size, self.in_chans)
+
+
+def eval_transform(img_size: int, in_chans: int) -> CenterDecode:
+    """Deterministic evaluation transform (an ImageFolder ``transform`` over ``aimkern.data.folder.read_file``
+    bytes): resize, center crop, in uint8."""
+    return CenterDecode(img_size, in_chans)
 
 
 def _check_tree(root: str, what: str) -> List[str]:
@@ -110,6 +121,8 @@ def image_folders(train_root: str, val_root: str, img_size: int, in_chans: int, 
     """Labelled train / val ImageFolder trees; val labels follow train's class indices by class name."""
     from torchvision.datasets import ImageFolder
 
+    from ..data.folder import read_file
+
     train_classes = _check_tree(train_root, "--train")
     val_classes = _check_tree(val_root, "--val")
     unknown = sorted(set(val_classes) - set(train_classes))
@@ -121,7 +134,7 @@ def image_folders(train_root: str, val_root: str, img_size: int, in_chans: int, 
 
     def split(name: str, root: str) -> Split:
         try:
-            folder = ImageFolder(root, transform=transform)
+            folder = ImageFolder(root, loader=read_file, transform=transform)  # bytes: decoded by transform
         except FileNotFoundError as e:  # class folders without a single image
             raise ValueError(f"--{name} {root!r}: {e}") from None
         # Map this tree's class indices to train's by name (val may lack some of train's classes).
@@ -136,7 +149,9 @@ def image_folders(train_root: str, val_root: str, img_size: int, in_chans: int, 
             for images, _ in loader:
                 yield images
 
-        return Split(name, labels, batches, identity=f"folder/{_folder_identity(root, samples)}/{img_size}")
+        # "decode2": the libjpeg-turbo decoder's pixels; features cached from the PIL transform are not reused.
+        identity = f"folder/{_folder_identity(root, samples)}/{img_size}/decode2"
+        return Split(name, labels, batches, identity=identity)
 
     return Labelled(f"folders:{os.path.basename(os.path.normpath(train_root))}", split("train", train_root),
                     split("val", val_root), train_classes)

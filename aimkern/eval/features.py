@@ -18,6 +18,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..data.inputs import model_input
 from ..models import CausalViT
 from ..distributed import DistEnv, barrier
 from . import cache as fcache
@@ -123,8 +124,9 @@ def extract(model: CausalViT, split: Split, layers: Layers, *, env: DistEnv, bat
 
         bar = tqdm(total=len(mine), desc=desc, unit="batch", dynamic_ncols=True)
     for idx, images in zip(mine, split.batches(mine)):
-        with autocast:
-            feats = layer_features(model, images.to(env.device, non_blocking=True), layers)
+        with autocast:  # uint8 images normalized on the device, as the training step does
+            images = model_input(images.to(env.device, non_blocking=True), cfg.in_chans)
+            feats = layer_features(model, images, layers)
         rows = slice(idx[0], idx[-1] + 1)
         patches[rows] = feats.cpu().numpy().astype(dtype)
         pooled[rows] = feats.mean(dim=1).cpu().numpy().astype(dtype)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from ..data.inputs import ModelInputs
 from ..data.sources import BatchStream, make_stream
 from ..distributed import DistEnv
 from . import init_from, resume
@@ -58,7 +59,8 @@ def _tokenizer(args, env: DistEnv, resumed: bool):
     return prepare_tokenizer(
         path=args.tokenizer, out_dir=args.out, resume=resumed, vocab_size=args.vocab_size or geometry.vocab_size,
         patch_size=geometry.patch_size, fit_images=args.tokenizer_images, env=env, progress=not args.no_progress,
-        fit_batches=_stream(args, env, geometry, start=0, rank=0, world=1),
+        # The model's input: the uint8 image batches normalized as the step normalizes them.
+        fit_batches=ModelInputs(_stream(args, env, geometry, start=0, rank=0, world=1), geometry.in_chans),
     )
 
 

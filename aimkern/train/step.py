@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..data.inputs import model_input
 from ..data.seeds import TAG_PREFIX, TAG_RANK, mix_seed
 from ..distributed import DistEnv, setup, wrap
 from ..ops import _checks
@@ -131,12 +132,18 @@ def _mark_checked(prefix: torch.Tensor, n: int) -> None:
 
 
 def train_step(run: Run, batch: torch.Tensor, step: int) -> StepOut:
-    """One optimizer step on ``batch`` (this rank's rows of global step ``step``); see the module docstring."""
+    """One optimizer step on ``batch`` (this rank's rows of global step ``step``); see the module docstring.
+
+    ``batch``: uint8 (B, C, S, S) images on the device (the image streams), normalized here, inside the
+    step's autocast and before the patch embedding (``model_input``: float32, the ImageNet mean / std); or
+    float32 model input (digits, synthetic), used as is. The pixel loss's targets and the token objective's
+    ids both come from the normalized images."""
     prefix, count_local, count_global = step_prefix(run, step)
-    targets = encode(run.tokenizer, batch) if run.tokenizer is not None else None
     lr = run.scheduler.get_last_lr()[0]
     with run.autocast():
-        loss = run.forward(batch, prefix_len=prefix, targets=targets)
+        images = model_input(batch, run.core.config.in_chans)  # elementwise: float32 under autocast too
+        targets = encode(run.tokenizer, images) if run.tokenizer is not None else None
+        loss = run.forward(images, prefix_len=prefix, targets=targets)
     (loss * (run.env.world * count_local / count_global)).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.args.grad_clip or float("inf"))
     run.optimizer.step()

@@ -103,5 +103,8 @@ def tokenizer_vocab_size(tok, default: int) -> int:
 
 @torch.no_grad()
 def encode(tok, images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N) int64 token ids of the patches in raster order, on the images' device."""
-    return tok.encode(images).to(images.device, torch.int64)
+    """(B, C, H, W) normalized images -> (B, N) int64 token ids of the patches in raster order, on the images'
+    device. Runs in float32 even inside the step's autocast: the ids are those of the fitted centroids, and a
+    bf16 distance would pick other ones."""
+    with torch.autocast(images.device.type, enabled=False):
+        return tok.encode(images).to(images.device, torch.int64)
