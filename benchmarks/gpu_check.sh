@@ -4,8 +4,14 @@
 #   bash benchmarks/gpu_check.sh                 # default stages, about 7-8 minutes on an H200
 #   bash benchmarks/gpu_check.sh pretrain        # the end-to-end step benchmark (about 3-4 minutes)
 #   bash benchmarks/gpu_check.sh fulltests       # the whole test suite compiled on the GPU (4-6 minutes)
+#   bash benchmarks/gpu_check.sh tune            # python -m aimkern.tune for vit-b16 and aim-600m (~2-3 min)
 #
-# Stages: report gputests attn patch_embed pixel_loss cross_entropy (the default), pretrain, fulltests.
+# Dependencies the GPU machine lacks (it has no network) travel as wheels: put them in wheels/ (git-ignored)
+# on the CPU machine, e.g. `pip download --no-deps -d wheels simplejpeg==1.9.0 'webdataset<1'` (simplejpeg
+# is compiled: pick the wheel for the GPU machine's Python with --python-version / --platform), and name
+# wheels/ in the device call's carry; they are installed first.
+#
+# Stages: report gputests attn patch_embed pixel_loss cross_entropy (the default), pretrain, fulltests, tune.
 # "report" is the compile gate first (benchmarks/kernel_report.py on this machine's Triton, sm_90a, the
 # configs this run meets): registers, spills, shared memory and wgmma of what the benchmarks then time.
 # Each stage runs under its own time limit, so a call never outlives the sum of its stages' limits
@@ -34,6 +40,9 @@ step() {  # step NAME LIMIT_S CMD...: run one stage under a time limit, keep its
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+if compgen -G "wheels/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-deps wheels/*.whl > "$OUT/wheels.log" 2>&1 || cat "$OUT/wheels.log"
+fi
 python3 -m pip install -q --no-deps --no-build-isolation . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
@@ -50,7 +59,11 @@ for s in "${stages[@]}"; do
     cross_entropy) step cross_entropy 90 python3 benchmarks/cross_entropy.py --quick ;;
     pretrain) step pretrain 240 python3 benchmarks/pretrain_throughput.py --quick ;;
     fulltests) AIMKERN_AUTOTUNE=0 step fulltests 420 python3 -m pytest -q tests -m "not gate" --durations=15 ;;
-    *) echo "unknown stage '$s' (report gputests attn patch_embed pixel_loss cross_entropy pretrain fulltests)"; exit 2 ;;
+    # A fresh cache folder: every op call of each step is verified and timed on this GPU.
+    tune) AIMKERN_CACHE_DIR="$OUT/dispatch-cache" step tune 240 bash -c "python3 -m aimkern.tune --preset vit-b16 \
+            --batch-size 256 --markdown --json $OUT/tune-vit-b16.json && python3 -m aimkern.tune --preset aim-600m \
+            --batch-size 64 --markdown --json $OUT/tune-aim-600m.json" ;;
+    *) echo "unknown stage '$s' (report gputests attn patch_embed pixel_loss cross_entropy pretrain fulltests tune)"; exit 2 ;;
   esac
 done
 
