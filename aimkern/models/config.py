@@ -37,7 +37,7 @@ class ViTConfig:
     vocab_size: int = 8192  # token head: number of token ids
     norm_pix: bool = True  # pixel head: regress per-patch standardized pixels (MAE / AIM)
     # --- execution ---
-    backend: str = "auto"  # op backend: "auto" (Triton on CUDA, reference on CPU) | "triton" | "reference"
+    backend: str = "auto"  # op backend: "auto" (measured: aimkern.dispatch) | "triton" | "reference"
 
     def __post_init__(self) -> None:
         """Check every field's type and range, then how they fit together; a ValueError names the field."""

@@ -413,7 +413,8 @@ def attention(
         prefix_len: None, an int, or an int tensor (B,) with values in [0, N]: the first prefix_len[b]
             tokens of sample b are visible to every query (AIM's prefix-causal attention).
         scale: softmax scale, default D ** -0.5.
-        backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
+            "reference".
         deterministic: True (default): gradients are bit-identical run to run (the long-N backward adds
             its dQ shares in a fixed order). False lets them land in any order (fp32 atomics): a little
             faster where many key tiles share a query tile, with run-to-run differences at round-off level.

@@ -447,7 +447,8 @@ def linear_cross_entropy(
         reduction: "mean" (over non-ignored tokens), "sum" or "none" (shape of target).
         ignore_index, label_smoothing: as in ``F.cross_entropy``.
         z_loss: weight of ``logsumexp(logits) ** 2``, averaged like the loss.
-        backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
+            "reference".
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or target's shape for reduction="none".

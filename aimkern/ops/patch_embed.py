@@ -257,7 +257,8 @@ def patch_embed(
         weight: (E, C, P, P), exactly ``nn.Conv2d(C, E, P, stride=P).weight``.
         bias: (E,) or None.
         pos_embed: (N, E) or (1, N, E) with N = (H // P) * (W // P), or None.
-        backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
+            "reference".
 
     Returns:
         (B, N, E) tokens in raster order, in the dtype of ``images @ weight``.

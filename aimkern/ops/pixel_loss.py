@@ -214,9 +214,10 @@ def next_patch_pixel_loss(
         prefix_len: None, an int or an int tensor (B,) in [0, N]: patches j < prefix_len[b] are context,
             not targets.
         norm_pix: standardize each target patch by its mean and unbiased variance (with eps).
-        backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference". The Triton path
-            treats the images as data (no gradient): with images that require grad, "triton" raises a
-            ValueError and "auto" runs the reference, which differentiates through the targets.
+        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
+            "reference". The Triton path treats the images as data (no gradient): with images that
+            require grad, "triton" raises a ValueError and "auto" runs the reference, which
+            differentiates through the targets.
 
     Returns:
         float32 scalar (float64 for float64 inputs): the per-value squared error averaged within each
