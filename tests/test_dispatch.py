@@ -445,6 +445,8 @@ def test_torchrun_ranks_run_rank0s_choice(tmp_path):
     assert chosen == ["rank0-fast", "rank0-fast"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run Triton only under the interpreter, which "
+                    "tests/conftest.py turns on where there is no GPU")
 def test_triton_candidates_verify_under_the_interpreter_when_asked(measured, monkeypatch):
     """AIMKERN_DISPATCH_INTERPRETER=1 makes the Triton paths candidates on CPU: each is verified (fp32,
     against float64) and timed like the others; wherever it applies, it is correct."""
