@@ -135,7 +135,7 @@ def normalize_prefix_len(prefix_len, batch: int, n: int, device: torch.device, o
         lo, hi = int(prefix_len.min()), int(prefix_len.max())  # a host sync on CUDA
         if lo < 0 or hi > n:
             raise ValueError(f"{op}: prefix_len values must be in [0, N={n}], got min {lo} and max {hi}")
-        _remember_validated(prefix_len, n)
+        remember_validated(prefix_len, n)
     return prefix_len.to(torch.int32)
 
 
@@ -150,7 +150,10 @@ def _already_validated(t: torch.Tensor, n: int) -> bool:
     return ref is not None and ref() is t and version == t._version and checked_n >= 0 and n >= checked_n
 
 
-def _remember_validated(t: torch.Tensor, n: int) -> None:
+def remember_validated(t: torch.Tensor, n: int) -> None:
+    """Record that ``t`` (a prefix_len tensor) holds values in [0, n], as the range check would find: a
+    caller that drew the values itself (the training step, on the CPU) spares the ops the check's read-back
+    from the GPU. An in-place change of ``t`` makes the ops check it again."""
     global _last_validated
     _last_validated = (weakref.ref(t), t._version, n)
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..data.inputs import model_input
 from ..data.seeds import TAG_PREFIX, TAG_RANK, mix_seed
 from ..distributed import DistEnv, setup, wrap
-from ..ops import _checks
+from ..ops._checks import remember_validated
 from ..ops.pixel_loss import target_count
 from .model import build_model, enable_activation_checkpointing
 from .schedule import build_optimizer, build_scheduler
@@ -118,17 +118,9 @@ def step_prefix(run: Run, step: int):
     local_prefix = None
     if prefix is not None:
         local_prefix = prefix[rows].to(env.device, non_blocking=True)
-        _mark_checked(local_prefix, cfg.num_patches)
+        # Drawn in [1, N - 1] on the CPU: the ops need not read it back from the GPU to check the range.
+        remember_validated(local_prefix, cfg.num_patches)
     return local_prefix, int(counted[rows].sum()), int(counted.sum())
-
-
-def _mark_checked(prefix: torch.Tensor, n: int) -> None:
-    """Tell the ops that ``prefix`` holds values in [0, n]: they are drawn in [1, N - 1] on the CPU, and the
-    ops' range check would read them back from the GPU (a sync every step). Uses the ops' memo of the last
-    checked tensor (aimkern.ops._checks); without it the check just runs."""
-    remember = getattr(_checks, "_remember_validated", None)
-    if remember is not None:
-        remember(prefix, n)
 
 
 def train_step(run: Run, batch: torch.Tensor, step: int) -> StepOut:
