@@ -165,14 +165,19 @@ def test_fast_user_candidate_wins(measured):
     assert _row()["chosen"] == "memo"
 
 
+def _call_the_other_ops(side: int, width: int, tokens: int, vocab: int) -> None:
+    """patch_embed (4-px patches of side x side images), linear_cross_entropy and the pixel loss, fwd + bwd."""
+    n = (side // 4) ** 2
+    img, w = torch.randn(2, 3, side, side, requires_grad=True), torch.randn(width, 3, 4, 4, requires_grad=True)
+    aimkern.patch_embed(img, w, torch.randn(width), torch.randn(n, width)).sum().backward()
+    x = torch.randn(tokens, width, requires_grad=True)
+    aimkern.linear_cross_entropy(x, torch.randn(vocab, width), torch.randint(0, vocab, (tokens,))).backward()
+    pred = torch.randn(2, n, 48, requires_grad=True)
+    aimkern.next_patch_pixel_loss(pred, torch.randn(2, 3, side, side), patch_size=4).backward()
+
+
 def test_every_op_decides_on_cpu(measured):
-    img = torch.randn(2, 3, 16, 16, requires_grad=True)
-    w = torch.randn(32, 3, 4, 4, requires_grad=True)
-    aimkern.patch_embed(img, w, torch.randn(32), torch.randn(16, 32)).sum().backward()
-    x = torch.randn(6, 32, requires_grad=True)
-    aimkern.linear_cross_entropy(x, torch.randn(50, 32), torch.randint(0, 50, (6,))).backward()
-    pred = torch.randn(2, 16, 48, requires_grad=True)
-    aimkern.next_patch_pixel_loss(pred, torch.randn(2, 3, 16, 16), patch_size=4).backward()
+    _call_the_other_ops(side=16, width=32, tokens=6, vocab=50)
     rows = {r["op"]: r for r in dispatch.report()}
     assert set(rows) == {"patch_embed", "linear_cross_entropy", "next_patch_pixel_loss"}
     assert rows["patch_embed"]["chosen"] in ("conv2d", "unfold-linear")
@@ -453,12 +458,7 @@ def test_triton_candidates_verify_under_the_interpreter_when_asked(measured, mon
     monkeypatch.setenv("AIMKERN_DISPATCH_INTERPRETER", "1")
     q, k, v = _qkv(n=20, d=16)
     aimkern.attention(q, k, v, is_causal=True, prefix_len=3, deterministic=False).sum().backward()
-    img, w = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(16, 3, 4, 4, requires_grad=True)
-    aimkern.patch_embed(img, w, torch.randn(16), torch.randn(4, 16)).sum().backward()
-    x = torch.randn(5, 16, requires_grad=True)
-    aimkern.linear_cross_entropy(x, torch.randn(40, 16), torch.randint(0, 40, (5,))).backward()
-    pred = torch.randn(2, 4, 48, requires_grad=True)
-    aimkern.next_patch_pixel_loss(pred, torch.randn(2, 3, 8, 8), patch_size=4).backward()
+    _call_the_other_ops(side=8, width=16, tokens=5, vocab=40)
     rows = {r["op"]: r for r in dispatch.report()}
     triton = {op: {n: c for n, c in r["candidates"].items() if r["kinds"][n] == "aimkern"} for op, r in rows.items()}
     assert set(triton["attention"]) == {"triton-fused", "triton-split", "triton-split-atomic"}

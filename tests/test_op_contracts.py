@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aimkern.dispatch.measure import call, verify
+from aimkern.dispatch.measure import call, fresh_leaves, max_abs_err, verify
 from aimkern.ops.spec import all_specs
 from aimkern.ops.specs.common import strided
 from conftest import HAS_CUDA
@@ -98,22 +98,9 @@ def _outputs_and_grads(spec, cand, tensors, problem, upstream: str, fn=None):
 
 def _within_tolerance(spec, problem, got, ref64, same):
     for name, g, r, s in zip(range(len(got)), got, ref64, same):
-        err = (g.double() - r.double()).abs().max().item() if g.numel() else 0.0
-        base = (s.double() - r.double()).abs().max().item() if s.numel() else 0.0
-        bound = spec.tolerance.bound(problem.dtype, base)
+        err = max_abs_err(g, r)
+        bound = spec.tolerance.bound(problem.dtype, max_abs_err(s, r))
         assert err <= bound, f"{spec.name} value {name}: error {err:.3g} > bound {bound:.3g}"
-
-
-def _fresh(tensors, problem, dtype=None):
-    out = []
-    for t, rg in zip(tensors, problem.requires_grad):
-        if t is None:
-            out.append(None)
-            continue
-        t = t.detach()
-        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone()
-        out.append(t.requires_grad_(rg))
-    return tuple(out)
 
 
 @pytest.mark.parametrize("layout", ["stride0-grad", "strided-inputs"])
@@ -122,7 +109,7 @@ def test_gradients_through_strides(spec, cand, layout):
     problem = _grad_problem(spec, cand)
     base = spec.make_inputs(problem, torch.Generator().manual_seed(0))
     upstream = "ones" if layout == "stride0-grad" else "random"
-    tensors = _fresh(base, problem)
+    tensors = fresh_leaves(base, problem)
     if layout == "strided-inputs":
         tensors = tuple(strided(t) for t in tensors)
         assert any(t is not None and t.dim() > 0 and not t.is_contiguous() for t in tensors)
@@ -131,8 +118,8 @@ def test_gradients_through_strides(spec, cand, layout):
     ref_fn = (lambda *ts: spec.outputs(call(spec, reference, ts, problem.kwargs()))) if reference else (
         lambda *ts: spec.outputs(spec.reference(*spec.split_call(ts, problem.kwargs())[0],
                                                 **spec.split_call(ts, problem.kwargs())[1])))
-    ref64 = _outputs_and_grads(spec, cand, _fresh(base, problem, torch.float64), problem, upstream, fn=ref_fn)
-    same = _outputs_and_grads(spec, cand, _fresh(base, problem), problem, upstream, fn=ref_fn)
+    ref64 = _outputs_and_grads(spec, cand, fresh_leaves(base, problem, torch.float64), problem, upstream, fn=ref_fn)
+    same = _outputs_and_grads(spec, cand, fresh_leaves(base, problem), problem, upstream, fn=ref_fn)
     _within_tolerance(spec, problem, got[0] + tuple(got[1]), ref64[0] + tuple(ref64[1]), same[0] + tuple(same[1]))
 
 
@@ -147,8 +134,8 @@ def test_torch_compile_fullgraph_forward_and_backward(spec, cand):
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
-    got = _outputs_and_grads(spec, cand, _fresh(base, problem), problem, "random", fn=compiled)
-    want = _outputs_and_grads(spec, cand, _fresh(base, problem), problem, "random", fn=f)
+    got = _outputs_and_grads(spec, cand, fresh_leaves(base, problem), problem, "random", fn=compiled)
+    want = _outputs_and_grads(spec, cand, fresh_leaves(base, problem), problem, "random", fn=f)
     for a, b in zip(got[0] + tuple(got[1]), want[0] + tuple(want[1])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -42,11 +42,12 @@ def _run(spec: OpSpec, cand: Candidate, tensors: tuple, problem: Problem, upstre
     return tuple(o.detach() for o in outs), grads
 
 
-def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| in float64 (0 for empty tensors)."""
     return float((x.double() - ref.double()).abs().max()) if x.numel() else 0.0
 
 
-def _as(tensors: tuple, dtype: Optional[torch.dtype], problem: Problem) -> tuple:
+def fresh_leaves(tensors: tuple, problem: Problem, dtype: Optional[torch.dtype] = None) -> tuple:
     """Fresh leaves of ``tensors`` (floating ones cast to ``dtype`` when given), requiring grad as the problem says."""
     out = []
     for t, rg in zip(tensors, problem.requires_grad):
@@ -69,12 +70,12 @@ def verify(spec: OpSpec, cand: Candidate, problem: Problem) -> Optional[str]:
     upstream = None
     if small.grad:  # one upstream gradient for the three runs, drawn like the inputs
         with torch.no_grad():
-            shapes = [o for o in spec.outputs(call(spec, ref_cand, _as(base, None, small.with_(
+            shapes = [o for o in spec.outputs(call(spec, ref_cand, fresh_leaves(base, small.with_(
                 requires_grad=tuple(False for _ in base))), small.kwargs()))]
         upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in shapes]
-    ref64 = _run(spec, ref_cand, _as(base, torch.float64, small), small, upstream)
-    same = _run(spec, ref_cand, _as(base, None, small), small, upstream)
-    got = _run(spec, cand, _as(base, None, small), small, upstream)
+    ref64 = _run(spec, ref_cand, fresh_leaves(base, small, torch.float64), small, upstream)
+    same = _run(spec, ref_cand, fresh_leaves(base, small), small, upstream)
+    got = _run(spec, cand, fresh_leaves(base, small), small, upstream)
     names = [f"output {i}" for i in range(len(ref64[0]))]
     names += [f"grad of {n}" for n, rg in zip(spec.tensor_args, small.requires_grad) if rg]
     for name, g, s, r in zip(names, got[0] + tuple(got[1]), same[0] + tuple(same[1]), ref64[0] + tuple(ref64[1])):
@@ -87,7 +88,7 @@ def verify(spec: OpSpec, cand: Candidate, problem: Problem) -> Optional[str]:
         if not bool(torch.isfinite(g).all()) and bool(torch.isfinite(r).all()):
             return f"{name}: non-finite values"
         absmax = float(r.abs().max()) if r.numel() else 0.0
-        err, bound = _max_err(g, r), spec.tolerance.bound(small.dtype, _max_err(s, r), absmax)
+        err, bound = max_abs_err(g, r), spec.tolerance.bound(small.dtype, max_abs_err(s, r), absmax)
         if not err <= bound:
             return f"{name}: max error {err:.3g} > bound {bound:.3g} on {_describe(small)}"
     return None
