@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..ops.spec import Candidate, OpSpec, Problem, SupportRule, get_spec
+from ..ops.spec import Candidate, OpSpec, Problem, SupportRule, describe, get_spec
 from . import environment, measure
 from .cache import DecisionCache, DispatchWarning
 
@@ -114,22 +114,18 @@ _FAST: dict = {}  # call signature (plain tuple) -> Candidate: the per-call path
 def select(op: str, tensors: tuple, options: dict, dtype: torch.dtype) -> Candidate:
     """The candidate for a call of ``op`` on ``tensors`` (in the spec's order, None where absent) with
     ``options``: one dict look-up once the call's signature was seen, ``choose`` otherwise."""
-    if torch.compiler.is_compiling():
-        from ..ops.spec import describe
-
-        spec = get_spec(op)
-        return choose(spec, describe(op, tensors, options, dtype))
-    grad = torch.is_grad_enabled()
-    # Cheap to build and to hash: shapes are tuples, dtypes hash by identity, get_device() is an int
-    # (-1 on the CPU); torch.device objects would cost more than everything else together.
-    sig = (op, dtype, grad, *options.values(),
-           *[None if t is None else (t.shape, t.dtype, t.get_device(), t.requires_grad) for t in tensors])
-    cand = _FAST.get(sig)
-    if cand is None:
-        from ..ops.spec import describe
-
-        spec = get_spec(op)
-        cand = choose(spec, describe(op, tensors, options, dtype))
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        # Cheap to build and to hash: shapes are tuples, dtypes hash by identity, get_device() is an int
+        # (-1 on the CPU); torch.device objects would cost more than everything else together.
+        grad = torch.is_grad_enabled()
+        sig = (op, dtype, grad, *options.values(),
+               *[None if t is None else (t.shape, t.dtype, t.get_device(), t.requires_grad) for t in tensors])
+        cand = _FAST.get(sig)
+        if cand is not None:
+            return cand
+    cand = choose(get_spec(op), describe(op, tensors, options, dtype))
+    if not compiling:
         _FAST[sig] = cand
     return cand
 
@@ -138,23 +134,24 @@ def choose(spec: OpSpec, problem: Problem) -> Candidate:
     """The candidate that runs ``problem`` (deciding it on first use)."""
     if torch.compiler.is_compiling():
         return _by_name(spec, _decide_traced(spec.name, problem.encode()))
-    cand = _MEMO.get(problem)
-    if cand is None:
-        with _LOCK:
-            cand = _decide(spec, problem)
-            _MEMO[problem] = cand
-    return cand
+    return _memoized(spec, problem)
 
 
 @torch._dynamo.assume_constant_result
 def _decide_traced(op: str, encoded: str) -> str:
-    problem = Problem.decode(encoded)
-    with _LOCK:
-        cand = _MEMO.get(problem)
-        if cand is None:
-            cand = _decide(get_spec(op), problem)
-            _MEMO[problem] = cand
-    return cand.name
+    return _memoized(get_spec(op), Problem.decode(encoded)).name
+
+
+def _memoized(spec: OpSpec, problem: Problem) -> Candidate:
+    """This process's decision for ``problem``, taken (once, under the lock) when there is none."""
+    cand = _MEMO.get(problem)
+    if cand is None:
+        with _LOCK:
+            cand = _MEMO.get(problem)  # another thread may have decided while this one waited
+            if cand is None:
+                cand = _decide(spec, problem)
+                _MEMO[problem] = cand
+    return cand
 
 
 def _by_name(spec: OpSpec, name: str) -> Candidate:
