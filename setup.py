@@ -1,8 +1,12 @@
 """aimkern: Triton kernels and a lean causal ViT for autoregressive image pretraining."""
 from setuptools import find_packages, setup
 
-# `aimkern.kernels` lives in the top-level `kernels/` folder (only @triton.jit code and launch
-# configs); everything else is found under `aimkern/`.
+# `aimkern.kernels` is the top-level `kernels/` folder (only @triton.jit code and launch configs), reached
+# through the link `aimkern/kernels -> ../kernels`. It is a namespace package: `kernels/` has no
+# `__init__.py`, so from the repository root `import kernels` never finds this folder ahead of an installed
+# `kernels` distribution (Hugging Face's, a transformers dependency). find_packages skips folders without
+# `__init__.py`, hence the explicit name. The editable install serves it through `aimkern/`'s own path, and a
+# plain install copies the files behind the link.
 packages = find_packages(include=["aimkern", "aimkern.*"]) + ["aimkern.kernels"]
 
 setup(
@@ -13,7 +17,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"aimkern.kernels": "kernels"},
     install_requires=[
         # The oldest versions anything tests: torch 2.11 + Triton 3.6 are the GPU machine's (its run is
         # benchmarks/gpu_check.sh), and CI compiles every kernel with Triton 3.6
