@@ -2,7 +2,8 @@
 
 Public API (docs/design.md explains the choices behind it): the fused ops ``attention``, ``patch_embed``,
 ``linear_cross_entropy`` and ``next_patch_pixel_loss`` (each with ``backend="auto" | "triton" | "reference"``),
-the model ``CausalViT`` with its ``ViTConfig`` and presets (``CausalViT.from_checkpoint`` reads Apple's
+with ``attention_qkvpacked`` for a ViT block's packed qkv (all in ``aimkern.functional``), the model
+``CausalViT`` with its ``ViTConfig`` and presets (``CausalViT.from_checkpoint`` reads Apple's
 ml-aim, timm and transformers checkpoints), the modules in ``aimkern.nn``, and ``patch`` (``patch_timm``), which
 puts timm, ml-aim and ml-l3m models on aimkern's attention.
 
@@ -20,10 +21,12 @@ _LAZY = {
     "CausalViT": (".models", "CausalViT"),
     "PRESETS": (".models.config", "PRESETS"),
     "ViTConfig": (".models.config", "ViTConfig"),
-    "attention": (".ops", "attention"),
-    "linear_cross_entropy": (".ops", "linear_cross_entropy"),
-    "next_patch_pixel_loss": (".ops", "next_patch_pixel_loss"),
-    "patch_embed": (".ops", "patch_embed"),
+    "attention": (".functional", "attention"),
+    "attention_qkvpacked": (".functional", "attention_qkvpacked"),
+    "linear_cross_entropy": (".functional", "linear_cross_entropy"),
+    "next_patch_pixel_loss": (".functional", "next_patch_pixel_loss"),
+    "patch_embed": (".functional", "patch_embed"),
+    "functional": (".functional", None),
     "nn": (".nn", None),
     "ops": (".ops", None),
     "models": (".models", None),
@@ -34,7 +37,7 @@ _LAZY = {
     "patch": (".patching", "patch"),  # a module named patch would shadow the function
 }
 
-__all__ = sorted(k for k in _LAZY if k not in ("tokenizers", "ops", "models", "integrations"))
+__all__ = sorted(k for k in _LAZY if k not in ("tokenizers", "ops", "models", "integrations", "functional"))
 
 
 def __getattr__(name: str):

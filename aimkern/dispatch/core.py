@@ -2,36 +2,63 @@
 ones, run the fastest; remember the choice in this process and in the decisions file.
 
 A key is the op, the environment (``environment.fingerprint``: device name and capability, torch / Triton /
-driver versions), the dtype, the mask kind, grad on or off and the shape band (``OpSpec.band``). Calls
-whose key was decided before cost one dict look-up (``choose``): the problem of a call is a hashable
-``Problem`` and maps straight to its candidate.
+driver versions), the dtype, the mask kind, grad on or off and the shape band (``OpSpec.shape_band``). Calls
+whose key was decided before cost one dict look-up (``select``): the call's signature (shapes, dtypes,
+devices, its frozen params) maps straight to its candidate.
 
 Under ``torch.compile`` the decision is taken while the call is traced (``_decide_traced`` is a constant to
 Dynamo): the graph holds the chosen candidate's ops, with no graph break and nothing to recompile later.
-A decision depends on shapes, dtypes and options only, never on values, so deciding on synthetic inputs
+A decision depends on shapes, dtypes and params only, never on values, so deciding on synthetic inputs
 while tracing chooses exactly what the first eager call would.
 
 Under torchrun, rank 0 decides and broadcasts its choice; every rank runs the same path.
+
+Everything this process remembers (registered candidates, decisions, pins, warnings given, the decisions
+files) is one ``DispatchState``; the module's functions act on ``STATE``.
 """
 from __future__ import annotations
 
+import ast
 import threading
 import warnings
 from typing import Callable, Optional
 
 import torch
 
-from ..ops.spec import Candidate, OpSpec, Problem, SupportRule, describe, get_spec
+from ..specs import Candidate, OpSpec, Problem, SupportRule, describe, get_spec
 from . import environment, measure
 from .cache import DecisionCache, DispatchWarning
 
-_LOCK = threading.RLock()
-_USER: dict = {}  # op -> {name: Candidate} registered by users
-_MEMO: dict = {}  # Problem -> Candidate (this process)
-_ROWS: dict = {}  # key -> report row (this process's decisions, in order)
-_PINNED: dict = {}  # problem key (no environment) -> candidate name, from a run being resumed
-_WARNED: set = set()
-_CACHES: dict = {}  # folder -> DecisionCache
+
+class DispatchState:
+    """What this process's dispatch remembers; ``reset()`` forgets it (registered candidates stay)."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.user: dict = {}  # op -> {name: Candidate} registered by users
+        self.memo: dict = {}  # Problem -> Candidate (this process)
+        self.fast: dict = {}  # call signature (plain tuple) -> Candidate: the per-call path, a few microseconds
+        self.rows: dict = {}  # key -> report row (this process's decisions, in order)
+        self.pinned: dict = {}  # problem key (no environment) -> candidate name, from a run being resumed
+        self.warned: set = set()  # (op, candidate, reason) already reported
+        self.caches: dict = {}  # folder -> DecisionCache
+
+    def reset(self) -> None:
+        with self.lock:
+            for table in (self.memo, self.fast, self.rows, self.pinned, self.warned, self.caches):
+                table.clear()
+
+    def forget(self, op: str) -> None:
+        """Forget the decisions of ``op`` (its candidates changed)."""
+        with self.lock:
+            for table in (self.memo, self.fast):
+                for k in [k for k in table if (k.op if isinstance(k, Problem) else k[0]) == op]:
+                    del table[k]
+            for k in [k for k, row in self.rows.items() if row["op"] == op]:
+                del self.rows[k]
+
+
+STATE = DispatchState()
 
 
 def register(op: str, name: str, fn: Callable, *, supports: Optional[SupportRule] = None) -> None:
@@ -40,9 +67,12 @@ def register(op: str, name: str, fn: Callable, *, supports: Optional[SupportRule
 
     fn:       the public op's signature without ``backend`` (e.g. for attention ``fn(q, k, v, *, is_causal,
               block_size, prefix_len, scale, deterministic)``, prefix_len None or an int32 (B,) tensor),
-              returning what the op returns; autograd differentiates it.
-    supports: ``supports(problem) -> bool`` (``aimkern.ops.spec.Problem``: device, dtype, shapes,
-              options, requires_grad) says where it applies; None means everywhere, on CUDA and CPU.
+              returning what the op returns; autograd differentiates it. (Built-in candidates take
+              ``(*tensors, params)``; a wrapper here calls ``fn`` with the public op's arguments instead,
+              ``OpSpec.public_call``.)
+    supports: ``supports(problem) -> bool`` (``aimkern.specs.Problem``: device, dtype, shapes, params,
+              requires_grad; ``problem.option(name)`` reads a param) says where it applies; None means
+              everywhere, on CUDA and CPU.
 
     The candidate is verified against the reference and timed like the built-in ones wherever it applies;
     a wrong or failing one is rejected with a warning and never chosen. Registering again under the same
@@ -57,50 +87,45 @@ def register(op: str, name: str, fn: Callable, *, supports: Optional[SupportRule
         raise TypeError(f"aimkern.dispatch.register: fn must be callable, got {type(fn).__name__}")
     if supports is not None and not callable(supports):
         raise TypeError(f"aimkern.dispatch.register: supports must be None or callable, got {type(supports).__name__}")
-    with _LOCK:
-        _USER.setdefault(op, {})[name] = Candidate(name, fn, kind="user", supports=supports)
-        _forget(op)
+    with STATE.lock:
+        STATE.user.setdefault(op, {})[name] = Candidate(name, _public_style(spec, fn), kind="user", supports=supports)
+        STATE.forget(op)
+
+
+def _public_style(spec: OpSpec, fn: Callable) -> Callable:
+    """A candidate ``(*tensors, params)`` that calls ``fn`` with the public op's arguments."""
+
+    def run(*args):
+        call_args, kwargs = spec.public_call(args[:-1], args[-1])
+        return fn(*call_args, **kwargs)
+
+    return run
 
 
 def unregister(op: str, name: str) -> None:
     """Remove a candidate added with ``register`` (KeyError if there is none of that name)."""
-    with _LOCK:
-        del _USER[get_spec(op).name][name]
-        _forget(op)
-
-
-def _forget(op: str) -> None:
-    for p in [p for p in _MEMO if p.op == op]:
-        del _MEMO[p]
-    for sig in [sig for sig in _FAST if sig[0] == op]:
-        del _FAST[sig]
-    for k in [k for k, row in _ROWS.items() if row["op"] == op]:
-        del _ROWS[k]
+    with STATE.lock:
+        del STATE.user[get_spec(op).name][name]
+        STATE.forget(op)
 
 
 def reset() -> None:
-    """Forget this process's decisions, pins and warnings (the decisions file stays), and read
-    ``AIMKERN_DISPATCH`` again."""
+    """Forget this process's decisions, pins and warnings (the decisions file stays; registered candidates
+    stay), and read ``AIMKERN_DISPATCH`` again."""
     environment.refresh()
-    with _LOCK:
-        _MEMO.clear()
-        _FAST.clear()
-        _ROWS.clear()
-        _PINNED.clear()
-        _WARNED.clear()
-        _CACHES.clear()
+    STATE.reset()
 
 
 def candidates(op: str) -> list:
     """The built-in and registered candidates of ``op``."""
     spec = get_spec(op)
-    return list(spec.candidates) + list(_USER.get(spec.name, {}).values())
+    return list(spec.candidates) + list(STATE.user.get(spec.name, {}).values())
 
 
 def problem_key(spec: OpSpec, problem: Problem) -> str:
     """The key without the environment: what a recorded choice is matched by on another machine."""
     grad = "grad" if problem.grad else "nograd"
-    return f"{spec.name}|{problem.dtype}|{spec.mask_kind(problem)}|{grad}|{spec.band(problem)}"
+    return f"{spec.name}|{problem.dtype}|{spec.mask_kind(problem)}|{grad}|{spec.shape_band(problem)}"
 
 
 def decision_key(spec: OpSpec, problem: Problem) -> str:
@@ -108,49 +133,61 @@ def decision_key(spec: OpSpec, problem: Problem) -> str:
 
 
 # ------------------------------------------------------------------------------------------ choosing
-_FAST: dict = {}  # call signature (plain tuple) -> Candidate: the per-call path, a few microseconds
-
-
-def select(op: str, tensors: tuple, options: dict, dtype: torch.dtype) -> Candidate:
-    """The candidate for a call of ``op`` on ``tensors`` (in the spec's order, None where absent) with
-    ``options``: one dict look-up once the call's signature was seen, ``choose`` otherwise."""
+def select(spec: OpSpec, tensors: tuple, params) -> Candidate:
+    """The candidate for a call of ``spec``'s op on ``tensors`` (in the spec's order, None where absent) with
+    ``params``: one dict look-up once the call's signature was seen, ``choose`` otherwise."""
     compiling = torch.compiler.is_compiling()
+    dtype = tensors[0].dtype
     if not compiling:
         # Cheap to build and to hash: shapes are tuples, dtypes hash by identity, get_device() is an int
-        # (-1 on the CPU); torch.device objects would cost more than everything else together.
-        grad = torch.is_grad_enabled()
-        sig = (op, dtype, grad, *options.values(),
+        # (-1 on the CPU), params a frozen dataclass; torch.device objects would cost more than the rest.
+        sig = (spec.name, dtype, torch.is_grad_enabled(), params,
                *[None if t is None else (t.shape, t.dtype, t.get_device(), t.requires_grad) for t in tensors])
-        cand = _FAST.get(sig)
+        cand = STATE.fast.get(sig)
         if cand is not None:
             return cand
-    cand = choose(get_spec(op), describe(op, tensors, options, dtype))
+    cand = choose(spec, describe(spec.name, tensors, params, dtype))
     if not compiling:
-        _FAST[sig] = cand
+        STATE.fast[sig] = cand
     return cand
 
 
 def choose(spec: OpSpec, problem: Problem) -> Candidate:
     """The candidate that runs ``problem`` (deciding it on first use)."""
     if torch.compiler.is_compiling():
-        return _by_name(spec, _decide_traced(spec.name, problem.encode()))
+        return _by_name(spec, _decide_traced(spec.name, _problem_text(spec, problem)))
     return _memoized(spec, problem)
 
 
+# Dynamo takes a function's result as a constant only for constant arguments it can hash and compare: the
+# problem crosses as the text of a tuple of plain values (the params as their field values, in field order;
+# spec.param_names is read once, so Dynamo folds the attribute reads and the repr).
+def _problem_text(spec: OpSpec, problem: Problem) -> str:
+    values = tuple([getattr(problem.params, n) for n in spec.param_names])
+    return repr((problem.op, problem.device, problem.dtype, problem.shapes, values, problem.requires_grad,
+                 problem.dtypes))
+
+
+def _problem_of_text(spec: OpSpec, text: str) -> Problem:
+    op, device, dtype, shapes, values, requires_grad, dtypes = ast.literal_eval(text)
+    return Problem(op, device, dtype, tuple(shapes), spec.params_type(*values), tuple(requires_grad), tuple(dtypes))
+
+
 @torch._dynamo.assume_constant_result
-def _decide_traced(op: str, encoded: str) -> str:
-    return _memoized(get_spec(op), Problem.decode(encoded)).name
+def _decide_traced(op: str, text: str) -> str:
+    spec = get_spec(op)
+    return _memoized(spec, _problem_of_text(spec, text)).name
 
 
 def _memoized(spec: OpSpec, problem: Problem) -> Candidate:
     """This process's decision for ``problem``, taken (once, under the lock) when there is none."""
-    cand = _MEMO.get(problem)
+    cand = STATE.memo.get(problem)
     if cand is None:
-        with _LOCK:
-            cand = _MEMO.get(problem)  # another thread may have decided while this one waited
+        with STATE.lock:
+            cand = STATE.memo.get(problem)  # another thread may have decided while this one waited
             if cand is None:
                 cand = _decide(spec, problem)
-                _MEMO[problem] = cand
+                STATE.memo[problem] = cand
     return cand
 
 
@@ -172,15 +209,16 @@ def _eligible(problem: Problem) -> Callable[[Candidate], Optional[str]]:
 
 def _cache() -> DecisionCache:
     folder = environment.cache_dir()
-    if folder not in _CACHES:
-        _CACHES[folder] = DecisionCache(folder)
-    return _CACHES[folder]
+    if folder not in STATE.caches:
+        STATE.caches[folder] = DecisionCache(folder)
+    return STATE.caches[folder]
 
 
-def _warn(op: str, name: str, reason: str) -> None:
-    if (op, name, reason) not in _WARNED:
-        _WARNED.add((op, name, reason))
-        warnings.warn(f"aimkern.dispatch: {op} candidate {name!r} rejected: {reason}", DispatchWarning, stacklevel=5)
+def _warn(what: tuple, message: str) -> None:
+    """One DispatchWarning per ``what`` in this process (a step calls each op many times)."""
+    if what not in STATE.warned:
+        STATE.warned.add(what)
+        warnings.warn(f"aimkern.dispatch: {message}", DispatchWarning, stacklevel=6)
 
 
 def _decide(spec: OpSpec, problem: Problem) -> Candidate:
@@ -192,7 +230,7 @@ def _decide(spec: OpSpec, problem: Problem) -> Candidate:
         row = row[0]
     else:
         row = _decide_row(spec, problem, key)
-    _ROWS[key] = row
+    STATE.rows[key] = row
     return _by_name(spec, row["chosen"])
 
 
@@ -205,7 +243,7 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
     base = {"op": spec.name, "key": key, "problem_key": problem_key(spec, problem),
             "problem": _problem_row(spec, problem), "kinds": {c.name: c.kind for c in cands}}
 
-    pinned = _PINNED.get(problem_key(spec, problem))
+    pinned = STATE.pinned.get(problem_key(spec, problem))
     if pinned is not None:
         cand = next((c for c in usable if c.name == pinned), None)
         reason = results[pinned]["reason"] if pinned in results else "no such candidate here"
@@ -214,8 +252,8 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
         if reason is None:
             results[pinned].update(verified=True, reason=None)
             return dict(base, chosen=pinned, from_cache=False, pinned=True, candidates=results)
-        print(f"aimkern.dispatch: the recorded choice {pinned!r} for {problem_key(spec, problem)} is not available "
-              f"here ({reason}); measuring instead", flush=True)
+        _warn(("pinned", problem_key(spec, problem)), f"the recorded choice {pinned!r} for "
+              f"{problem_key(spec, problem)} is not available here ({reason}); measuring instead")
 
     entry = _cache().get(key)
     if entry is not None and entry.get("names") == names and entry["chosen"] in names:
@@ -232,7 +270,7 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
             reason = measure_safely(lambda c=c: _store(results[c.name], measure.time_ms(spec, c, problem)))
         if reason is not None:
             results[c.name]["reason"] = reason
-            _warn(spec.name, c.name, reason)
+            _warn((spec.name, c.name, reason), f"{spec.name} candidate {c.name!r} rejected: {reason}")
     timed = [c for c in usable if results[c.name]["ms"] is not None]
     if not timed:
         raise RuntimeError(
@@ -274,23 +312,23 @@ def report() -> list:
     {name: {"ms", "verified", "reason"}}}`` plus ``"problem"`` (device, dtype, mask, grad, shapes),
     ``"problem_key"`` (the key without the environment), ``"kinds"`` (each candidate's kind: "aimkern",
     "torch" or "user") and ``"pinned"``."""
-    with _LOCK:
-        return [dict(row, candidates={n: dict(r) for n, r in row["candidates"].items()}) for row in _ROWS.values()]
+    with STATE.lock:
+        return [dict(row, candidates={n: dict(r) for n, r in row["candidates"].items()}) for row in STATE.rows.values()]
 
 
 def choices() -> dict:
     """{problem key: chosen candidate} of this process's decisions: what a training run records."""
-    with _LOCK:
-        return {row["problem_key"]: row["chosen"] for row in _ROWS.values()}
+    with STATE.lock:
+        return {row["problem_key"]: row["chosen"] for row in STATE.rows.values()}
 
 
 def pin(recorded: dict) -> None:
     """Make the decisions of ``recorded`` ({problem key: candidate name}, from ``choices()`` of an earlier
     run) win over measuring: a pinned candidate is verified, then used without timing. One that is not
-    available here is reported in one line and the key is measured instead."""
+    available here is reported in one DispatchWarning and the key is measured instead."""
     if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
         raise TypeError("aimkern.dispatch.pin: recorded must be a {problem key: candidate name} dict of strings")
-    with _LOCK:
-        _PINNED.update(recorded)
-        _MEMO.clear()
-        _FAST.clear()
+    with STATE.lock:
+        STATE.pinned.update(recorded)
+        STATE.memo.clear()
+        STATE.fast.clear()

@@ -16,12 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.spec import Candidate, OpSpec, Problem
-
-
-def call(spec: OpSpec, cand: Candidate, tensors: tuple, options: dict):
-    args, kwargs = spec.split_call(tensors, options)
-    return cand.fn(*args, **kwargs)
+from ..specs import Candidate, OpSpec, Problem, outputs
 
 
 def _grad_inputs(tensors: tuple, problem: Problem) -> list:
@@ -31,7 +26,7 @@ def _grad_inputs(tensors: tuple, problem: Problem) -> list:
 def _run(spec: OpSpec, cand: Candidate, tensors: tuple, problem: Problem, upstream: Optional[list]):
     """(outputs, gradients of the inputs that require grad) of one call."""
     with torch.enable_grad() if problem.grad else torch.no_grad():
-        outs = spec.outputs(call(spec, cand, tensors, problem.kwargs()))
+        outs = outputs(cand.fn(*tensors, problem.params))
         if not problem.grad:
             return outs, ()
         diff = [o for o in outs if o.requires_grad]
@@ -43,7 +38,8 @@ def _run(spec: OpSpec, cand: Candidate, tensors: tuple, problem: Problem, upstre
 
 
 def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| in float64 (0 for empty tensors)."""
+    """max |x - ref| in float64 (0 for empty tensors): the error measure of every tolerance rule (the
+    dispatcher's verification here, tests/tolerances.py for the tests)."""
     return float((x.double() - ref.double()).abs().max()) if x.numel() else 0.0
 
 
@@ -70,8 +66,8 @@ def verify(spec: OpSpec, cand: Candidate, problem: Problem) -> Optional[str]:
     upstream = None
     if small.grad:  # one upstream gradient for the three runs, drawn like the inputs
         with torch.no_grad():
-            shapes = [o for o in spec.outputs(call(spec, ref_cand, fresh_leaves(base, small.with_(
-                requires_grad=tuple(False for _ in base))), small.kwargs()))]
+            leaves = fresh_leaves(base, small.with_(requires_grad=tuple(False for _ in base)))
+            shapes = list(outputs(ref_cand.fn(*leaves, small.params)))
         upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in shapes]
     ref64 = _run(spec, ref_cand, fresh_leaves(base, small, torch.float64), small, upstream)
     same = _run(spec, ref_cand, fresh_leaves(base, small), small, upstream)
@@ -107,7 +103,7 @@ def time_ms(spec: OpSpec, cand: Candidate, problem: Problem, *, warmup: int = 2,
     upstream = None
     if problem.grad:
         with torch.no_grad():
-            outs = spec.outputs(call(spec, cand, tensors, problem.kwargs()))
+            outs = outputs(cand.fn(*tensors, problem.params))
         upstream = [torch.randn(o.shape, generator=gen).to(device=o.device) for o in outs]
     cuda = problem.device_type == "cuda"
 

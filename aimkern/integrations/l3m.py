@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..ops.attention import attention
+from ..functional import attention
 from .masks import options_from_block_mask, options_from_dense
 
 MODULE, CLASS = "l3m.model.layers.attention", "GenericAttention"

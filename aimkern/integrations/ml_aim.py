@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ..ops.attention import attention_qkvpacked
+from ..functional import attention_qkvpacked
 from .masks import options_from_dense, prefix_from_ml_aim_mask
 
 MODULES = ("aim.v1.torch.layers", "aim.v2.torch.layers")

@@ -32,8 +32,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..ops._checks import check_backend_name
-from ..ops.attention import AttentionParams, attention, attention_qkvpacked
+from ..checks import check_backend_name
+from ..functional import attention, attention_qkvpacked
+from ..ops.attention import AttentionParams
 
 
 def _timm_attention_classes() -> tuple:

@@ -26,8 +26,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..ops._checks import check_backend_name
-from ..ops.attention import AttentionParams, attention
+from ..checks import check_backend_name
+from ..functional import attention
+from ..ops.attention import AttentionParams
 from ..reference.attention import attention_mask as dense_visibility
 
 NAME = "aimkern"

@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import Attention, Block, PatchEmbed, PredictionHead, make_mlp, make_norm, sincos_pos_embed_2d
-from ..ops.cross_entropy import linear_cross_entropy
-from ..ops.pixel_loss import next_patch_pixel_loss
+from ..functional import linear_cross_entropy, next_patch_pixel_loss
 from .config import ViTConfig
 
 PrefixLen = Union[None, int, torch.Tensor]

@@ -5,6 +5,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
+from ..backends import BACKENDS
+
 
 @dataclass
 class ViTConfig:
@@ -69,7 +71,7 @@ class ViTConfig:
             ("mlp", ("gelu", "swiglu")),
             ("pos_embed", ("learned", "sincos")),
             ("head", ("pixel", "token")),
-            ("backend", ("auto", "triton", "reference")),
+            ("backend", BACKENDS),
         ):
             if getattr(self, name) not in allowed:
                 bad(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..ops.attention import attention_qkvpacked
+from ..functional import attention_qkvpacked
 
 
 class Attention(nn.Module):

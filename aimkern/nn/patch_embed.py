@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..ops.patch_embed import patch_embed
+from ..functional import patch_embed
 
 
 class PatchEmbed(nn.Module):

@@ -9,8 +9,8 @@ One place owns what used to be decided per family:
   (kernels/launch_table.py): the interpreter config under the interpreter, the autotuner when the
   policy allows it and the Choice has several configs, else the first config;
 * the launch policy (``LaunchPolicy``): frozen, read once when an op is called, passed into its custom op
-  inside the op's encoded call (ops/_boundary.py) and saved for the backward, so that a choice made at
-  forward time (e.g. the fused or split attention backward) still holds when autograd runs the backward;
+  as typed arguments (ops/_custom_op.py) and saved for the backward, so that a choice made at forward time
+  (e.g. the fused or split attention backward) still holds when autograd runs the backward;
 * the kernel modules (``kernels(family)``): aimkern/kernels/<family>.py, imported on first use.
 
 Observers (``observe()``) see every launch: tests use it to prove which kernels ran, and the compile gate
@@ -30,8 +30,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ._boundary import crosses_boundary
-
 BACKWARD_PATHS = ("auto", "fused", "split")
 
 
@@ -45,7 +43,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-@crosses_boundary
 @dataclass(frozen=True)
 class LaunchPolicy:
     """How the Triton launchers choose among their configs. Frozen: it is read when an op is called.
@@ -159,6 +156,12 @@ def _autotuner(choice):
 def cdiv(a: int, b: int) -> int:
     """Ceiling division, for grids and tile counts."""
     return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """``n`` rounded up to a power of two (1 for n <= 1): the autotuning key of a size that only changes the
+    grid (attention's N_BUCKET), and the dispatch key's band of such a size (aimkern.specs)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def autotunes(choice, policy: LaunchPolicy) -> bool:

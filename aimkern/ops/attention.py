@@ -1,23 +1,26 @@
-"""`aimkern.attention`: block-causal raster-order attention with AIM's prefix, SDPA's (B, H, N, D) layout.
+"""The Triton path of ``aimkern.attention``: block-causal raster-order attention, SDPA's (B, H, N, D) layout.
 
-Backend dispatch, input checks, the Triton launchers (kernels/attention.py picks configs; the kernels are
-in kernels/attention_fwd.py and kernels/attention_bwd.py), their custom-op registration
-(``aimkern::attention_fwd``, ``aimkern::attention_bwd``) and the autograd wiring.
+The launchers (kernels/attention.py picks configs; the kernels are in kernels/attention_fwd.py and
+kernels/attention_bwd.py), their custom ops (``aimkern::attention_fwd``, ``aimkern::attention_bwd``, typed
+arguments: ops/_custom_op.py), the autograd wiring and the entries ``attention_triton`` /
+``attention_qkvpacked_triton`` (checked inputs in, as ``aimkern.functional`` and the dispatch candidates
+call them):
 
-    forward:  o, lse = attention_fwd(q, k, v, prefix_len, call)   lse (B, H, N) fp32, natural log
-    backward: dq, dk, dv = attention_bwd(do, q, k, v, o, lse, prefix_len, call)   deterministic, no atomics
+    forward:  o, lse = attention_fwd(q, k, v, prefix_len, <AttentionParams>, <LaunchPolicy>, layout)
+    backward: dq, dk, dv = attention_bwd(do, q, k, v, o, lse, prefix_len, <the forward's scalars>)
 
-``call`` is one str, the encoded ``AttentionCall`` (ops/_boundary.py): the mask as the kernels see it
-(``AttentionParams``), the launch choices (``LaunchPolicy``: autotune, the fused or split backward) and the
-layout. The forward's call is saved and handed to the backward op as it stands.
+lse is (B, H, N) fp32, natural log; the backward is deterministic (no atomics) unless the params say
+otherwise. The scalars are the mask as the kernels see it (``AttentionParams``: is_causal only where a
+causal block is shorter than N, the scale resolved), the launch choices (``LaunchPolicy``: autotune, the
+fused or split backward) and the layout; the forward's are saved and handed to the backward op as they stand.
 
 Outputs (o, dq, dk, dv) are (B, N, H, D) memory returned as (B, H, N, D) views: ``o.transpose(1, 2)`` is
 then contiguous, so a ViT block's reshape to (B, N, H * D) before the output projection copies nothing.
 Inputs are read through their strides (strided views of a packed qkv, stride-0 expanded gradients).
 
-``attention_qkvpacked(qkv)`` takes the packed (B, N, 3, H, D) activation of a ViT block through the same two
-ops (layout "packed": qkv in place of q, k and v None): the backward kernels write dq, dk, dv through
-strides straight into one (B, N, 3, H, D) gradient, where ``attention`` on unbound views would make
+``attention_qkvpacked_triton(qkv)`` takes the packed (B, N, 3, H, D) activation of a ViT block through the
+same two ops (layout "packed": qkv in place of q, k and v None): the backward kernels write dq, dk, dv
+through strides straight into one (B, N, 3, H, D) gradient, where attention on unbound views would make
 autograd stack them into (3, B, H, N, D) and copy that again into the packed order.
 
 Public launcher entry points (the custom ops run them; the compile gate drives them on meta tensors):
@@ -26,33 +29,22 @@ Public launcher entry points (the custom ops run them; the compile gate drives t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-from ..reference.attention import attention_reference
-from ._checks import (
-    autocast_inputs,
-    check_float_dtype,
-    check_same_device,
-    check_backend_name,
-    check_tensor,
-    measured_auto,
-    normalize_prefix_len,
-    select_candidate,
-    resolve_backend,
+from ._custom_op import TypedOp
+from ._launch import (
+    LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, kernels, launch, pow2, table_arch,
 )
-from ._boundary import crosses_boundary, decode, encode
-from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, kernels, launch, table_arch
 
 OP = "attention"
 _LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
 
 
-@crosses_boundary
 @dataclass(frozen=True)
 class AttentionParams:
-    """Non-tensor options of one attention call."""
+    """The options of one attention call (the public keyword arguments, one field each)."""
 
     is_causal: bool = False  # False: full bidirectional; True: (block-)causal in raster order
     block_size: int = 1  # causal granularity in tokens: 1 = token causal, grid width = row by row
@@ -76,29 +68,11 @@ class AttentionParams:
         return head_dim**-0.5 if self.scale is None else float(self.scale)
 
 
-def _check_inputs(q, k, v, params: AttentionParams, backend: str, op: str = OP) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(t, name, op, ndim=4)
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            f"{op}: q, k and v must have the same shape (B, H, N, D), got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    check_same_device((("q", q), ("k", k), ("v", v)), op)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_float_dtype(q, "q", op, "reference" if backend == "measured" else backend)
-    n, d = q.shape[2], q.shape[3]
-    if n < 1:
-        raise ValueError(f"{op}: sequence length N must be >= 1, got {n}")
-    if d % 8 != 0 or not 16 <= d <= 256:
-        raise ValueError(f"{op}: head dim D must be a multiple of 8 in [16, 256], got {d}")
-    params.check(op)
 
-
-def _bucket(n: int) -> int:
-    """The autotuning key's sequence band: N rounded up to a power of two."""
-    return 1 << max(0, n - 1).bit_length()
+def effective_causal(is_causal: bool, block_size: int, n: int) -> bool:
+    """Whether a mask is causal as the kernels see it: one causal block spanning all N tokens is full
+    attention (every query sees every key), and runs as such."""
+    return is_causal and block_size < n
 
 
 def _bhnd_empty(q: torch.Tensor) -> torch.Tensor:
@@ -114,7 +88,7 @@ def unpack(qkv: torch.Tensor) -> tuple:
 
 # ------------------------------------------------------------------------------------------ launchers
 # The public launcher entry points: what the custom ops run, and what the compile gate
-# (aimkern/ops/specs/attention.py's gate problems) drives on meta tensors. ``params`` are the kernels' view
+# (benchmarks/kernel_problems.py) drives on meta tensors. ``params`` are the kernels' view
 # of the mask: is_causal only where a causal block is shorter than N; scale may be None (D ** -0.5).
 def launch_forward(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams, policy: LaunchPolicy):
     """q, k, v (B, H, N, D) any strides, prefix_len None or int32 (B,) contiguous ->
@@ -133,7 +107,7 @@ def launch_forward(q, k, v, prefix_len: Optional[torch.Tensor], params: Attentio
     flags = dict(HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal, HAS_PREFIX=prefix_len is not None)
     launch(
         kern.forward(d, fp32, n, table_arch(q.device)), lambda META: (cdiv(split, META["BLOCK_M"]), b * h),
-        (*tensors, *strides, h, n, split, _bucket(n), params.block_size, scale * _LOG2E),
+        (*tensors, *strides, h, n, split, pow2(n), params.block_size, scale * _LOG2E),
         dtype=q.dtype, policy=policy, **flags,
     )
     if split < n:
@@ -199,7 +173,7 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
         )
     launch(
         choice, lambda META: (cdiv(k_end, META["BLOCK_N"]), b * h),
-        (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, _bucket(n),
+        (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, pow2(n),
          params.block_size, scale * _LOG2E, scale),
         DETERMINISTIC=params.deterministic, DQ_KEY_MAJOR=table_arch(q.device) >= 90, **common,
     )
@@ -231,102 +205,80 @@ def backward_path(head_dim: int, dtype: torch.dtype, n: int, device: torch.devic
     return policy.attention_backward
 
 
+
 # ------------------------------------------------------------------------------ custom ops + autograd
+# layout "bhnd":   q, k, v (B, H, N, D) in; o (B, H, N, D) out (a view of (B, N, H, D) memory);
+#        "packed": the (B, N, 3, H, D) qkv in place of q (k, v None); o (B, N, H, D) contiguous out, and the
+#                  backward writes dq, dk, dv into one (B, N, 3, H, D) gradient of qkv.
 LAYOUTS = ("bhnd", "packed")
+_SCALARS = (AttentionParams, LaunchPolicy, ("layout", str))
 
 
-@crosses_boundary
-@dataclass(frozen=True)
-class AttentionCall:
-    """The non-tensor argument of both attention custom ops, encoded into one str (ops/_boundary.py).
-
-    params: as the kernels see them (``_call``): is_causal only where a causal block is shorter than N
-            (block_size 1 otherwise), scale a float.
-    policy: the LaunchPolicy current at the forward, attention_backward resolved to "fused" or "split".
-    layout: "bhnd":   q, k, v (B, H, N, D) in; o (B, H, N, D) out (a view of (B, N, H, D) memory);
-            "packed": the (B, N, 3, H, D) qkv in place of q (k, v None); o (B, N, H, D) contiguous out,
-                      and the backward writes dq, dk, dv into one (B, N, 3, H, D) gradient of qkv.
-    """
-
-    params: AttentionParams
-    policy: LaunchPolicy
-    layout: str = "bhnd"
-
-
-def _qkv_views(call: AttentionCall, q, k, v) -> tuple:
+def _qkv_views(layout: str, q, k, v) -> tuple:
     """The (B, H, N, D) q, k, v views of the ops' tensor arguments."""
-    return unpack(q) if call.layout == "packed" else (q, k, v)
+    return unpack(q) if layout == "packed" else (q, k, v)
 
 
-# Both ops take the call as one encoded str; setup_context keeps that str and hands it to the backward op,
-# so the backward runs with exactly what the forward decided, whatever policy is current when autograd
-# gets to it.
-@torch.library.custom_op("aimkern::attention_fwd", mutates_args=())
-def _attention_fwd(
-    q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], prefix_len: Optional[torch.Tensor],
-    call: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o, lse (B, H, N) fp32); q is the packed qkv for layout "packed" (see ``AttentionCall``)."""
-    c = decode(call)
-    o, lse = launch_forward(*_qkv_views(c, q, k, v), prefix_len, c.params, c.policy)
-    return (o.transpose(1, 2) if c.layout == "packed" else o), lse  # packed: o's own contiguous memory
+def _fwd(q, k, v, prefix_len, params: AttentionParams, policy: LaunchPolicy, layout: str) -> tuple:
+    """-> (o, lse (B, H, N) fp32); q is the packed qkv for layout "packed"."""
+    o, lse = launch_forward(*_qkv_views(layout, q, k, v), prefix_len, params, policy)
+    return (o.transpose(1, 2) if layout == "packed" else o), lse  # packed: o's own contiguous memory
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, prefix_len, call):
-    c = decode(call)
-    q = _qkv_views(c, q, k, v)[0]
+def _fwd_fake(q, k, v, prefix_len, params, policy, layout):
+    q = _qkv_views(layout, q, k, v)[0]
     b, h, n, _ = q.shape
     o = _bhnd_empty(q)
-    return (o.transpose(1, 2) if c.layout == "packed" else o), q.new_empty((b, h, n), dtype=torch.float32)
+    return (o.transpose(1, 2) if layout == "packed" else o), q.new_empty((b, h, n), dtype=torch.float32)
 
 
-@torch.library.custom_op("aimkern::attention_bwd", mutates_args=())
-def _attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor], o: torch.Tensor,
-    lse: torch.Tensor, prefix_len: Optional[torch.Tensor], call: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd(do, q, k, v, o, lse, prefix_len, params: AttentionParams, policy: LaunchPolicy, layout: str) -> tuple:
     """-> (dq, dk, dv) like q, k, v; for layout "packed" (dqkv (B, N, 3, H, D), empty, empty)."""
-    c = decode(call)
-    if c.layout == "packed":
+    if layout == "packed":
         dqkv = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        launch_backward(do.transpose(1, 2), *unpack(q), o.transpose(1, 2), lse, prefix_len, c.params, c.policy,
+        launch_backward(do.transpose(1, 2), *unpack(q), o.transpose(1, 2), lse, prefix_len, params, policy,
                         out=unpack(dqkv))
         return dqkv, q.new_empty((0,)), q.new_empty((0,))
-    return launch_backward(do, q, k, v, o, lse, prefix_len, c.params, c.policy)
+    return launch_backward(do, q, k, v, o, lse, prefix_len, params, policy)
 
 
-@_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, prefix_len, call):
-    if decode(call).layout == "packed":
+def _bwd_fake(do, q, k, v, o, lse, prefix_len, params, policy, layout):
+    if layout == "packed":
         return q.new_empty(q.shape), q.new_empty((0,)), q.new_empty((0,))
     return _bhnd_empty(q), _bhnd_empty(k), _bhnd_empty(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_len, call = inputs
+attention_fwd = TypedOp("attention_fwd", ("q", "k?", "v?", "prefix_len?"), _SCALARS, "(Tensor, Tensor)",
+                        _fwd, _fwd_fake)
+attention_bwd = TypedOp("attention_bwd", ("do", "q", "k?", "v?", "o", "lse", "prefix_len?"), _SCALARS,
+                        "(Tensor, Tensor, Tensor)", _bwd, _bwd_fake)
+
+
+# setup_context keeps the forward's scalars and hands them to the backward op, so the backward runs with
+# exactly what the forward decided, whatever policy is current when autograd gets to it.
+def _setup_context(ctx, q, k, v, prefix_len, params, policy, layout, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, prefix_len)
-    ctx.call = call
+    ctx.scalars = (params, policy, layout)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, prefix_len = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, prefix_len, ctx.call)
-    if decode(ctx.call).layout == "packed":
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, prefix_len, *ctx.scalars)
+    if ctx.scalars[2] == "packed":
         dk = dv = None  # k, v were None: dq is the whole packed gradient
-    return dq, dk, dv, None, None  # q, k, v, prefix_len, call
+    return dq, dk, dv, None  # q, k, v, prefix_len
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams, layout: str,
-          backward: Optional[str] = None) -> tuple:
-    """(prefix_len for the kernels, the encoded ``AttentionCall``) of a call on (B, H, N, D) ``q``: the
-    mask as the kernels see it and the launch choices of the current LaunchPolicy; ``backward`` ("auto",
-    "fused", "split") overrides its attention_backward (the dispatch candidates pin a path this way: a
+# ------------------------------------------------------------------------------------------- entries
+def _kernel_call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams, backward: Optional[str]) -> tuple:
+    """(prefix_len, params, policy) as the kernels take them for a call on (B, H, N, D) ``q``: the mask as the
+    kernels see it and the launch choices of the current LaunchPolicy; ``backward`` ("auto", "fused",
+    "split") overrides its attention_backward (the dispatch candidates pin a path this way: a
     ``launch_policy`` block would set a ContextVar, which torch.compile cannot trace)."""
     b, h, n, d = q.shape
     if interpreting() and not q.is_cuda and q.dtype == torch.bfloat16:
@@ -334,7 +286,7 @@ def _call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams, layout
             f"{OP}: bfloat16 is not supported under Triton's interpreter (its bf16 tl.dot is wrong); "
             "use float16 / float32 on CPU, or run bfloat16 on a CUDA GPU"
         )
-    is_causal = params.is_causal and params.block_size < n  # one causal block spanning N is full attention
+    is_causal = effective_causal(params.is_causal, params.block_size, n)
     if not is_causal:
         prefix_len = None  # every key is visible anyway
     elif prefix_len is not None:
@@ -344,143 +296,20 @@ def _call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams, layout
         policy = LaunchPolicy(autotune=policy.autotune, attention_backward=backward)
     kernel_params = AttentionParams(is_causal=is_causal, block_size=params.block_size if is_causal else 1,
                                     scale=params.resolved_scale(d), deterministic=params.deterministic)
-    launch = LaunchPolicy(autotune=policy.autotune,
-                          attention_backward=backward_path(d, q.dtype, n, q.device, policy))
-    return prefix_len, encode(AttentionCall(params=kernel_params, policy=launch, layout=layout))
+    policy = LaunchPolicy(autotune=policy.autotune, attention_backward=backward_path(d, q.dtype, n, q.device, policy))
+    return prefix_len, kernel_params, policy
 
 
-def _resolve(q, k, v, params: AttentionParams, backend: str, prefix_len, op: str) -> tuple:
-    """(backend, prefix_len as None or an int32 (B,) tensor) for (B, H, N, D) q, k, v, after every check.
-    backend "measured": ``aimkern.dispatch`` chooses (inputs checked as for the reference, which takes the
-    most dtypes; each candidate says what it supports)."""
-    check_backend_name(backend, op)
-    be = "measured" if measured_auto(backend) else resolve_backend(backend, q, op)
-    _check_inputs(q, k, v, params, be, op=op)
-    return be, normalize_prefix_len(prefix_len, q.shape[0], q.shape[2], q.device, op)
-
-
-def _reference(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
-    return attention_reference(
-        q, k, v, is_causal=params.is_causal, block_size=params.block_size, prefix_len=prefix_len, scale=params.scale
-    )
-
-
-def _attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams,
-                      backward: Optional[str] = None) -> torch.Tensor:
-    """The Triton path on (B, H, N, D) q, k, v -> (B, H, N, D); ``backward`` as in ``_call``."""
-    prefix_len, call = _call(q, prefix_len, params, "bhnd", backward)
-    o, _ = _attention_fwd(q, k, v, prefix_len, call)
+def attention_triton(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams,
+                     backward: Optional[str] = None) -> torch.Tensor:
+    """The Triton path on checked (B, H, N, D) q, k, v (prefix_len None or int32 (B,)) -> (B, H, N, D);
+    ``backward`` as in ``_kernel_call``."""
+    o, _ = attention_fwd(q, k, v, *_kernel_call(q, prefix_len, params, backward), "bhnd")
     return o
 
 
-def _attention_qkvpacked_triton(qkv, prefix_len: Optional[torch.Tensor], params: AttentionParams,
-                                backward: Optional[str] = None) -> torch.Tensor:
-    """The Triton path on a (B, N, 3, H, D) qkv -> (B, N, H, D) contiguous; the same op as ``attention``."""
-    prefix_len, call = _call(unpack(qkv)[0], prefix_len, params, "packed", backward)
-    o, _ = _attention_fwd(qkv, None, None, prefix_len, call)
+def attention_qkvpacked_triton(qkv, prefix_len: Optional[torch.Tensor], params: AttentionParams,
+                               backward: Optional[str] = None) -> torch.Tensor:
+    """The Triton path on a checked (B, N, 3, H, D) qkv -> (B, N, H, D) contiguous; the ops of attention."""
+    o, _ = attention_fwd(qkv, None, None, *_kernel_call(unpack(qkv)[0], prefix_len, params, backward), "packed")
     return o
-
-
-def _measured(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionParams):
-    """The candidate ``aimkern.dispatch`` chooses for this call, and the options it is called with."""
-    options = dict(is_causal=params.is_causal, block_size=params.block_size, scale=params.scale,
-                   deterministic=params.deterministic)
-    return select_candidate(OP, (q, k, v, prefix_len), options, q.dtype), options
-
-
-OP_PACKED = "attention_qkvpacked"
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    is_causal: bool = False,
-    block_size: int = 1,
-    prefix_len: Union[None, int, torch.Tensor] = None,
-    scale: Optional[float] = None,
-    backend: str = "auto",
-    deterministic: bool = True,
-) -> torch.Tensor:
-    """Scaled dot-product attention with AIM's masks; a drop-in for ``F.scaled_dot_product_attention``.
-
-    Args:
-        q, k, v: (B, H, N, D), fp16 / bf16 / fp32 (float64 on the reference backend), any strides.
-            N >= 1; D a multiple of 8 in [16, 256].
-        is_causal: False for full attention; True for raster-order (block-)causal attention.
-        block_size: with is_causal, query i sees key j when j // block_size <= i // block_size.
-        prefix_len: None, an int, or an int tensor (B,) with values in [0, N]: the first prefix_len[b]
-            tokens of sample b are visible to every query (AIM's prefix-causal attention).
-        scale: softmax scale, default D ** -0.5.
-        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
-            "reference".
-        deterministic: True (default): gradients are bit-identical run to run (the long-N backward adds
-            its dQ shares in a fixed order). False lets them land in any order (fp32 atomics): a little
-            faster where many key tiles share a query tile, with run-to-run differences at round-off level.
-            The forward and the short-N backward are deterministic either way.
-
-    Returns:
-        (B, H, N, D) in the input dtype.
-
-    Visibility for N = 6, is_causal=True, block_size=2, prefix_len=3 (x = visible)::
-
-        keys ->   0 1 2 3 4 5
-        query 0   x x x . . .
-        query 1   x x x . . .
-        query 2   x x x x . .
-        query 3   x x x x . .
-        query 4   x x x x x x
-        query 5   x x x x x x
-    """
-    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale, deterministic=deterministic)
-    check_tensor(q, "q", OP)
-    q, k, v = autocast_inputs(q, k, v)
-    be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP)
-    if be == "measured":
-        cand, options = _measured(q, k, v, prefix, params)
-        return cand.fn(q, k, v, prefix_len=prefix, **options)
-    if be == "reference":
-        return _reference(q, k, v, prefix, params)
-    return _attention_triton(q, k, v, prefix, params)
-
-
-def attention_qkvpacked(
-    qkv: torch.Tensor,
-    *,
-    is_causal: bool = False,
-    block_size: int = 1,
-    prefix_len: Union[None, int, torch.Tensor] = None,
-    scale: Optional[float] = None,
-    backend: str = "auto",
-    deterministic: bool = True,
-) -> torch.Tensor:
-    """``attention`` on a ViT block's packed qkv activation, returning the (B, N, H, D) layout it needs next.
-
-    Args:
-        qkv: (B, N, 3, H, D), any strides (e.g. ``linear(x).view(B, N, 3, H, D)``); q, k, v are
-            ``qkv[:, :, 0]``, ``qkv[:, :, 1]``, ``qkv[:, :, 2]``. Dtypes, N and D as in ``attention``.
-        is_causal, block_size, prefix_len, scale, backend, deterministic: as in ``attention``.
-
-    Returns:
-        (B, N, H, D) in the input dtype; contiguous on the Triton backend, so ``.reshape(B, N, H * D)``
-        before the output projection is free. The same values as
-        ``attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), ...).transpose(1, 2)``, but the gradient of qkv
-        is one (B, N, 3, H, D) tensor written by the kernels (no stack of dq, dk, dv and no copy of it).
-    """
-    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale, deterministic=deterministic)
-    check_tensor(qkv, "qkv", OP_PACKED, ndim=5)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"{OP_PACKED}: qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is not 3)")
-    (qkv,) = autocast_inputs(qkv)
-    q, k, v = unpack(qkv)
-    be, prefix = _resolve(q, k, v, params, backend, prefix_len, OP_PACKED)
-    if be == "measured":  # the choice of attention on the unpacked views; a packed variant where it has one
-        cand, options = _measured(q, k, v, prefix, params)
-        if "packed" in cand.extra:
-            return cand.extra["packed"](qkv, prefix_len=prefix, **options)
-        return cand.fn(q, k, v, prefix_len=prefix, **options).transpose(1, 2)
-    if be == "reference":
-        return _reference(q, k, v, prefix, params).transpose(1, 2)
-    return _attention_qkvpacked_triton(qkv, prefix, params)
-

@@ -1,8 +1,9 @@
-"""`aimkern.next_patch_pixel_loss`: AIM's normalized next-patch pixel regression, fused.
+"""The Triton path of ``aimkern.next_patch_pixel_loss``: AIM's normalized next-patch pixel regression, fused.
 
-Backend dispatch, input checks, the Triton launcher (kernels/pixel_loss.py), its custom-op registration
-(``aimkern::next_patch_pixel_loss_fwd`` / ``_bwd``) and the autograd formula. The Triton path reads pred
-and images once in the forward and once in the backward, which writes d(pred) directly:
+The Triton launcher (kernels/pixel_loss.py), its custom ops (``aimkern::next_patch_pixel_loss_fwd`` /
+``_bwd``; typed arguments: ops/_custom_op.py), the autograd formula and the entry ``pixel_loss_triton``.
+The Triton path reads pred and images once in the forward and once in the backward, which writes d(pred)
+directly:
 
     d(pred)[b, i] = 2 * grad * (pred[b, i] - t[b, i + offset]) / (P*P*C * count)   for counted targets,
                     0 for rows that predict nothing counted,
@@ -11,69 +12,32 @@ recomputing the normalized targets t in registers (never stored). The images are
 gives them no gradient and refuses images that require grad (the reference does differentiate through
 the targets' normalization).
 
-The custom ops take their non-tensor arguments as one str, the encoded ``PixelLossCall``
-(``PixelLossParams`` whole and the forward's ``LaunchPolicy``; ops/_boundary.py). Public launcher entry
-points (the custom ops run them; the compile gate drives them on meta tensors): ``launch_forward`` and
-``launch_backward``.
+Public launcher entry points (the custom ops run them; the compile gate drives them on meta tensors):
+``launch_forward`` and ``launch_backward``. Also the loss's bookkeeping for its callers (``target_count``,
+``patch_targets``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
-from ..reference.pixel_loss import counted_targets, next_patch_pixel_loss_reference
-from ._checks import (
-    check_backend_name,
-    check_float_dtype,
-    measured_auto,
-    run_dispatched,
-    check_same_device,
-    check_tensor,
-    normalize_prefix_len,
-    resolve_backend,
-)
-from ._boundary import crosses_boundary, decode, encode
+from ..reference.pixel_loss import counted_targets
+from ._custom_op import TypedOp
 from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, kernels, launch
 
 OP = "next_patch_pixel_loss"
 
 
-@crosses_boundary
 @dataclass(frozen=True)
 class PixelLossParams:
-    """Non-tensor options of one next_patch_pixel_loss call."""
+    """The options of one next_patch_pixel_loss call (the public keyword arguments, one field each)."""
 
     patch_size: int  # P: patches are P x P pixels, C channels
     offset: int = 1  # row i of pred predicts patch i + offset (block_size of the causal mask)
     norm_pix: bool = True  # standardize each target patch with its mean and unbiased variance
     eps: float = 1e-6  # added to the variance before the square root
-
-
-def _check_inputs(pred, images, params: PixelLossParams, backend: str) -> None:
-    check_tensor(pred, "pred", OP, ndim=3)
-    check_tensor(images, "images", OP, ndim=4)
-    p = params.patch_size
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise ValueError(f"{OP}: patch_size must be an int >= 1, got {p!r}")
-    if isinstance(params.offset, bool) or not isinstance(params.offset, int) or params.offset < 0:
-        raise ValueError(f"{OP}: offset must be an int >= 0, got {params.offset!r}")
-    if not isinstance(params.norm_pix, bool):
-        raise TypeError(f"{OP}: norm_pix must be a bool, got {type(params.norm_pix).__name__}")
-    if not params.eps >= 0.0:
-        raise ValueError(f"{OP}: eps must be >= 0, got {params.eps}")
-    b, c, h, w = images.shape
-    if h % p or w % p or h == 0 or w == 0:
-        raise ValueError(f"{OP}: image height and width must be positive multiples of patch_size={p}, got H={h}, W={w}")
-    n = (h // p) * (w // p)
-    if tuple(pred.shape) != (b, n, p * p * c):
-        raise ValueError(f"{OP}: pred must have shape (B, N, P*P*C) = ({b}, {n}, {p * p * c}), got {tuple(pred.shape)}")
-    if params.norm_pix and p * p * c < 2:
-        raise ValueError(f"{OP}: norm_pix needs at least 2 values per patch (P*P*C >= 2) for the unbiased variance")
-    check_same_device((("pred", pred), ("images", images)), OP)
-    check_float_dtype(pred, "pred", OP, backend)
-    check_float_dtype(images, "images", OP, backend)
 
 
 def _count(prefix: Optional[torch.Tensor], batch: int, n: int, offset: int, device) -> torch.Tensor:
@@ -83,7 +47,7 @@ def _count(prefix: Optional[torch.Tensor], batch: int, n: int, offset: int, devi
 
 # ------------------------------------------------------------------------------------------ launchers
 # The public launcher entry points: what the custom ops run, and what the compile gate
-# (aimkern/ops/specs/pixel_loss.py's gate problems) drives on meta tensors.
+# (benchmarks/kernel_problems.py) drives on meta tensors.
 def _launch(pred, images, prefix, scale, params: PixelLossParams, policy: LaunchPolicy, backward: bool):
     b, n, d = pred.shape
     p = params.patch_size
@@ -121,126 +85,71 @@ def launch_backward(pred, images, prefix: Optional[torch.Tensor], scale: torch.T
 
 
 # ------------------------------------------------------------------------------ custom ops + autograd
-@crosses_boundary
-@dataclass(frozen=True)
-class PixelLossCall:
-    """The non-tensor argument of the pixel-loss custom ops, encoded into one str (ops/_boundary.py):
-    the call's PixelLossParams whole, and the LaunchPolicy current at the forward (the backward gets it too)."""
-
-    params: PixelLossParams
-    policy: LaunchPolicy
+# Scalars (ops/_custom_op.py): the call's PixelLossParams whole, and the autotune choice of the LaunchPolicy
+# current at the forward (the backward gets it too).
+_SCALARS = (PixelLossParams, ("autotune", bool))
 
 
-@torch.library.custom_op("aimkern::next_patch_pixel_loss_fwd", mutates_args=())
-def _pixel_loss_fwd(pred: torch.Tensor, images: torch.Tensor, prefix: Optional[torch.Tensor], call: str) -> torch.Tensor:
+def _fwd(pred, images, prefix, params: PixelLossParams, autotune: bool) -> torch.Tensor:
     """-> the loss, a 0-d fp32 tensor (0 when no target counts)."""
-    c = decode(call)
     b, n, _ = pred.shape
-    partials = launch_forward(pred, images, prefix, c.params, c.policy)
-    return partials.sum() / _count(prefix, b, n, c.params.offset, pred.device).clamp_min(1.0)
+    partials = launch_forward(pred, images, prefix, params, LaunchPolicy(autotune=autotune))
+    return partials.sum() / _count(prefix, b, n, params.offset, pred.device).clamp_min(1.0)
 
 
-@_pixel_loss_fwd.register_fake
-def _(pred, images, prefix, call):
+def _fwd_fake(pred, images, prefix, params, autotune):
     return pred.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("aimkern::next_patch_pixel_loss_bwd", mutates_args=())
-def _pixel_loss_bwd(
-    grad: torch.Tensor, pred: torch.Tensor, images: torch.Tensor, prefix: Optional[torch.Tensor], call: str,
-) -> torch.Tensor:
+def _bwd(grad, pred, images, prefix, params: PixelLossParams, autotune: bool) -> torch.Tensor:
     """grad 0-d -> d(pred) like pred."""
-    c = decode(call)
     b, n, d = pred.shape
-    count = _count(prefix, b, n, c.params.offset, pred.device).clamp_min(1.0)
+    count = _count(prefix, b, n, params.offset, pred.device).clamp_min(1.0)
     scale = (grad.to(torch.float32) * 2.0 / (d * count)).reshape(1)  # d/dpred of mean_d (pred - t)^2 / count
-    return launch_backward(pred, images, prefix, scale, c.params, c.policy)
+    return launch_backward(pred, images, prefix, scale, params, LaunchPolicy(autotune=autotune))
 
 
-@_pixel_loss_bwd.register_fake
-def _(grad, pred, images, prefix, call):
+def _bwd_fake(grad, pred, images, prefix, params, autotune):
     return torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    pred, images, prefix, call = inputs
+pixel_loss_fwd = TypedOp("next_patch_pixel_loss_fwd", ("pred", "images", "prefix?"), _SCALARS, "Tensor",
+                         _fwd, _fwd_fake)
+pixel_loss_bwd = TypedOp("next_patch_pixel_loss_bwd", ("grad", "pred", "images", "prefix?"), _SCALARS, "Tensor",
+                         _bwd, _bwd_fake)
+
+
+def _setup_context(ctx, pred, images, prefix, params, autotune, output):
     ctx.save_for_backward(pred, images, prefix)
-    ctx.call = call
+    ctx.scalars = (params, autotune)
 
 
 def _backward(ctx, grad):
     pred, images, prefix = ctx.saved_tensors
-    dpred = _pixel_loss_bwd(grad, pred, images, prefix, ctx.call) if ctx.needs_input_grad[0] else None
+    dpred = pixel_loss_bwd(grad, pred, images, prefix, *ctx.scalars) if ctx.needs_input_grad[0] else None
     # The images are data: no gradient flows to them through this op (the caller refuses images that
-    # require grad; see _pixel_loss_triton).
-    return dpred, None, None, None  # pred, images, prefix, call
+    # require grad; see pixel_loss_triton).
+    return dpred, None, None  # pred, images, prefix
 
 
-_pixel_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+pixel_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _images_need_grad(images: torch.Tensor) -> bool:
+def images_need_grad(images: torch.Tensor) -> bool:
+    """Whether autograd would want a gradient of ``images``, which the Triton path does not give."""
     return images.requires_grad and torch.is_grad_enabled()
 
 
-def _pixel_loss_triton(pred, images, prefix_len: Optional[torch.Tensor], params: PixelLossParams) -> torch.Tensor:
-    if _images_need_grad(images):
+def pixel_loss_triton(pred, images, prefix_len: Optional[torch.Tensor], params: PixelLossParams) -> torch.Tensor:
+    """The Triton path on checked inputs (pred (B, N, D), images (B, C, H, W), prefix_len None or int32 (B,))."""
+    if images_need_grad(images):
         raise ValueError(
             f"{OP}: backend='triton' treats images as data and gives them no gradient, but images.requires_grad "
             "is True; detach the images, or use backend='reference' (which differentiates through the targets)"
         )
     if prefix_len is not None:
         prefix_len = prefix_len.contiguous()  # the kernel reads prefix_len[b] at offset b
-    return _pixel_loss_fwd(pred, images, prefix_len, encode(PixelLossCall(params=params, policy=current_policy())))
-
-
-def next_patch_pixel_loss(
-    pred: torch.Tensor,
-    images: torch.Tensor,
-    *,
-    patch_size: int,
-    offset: int = 1,
-    prefix_len: Union[None, int, torch.Tensor] = None,
-    norm_pix: bool = True,
-    eps: float = 1e-6,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """AIM's next-patch objective: MSE between pred row i and the (normalized) patch i + offset.
-
-    Args:
-        pred: (B, N, P*P*C) predictions, values in MAE/AIM (p, q, c) order.
-        images: (B, C, H, W), H and W multiples of patch_size; N = (H // P) * (W // P).
-        offset: row i predicts patch i + offset.
-        prefix_len: None, an int or an int tensor (B,) in [0, N]: patches j < prefix_len[b] are context,
-            not targets.
-        norm_pix: standardize each target patch by its mean and unbiased variance (with eps).
-        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
-            "reference". The Triton path treats the images as data (no gradient): with images that
-            require grad, "triton" raises a ValueError and "auto" runs the reference, which
-            differentiates through the targets.
-
-    Returns:
-        float32 scalar (float64 for float64 inputs): the per-value squared error averaged within each
-        patch, then over the counted targets (j >= offset and j >= prefix_len[b]); 0 when none counts.
-    """
-    params = PixelLossParams(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=float(eps))
-    check_tensor(pred, "pred", OP)
-    check_backend_name(backend, OP)
-    if measured_auto(backend):  # aimkern.dispatch chooses; inputs checked as for the reference
-        _check_inputs(pred, images, params, "reference")
-        prefix = normalize_prefix_len(prefix_len, pred.shape[0], pred.shape[1], pred.device, OP)
-        options = dict(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=float(eps))
-        return run_dispatched(OP, (pred, images, prefix), options, pred.dtype)
-    be = resolve_backend(backend, pred, OP)
-    if be == "triton" and backend == "auto" and isinstance(images, torch.Tensor) and _images_need_grad(images):
-        be = "reference"  # only the reference gives the images a gradient
-    _check_inputs(pred, images, params, be)
-    prefix = normalize_prefix_len(prefix_len, pred.shape[0], pred.shape[1], pred.device, OP)
-    if be == "reference":
-        return next_patch_pixel_loss_reference(
-            pred, images, patch_size=patch_size, offset=offset, prefix_len=prefix, norm_pix=norm_pix, eps=eps
-        )
-    return _pixel_loss_triton(pred, images, prefix, params)
+    return pixel_loss_fwd(pred, images, prefix_len, params, current_policy().autotune)
 
 
 # ------------------------------------------------------------------- the loss's bookkeeping, for its callers

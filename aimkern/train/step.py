@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..data.inputs import model_input
 from ..data.seeds import TAG_PREFIX, TAG_RANK, mix_seed
 from ..distributed import DistEnv, setup, wrap
-from ..ops._checks import remember_validated
+from ..checks import remember_validated
 from ..ops.pixel_loss import target_count
 from .model import build_model, enable_activation_checkpointing
 from .schedule import build_optimizer, build_scheduler

@@ -1,7 +1,10 @@
-"""Shared input checks and backend resolution for the public ops.
+"""Argument checks every layer may use: plain validation, no dispatch, no kernels.
 
-Every public op validates its arguments here, once, at the boundary, so that a bad input gets a
-ValueError/TypeError naming the argument instead of a wrong result or a CUDA crash deep inside a kernel.
+The public ops validate their arguments once, at the boundary (``aimkern.specs.<op>.check`` through
+``aimkern.functional.run``), so that a bad input gets a ValueError/TypeError naming the argument instead of
+a wrong result or a CUDA crash deep inside a kernel. The model integrations (timm, transformers) use the
+same checks for their own options. This module imports torch and ``aimkern.backends`` only: the ops layer,
+the specs and the integrations can all import it without an import circle.
 """
 from __future__ import annotations
 
@@ -10,9 +13,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ._launch import interpreting
-
-BACKENDS = ("auto", "triton", "reference")
+from .backends import BACKENDS
 
 # Dtypes the Triton kernels accept. The reference path also takes float64 (tests use it as ground truth).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -22,57 +23,6 @@ REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 def check_backend_name(backend, op: str) -> None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def resolve_backend(backend: str, ref: torch.Tensor, op: str) -> str:
-    """Map ``backend`` to "triton" or "reference" for tensors living on ``ref.device``.
-
-    "auto" runs Triton on CUDA and the reference elsewhere. "triton" on CPU tensors needs Triton's
-    interpreter, which must be switched on (TRITON_INTERPRET=1) before aimkern's kernels are imported.
-    """
-    check_backend_name(backend, op)
-    if backend == "auto":
-        return "triton" if ref.is_cuda else "reference"
-    if backend == "triton" and not ref.is_cuda and not interpreting():
-        raise ValueError(
-            f"{op}: backend='triton' got tensors on {ref.device}; Triton kernels run on CUDA tensors, or on "
-            "CPU tensors under Triton's interpreter (set TRITON_INTERPRET=1 before importing aimkern)"
-        )
-    return backend
-
-
-def measured_auto(backend: str) -> bool:
-    """Whether ``backend`` ("auto") is decided by measuring (``aimkern.dispatch``) rather than by the fixed
-    rule (``AIMKERN_DISPATCH=fixed``: Triton on CUDA, the reference elsewhere)."""
-    if backend != "auto":
-        return False
-    global _mode
-    if _mode is None:
-        from ..dispatch.environment import mode  # imported late: aimkern.dispatch imports the ops' specs
-
-        _mode = mode
-    return _mode() == "measured"
-
-
-_mode = None  # aimkern.dispatch.environment.mode, once imported
-
-
-def autocast_inputs(*tensors):
-    """Cast floating inputs to the autocast dtype when autocast is on for their device, as F.linear and SDPA do.
-
-    Custom ops are invisible to autocast, so the GEMM-like ops (attention, patch_embed,
-    linear_cross_entropy) apply its rule themselves: under ``torch.autocast("cuda", torch.bfloat16)``
-    fp32 images and weights reach the kernel as bf16 instead of running an fp32 GEMM. Like autocast,
-    float64 is left alone. Non-tensors (None) pass through.
-    """
-    ref = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if ref is None or ref.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(ref.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(ref.device.type)
-    return tuple(
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
-        for t in tensors
-    )
 
 
 def check_tensor(x, name: str, op: str, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> None:
@@ -85,6 +35,7 @@ def check_tensor(x, name: str, op: str, ndim: Optional[int] = None, min_ndim: Op
 
 
 def check_float_dtype(x: torch.Tensor, name: str, op: str, backend: str) -> None:
+    """``x`` in a dtype ``backend`` ("triton" or "reference") computes in."""
     allowed = KERNEL_DTYPES if backend == "triton" else REFERENCE_DTYPES
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
@@ -156,25 +107,3 @@ def remember_validated(t: torch.Tensor, n: int) -> None:
     from the GPU. An in-place change of ``t`` makes the ops check it again."""
     global _last_validated
     _last_validated = (weakref.ref(t), t._version, n)
-
-
-_select = None  # aimkern.dispatch.core.select, once imported
-_SPECS: dict = {}  # aimkern.ops.spec.SPECS, once imported
-
-
-def run_dispatched(op: str, tensors: tuple, options: dict, dtype: torch.dtype):
-    """Run the call through the candidate ``aimkern.dispatch`` chooses for it (``backend="auto"``)."""
-    cand = select_candidate(op, tensors, options, dtype)
-    args, kwargs = _SPECS[op].split_call(tensors, options)
-    return cand.fn(*args, **kwargs)
-
-
-def select_candidate(op: str, tensors: tuple, options: dict, dtype: torch.dtype):
-    """``aimkern.dispatch.core.select``, imported on first use (aimkern.dispatch imports the ops' specs)."""
-    global _select, _SPECS
-    if _select is None:
-        from ..dispatch.core import select
-        from .spec import SPECS
-
-        _select, _SPECS = select, SPECS
-    return _select(op, tensors, options, dtype)

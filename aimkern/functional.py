@@ -1,0 +1,263 @@
+"""The public ops: ``attention``, ``attention_qkvpacked``, ``patch_embed``, ``linear_cross_entropy`` and
+``next_patch_pixel_loss`` (re-exported as ``aimkern.<op>``).
+
+Each is a short function that gathers its tensors (in its spec's order) and its frozen params dataclass and
+hands them to ``run``, the one preamble of every op, driven by the op's spec (aimkern/specs/):
+
+    check the first tensor -> autocast (the GEMM-like ops) -> the path: measured dispatch, the Triton entry or
+    the reference (``backend=``, ``AIMKERN_DISPATCH``) -> the spec's check and normalization for that path
+    -> call the path with (*tensors, params)
+
+A new op adds a spec and a function here of a few lines; nothing of the preamble is copied.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .checks import check_backend_name, check_tensor
+from .dispatch.core import select
+from .dispatch.environment import mode as dispatch_mode
+from .ops._launch import interpreting
+from .ops.attention import AttentionParams, attention_qkvpacked_triton, unpack
+from .ops.cross_entropy import CrossEntropyParams
+from .ops.patch_embed import PatchEmbedParams
+from .ops.pixel_loss import PixelLossParams
+from .specs import OpSpec, get_spec
+
+ATTENTION, PATCH_EMBED = get_spec("attention"), get_spec("patch_embed")
+CROSS_ENTROPY, PIXEL_LOSS = get_spec("linear_cross_entropy"), get_spec("next_patch_pixel_loss")
+OP_PACKED = "attention_qkvpacked"
+
+__all__ = ["attention", "attention_qkvpacked", "linear_cross_entropy", "next_patch_pixel_loss", "patch_embed", "run"]
+
+
+# ------------------------------------------------------------------------------------------ the preamble
+def run(spec: OpSpec, tensors: tuple, params, backend: str):
+    """Check ``tensors`` (the spec's order, None where absent) and ``params`` for ``backend``, pick the path
+    and call it: the one body of every public op."""
+    check_tensor(tensors[0], spec.tensor_args[0], spec.name)
+    tensors = autocast_inputs(spec, tensors)
+    path, tensors, params = checked(spec, tensors, params, backend, spec.name)
+    if path == "measured":
+        return select(spec, tensors, params).fn(*tensors, params)
+    if path == "reference":
+        return spec.reference(*tensors, params)
+    return spec.triton(*tensors, params)
+
+
+def checked(spec: OpSpec, tensors: tuple, params, backend: str, op: str) -> tuple:
+    """(path, tensors, params) of a call after every check: path "measured" (``aimkern.dispatch`` chooses;
+    the inputs are checked as for the reference, which takes the most dtypes, and each candidate says what
+    it supports), "triton" or "reference". ``op`` names the public function in the messages."""
+    check_backend_name(backend, op)
+    ref = tensors[0]
+    if backend == "auto":
+        if dispatch_mode() == "measured":
+            path = "measured"
+        else:  # AIMKERN_DISPATCH=fixed: Triton on CUDA, the reference elsewhere and where only it applies
+            use_ref = not ref.is_cuda or (spec.needs_reference is not None and spec.needs_reference(tensors))
+            path = "reference" if use_ref else "triton"
+    elif backend == "triton" and not ref.is_cuda and not interpreting():
+        raise ValueError(
+            f"{op}: backend='triton' got tensors on {ref.device}; Triton kernels run on CUDA tensors, or on "
+            "CPU tensors under Triton's interpreter (set TRITON_INTERPRET=1 before importing aimkern)"
+        )
+    else:
+        path = backend
+    tensors, params = spec.check(tensors, params, "reference" if path == "measured" else path, op)
+    return path, tensors, params
+
+
+def autocast_inputs(spec: OpSpec, tensors: tuple) -> tuple:
+    """``tensors`` with those the spec casts (``spec.autocast``: the GEMM-like ops' floating inputs) in the
+    autocast dtype when autocast is on for their device, as F.linear and SDPA do.
+
+    Custom ops are invisible to autocast, so the GEMM-like ops (attention, patch_embed,
+    linear_cross_entropy) apply its rule themselves: under ``torch.autocast("cuda", torch.bfloat16)``
+    fp32 images and weights reach the kernel as bf16 instead of running an fp32 GEMM. Like autocast,
+    float64 is left alone; targets, prefix_len and non-tensors (None) pass through.
+    """
+    ref = tensors[0]
+    if not spec.autocast or ref.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(ref.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(ref.device.type)
+    cast = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dtype) if i in spec.autocast and isinstance(t, torch.Tensor) and t.dtype in cast else t
+                 for i, t in enumerate(tensors))
+
+
+# -------------------------------------------------------------------------------------------- the ops
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    block_size: int = 1,
+    prefix_len: Union[None, int, torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """Scaled dot-product attention with AIM's masks; a drop-in for ``F.scaled_dot_product_attention``.
+
+    Args:
+        q, k, v: (B, H, N, D), fp16 / bf16 / fp32 (float64 on the reference backend), any strides.
+            N >= 1; D a multiple of 8 in [16, 256].
+        is_causal: False for full attention; True for raster-order (block-)causal attention.
+        block_size: with is_causal, query i sees key j when j // block_size <= i // block_size.
+        prefix_len: None, an int, or an int tensor (B,) with values in [0, N]: the first prefix_len[b]
+            tokens of sample b are visible to every query (AIM's prefix-causal attention).
+        scale: softmax scale, default D ** -0.5.
+        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
+            "reference".
+        deterministic: True (default): gradients are bit-identical run to run (the long-N backward adds
+            its dQ shares in a fixed order). False lets them land in any order (fp32 atomics): a little
+            faster where many key tiles share a query tile, with run-to-run differences at round-off level.
+            The forward and the short-N backward are deterministic either way.
+
+    Returns:
+        (B, H, N, D) in the input dtype.
+
+    Visibility for N = 6, is_causal=True, block_size=2, prefix_len=3 (x = visible)::
+
+        keys ->   0 1 2 3 4 5
+        query 0   x x x . . .
+        query 1   x x x . . .
+        query 2   x x x x . .
+        query 3   x x x x . .
+        query 4   x x x x x x
+        query 5   x x x x x x
+    """
+    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale, deterministic=deterministic)
+    return run(ATTENTION, (q, k, v, prefix_len), params, backend)
+
+
+def attention_qkvpacked(
+    qkv: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    block_size: int = 1,
+    prefix_len: Union[None, int, torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """``attention`` on a ViT block's packed qkv activation, returning the (B, N, H, D) layout it needs next.
+
+    Args:
+        qkv: (B, N, 3, H, D), any strides (e.g. ``linear(x).view(B, N, 3, H, D)``); q, k, v are
+            ``qkv[:, :, 0]``, ``qkv[:, :, 1]``, ``qkv[:, :, 2]``. Dtypes, N and D as in ``attention``.
+        is_causal, block_size, prefix_len, scale, backend, deterministic: as in ``attention``.
+
+    Returns:
+        (B, N, H, D) in the input dtype; contiguous on the Triton backend, so ``.reshape(B, N, H * D)``
+        before the output projection is free. The same values as
+        ``attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), ...).transpose(1, 2)``, but the gradient of qkv
+        is one (B, N, 3, H, D) tensor written by the kernels (no stack of dq, dk, dv and no copy of it).
+    """
+    params = AttentionParams(is_causal=is_causal, block_size=block_size, scale=scale, deterministic=deterministic)
+    check_tensor(qkv, "qkv", OP_PACKED, ndim=5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"{OP_PACKED}: qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)} (dim 2 is not 3)")
+    (qkv,) = autocast_inputs(ATTENTION, (qkv,))
+    q, k, v = unpack(qkv)
+    path, (q, k, v, prefix), params = checked(ATTENTION, (q, k, v, prefix_len), params, backend, OP_PACKED)
+    if path == "measured":  # the choice of attention on the unpacked views; a packed variant where it has one
+        cand = select(ATTENTION, (q, k, v, prefix), params)
+        if "packed" in cand.extra:
+            return cand.extra["packed"](qkv, prefix, params)
+        return cand.fn(q, k, v, prefix, params).transpose(1, 2)
+    if path == "reference":
+        return ATTENTION.reference(q, k, v, prefix, params).transpose(1, 2)
+    return attention_qkvpacked_triton(qkv, prefix, params)
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    pos_embed: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused patch embedding, equal to ``conv2d(images, weight, bias, stride=P).flatten(2).transpose(1, 2) + pos_embed``.
+
+    Args:
+        images: (B, C, H, W), H and W multiples of P.
+        weight: (E, C, P, P), exactly ``nn.Conv2d(C, E, P, stride=P).weight``.
+        bias: (E,) or None.
+        pos_embed: (N, E) or (1, N, E) with N = (H // P) * (W // P), or None.
+        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
+            "reference".
+
+    Returns:
+        (B, N, E) tokens in raster order, in the dtype of ``images @ weight``.
+    """
+    return run(PATCH_EMBED, (images, weight, bias, pos_embed), PatchEmbedParams(), backend)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` against ``target``, plus z-loss.
+
+    Args:
+        input: (..., E) hidden states.
+        linear_weight: (V, E) head weight.  linear_bias: (V,) or None.
+        target: (...) integer class ids in [0, V), or ignore_index.
+        reduction: "mean" (over non-ignored tokens), "sum" or "none" (shape of target).
+        ignore_index, label_smoothing: as in ``F.cross_entropy``.
+        z_loss: weight of ``logsumexp(logits) ** 2``, averaged like the loss.
+        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
+            "reference".
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or target's shape for reduction="none".
+    """
+    params = CrossEntropyParams(reduction, ignore_index, float(label_smoothing), float(z_loss))
+    return run(CROSS_ENTROPY, (input, linear_weight, target, linear_bias), params, backend)
+
+
+def next_patch_pixel_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    *,
+    patch_size: int,
+    offset: int = 1,
+    prefix_len: Union[None, int, torch.Tensor] = None,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """AIM's next-patch objective: MSE between pred row i and the (normalized) patch i + offset.
+
+    Args:
+        pred: (B, N, P*P*C) predictions, values in MAE/AIM (p, q, c) order.
+        images: (B, C, H, W), H and W multiples of patch_size; N = (H // P) * (W // P).
+        offset: row i predicts patch i + offset.
+        prefix_len: None, an int or an int tensor (B,) in [0, N]: patches j < prefix_len[b] are context,
+            not targets.
+        norm_pix: standardize each target patch by its mean and unbiased variance (with eps).
+        backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
+            "reference". The Triton path treats the images as data (no gradient): with images that
+            require grad, "triton" raises a ValueError and "auto" runs the reference, which
+            differentiates through the targets.
+
+    Returns:
+        float32 scalar (float64 for float64 inputs): the per-value squared error averaged within each
+        patch, then over the counted targets (j >= offset and j >= prefix_len[b]); 0 when none counts.
+    """
+    params = PixelLossParams(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=float(eps))
+    return run(PIXEL_LOSS, (pred, images, prefix_len), params, backend)

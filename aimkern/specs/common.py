@@ -1,0 +1,37 @@
+"""Helpers the op specs share: shape bands of the dispatch key and synthetic inputs."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops._launch import pow2
+from .opspec import Problem
+
+__all__ = ["exact_or_pow2", "pow2", "randint", "randn"]
+
+
+def exact_or_pow2(n: int) -> str:
+    """A sequence length's part of the shape band: up to 1024 each length is its own band (the kernels' tail
+    tiles and the fused / split hand-over change within a few tokens); longer ones share a power of two."""
+    return str(n) if n <= 1024 else f"<={pow2(n)}"
+
+
+def randn(problem: Problem, index: int, gen: torch.Generator, scale: float = 1.0) -> Optional[torch.Tensor]:
+    """Tensor argument ``index`` of ``problem``: standard normal (times ``scale``) in its dtype on the
+    problem's device, drawn on the CPU from ``gen``, requiring grad as the problem says; None if absent."""
+    shape = problem.shapes[index]
+    if shape is None:
+        return None
+    t = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+    t = t.to(device=problem.device, dtype=problem.dtype_of(index))
+    return t.requires_grad_(bool(problem.requires_grad[index]))
+
+
+def randint(problem: Problem, index: int, low: int, high: int, gen: torch.Generator) -> Optional[torch.Tensor]:
+    """Integer tensor argument ``index`` of ``problem``, uniform in [low, high), in its dtype; None if absent."""
+    shape = problem.shapes[index]
+    if shape is None:
+        return None
+    t = torch.randint(low, high, shape, generator=gen, dtype=torch.int64)
+    return t.to(device=problem.device, dtype=problem.dtype_of(index))

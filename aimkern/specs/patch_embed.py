@@ -1,0 +1,141 @@
+"""The spec of ``aimkern.patch_embed``: checks, candidates, key parts, tolerance.
+
+Candidates (each ``fn(images, weight, bias, pos_embed, params)``, params the empty PatchEmbedParams):
+
+    triton         aimkern's fused patchify + GEMM + bias + position add (one dtype for images and weight)
+    conv2d         F.conv2d(stride=P) + flatten + transpose + position add (cuDNN on a GPU)
+    unfold-linear  patchify + F.linear + position add: the reference
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import check_float_dtype, check_same_device, check_tensor
+from ..ops._launch import interpreting
+from ..ops.patch_embed import PatchEmbedParams, patch_embed_triton
+from ..reference.patch_embed import patch_embed_reference
+from .common import pow2, randn
+from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
+
+NAME = "patch_embed"
+
+
+def check(tensors: tuple, params: PatchEmbedParams, backend: str, op: str = NAME) -> tuple:
+    """((images (B, C, H, W), weight (E, C, P, P), bias (E,) or None, pos_embed (N, E) / (1, N, E) or None),
+    params), checked."""
+    images, weight, bias, pos_embed = tensors
+    check_tensor(images, "images", op, ndim=4)
+    check_tensor(weight, "weight", op, ndim=4)
+    b, c, h, w = images.shape
+    e, wc, p, p2 = weight.shape
+    if p != p2:
+        raise ValueError(f"{op}: weight must be (E, C, P, P) with square patches, got {tuple(weight.shape)}")
+    if wc != c:
+        raise ValueError(f"{op}: weight has {wc} input channels but images have C={c}")
+    if h % p or w % p or h == 0 or w == 0:
+        raise ValueError(f"{op}: image height and width must be positive multiples of P={p}, got H={h}, W={w}")
+    n = (h // p) * (w // p)
+    if bias is not None:
+        check_tensor(bias, "bias", op, ndim=1)
+        if bias.shape != (e,):
+            raise ValueError(f"{op}: bias must have shape (E,) = ({e},), got {tuple(bias.shape)}")
+    if pos_embed is not None:
+        check_tensor(pos_embed, "pos_embed", op)
+        if tuple(pos_embed.shape) not in ((n, e), (1, n, e)):
+            raise ValueError(
+                f"{op}: pos_embed must have shape (N, E) or (1, N, E) = (1, {n}, {e}), got {tuple(pos_embed.shape)}"
+            )
+    check_same_device((("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)), op)
+    for name, t in (("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
+        if t is not None:
+            check_float_dtype(t, name, op, backend)
+    if backend == "reference":  # one GEMM in one dtype (F.linear's rule), said with the argument's name
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != images.dtype:
+                raise TypeError(f"{op}: {name} must have images' dtype {images.dtype} on the reference backend, "
+                                f"got {t.dtype}")
+    return tensors, params
+
+
+def reference(images, weight, bias, pos_embed, params: PatchEmbedParams) -> torch.Tensor:
+    return patch_embed_reference(images, weight, bias, pos_embed)
+
+
+def _triton_unsupported(problem: Problem) -> Optional[str]:
+    if problem.device_type == "cpu" and not interpreting():
+        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
+    if problem.dtype not in ("float16", "bfloat16", "float32"):
+        return f"{problem.dtype} is not a kernel dtype"
+    if problem.device_type == "cpu" and problem.dtype == "bfloat16":
+        return "bfloat16 is wrong under Triton's interpreter"
+    for i, name in ((1, "weight"), (2, "bias")):
+        if problem.shapes[i] is not None and problem.dtype_of(i) != problem.dtype_of(0):
+            return f"the fused GEMM needs {name} in the images' dtype"
+    return None
+
+
+def _conv2d(images, weight, bias, pos_embed, params: PatchEmbedParams) -> torch.Tensor:
+    out = F.conv2d(images, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    if pos_embed is not None:
+        out = out + pos_embed.reshape(1, -1, weight.shape[0]).to(out.dtype)
+    return out
+
+
+def _conv_unsupported(problem: Problem) -> Optional[str]:
+    dtypes = {problem.dtype_of(i) for i in range(3) if problem.shapes[i] is not None}
+    return None if len(dtypes) == 1 else "conv2d needs one dtype for images, weight and bias"
+
+
+def mask_kind(problem: Problem) -> str:
+    parts = [n for n, i in (("bias", 2), ("pos", 3)) if problem.shapes[i] is not None]
+    return "+".join(parts) or "plain"
+
+
+def shape_band(problem: Problem) -> str:
+    b, c, h, w = problem.shapes[0]
+    e, _, p, _ = problem.shapes[1]
+    return f"b<={pow2(b)}|c{c}|{h}x{w}|p{p}|e{e}"
+
+
+def small_problem(problem: Problem) -> Problem:
+    """Two images of at most 3 x 4 patches, the same channels, patch size and embedding width."""
+    b, c, h, w = problem.shapes[0]
+    e, _, p, _ = problem.shapes[1]
+    h2, w2 = min(h, 3 * p), min(w, 4 * p)
+    shapes = list(problem.shapes)
+    shapes[0] = (min(b, 2), c, h2, w2)
+    if shapes[3] is not None:
+        n2 = (h2 // p) * (w2 // p)
+        shapes[3] = (n2, e) if len(shapes[3]) == 2 else (1, n2, e)
+    return problem.with_(shapes=tuple(shapes))
+
+
+def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
+    fan_in = problem.shapes[1][1] * problem.shapes[1][2] * problem.shapes[1][3]
+    return (randn(problem, 0, gen), randn(problem, 1, gen, fan_in**-0.5), randn(problem, 2, gen),
+            randn(problem, 3, gen))
+
+
+SPEC = add_spec(OpSpec(
+    name=NAME,
+    tensor_args=("images", "weight", "bias", "pos_embed"),
+    positional=4,
+    params_type=PatchEmbedParams,
+    check=check,
+    reference=reference,
+    triton=patch_embed_triton,
+    candidates=[
+        Candidate("triton", patch_embed_triton, "aimkern", _triton_unsupported, interpreted=True),
+        Candidate("conv2d", _conv2d, "torch", _conv_unsupported),
+        Candidate("unfold-linear", reference, "torch"),
+    ],
+    make_inputs=make_inputs,
+    small_problem=small_problem,
+    mask_kind=mask_kind,
+    shape_band=shape_band,
+    autocast=(0, 1, 2, 3),
+    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+))
