@@ -1,6 +1,6 @@
 """Benchmark: aimkern.attention against the best peers, every mask of the contract, forward and fwd+bwd.
 
-Shapes, masks and peers: the spec's ``BENCH`` (aimkern/ops/specs/attention.py; the peer table's shapes of
+Shapes, masks and peers: ``BENCH["attention"]`` (benchmarks/bench_cases.py; the peer table's shapes of
 benchmarks/RESULTS.md, bf16, H = 12, 65,536 tokens per call), timed by benchmarks/harness.py, in the same run:
   * aimkern              aimkern.attention(backend="triton")
   * aimkern split bwd    the spec's triton-split candidate (N <= 256 only): the dK/dV + dQ kernels instead
@@ -41,14 +41,15 @@ import harness  # noqa: E402
 from common import MATMUL_CEILING_TFLOPS, has_cuda, no_cuda_notice, write_report  # noqa: E402
 
 import aimkern  # noqa: E402
-from aimkern.ops import launch_policy  # noqa: E402
+from aimkern.ops import AttentionParams, launch_policy  # noqa: E402
 from aimkern.ops._launch import observe  # noqa: E402
-from aimkern.ops.spec import Problem, dtype_name, get_spec  # noqa: E402
 from aimkern.reference.attention import attention_mask, attention_reference  # noqa: E402
+from aimkern.specs import Problem, dtype_name, get_spec  # noqa: E402
+from bench_cases import BENCH  # noqa: E402
 
 NAME = "attn_throughput"
 SPEC = get_spec("attention")
-H = SPEC.bench["heads"]
+H = BENCH["attention"]["heads"]
 QUICK_TIMING = (10, 40)  # do_bench warm-up / repetition ms under --quick (gpu_check.sh's time limit)
 
 
@@ -63,7 +64,7 @@ def problem_of(dtype: torch.dtype, device: str):
         b, n, d, prefix = case["B"], case["N"], case["D"], case["mask"] == "prefix"
         shape, name = (b, H, n, d), dtype_name(dtype)
         return Problem("attention", device, name, (shape, shape, shape, (b,) if prefix else None),
-                       tuple(sorted(mask_options(case["mask"], n).items())), (grad, grad, grad, False),
+                       AttentionParams(**mask_options(case["mask"], n)), (grad, grad, grad, False),
                        (name, name, name, "int64" if prefix else None))
 
     return make
@@ -72,9 +73,9 @@ def problem_of(dtype: torch.dtype, device: str):
 def work(case: dict, problem: Problem, tensors: tuple, pass_: str) -> dict:
     """4 D flops per visible (query, key) pair and head forward; fwd+bwd 3.5x that."""
     b, n, d = case["B"], case["N"], case["D"]
-    opts = problem.kwargs()
-    if opts:
-        pairs = float(attention_mask(n, is_causal=True, block_size=opts.get("block_size", 1), prefix_len=tensors[3],
+    params = problem.params
+    if params.is_causal:
+        pairs = float(attention_mask(n, is_causal=True, block_size=params.block_size, prefix_len=tensors[3],
                                      batch=b, device=tensors[0].device).sum().item())
     else:
         pairs = float(b) * n * n
@@ -82,36 +83,35 @@ def work(case: dict, problem: Problem, tensors: tuple, pass_: str) -> dict:
 
 
 # --------------------------------------------------------------------------------- this script's checks
-def _first_two(kwargs: dict) -> dict:
-    return {k: (v[:2] if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-
-
-def max_err_check(fn, args, kwargs, pass_) -> dict:
+def max_err_check(fn, args, pass_) -> dict:
     """The (autotuned) forward at the benchmark's shape against an fp32 reference on its first 2 samples."""
     if pass_ != "fwd":
         return {}
+    q, k, v, prefix, params = args
     with torch.no_grad():
-        out = fn(*args, **kwargs)[:2].float()
-        ref = attention_reference(*(t[:2].float() for t in args), **_first_two(kwargs))
+        out = fn(*args)[:2].float()
+        ref = attention_reference(*(t[:2].float() for t in (q, k, v)), is_causal=params.is_causal,
+                                  block_size=params.block_size, prefix_len=None if prefix is None else prefix[:2],
+                                  scale=params.scale)
     return {"aimkern max err": f"{(out - ref).abs().max().item():.1e}"}  # bf16: expect ~1e-2
 
 
 SPLIT_KERNELS = {"attn_bwd_tiled_kernel"}
 
 
-def check_split_column(fn, q, k, v, **kwargs) -> None:
+def check_split_column(fn, q, k, v, prefix_len, params) -> None:
     """The split column times what it says: its backward launches the tiled kernels, not the fused one."""
     with observe() as launches:
-        o = fn(q, k, v, **kwargs)
+        o = fn(q, k, v, prefix_len, params)
         torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
     names = {launch.name for launch in launches}
     if not SPLIT_KERNELS <= names or "attn_bwd_fused_kernel" in names:
         raise AssertionError(f"the 'aimkern split bwd' column ran {sorted(names)}, not the split backward")
 
 
-def split_check(fn, args, kwargs, pass_) -> None:
+def split_check(fn, args, pass_) -> None:
     if pass_ == "fwd+bwd":
-        check_split_column(fn, *args, **kwargs)
+        check_split_column(fn, *args)
 
 
 def short_n(problem: Problem):
@@ -136,9 +136,9 @@ def flex_peer(passes: tuple) -> "harness.Peer":
         compiled = torch.compile(flex_attention, dynamic=False)
         built = {}
 
-        def run(q, k, v, *, is_causal=False, block_size=1, prefix_len=None, **_):
-            if is_causal and "mask" not in built:
-                b, n, bs, prefix = q.shape[0], q.shape[2], block_size, prefix_len
+        def run(q, k, v, prefix_len, params):
+            if params.is_causal and "mask" not in built:
+                b, n, bs, prefix = q.shape[0], q.shape[2], params.block_size, prefix_len
                 if prefix is not None:
                     def mod(bi, hi, qi, ki):
                         return (ki < prefix[bi]) | ((ki // bs) <= (qi // bs))
@@ -185,7 +185,7 @@ def derive(row: dict, by_peer: dict) -> None:
 def run(args) -> None:
     device = "cuda" if has_cuda() else "cpu"
     args.dtype = harness.dtype(args, device)
-    masks = SPEC.bench["quick_masks" if args.quick else "masks"]
+    masks = BENCH["attention"]["quick_masks" if args.quick else "masks"]
     cases = [dict(shape, mask=m) for shape in harness.cases(SPEC, args, device) for m in masks]
     timing = QUICK_TIMING if args.quick and device == "cuda" else None
     ps = peers(args)
@@ -234,14 +234,15 @@ def run_interpreter_check() -> None:
     write_report(f"{NAME}_interpreter", rows, ["B", "N", "D", "mask", "dtype", "o err", "dq err", "dk err", "dv err"])
     # The split column's contract, under the interpreter: the backward after the forward's policy block.
     q, k, v = (torch.randn(1, 2, 40, 16).requires_grad_() for _ in range(3))
-    check_split_column(split_policy_fn, q, k, v, is_causal=True)
+    check_split_column(split_policy_fn, q, k, v, None, AttentionParams(is_causal=True))
     print("split column runs", sorted(SPLIT_KERNELS))
 
 
-def split_policy_fn(q, k, v, **kwargs):
+def split_policy_fn(q, k, v, prefix_len, params):
     """What the spec's triton-split candidate runs: the Triton path under the split backward policy."""
+    args, kwargs = SPEC.public_call((q, k, v, prefix_len), params)
     with launch_policy(attention_backward="split"):
-        return aimkern.attention(q, k, v, backend="triton", **kwargs)
+        return aimkern.attention(*args, backend="triton", **kwargs)
 
 
 def main() -> None:

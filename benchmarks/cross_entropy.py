@@ -1,7 +1,7 @@
 """Benchmark: aimkern.linear_cross_entropy (fused linear + 8192-way cross-entropy) against its peers.
 
 Forward + backward (d(input), d(weight)) of the token head, bf16, V = 8192, in the same run. Shapes and
-peers: the spec's ``BENCH`` (aimkern/ops/specs/cross_entropy.py), timed by benchmarks/harness.py:
+peers: ``BENCH["linear_cross_entropy"]`` (benchmarks/bench_cases.py), timed by benchmarks/harness.py:
   * aimkern              the Triton kernels (no (T, V) logits in memory)
   * eager fp32 logits    F.cross_entropy(F.linear(x, W).float(), t)       (the reference)
   * chunked fp32 logits  the same over 4096-token chunks, each recomputed in the backward
@@ -37,20 +37,24 @@ import harness  # noqa: E402
 from common import MATMUL_CEILING_TFLOPS, has_cuda, no_cuda_notice, write_report  # noqa: E402
 
 import aimkern  # noqa: E402
-from aimkern.ops.spec import Problem, dtype_name, get_spec  # noqa: E402
+from aimkern.ops import CrossEntropyParams  # noqa: E402
 from aimkern.reference.cross_entropy import linear_cross_entropy_reference  # noqa: E402
+from aimkern.specs import Problem, dtype_name, get_spec  # noqa: E402
+from bench_cases import BENCH  # noqa: E402
 
 NAME = "cross_entropy"
 SPEC = get_spec("linear_cross_entropy")
-V = SPEC.bench["shapes"][0]["V"]
+V = BENCH["linear_cross_entropy"]["shapes"][0]["V"]
 
 
-def eager_bf16(x, w, t, *, linear_bias=None, **options):
-    return F.cross_entropy(F.linear(x, w, linear_bias), t, **options)
+def eager_bf16(x, w, t, b, params: CrossEntropyParams):  # (no z-loss: the benchmark's shapes have none)
+    return F.cross_entropy(F.linear(x, w, b), t, reduction=params.reduction, ignore_index=params.ignore_index,
+                           label_smoothing=params.label_smoothing)
 
 
-def eager_fp32(x, w, t, *, linear_bias=None, **options):
-    return F.cross_entropy(F.linear(x, w, linear_bias).float(), t, **options)
+def eager_fp32(x, w, t, b, params: CrossEntropyParams):
+    return F.cross_entropy(F.linear(x, w, b).float(), t, reduction=params.reduction,
+                           ignore_index=params.ignore_index, label_smoothing=params.label_smoothing)
 
 
 EXTRAS = [harness.Peer("eager bf16 logits", lambda problem: eager_bf16),
@@ -60,7 +64,8 @@ EXTRAS = [harness.Peer("eager bf16 logits", lambda problem: eager_bf16),
 def problem_of(dtype: torch.dtype, device: str):
     def make(case: dict, grad: bool) -> Problem:
         t, e, v = case["T"], case["E"], case["V"]
-        return Problem("linear_cross_entropy", device, dtype_name(dtype), ((t, e), (v, e), (t,), None), (),
+        return Problem("linear_cross_entropy", device, dtype_name(dtype), ((t, e), (v, e), (t,), None),
+                       CrossEntropyParams(),
                        (grad, grad, False, False), (dtype_name(dtype), dtype_name(dtype), "int64", None))
 
     return make

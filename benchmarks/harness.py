@@ -1,6 +1,6 @@
 """The one peers x shapes loop of the op benchmarks (attention, patch embed, pixel loss, cross-entropy).
 
-A benchmark script gives its op's spec (``aimkern.ops.spec.OpSpec``, whose ``bench`` dict holds the shapes
+A benchmark script gives its op's spec (``aimkern.specs.OpSpec``; ``bench_cases.BENCH[op]`` holds the shapes
 and which candidates are peers, under which names), its truly specific extra peers (a compiled
 FlexAttention, a torch.compile'd reference, ...), a function from one of its shapes to a ``Problem`` and its
 work formula. ``measure`` then runs, for every shape, pass ("fwd", "fwd+bwd") and peer:
@@ -26,7 +26,8 @@ import torch
 from common import peak_extra_mib, time_ms, wall_ms, write_report
 
 import aimkern
-from aimkern.ops.spec import Candidate, OpSpec, Problem
+from aimkern.specs import Candidate, OpSpec, Problem, outputs
+from bench_cases import BENCH
 
 PASSES = ("fwd", "fwd+bwd")
 GPU_TIMING = (25, 100)  # do_bench's warm-up and repetition ms, as the scripts have always timed
@@ -46,14 +47,15 @@ class Peer:
     """One column (or row label) of a benchmark.
 
     name:        the label in the table and the JSON.
-    build:       problem -> a function with the public op's signature (without ``backend``), built once per
-                 shape and pass (a compile or a block mask made here is kept out of the timing).
+    build:       problem -> a function called as the spec's candidates are, ``fn(*tensors, params)``, built
+                 once per shape and pass (a compile or a block mask made here is kept out of the timing).
     unsupported: problem -> None where the peer applies, else the reason it does not.
-    options:     the peer's own options on top of the shape's (e.g. SDPA's atomic backward needs
+    options:     the peer's own params on top of the shape's (e.g. SDPA's atomic backward needs
                  deterministic=False); they enter its problem, so its support rule sees them too.
     passes:      the passes it is timed in.
-    check:       (fn, args, kwargs, pass) -> extra columns (dict) or None, run once before timing; an
-                 exception skips the peer with the reason (a column must time what it says).
+    check:       (fn, args, pass) -> extra columns (dict) or None, run once before timing (``args``: the
+                 tensors and the params ``fn`` is timed on); an exception skips the peer with the reason
+                 (a column must time what it says).
     """
 
     name: str
@@ -93,7 +95,11 @@ def public_peer(spec: OpSpec, name: str = "aimkern") -> Peer:
         return None if any(r is None for r in reasons) else "; ".join(r for r in reasons if r)
 
     def build(problem: Problem) -> Callable:
-        return lambda *args, **kwargs: op(*args, backend="triton", **kwargs)
+        def run(*args):
+            call_args, kwargs = spec.public_call(args[:-1], args[-1])
+            return op(*call_args, backend="triton", **kwargs)
+
+        return run
 
     return Peer(name, build, unsupported)
 
@@ -109,11 +115,12 @@ def compiled_peer(name: str, fn: Callable, passes: tuple = PASSES) -> Peer:
 
 
 def spec_peers(spec: OpSpec, *, all_candidates: bool = False) -> list:
-    """The peers ``spec.bench["peers"]`` names (label -> candidate name, ``(name, options)`` or PUBLIC_OP), in
-    its order; with ``all_candidates`` also every other candidate of the spec under its own name."""
+    """The peers ``BENCH[spec.name]["peers"]`` names (label -> candidate name, ``(name, params changes)`` or
+    PUBLIC_OP), in its order; with ``all_candidates`` also every other candidate of the spec under its own
+    name."""
     peers, used = [], set()
     paths = [c.name for c in spec.candidates if c.kind == "aimkern"]
-    for label, source in spec.bench["peers"].items():
+    for label, source in BENCH[spec.name]["peers"].items():
         if source == PUBLIC_OP:
             peers.append(public_peer(spec, label))
             used.update(paths if len(paths) == 1 else ())  # the public op is then that one path
@@ -167,13 +174,13 @@ def _upstream(outs: tuple, cache: dict) -> list:
     return grads
 
 
-def _steps(spec: OpSpec, fn: Callable, args: tuple, kwargs: dict, grad_inputs: list, cache: dict) -> dict:
+def _steps(fn: Callable, args: tuple, grad_inputs: list, cache: dict) -> dict:
     def fwd():
         with torch.no_grad():
-            return fn(*args, **kwargs)
+            return fn(*args)
 
     def fwd_bwd():
-        outs = [o for o in spec.outputs(fn(*args, **kwargs)) if o.requires_grad]
+        outs = [o for o in outputs(fn(*args)) if o.requires_grad]
         return torch.autograd.grad(outs, grad_inputs, _upstream(outs, cache))
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
@@ -184,20 +191,21 @@ def _one(spec: OpSpec, peer: Peer, res: Result, problem: Problem, tensors: tuple
     if res.pass_ not in peer.passes:
         res.reason = f"timed in {', '.join(peer.passes)} only"
         return res
-    problem = problem.with_(options=dict(problem.kwargs(), **peer.options))
+    if peer.options:
+        problem = problem.with_(params=dict(peer.options))
     res.reason = peer.unsupported(problem)
     if res.reason:
         return res
     cuda = problem.device_type == "cuda"
-    args, kwargs = spec.split_call(tensors, problem.kwargs())
+    args = (*tensors, problem.params)
     grad_inputs = [t for t, rg in zip(tensors, problem.requires_grad) if rg]
     stage = "build"
     try:
         fn = peer.build(problem)
         if peer.check is not None:
             stage = "check"
-            res.info = peer.check(fn, args, kwargs, res.pass_) or {}
-        step = _steps(spec, fn, args, kwargs, grad_inputs, cache)[res.pass_]
+            res.info = peer.check(fn, args, res.pass_) or {}
+        step = _steps(fn, args, grad_inputs, cache)[res.pass_]
         stage = "first call"
         step()  # compile, autotune, warm the allocator: kept out of the timing
         if cuda:
@@ -339,7 +347,7 @@ def dtype(args, device: str) -> str:
 
 def cases(spec: OpSpec, args, device: str) -> list:
     """The spec's benchmark shapes for this run: "cpu" (tiny) on the CPU, "quick" with --quick, else "shapes"."""
-    bench = spec.bench
+    bench = BENCH[spec.name]
     key = "cpu" if device == "cpu" else ("quick" if args.quick and "quick" in bench else "shapes")
     return [dict(c) for c in bench[key]]
 

@@ -1,15 +1,158 @@
 """The problems the compile gate (benchmarks/kernel_report.py) drives the real launchers on, per family.
 
-Each op's spec (aimkern/ops/specs/*.py) owns its family's problems as ``OpSpec.gate_problems``: subset ->
-(label, thunk) pairs, where a thunk calls the op module's public launchers (``launch_*``) on meta tensors
-(never run: the gate records the launches with ``observe(dry_run=True)``). Together they reach every entry
-of every config table: each dtype, the head dims and sequence bands of the attention tables, every mask
-variant, both attention backward paths, bias / label smoothing, big (autotuned) and small (fixed) GEMMs.
-``subset="gpu-run"`` keeps what benchmarks/gpu_check.sh meets (16-bit, benchmark shapes).
+Each family's function maps a subset to (label, thunk) pairs, where a thunk calls the op module's public
+launchers (``aimkern.ops.<op>.launch_*``) on meta tensors (never run: the gate records the launches with
+``observe(dry_run=True)``). Together they reach every entry of every config table: each dtype, the head dims
+and sequence bands of the attention tables, every mask variant, both attention backward paths, bias / label
+smoothing, big (autotuned) and small (fixed) GEMMs. ``subset="gpu-run"`` keeps what benchmarks/gpu_check.sh
+meets (16-bit, benchmark shapes). They live here, beside the gate, not in the package: nothing in aimkern
+needs them to run an op.
 """
 from __future__ import annotations
 
-from aimkern.ops.spec import all_specs
+import torch
+
+from aimkern.ops import LaunchPolicy
+from aimkern.ops import attention as attn
+from aimkern.ops import cross_entropy as ce
+from aimkern.ops import patch_embed as pe
+from aimkern.ops import pixel_loss as pl
+
+GATE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def gate_dtypes(subset: str) -> tuple:
+    """The dtypes of the compile gate's problems: "gpu-run" keeps the 16-bit ones benchmarks/gpu_check.sh runs."""
+    return ("bf16", "fp16") if subset == "gpu-run" else ("bf16", "fp16", "fp32")
+
+
+def meta(*shape, dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor: the gate's launchers see shapes, dtypes and strides, and launch nothing."""
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------- attention
+def attention_problems(subset: str):
+    """(label, thunk) pairs driving the attention launchers on meta tensors, packed (B, N, 3, H, D) qkv as a
+    ViT block has (q, k, v strided views, the gradient written into one packed buffer).
+
+    Every table entry is reached by bf16 with the most general mask (causal + prefix) at D = 64, 80, 128,
+    256 and N in both bands; the other mask variants at D = 64, fp16 and fp32 at D = 64 and 128 (the
+    compile budget of CI: a full product would be ~5x the compiles for near-identical code)."""
+    masks = {"full": (False, None), "causal": (True, None), "prefix": (True, "prefix")}
+    qdev = torch.device("meta")
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        dims = (64, 80, 128, 256) if dname == "bf16" and subset != "gpu-run" else (64, 128)
+        for d in dims:
+            for n in (196, 256, 1024):
+                for mname, (causal, prefix) in masks.items():
+                    if mname != "prefix" and (dname != "bf16" or d != 64):
+                        continue
+                    paths = ["split"]
+                    if attn.fused_backward_fits(d, dtype, n, qdev):
+                        paths.append("fused")
+                    for path in paths:
+                        def run(dtype=dtype, d=d, n=n, causal=causal, prefix=prefix, path=path):
+                            _gate_run(2, n, 4, d, dtype, prefix, causal, 4 if causal else 1, d**-0.5, path)
+
+                        yield f"attention {dname} D={d} N={n} {mname} {path}", run
+    # N = 224 = 3 x 64 + 32: the tiled backward's 32-key tail tile (196 reaches the 16-key one).
+    yield "attention bf16 D=64 N=224 prefix split", lambda: _gate_run(
+        2, 224, 4, 64, torch.bfloat16, "prefix", True, 1, 0.125, "split")
+    # The fused backward at every on-chip head size it accepts (one to three 64-row key tiles), bf16 causal +
+    # prefix; the GPU run meets it at three (the benchmark shapes, 196 and 256, take the tiled backward).
+    for n in ((192,) if subset == "gpu-run" else (16, 64, 128, 192)):
+        def run_small(n=n):
+            if attn.fused_backward_fits(64, torch.bfloat16, n, qdev):  # (no launch where it does not fit)
+                _gate_run(2, n, 4, 64, torch.bfloat16, "prefix", True, 1, 0.125, "fused")
+
+        yield f"attention bf16 D=64 N={n} prefix fused", run_small
+
+
+def _gate_run(b, n, h, d, dtype, prefix, causal, block_size, scale, path) -> None:
+    """Forward + backward of one packed-qkv problem through the public launchers."""
+    qkv = meta(b, n, 3, h, d, dtype=dtype)
+    q, k, v = attn.unpack(qkv)
+    pre = meta(b, dtype=torch.int32) if prefix else None
+    params = attn.AttentionParams(is_causal=causal, block_size=block_size, scale=scale)
+    policy = LaunchPolicy(attention_backward=path)
+    o, lse = attn.launch_forward(q, k, v, pre, params, policy)
+    attn.launch_backward(o, q, k, v, o, lse, pre, params, policy, out=attn.unpack(meta(b, n, 3, h, d, dtype=dtype)))
+
+
+# ------------------------------------------------------------------------------------ cross-entropy
+def cross_entropy_problems(subset: str):
+    """(label, thunk) pairs driving the cross-entropy launchers on meta tensors: a ViT-scale head (the
+    autotuned big tiles) and a small one, each dtype, bias and label smoothing on / off; forward, backward
+    and the forward-with-gradient path (logits stored, dlogits in place)."""
+    shapes = {"65536x768 V=8192": (65536, 8192, 768), "small": (300, 512, 80)}
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for sname, (t, v, e) in shapes.items():
+            for bias in (True, False) if dname == "bf16" else (True,):
+                for smoothing in (0.0, 0.1) if dname == "bf16" else (0.1,):
+                    if subset == "gpu-run" and smoothing:
+                        continue
+
+                    def run(dtype=dtype, t=t, v=v, e=e, bias=bias, smoothing=smoothing):
+                        x, w = meta(t, e, dtype=dtype), meta(v, e, dtype=dtype)
+                        b = meta(v, dtype=dtype) if bias else None
+                        tgt = meta(t, dtype=torch.int64)
+                        params = ce.CrossEntropyParams("mean", -100, smoothing, 1e-4)
+                        policy = LaunchPolicy()
+                        lse, _, _ = ce.launch_forward(x, w, b, tgt, params, policy)
+                        grad = meta(1, dtype=torch.float32).expand(t)
+                        ce.launch_backward(grad, x, w, b, tgt, lse, params, True, True, bias, policy)
+                        ce.launch_forward_with_grad(x, w, b, tgt, params, True, True, bias, policy)
+
+                    yield f"cross_entropy {dname} {sname} bias={bias} smoothing={smoothing}", run
+
+
+# -------------------------------------------------------------------------------------- patch embed
+def patch_embed_problems(subset: str):
+    """(label, thunk) pairs driving the patch-embed launchers on meta tensors: ViT-B/16 at batch 256 (the
+    autotuned big GEMMs) and a small problem (the fixed small tiles), each dtype, with and without bias, and
+    every subset of the parameter gradients."""
+    shapes = {"vit-b16 x256": (256, 224, 16, 768), "small": (2, 32, 4, 40)}
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for sname, (b, img, p, e) in shapes.items():
+            for bias in (True, False) if dname == "bf16" else (True,):
+                def run(dtype=dtype, b=b, img=img, p=p, e=e, bias=bias):
+                    images = meta(b, 3, img, img, dtype=dtype)
+                    weight = meta(e, 3, p, p, dtype=dtype)
+                    n = (img // p) ** 2
+                    policy = LaunchPolicy()
+                    out = pe.launch_forward(images, weight, meta(e, dtype=dtype) if bias else None,
+                                            meta(n, e, dtype=dtype), policy)
+                    pe.launch_backward_params(out, images, weight, True, True, policy)
+                    pe.launch_backward_params(out, images, weight, True, False, policy)
+                    pe.launch_backward_params(out, images, weight, False, True, policy)
+                    pe.launch_backward_images(out, weight, images, policy)
+
+                yield f"patch_embed {dname} {sname} bias={bias}", run
+
+
+# --------------------------------------------------------------------------------------- pixel loss
+def pixel_loss_problems(subset: str):
+    """(label, thunk) pairs driving the pixel-loss launchers on meta tensors: AIM's 224 px / P = 16 batch of
+    64, each dtype, with and without a prefix and norm_pix; forward and backward."""
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for prefix in (True, False) if dname == "bf16" else (True,):
+            for norm_pix in (True, False) if dname == "bf16" else (True,):
+                def run(dtype=dtype, prefix=prefix, norm_pix=norm_pix):
+                    pred, images = meta(64, 196, 768, dtype=dtype), meta(64, 3, 224, 224, dtype=dtype)
+                    pre = meta(64, dtype=torch.int32) if prefix else None
+                    params = pl.PixelLossParams(patch_size=16, norm_pix=norm_pix)
+                    policy = LaunchPolicy()
+                    pl.launch_forward(pred, images, pre, params, policy)
+                    pl.launch_backward(pred, images, pre, meta(1, dtype=torch.float32), params, policy)
+
+                yield f"pixel_loss {dname} prefix={prefix} norm_pix={norm_pix}", run
+
 
 # family (the kernel module's name, kernel_report.py's --family) -> subset -> (label, thunk) pairs
-FAMILIES = {spec.family: spec.gate_problems for spec in all_specs() if spec.gate_problems is not None}
+FAMILIES = {"attention": attention_problems, "cross_entropy": cross_entropy_problems,
+            "patch_embed": patch_embed_problems, "pixel_loss": pixel_loss_problems}

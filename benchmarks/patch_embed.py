@@ -2,7 +2,7 @@
 
     python benchmarks/patch_embed.py [--batch 256] [--img 224] [--patch 16] [--dim 768] [--dtype bf16]
 
-Shapes and peers: the spec's ``BENCH`` (aimkern/ops/specs/patch_embed.py), timed by benchmarks/harness.py;
+Shapes and peers: ``BENCH["patch_embed"]`` (benchmarks/bench_cases.py), timed by benchmarks/harness.py;
 the flags override the spec's shape. Forward and forward+backward (weight, bias and pos_embed gradients;
 images are data) in the same run: median ms (triton.testing.do_bench), TFLOP/s of the patch GEMM(s), GB/s
 over the bytes that must move (images read, tokens written; in the backward images and dOut read again)
@@ -25,18 +25,19 @@ import torch.nn.functional as F  # noqa: E402
 from common import has_cuda, no_cuda_notice  # noqa: E402
 
 import aimkern  # noqa: E402
-from aimkern.ops.spec import Problem, dtype_name, get_spec  # noqa: E402
+from aimkern.ops import PatchEmbedParams  # noqa: E402
+from aimkern.specs import Problem, dtype_name, get_spec  # noqa: E402
 from aimkern.reference.patch_embed import patch_embed_reference, patchify  # noqa: E402
 
 NAME = "patch_embed"
 SPEC = get_spec("patch_embed")
 
 
-def conv2d_peer(images, weight, bias, pos):
+def conv2d_peer(images, weight, bias, pos, params=None):
     return F.conv2d(images, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2) + pos
 
 
-def unfold_linear_peer(images, weight, bias, pos):
+def unfold_linear_peer(images, weight, bias, pos, params=None):
     x = patchify(images, weight.shape[-1], order="cpq")  # the unfold copy
     return F.linear(x, weight.reshape(weight.shape[0], -1), bias) + pos
 
@@ -49,7 +50,7 @@ def problem_of(dtype: torch.dtype, device: str):
     def make(case: dict, grad: bool) -> Problem:
         b, s, p, e = case["batch"], case["img"], case["patch"], case["dim"]
         shapes = ((b, 3, s, s), (e, 3, p, p), (e,), (1, (s // p) ** 2, e))
-        return Problem("patch_embed", device, dtype_name(dtype), shapes, (), (False, grad, grad, grad),
+        return Problem("patch_embed", device, dtype_name(dtype), shapes, PatchEmbedParams(), (False, grad, grad, grad),
                        (dtype_name(dtype),) * 4)
 
     return make

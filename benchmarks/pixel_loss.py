@@ -2,7 +2,7 @@
 
     python benchmarks/pixel_loss.py [--batch 256] [--img 224] [--patch 16] [--dtype bf16]
 
-Shapes and peers: the spec's ``BENCH`` (aimkern/ops/specs/pixel_loss.py), timed by benchmarks/harness.py;
+Shapes and peers: ``BENCH["next_patch_pixel_loss"]`` (benchmarks/bench_cases.py), timed by benchmarks/harness.py;
 the flags override the spec's shape. Forward and forward+backward (d(pred); images are data) in the same
 run, AIM's setting: norm_pix, a per-sample prefix, offset 1. Median ms (triton.testing.do_bench), GB/s over
 the bytes the op must move (pred and images read once; in fwd+bwd also d(pred) written once), that as a
@@ -25,7 +25,8 @@ import harness  # noqa: E402
 from common import COPY_CEILING_GBPS, has_cuda, no_cuda_notice  # noqa: E402
 
 import aimkern  # noqa: E402
-from aimkern.ops.spec import Problem, dtype_name, get_spec  # noqa: E402
+from aimkern.ops import PixelLossParams  # noqa: E402
+from aimkern.specs import Problem, dtype_name, get_spec  # noqa: E402
 from aimkern.reference.pixel_loss import next_patch_pixel_loss_reference  # noqa: E402
 
 NAME = "pixel_loss"
@@ -40,14 +41,14 @@ def reference_peer(pred, images, prefix, patch_size):
     return next_patch_pixel_loss_reference(pred, images, patch_size=patch_size, prefix_len=prefix)
 
 
-EXTRAS = [harness.compiled_peer("compile(reference)", next_patch_pixel_loss_reference)]
+EXTRAS = [harness.compiled_peer("compile(reference)", SPEC.reference)]
 
 
 def problem_of(dtype: torch.dtype, device: str):
     def make(case: dict, grad: bool) -> Problem:
         b, s, p = case["batch"], case["img"], case["patch"]
         shapes = ((b, (s // p) ** 2, 3 * p * p), (b, 3, s, s), (b,))  # AIM: a random prefix per image
-        return Problem("next_patch_pixel_loss", device, dtype_name(dtype), shapes, (("patch_size", p),),
+        return Problem("next_patch_pixel_loss", device, dtype_name(dtype), shapes, PixelLossParams(patch_size=p),
                        (grad, False, False), (dtype_name(dtype), dtype_name(dtype), "int32"))
 
     return make

@@ -53,7 +53,7 @@ def test_nondeterministic_variant_matches_the_reference(monkeypatch, mask, dtype
     import test_attention_triton
 
     monkeypatch.setattr(test_attention_triton.aimkern, "attention",
-                        functools.partial(aimkern.ops.attention, deterministic=False))
+                        functools.partial(aimkern.functional.attention, deterministic=False))
     with launch_policy(autotune=False, attention_backward="split"):
         check_attention(2, 2, 53, 32, dtype, MASKS[mask], DEVICE)
 

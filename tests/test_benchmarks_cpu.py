@@ -21,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import harness  # noqa: E402
 
-from aimkern.ops.spec import Problem, get_spec  # noqa: E402
+from aimkern.ops import AttentionParams, PixelLossParams  # noqa: E402
+from aimkern.specs import Problem, get_spec  # noqa: E402
+from bench_cases import BENCH  # noqa: E402
 
 SCRIPTS = ["attn_throughput", "patch_embed", "pixel_loss", "cross_entropy", "pretrain_throughput"]
 
@@ -79,7 +81,7 @@ FAST = (1, 3)  # warm-up / repetition ms: the harness's logic, not the numbers, 
 def problem_of(case: dict, grad: bool) -> Problem:
     b, s, p = case["batch"], case["img"], case["patch"]
     return Problem("next_patch_pixel_loss", "cpu", "float32", ((b, (s // p) ** 2, 3 * p * p), (b, 3, s, s), (b,)),
-                   (("patch_size", p),), (grad, False, False), ("float32", "float32", "int64"))
+                   PixelLossParams(patch_size=p), (grad, False, False), ("float32", "float32", "int64"))
 
 
 def work(case, problem, tensors, pass_):
@@ -90,12 +92,12 @@ def _boom(*args, **kwargs):
     raise RuntimeError("boom: this peer always fails")
 
 
-def _no_grad_path(pred, images, **options):
+def _no_grad_path(pred, images, prefix_len, params):
     """Computes the loss from a detached pred: the backward cannot reach pred, so fwd+bwd must fail."""
-    return SPEC.reference(pred.detach(), images, **options)
+    return SPEC.reference(pred.detach(), images, prefix_len, params)
 
 
-def _failing_check(fn, args, kwargs, pass_):
+def _failing_check(fn, args, pass_):
     raise AssertionError("the column would not time what it says")
 
 
@@ -138,13 +140,13 @@ def test_harness_times_good_peers_and_skips_bad_ones_with_their_reason():
 def test_spec_peers_follow_the_bench_dict_and_the_candidates_support_rules():
     attention = get_spec("attention")
     names = [p.name for p in harness.spec_peers(attention)]
-    assert names == list(attention.bench["peers"])
+    assert names == list(BENCH["attention"]["peers"])
     everything = [p.name for p in harness.spec_peers(attention, all_candidates=True)]
     assert everything[:len(names)] == names and "reference" in everything and "triton-fused" in everything
     # The public op stands for the only Triton path of a spec that has one: not timed twice.
     assert "triton" not in [p.name for p in harness.spec_peers(SPEC, all_candidates=True)]
     qkv = (1, 2, 16, 8)
-    cpu = Problem("attention", "cpu", "bfloat16", (qkv, qkv, qkv, None), (("is_causal", True),),
+    cpu = Problem("attention", "cpu", "bfloat16", (qkv, qkv, qkv, None), AttentionParams(is_causal=True),
                   (True, True, True, False), ("bfloat16",) * 3 + (None,))
     peers = {p.name: p for p in harness.spec_peers(attention, all_candidates=True)}
     sdpa_cudnn = peers["SDPA cuDNN"]
@@ -162,9 +164,9 @@ def test_peer_options_reach_the_support_rule_and_the_call():
     def rule(problem):
         return None if problem.option("norm_pix") is False else "only without norm_pix"
 
-    def spy(pred, images, **options):
-        seen.append(options["norm_pix"])
-        return SPEC.reference(pred, images, **options)
+    def spy(pred, images, prefix_len, params):
+        seen.append(params.norm_pix)
+        return SPEC.reference(pred, images, prefix_len, params)
 
     got = _results([harness.Peer("raw", lambda problem: spy, rule, options={"norm_pix": False}),
                     harness.Peer("default", lambda problem: spy, rule)], passes=("fwd",))

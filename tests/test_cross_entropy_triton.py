@@ -156,22 +156,21 @@ def test_out_of_range_target_is_an_error_not_a_wrong_loss():
     with pytest.raises(ValueError, match="target values"):
         aimkern.linear_cross_entropy(x.float(), w.float(), t, backend="triton")
     # Under torch.compile the host-side check is skipped; the op itself then marks the token NaN.
-    from aimkern.ops._boundary import encode
-    from aimkern.ops.cross_entropy import CrossEntropyCall, CrossEntropyParams
+    from aimkern.ops.cross_entropy import CrossEntropyParams, lce_fwd
 
-    call = encode(CrossEntropyCall(params=CrossEntropyParams(ignore_index=IGNORE), policy=aimkern.ops.LaunchPolicy()))
-    loss, _ = torch.ops.aimkern.linear_cross_entropy_fwd(x.float(), w.float(), None, t, call)
+    loss, _ = lce_fwd(x.float(), w.float(), None, t, CrossEntropyParams(ignore_index=IGNORE), True)
     assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(6) != 2]).all()
 
 
 def test_target_check_reads_no_values_off_the_cpu():
     """On CUDA the target range check would cost three host syncs per step: it runs only on CPU tensors.
     Meta tensors stand in for CUDA here: reading any of their values raises."""
-    from aimkern.ops.cross_entropy import CrossEntropyParams, _check_inputs
+    from aimkern.ops.cross_entropy import CrossEntropyParams
+    from aimkern.specs.cross_entropy import check
 
     x, w = torch.empty(6, 48, device="meta"), torch.empty(300, 48, device="meta")
     t = torch.empty(6, dtype=torch.long, device="meta")
-    _check_inputs(x, w, t, None, CrossEntropyParams(), "triton")
+    check((x, w, t, None), CrossEntropyParams(), "triton")
     with pytest.raises(Exception):  # the same read the CPU check makes does touch values
         int(t.min())
 

@@ -364,9 +364,14 @@ def test_unavailable_pinned_choice_is_reported_in_one_line(measured, capsys):
     key = next(iter(dispatch.choices()))
     dispatch.reset()
     dispatch.pin({key: "flash-attention-4"})
-    aimkern.attention(q, k, v)
-    lines = [line for line in capsys.readouterr().out.splitlines() if "recorded choice" in line]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aimkern.attention(q, k, v)
+        aimkern.attention(q, k, v)
+    lines = [str(w.message) for w in caught if "recorded choice" in str(w.message)]
     assert len(lines) == 1 and "'flash-attention-4'" in lines[0] and "measuring instead" in lines[0]
+    assert issubclass(next(w.category for w in caught if "recorded choice" in str(w.message)), DispatchWarning)
+    assert "recorded choice" not in capsys.readouterr().out  # a warning, not a print
     assert _row()["chosen"] in ("sdpa", "reference")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import aimkern
-from aimkern.ops import LaunchPolicy, current_policy, launch_policy
+from aimkern.ops import AttentionParams, LaunchPolicy, current_policy, launch_policy
 from aimkern.ops._launch import observe
 from conftest import HAS_CUDA
 
@@ -110,15 +110,15 @@ def test_benchmark_split_column_runs_the_split_kernels():
     """benchmarks/attn_throughput.py's "aimkern split bwd" column times the split backward, not the fused
     one (it once restored a global before autograd ran the backward, and timed the fused path): the column
     is the spec's triton-split candidate, and the benchmark's own check tells the two backwards apart."""
-    from aimkern.ops.spec import get_spec
+    from aimkern.specs import get_spec
 
     bench = _load_benchmark("attn_throughput")
     spec = get_spec("attention")
-    assert spec.bench["peers"]["aimkern split bwd"] == "triton-split"
-    options = dict(is_causal=True, block_size=1, prefix_len=None, scale=None, deterministic=True)
-    bench.check_split_column(spec.candidate("triton-split").fn, *_qkv(), **options)
+    assert bench.BENCH["attention"]["peers"]["aimkern split bwd"] == "triton-split"
+    params = AttentionParams(is_causal=True)
+    bench.check_split_column(spec.candidate("triton-split").fn, *_qkv(), None, params)
     with pytest.raises(AssertionError, match="not the split backward"):
-        bench.check_split_column(spec.candidate("triton-fused").fn, *_qkv(), **options)
+        bench.check_split_column(spec.candidate("triton-fused").fn, *_qkv(), None, params)
 
 
 def test_ops_namespace_is_reachable_from_a_fresh_import():

@@ -1,14 +1,14 @@
-"""Contract tests generated from the op specs (aimkern.ops.spec.all_specs()): one set of checks for every op
+"""Contract tests generated from the op specs (aimkern.specs.all_specs()): one set of checks for every op
 and every aimkern (Triton) candidate of it, under Triton's interpreter on CPU (compiled on CUDA).
 
 * reference parity: ``aimkern.dispatch.measure.verify`` on each of the spec's awkward small problems
-  (``OpSpec.examples``), fp32 and fp16: output and every input gradient within the spec's tolerance rule
+  (tests/op_cases.py ``EXAMPLES``), fp32 and fp16: output and every input gradient within the spec's tolerance rule
   (``err <= factor * err(reference in the same dtype) + atol``, errors against float64);
-* the empty batch (``OpSpec.empty_batch``) under the same rule;
+* the empty batch (``EMPTY_BATCH``) under the same rule;
 * gradients through strides: the stride-0 upstream gradient of ``.sum()``, and inputs in a layout no
-  kernel may assume (``specs.common.strided``: memory order reversed, neighbours two apart);
+  kernel may assume (``op_cases.strided``: memory order reversed, neighbours two apart);
 * ``torch.compile(fullgraph=True)`` forward and backward (aot_eager on CPU) equal to eager;
-* ``torch.library.opcheck`` of every ``aimkern::`` custom op (``OpSpec.custom_ops`` samples), and every
+* ``torch.library.opcheck`` of every ``aimkern::`` custom op (``CUSTOM_OPS`` samples), and every
   registered ``aimkern::`` op has a sample.
 
 Op-specific behaviour (mask tiles never read, the packed qkv gradient, host syncs, GPU shapes) stays in
@@ -19,10 +19,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aimkern.dispatch.measure import call, fresh_leaves, max_abs_err, verify
-from aimkern.ops.spec import all_specs
-from aimkern.ops.specs.common import strided
+from aimkern.dispatch.measure import fresh_leaves, max_abs_err, verify
+from aimkern.specs import all_specs, outputs
 from conftest import HAS_CUDA
+from op_cases import CUSTOM_OPS, EMPTY_BATCH, EXAMPLES, strided
 
 SPECS = all_specs()
 CANDIDATES = [pytest.param(s, c, id=f"{s.name}-{c.name}") for s in SPECS for c in s.candidates if c.kind == "aimkern"]
@@ -50,20 +50,20 @@ def test_every_op_has_triton_candidates_and_contract_data():
     assert {s.name for s in SPECS} == {"attention", "patch_embed", "linear_cross_entropy", "next_patch_pixel_loss"}
     for s in SPECS:
         assert any(c.kind == "aimkern" for c in s.candidates), s.name
-        assert s.examples is not None and s.custom_ops is not None and s.gate_problems is not None, s.name
+        assert s.name in EXAMPLES and s.name in EMPTY_BATCH and s.name in CUSTOM_OPS, s.name
 
 
 # ------------------------------------------------------------------------------------ reference parity
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("spec,cand", CANDIDATES)
 def test_reference_parity(spec, cand, dtype):
-    for problem in _applicable(cand, [_on_device(p) for p in spec.examples(dtype)]):
+    for problem in _applicable(cand, [_on_device(p) for p in EXAMPLES[spec.name](dtype)]):
         assert verify(spec, cand, problem) is None, (problem, verify(spec, cand, problem))
 
 
 @pytest.mark.parametrize("spec,cand", CANDIDATES)
 def test_empty_batch(spec, cand):
-    problem = spec.empty_batch("float32")
+    problem = EMPTY_BATCH[spec.name]("float32")
     if problem is None:
         pytest.skip(f"{spec.name} refuses an empty batch")
     problem = _on_device(problem)
@@ -75,13 +75,13 @@ def test_empty_batch(spec, cand):
 # ------------------------------------------------------------------------------------ strides, compile
 def _grad_problem(spec, cand):
     """The first fp32 example with a gradient that ``cand`` supports."""
-    return _applicable(cand, [_on_device(p) for p in spec.examples("float32") if p.grad])[0]
+    return _applicable(cand, [_on_device(p) for p in EXAMPLES[spec.name]("float32") if p.grad])[0]
 
 
 def _outputs_and_grads(spec, cand, tensors, problem, upstream: str, fn=None):
     """(outputs, gradients of the inputs that require grad): upstream "ones" is the stride-0 gradient of
     ``.sum()``, "random" a fixed normal one."""
-    run = fn or (lambda *ts: spec.outputs(call(spec, cand, ts, problem.kwargs())))
+    run = fn or (lambda *ts: outputs(cand.fn(*ts, problem.params)))
     outs = run(*tensors)
     gen = torch.Generator().manual_seed(1)
     loss = 0
@@ -114,10 +114,9 @@ def test_gradients_through_strides(spec, cand, layout):
         tensors = tuple(strided(t) for t in tensors)
         assert any(t is not None and t.dim() > 0 and not t.is_contiguous() for t in tensors)
     got = _outputs_and_grads(spec, cand, tensors, problem, upstream)
-    reference = spec.candidate("reference") if any(c.name == "reference" for c in spec.candidates) else None
-    ref_fn = (lambda *ts: spec.outputs(call(spec, reference, ts, problem.kwargs()))) if reference else (
-        lambda *ts: spec.outputs(spec.reference(*spec.split_call(ts, problem.kwargs())[0],
-                                                **spec.split_call(ts, problem.kwargs())[1])))
+    def ref_fn(*ts):
+        return outputs(spec.reference(*ts, problem.params))
+
     ref64 = _outputs_and_grads(spec, cand, fresh_leaves(base, problem, torch.float64), problem, upstream, fn=ref_fn)
     same = _outputs_and_grads(spec, cand, fresh_leaves(base, problem), problem, upstream, fn=ref_fn)
     _within_tolerance(spec, problem, got[0] + tuple(got[1]), ref64[0] + tuple(ref64[1]), same[0] + tuple(same[1]))
@@ -127,10 +126,10 @@ def test_gradients_through_strides(spec, cand, layout):
 def test_torch_compile_fullgraph_forward_and_backward(spec, cand):
     problem = _grad_problem(spec, cand)
     base = spec.make_inputs(problem, torch.Generator().manual_seed(0))
-    options = problem.kwargs()
+    params = problem.params
 
     def f(*ts):
-        return spec.outputs(call(spec, cand, ts, options))
+        return outputs(cand.fn(*ts, params))
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
@@ -142,7 +141,7 @@ def test_torch_compile_fullgraph_forward_and_backward(spec, cand):
 
 # --------------------------------------------------------------------------------------------- opcheck
 def _samples():
-    return [pytest.param(op, args, id=label) for s in SPECS for label, op, args in s.custom_ops()]
+    return [pytest.param(op, args, id=label) for s in SPECS for label, op, args in CUSTOM_OPS[s.name]()]
 
 
 @pytest.mark.parametrize("op,args", _samples())
@@ -153,6 +152,6 @@ def test_opcheck(op, args):
 
 def test_every_aimkern_custom_op_has_an_opcheck_sample():
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("aimkern::")}
-    sampled = {str(op).replace(".", "::", 1) for s in SPECS for _, op, _ in s.custom_ops()}  # "aimkern.x"
+    sampled = {str(op).replace(".", "::", 1) for s in SPECS for _, op, _ in CUSTOM_OPS[s.name]()}  # "aimkern.x"
     assert registered, "no aimkern:: custom op is registered: the check would see nothing"
     assert registered <= sampled, f"custom ops without an opcheck sample: {sorted(registered - sampled)}"
