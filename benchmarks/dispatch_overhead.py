@@ -59,13 +59,14 @@ def main(argv=None) -> dict:
                           "fixed": (call, lambda: forced_mode("fixed"))}, args.calls)
         # The decision layer alone (the call's signature built and looked up), which the difference above
         # holds beside the noise of the op's own microseconds.
-        from aimkern.ops._checks import select_candidate
+        from aimkern.dispatch.core import select
+        from aimkern.ops import AttentionParams
+        from aimkern.specs import get_spec
 
-        options = dict(is_causal=True, block_size=1, scale=None, deterministic=True)
+        spec, params = get_spec("attention"), AttentionParams(is_causal=True)
         with forced_mode("measured"):
-            lookup = per_call_us({"select": (lambda: select_candidate("attention", (q, q, q, None), options,
-                                                                     q.dtype), contextlib.nullcontext)},
-                                 args.calls)["select"]
+            lookup = per_call_us({"select": (lambda: select(spec, (q, q, q, None), params),
+                                             contextlib.nullcontext)}, args.calls)["select"]
     measured, fixed = us["measured"], us["fixed"]
     result = {"device": args.device, "path": fixed_path, "fixed_us": fixed, "measured_us": measured,
               "overhead_us": measured - fixed, "select_us": lookup, "goal_us": 5.0, "torch": torch.__version__}
