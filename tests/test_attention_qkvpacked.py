@@ -1,4 +1,4 @@
-"""aimkern.ops.attention_qkvpacked: a ViT block's packed (B, N, 3, H, D) qkv in, (B, N, H, D) out.
+"""aimkern.attention_qkvpacked: a ViT block's packed (B, N, 3, H, D) qkv in, (B, N, H, D) out.
 
 Held to three things: the same output and qkv gradient as ``aimkern.attention`` on the unbound views (bit for
 bit on Triton: the same kernels run, only the output strides differ), the float64 reference within the
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import aimkern
-from aimkern.ops import attention_qkvpacked
+from aimkern import attention_qkvpacked
 from aimkern.reference.attention import attention_mask, attention_reference
 from conftest import HAS_CUDA
 from test_attention_triton import ATOL, MASKS, _mask_kwargs, _reference_kwargs, torch_same_dtype

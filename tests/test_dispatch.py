@@ -390,9 +390,9 @@ def test_register_checks_its_arguments():
 
 def test_packed_attention_follows_the_choice(measured):
     qkv = torch.randn(2, 37, 3, 2, 16, requires_grad=True)
-    out = aimkern.ops.attention_qkvpacked(qkv, is_causal=True)
+    out = aimkern.attention_qkvpacked(qkv, is_causal=True)
     out.sum().backward()
-    ref = aimkern.ops.attention_qkvpacked(qkv.detach(), is_causal=True, backend="reference")
+    ref = aimkern.attention_qkvpacked(qkv.detach(), is_causal=True, backend="reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert _row()["chosen"] in ("sdpa", "reference")
 

@@ -122,10 +122,10 @@ def test_benchmark_split_column_runs_the_split_kernels():
 
 
 def test_ops_namespace_is_reachable_from_a_fresh_import():
-    """README: ``aimkern.ops.attention_qkvpacked`` and ``aimkern.ops.launch_policy`` after ``import aimkern``."""
+    """README: ``aimkern.attention_qkvpacked`` and ``aimkern.ops.launch_policy`` after ``import aimkern``."""
     import subprocess
     import sys
 
-    code = "import aimkern; aimkern.ops.launch_policy; aimkern.ops.attention_qkvpacked; aimkern.ops.LaunchPolicy()"
+    code = "import aimkern; aimkern.ops.launch_policy; aimkern.attention_qkvpacked; aimkern.ops.LaunchPolicy()"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -2,8 +2,7 @@
 
 Read with ``ast`` (nothing is imported), so an import inside a function counts as much as one at the top:
 * no module under aimkern/ops/ imports aimkern.dispatch, aimkern.specs or aimkern.functional, at module
-  level or inside a function; the one exception is the deprecated alias ``aimkern.ops.attention_qkvpacked``
-  (``aimkern/ops/__init__.py``'s ``__getattr__``), checked to stay exactly that;
+  level or inside a function;
 * the specs never import dispatch or functional, dispatch never imports functional;
 * the module-level imports of ops, specs, dispatch, functional, checks and backends have no circle
   (importing ``aimkern.ops.attention`` runs ``aimkern/ops/__init__.py`` first: that edge counts too).
@@ -75,21 +74,13 @@ def _within(name: str, prefixes) -> bool:
 
 
 def test_nothing_under_ops_imports_the_layers_above():
-    bad, alias = [], []
+    bad = []
     for module in MODULES:
         if not _within(module, ("aimkern.ops",)):
             continue
-        for target, line, func in _imports(module, top_level_only=False):
-            if _within(target, ABOVE_OPS):
-                where = f"{module}:{line} ({func or 'module level'}) imports {target}"
-                is_alias = module == "aimkern.ops" and func == "__getattr__" and target == "aimkern.functional"
-                (alias if is_alias else bad).append(where)
+        bad += [f"{module}:{line} ({func or 'module level'}) imports {target}"
+                for target, line, func in _imports(module, top_level_only=False) if _within(target, ABOVE_OPS)]
     assert not bad, "aimkern.ops must not import dispatch / specs / functional:\n" + "\n".join(bad)
-    assert len(alias) == 1, alias  # the deprecated aimkern.ops.attention_qkvpacked alias, and nothing else
-
-    import aimkern.ops
-
-    assert aimkern.ops._MOVED_TO_FUNCTIONAL == ("attention_qkvpacked",)
 
 
 def test_specs_and_dispatch_import_downwards_only():
@@ -164,7 +155,6 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_ops_modules_are_modules_and_the_public_ops_live_in_functional():
     import importlib
-    import warnings
 
     import aimkern
     import aimkern.functional as F
@@ -174,7 +164,4 @@ def test_ops_modules_are_modules_and_the_public_ops_live_in_functional():
         assert type(getattr(importlib.import_module("aimkern.ops"), name)).__name__ == "module"
     for name in ("attention", "attention_qkvpacked", "patch_embed", "linear_cross_entropy", "next_patch_pixel_loss"):
         assert getattr(aimkern, name) is getattr(F, name)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert aimkern.ops.attention_qkvpacked is F.attention_qkvpacked
-    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+        assert not hasattr(aimkern.ops, name) or type(getattr(aimkern.ops, name)).__name__ == "module"

@@ -8,8 +8,9 @@ the cost counter (``_counting``). Nothing here imports ``aimkern.functional``, `
 ``aimkern.dispatch``: the public ops (``aimkern.attention``, ...) live in ``aimkern.functional``, which
 checks the inputs and picks a path (through ``aimkern.dispatch``) before it calls an entry here.
 
-``aimkern.ops.attention_qkvpacked``, the packed public op's old address, still works (a deprecated alias of
-``aimkern.attention_qkvpacked``, resolved on first use); ``aimkern.ops.attention`` etc. are the modules.
+``aimkern.ops.attention`` etc. are the modules; the packed public op, once ``aimkern.ops.attention_qkvpacked``,
+is ``aimkern.attention_qkvpacked`` (a forwarder here would be an import from ops up to the layer above it,
+a circle: tests/test_layering.py, tests/test_package_structure.py).
 """
 from ._launch import LaunchPolicy, current_policy, launch_policy
 from .attention import AttentionParams
@@ -27,19 +28,3 @@ __all__ = [
     "launch_policy",
 ]
 
-# Public ops that this package exported before they moved up to aimkern.functional. The one name that does
-# not clash with a module of this package keeps working for a release, with a DeprecationWarning; the
-# forwarder is the only reference from aimkern.ops up to the layer above it (tests/test_layering.py).
-_MOVED_TO_FUNCTIONAL = ("attention_qkvpacked",)
-
-
-def __getattr__(name: str):
-    if name not in _MOVED_TO_FUNCTIONAL:
-        raise AttributeError(f"module 'aimkern.ops' has no attribute {name!r}")
-    import warnings
-
-    from .. import functional
-
-    warnings.warn(f"aimkern.ops.{name} moved to aimkern.{name} (aimkern.functional); the old name goes in the "
-                  "next release", DeprecationWarning, stacklevel=2)
-    return getattr(functional, name)
