@@ -13,7 +13,7 @@ from .. import dispatch
 from ..distributed import DistEnv, barrier, gather_objects
 from . import checkpoint as ckpt
 from . import resume
-from .args import run_options
+from .config import run_options
 from .bad_samples import BadSamples
 from .errors import ResumeError
 from .metering import LogWindow
