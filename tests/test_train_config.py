@@ -169,7 +169,7 @@ def test_default_run_logged_to_a_file_holds_lines_not_progress_updates(tmp_path)
            "--batch-size", "8", "--device", "cpu", "--out", str(out)]  # the default progress setting
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
         proc = subprocess.run(cmd, cwd=REPO, stdout=so, stderr=se, timeout=300)
-    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    stdout, stderr = (tmp_path / "stdout").read_bytes().decode(), (tmp_path / "stderr").read_bytes().decode()
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "\r" not in stdout + stderr and "pretrain:" not in stderr  # no tqdm updates in the log
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("step ")] == [

@@ -1,10 +1,12 @@
 """Command-line options of ``python -m aimkern.train`` (argparse; ``--help`` documents every one).
 
 The options themselves (default, type, help, resume rule) are ``TrainConfig``'s fields (config.py); the
-parser is generated from them and ``parse_args`` returns a ``TrainConfig``. Everything that can be checked before setup is checked here, as an argparse error (exit status 2, one line):
-the model geometry (through ``ViTConfig``), the device, the tokenizer file, the batch against torchrun's
-world size, the learning rate. Imports stay light (no torch unless ``--device`` needs it) so that
-``--help`` answers at once.
+parser is generated from them and ``parse_args`` returns a ``TrainConfig``.
+
+Everything that can be checked before setup is checked here, as an argparse error (exit status 2, one
+line): how the options fit together, the model geometry (through ``ViTConfig``), the device, the tokenizer
+file, the batch against torchrun's world size, the learning rate. Imports stay light (no torch unless
+``--device`` needs it) so that ``--help`` answers at once.
 """
 from __future__ import annotations
 
