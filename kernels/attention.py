@@ -116,7 +116,7 @@ def _choice(kind: str, bd: int, fp32: bool, n_band: str, tile: int, arch: int) -
 
 
 def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_fwd_kernel; grid (cdiv(N, BLOCK_M), B * H)."""
+    """attn_fwd_kernel; flat grid (cdiv(M_END, BLOCK_M) * B * H,), query tiles fastest."""
     return _choice("fwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
@@ -143,7 +143,7 @@ def _tail_choice(bd: int, fp32: bool) -> Choice:
 
 
 def forward_tail(head_dim: int, fp32: bool) -> Choice:
-    """attn_fwd_tail_kernel; grid (cdiv(N - M_START, BLOCK_M), B * H)."""
+    """attn_fwd_tail_kernel; flat grid (cdiv(N - M_START, BLOCK_M) * B * H,)."""
     return _tail_choice(block_d(head_dim), fp32)
 
 
@@ -179,14 +179,14 @@ def backward_key_tail(head_dim: int, fp32: bool, key_tile: int, arch: int = 90) 
 
 
 def backward_tiled(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_bwd_tiled_kernel; grid (cdiv(N, BLOCK_N), B * H); DQ_ACC (B * H, N, D) fp32 and SEM (B * H,
+    """attn_bwd_tiled_kernel; flat grid (cdiv(K_END, BLOCK_N) * B * H,); DQ_ACC (B * H, N, D) fp32 and SEM (B * H,
     cdiv(N, BWD_QUERY_TAIL)) int32 (at least one per query tile of any config), zeroed by the launcher."""
     return _choice("bwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
 @functools.lru_cache(maxsize=None)
 def backward_preprocess() -> Choice:
-    """attn_bwd_preprocess_kernel (delta = rowsum(o * do)); grid (cdiv(N, BLOCK_M), B * H)."""
+    """attn_bwd_preprocess_kernel (delta = rowsum(o * do)); flat grid (cdiv(N, BLOCK_M) * B * H,)."""
     return Choice(attn_bwd_preprocess_kernel, (cfg(4, 1, BLOCK_M=PREPROCESS_BLOCK_M),), cfg(4, 1, BLOCK_M=16))
 
 

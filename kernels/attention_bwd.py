@@ -20,7 +20,7 @@ Padded query rows (i >= N) load lse = +inf, so p = 0 there and they add nothing,
 import triton
 import triton.language as tl
 
-from .attention_fwd import key_bounds, load_rows, query_bounds, store_rows, visible
+from .attention_fwd import flat_program, key_bounds, load_rows, query_bounds, store_rows, visible
 
 # The tiled backward's last N % BLOCK_M queries run in tiles of this many rows (key-major dots keep wgmma).
 QUERY_TAIL = tl.constexpr(16)
@@ -30,9 +30,8 @@ QUERY_TAIL = tl.constexpr(16)
 @triton.jit
 def attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
                                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d] in fp32, stored (B, H, N)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d] in fp32, stored (B, H, N); flat grid."""
+    pid_m, bh = flat_program(tl.cdiv(N, BLOCK_M))
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,10 +112,13 @@ def attn_bwd_tiled_kernel(
     once, dQ shares accumulated in DQ_ACC (B * H, N, HEAD_D) fp32 (zeroed by the launcher; SEM (B * H,
     cdiv(N, BLOCK_M)) int32 zeros when DETERMINISTIC). Query tiles that see none of the keys are skipped,
     and only the boundary band pays for the mask. The grid runs key tiles in descending order so that a
-    deterministic program only ever waits for programs launched before it.
+    deterministic program only ever waits for programs launched before it. Flat grid (``flat_program``)
+    of cdiv(K_END, BLOCK_N) key tiles per batch * head.
     """
-    n_tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    key_tiles = tl.cdiv(K_END, BLOCK_N)
+    pid_n, bh = flat_program(key_tiles)
+    last_tile = key_tiles - 1
+    n_tile = last_tile - pid_n
     b = bh // H
     b64 = b.to(tl.int64)
     h64 = (bh % H).to(tl.int64)
@@ -130,7 +132,6 @@ def attn_bwd_tiled_kernel(
         prefix = tl.load(PREFIX + b)
     else:
         prefix = 0
-    last_tile = tl.num_programs(0) - 1
 
     lo, full_start = query_bounds(n0, K_END, prefix, block_size, BLOCK_N, IS_CAUSAL)
     # Queries [0, m_split) in BLOCK_M tiles, the rest (< BLOCK_M of them) in QUERY_TAIL-row tiles.
