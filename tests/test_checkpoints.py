@@ -103,7 +103,7 @@ def test_full_size_aim_v1_trunks_count_exactly_as_ml_aim(preset, dim, depth):
     with torch.device("meta"):
         model = CausalViT.from_preset(preset)
     assert model.num_parameters(trunk_only=True) == _ml_aim_v1_count(dim, depth)
-    assert model.config.head_depth == 12 and model.config.head_dim == 2048  # the pixel head is kept
+    assert model.config.head_depth == 12 and model.config.head_width == 2048  # the pixel head is kept
 
 
 # ------------------------------------------------------------------------------------------------------ timm
@@ -178,7 +178,7 @@ def tiny_v2(**kw) -> CausalViT:
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_aimkern_layout_round_trips_everything(suffix, tmp_path):
-    model = randomize_(CausalViT.from_preset("aim-600m", **TINY, head_depth=1, head_dim=32))
+    model = randomize_(CausalViT.from_preset("aim-600m", **TINY, head_depth=1, head_width=32))
     path = model.save_checkpoint(str(tmp_path / f"m{suffix}"))
     back = CausalViT.from_checkpoint(path, verbose=False)
     assert back.config == model.config and back.checkpoint_source["layout"] == "aimkern"
@@ -279,7 +279,7 @@ def test_bad_save_arguments(tmp_path):
                                     "aimv2-3b-448", "aimv2-large-native"])
 def test_full_size_configs_are_inferred_from_released_layouts(preset):
     """Released checkpoints' shapes (built on the meta device) give back the preset, heads included."""
-    from aimkern.checkpoints.infer import TRUNK_FIELDS, infer_config, matching_preset
+    from aimkern.checkpoints.infer import infer_config, matching_preset
     from aimkern.checkpoints.layouts import to_causal_vit
 
     want = ViTConfig.from_preset(preset)
@@ -289,8 +289,7 @@ def test_full_size_configs_are_inferred_from_released_layouts(preset):
     released = from_causal_vit(trunk, "ml-aim", swiglu=want.mlp == "swiglu")
     layout = detect_layout(released)
     got = infer_config(to_causal_vit(released, layout)[0], layout)
-    assert {f: getattr(got, f) for f in TRUNK_FIELDS if f != "norm_bias"} == \
-        {f: getattr(want, f) for f in TRUNK_FIELDS if f != "norm_bias"}
+    assert got.trunk() == want.trunk()
     assert matching_preset(got) == preset
 
 
@@ -307,7 +306,7 @@ def test_lit_models_vision_encoder_loads_and_its_text_tower_is_reported():
 
 @pytest.mark.parametrize("preset,overrides", [
     ("vit-tiny", {}), ("vit-tiny", dict(head="token", vocab_size=50)),
-    ("aim-600m", dict(TINY, head_depth=2, head_dim=32)), ("aimv2-large", TINY),
+    ("aim-600m", dict(TINY, head_depth=2, head_width=32)), ("aimv2-large", TINY),
 ])
 def test_a_plain_causal_vit_state_dict_loads_with_its_head(preset, overrides):
     model = randomize_(CausalViT.from_preset(preset, **overrides))
@@ -315,7 +314,7 @@ def test_a_plain_causal_vit_state_dict_loads_with_its_head(preset, overrides):
     back = CausalViT.from_checkpoint(model.state_dict(), verbose=False, **heads,
                                      **({"img_size": 28} if model.config.pos_embed == "sincos" else {}))
     assert back.checkpoint_source["layout"] == "aimkern"
-    for f in ("head", "head_depth", "head_dim", "vocab_size", "norm", "mlp", "has_norm_bias"):
+    for f in ("head", "head_depth", "head_width", "vocab_size", "norm", "mlp", "has_norm_bias"):
         assert getattr(back.config, f) == getattr(model.config, f), f
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k

@@ -49,7 +49,7 @@ def test_aim_presets_follow_the_paper():
     cfg = ViTConfig.from_preset("aim-600m")
     assert (cfg.dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size) == (1536, 24, 12, 14, 224)
     assert not cfg.qkv_bias and not cfg.bias and cfg.pos_embed == "sincos"
-    assert (cfg.head, cfg.head_depth, cfg.head_dim) == ("pixel", 12, 2048)
+    assert (cfg.head, cfg.head_depth, cfg.head_width) == ("pixel", 12, 2048)
     v2 = ViTConfig.from_preset("aimv2-large")
     assert (v2.norm, v2.mlp, v2.patch_norm, v2.bias) == ("rmsnorm", "swiglu", True, False)
 
@@ -84,7 +84,7 @@ def test_config_round_trips_through_dict():
     [
         {},
         dict(norm="rmsnorm", mlp="swiglu", qkv_bias=False, bias=False, patch_norm=True),
-        dict(pos_embed="sincos", head_depth=2, head_dim=96),
+        dict(pos_embed="sincos", head_depth=2, head_width=96),
         dict(block_size=8, in_chans=1),
     ],
 )

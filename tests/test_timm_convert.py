@@ -84,7 +84,7 @@ def test_aimv2_config_is_recognized():
 @pytest.mark.parametrize("preset,overrides", [
     ("vit-tiny", {}),
     # AIMv1 layout: sin-cos positions (a buffer), no biases anywhere, a deep pixel head (not converted)
-    ("aim-600m", dict(img_size=28, dim=64, depth=2, num_heads=4, head_depth=1, head_dim=32)),
+    ("aim-600m", dict(img_size=28, dim=64, depth=2, num_heads=4, head_depth=1, head_width=32)),
     ("aimv2-large", dict(img_size=28, dim=64, depth=2, num_heads=4)),
 ])
 def test_to_timm_features_equal_causal_vit(preset, overrides):
