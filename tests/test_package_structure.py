@@ -38,14 +38,6 @@ LAZY_CYCLE_ALLOWLIST = {
         "aimkern.ops.specs.common", "aimkern.ops.specs.cross_entropy", "aimkern.ops.specs.patch_embed",
         "aimkern.ops.specs.pixel_loss",
     }),
-    # Issue 27, left for the trainer's owners: training runs eval's probes (train/probe.py, train/summary.py
-    # import aimkern.eval inside functions) while eval reads training checkpoints (eval/models.py imports
-    # aimkern.train.checkpoint, which runs aimkern/train/__init__.py, whose train() imports the loop). The
-    # checkpoint file format below both packages would break it.
-    "train <-> eval": frozenset({
-        "aimkern.eval", "aimkern.eval.models", "aimkern.eval.run", "aimkern.train", "aimkern.train.loop",
-        "aimkern.train.probe", "aimkern.train.summary",
-    }),
 }
 
 
