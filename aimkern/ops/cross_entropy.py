@@ -132,7 +132,8 @@ class CrossEntropyCall:
 def _lce_fwd(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tgt: torch.Tensor, call: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (T, E), w (V, E), b (V,) or None, tgt (T,) int64 (any stride) -> (per-token loss (T,) fp32, lse (T,) fp32)."""
+    """x (T, E), w (V, E), b (V,) or None, tgt (T,) int64 of any stride -> (per-token loss (T,) fp32,
+    lse (T,) fp32)."""
     c = decode(call)
     t = x.shape[0]
     if t == 0:
