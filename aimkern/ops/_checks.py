@@ -91,6 +91,27 @@ def check_float_dtype(x: torch.Tensor, name: str, op: str, backend: str) -> None
         raise TypeError(f"{op}: {name} must be one of {names} for backend={backend!r}, got {x.dtype}")
 
 
+# Triton's interpreter multiplies bf16 operands of tl.dot as raw bits: every kernel built on tl.dot
+# (attention, patch_embed, linear_cross_entropy) refuses bf16 there, with this one rule.
+INTERPRETED_BF16 = "bfloat16 is not supported under Triton's interpreter (its bf16 tl.dot is wrong)"
+
+
+def interpreter_dtype_problem(dtype, device_type: str) -> Optional[str]:
+    """Why a tl.dot kernel would compute ``dtype`` (a torch.dtype or its name) wrong on ``device_type``
+    tensors, i.e. under Triton's interpreter; None when it computes it right."""
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    if name == "bfloat16" and device_type != "cuda" and interpreting():
+        return INTERPRETED_BF16
+    return None
+
+
+def check_interpretable_dtype(x: torch.Tensor, op: str) -> None:
+    """TypeError for a tensor a tl.dot kernel would compute wrong under the interpreter (bf16 off CUDA)."""
+    reason = interpreter_dtype_problem(x.dtype, x.device.type)
+    if reason is not None:
+        raise TypeError(f"{op}: {reason}; use float16 / float32 on CPU, or run bfloat16 on a CUDA GPU")
+
+
 def check_same_device(tensors: Iterable[tuple[str, Optional[torch.Tensor]]], op: str) -> None:
     first = None
     for name, t in tensors:

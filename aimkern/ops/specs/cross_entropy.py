@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...reference.cross_entropy import linear_cross_entropy_reference
 from .._boundary import encode
+from .._checks import interpreter_dtype_problem
 from .._launch import LaunchPolicy, interpreting
 from ..spec import Candidate, OpSpec, Problem, Tolerance, add_spec
 from .common import GATE_DTYPES, gate_dtypes, meta, pow2, problem, randint, randn
@@ -53,7 +54,7 @@ def _triton_unsupported(problem: Problem) -> Optional[str]:
         return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
     if problem.dtype not in ("float16", "bfloat16", "float32"):
         return f"{problem.dtype} is not a kernel dtype"
-    return _float_dtypes_match(problem)
+    return interpreter_dtype_problem(problem.dtype, problem.device_type) or _float_dtypes_match(problem)
 
 
 def _triton(input, linear_weight, target, *, linear_bias=None, **options):
@@ -173,7 +174,9 @@ def gate_problems(subset: str):
                         lse, _, _ = op.launch_forward(x, w, b, tgt, params, policy)
                         grad = meta(1, dtype=torch.float32).expand(t)
                         op.launch_backward(grad, x, w, b, tgt, lse, params, True, True, bias, policy)
-                        op.launch_forward_with_grad(x, w, b, tgt, params, True, True, bias, policy)
+                        _, dx, _, _, scale = op.launch_forward_with_grad(x, w, b, tgt, params, True, True, bias,
+                                                                         policy)
+                        op.launch_scale(dx, meta(1, dtype=torch.float32).reshape(()), scale, dtype, policy)
 
                     yield f"cross_entropy {dname} {sname} bias={bias} smoothing={smoothing}", run
 
@@ -204,7 +207,8 @@ def empty_batch(dtype: str) -> Problem:
 
 
 def custom_ops() -> list:
-    """opcheck samples of the three cross-entropy ops: per-token forward + backward, forward-with-gradient."""
+    """opcheck samples of the four cross-entropy ops: per-token forward + backward, forward-with-gradient
+    and the fp32 scaling of its saved gradients."""
     gen = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(11, 48, generator=gen), torch.randn(300, 48, generator=gen) * 0.2, torch.randn(300, generator=gen)
     tgt = torch.randint(0, 300, (11,), generator=gen)
@@ -224,6 +228,9 @@ def custom_ops() -> list:
         call = encode(op.CrossEntropyCall(params=op.CrossEntropyParams(reduction=reduction), policy=policy, **needs))
         out.append((f"linear_cross_entropy_fwd_grad {reduction}", torch.ops.aimkern.linear_cross_entropy_fwd_grad,
                     (*leaves, tgt, call)))
+    src = torch.randn(7, 5, generator=gen)
+    out.append(("linear_cross_entropy_scale", torch.ops.aimkern.linear_cross_entropy_scale,
+                (src, torch.tensor(65536.0), torch.tensor(1.0 / 37), torch.float16, call)))
     return out
 
 
