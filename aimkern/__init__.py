@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 
+from .models import hooks as _model_hooks  # torch-free: a table of names
+
 __version__ = "0.1.0"
 
 # public name -> (module, attribute or None for the module itself)
@@ -36,6 +38,16 @@ _LAZY = {
     "patch_timm": (".integrations.timm", "patch_timm"),
     "patch": (".patching", "patch"),  # a module named patch would shadow the function
 }
+
+# CausalViT's format methods live in the layers that build on the model and import it (aimkern.checkpoints,
+# the timm conversion): the model never imports them. This root, above both and run before either, tells the
+# model where each is (aimkern.models.hooks); a provider is imported on the method's first call.
+_MODEL_METHODS = {
+    "from_checkpoint": ".checkpoints.load", "save_checkpoint": ".checkpoints.load",
+    "from_timm": ".integrations.timm_convert", "to_timm": ".integrations.timm_convert",
+}
+for _method, _module in _MODEL_METHODS.items():
+    _model_hooks.provide(_method, __name__ + _module, _method)
 
 __all__ = sorted(k for k in _LAZY if k not in ("tokenizers", "ops", "models", "integrations", "functional"))
 

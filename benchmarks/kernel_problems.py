@@ -104,7 +104,9 @@ def cross_entropy_problems(subset: str):
                         lse, _, _ = ce.launch_forward(x, w, b, tgt, params, policy)
                         grad = meta(1, dtype=torch.float32).expand(t)
                         ce.launch_backward(grad, x, w, b, tgt, lse, params, True, True, bias, policy)
-                        ce.launch_forward_with_grad(x, w, b, tgt, params, True, True, bias, policy)
+                        _, dx, _, _, scale = ce.launch_forward_with_grad(x, w, b, tgt, params, True, True, bias,
+                                                                         policy)
+                        ce.launch_scale(dx, meta(1, dtype=torch.float32).reshape(()), scale, dtype, policy)
 
                     yield f"cross_entropy {dname} {sname} bias={bias} smoothing={smoothing}", run
 

@@ -126,7 +126,7 @@ class PlainViT(nn.Module):
             self.pos_embed.requires_grad_(False)
         self.blocks = nn.ModuleList(PlainBlock(cfg, mode) for _ in range(cfg.depth))
         self.norm = make_norm(cfg.norm, cfg.dim, eps=cfg.norm_eps, bias=cfg.has_norm_bias)
-        width = cfg.head_dim or cfg.dim
+        width = cfg.head_width or cfg.dim
         self.head = PredictionHead(
             cfg.dim, cfg.patch_size**2 * cfg.in_chans, depth=cfg.head_depth, hidden_dim=width,
             make_block_mlp=lambda w: make_mlp(cfg.mlp, w, int(w * cfg.mlp_ratio), bias=cfg.bias),
@@ -200,7 +200,7 @@ def forward_flops_per_image(cfg: ViTConfig, pairs: float) -> float:
     mlp_mats = 3 if cfg.mlp == "swiglu" else 2
     flops = 2 * n * cfg.in_chans * cfg.patch_size**2 * d
     flops += cfg.depth * (2 * n * d * 4 * d + 2 * n * d * cfg.mlp_hidden_dim * mlp_mats + 4 * pairs * d)
-    width = (cfg.head_dim or d) if cfg.head_depth > 0 else d  # PredictionHead's width
+    width = (cfg.head_width or d) if cfg.head_depth > 0 else d  # PredictionHead's width
     if width != d:
         flops += 2 * n * d * width
     flops += cfg.head_depth * 2 * n * width * int(width * cfg.mlp_ratio) * mlp_mats
@@ -356,7 +356,7 @@ def cpu_check() -> int:
     tiny = dict(img_size=16, patch_size=4, dim=32, depth=2, num_heads=2)
     cases = [
         ("vit causal", "vit-tiny", dict(tiny, prefix=False), "causal"),
-        ("aim prefix, dense mask", "aim-600m", dict(tiny, head_depth=2, head_dim=48), "mask"),
+        ("aim prefix, dense mask", "aim-600m", dict(tiny, head_depth=2, head_width=48), "mask"),
         ("aimv2 prefix, dense mask", "aimv2-large", dict(tiny), "mask"),
     ]
     for backend in ("reference", "triton"):
@@ -391,7 +391,7 @@ def cpu_check() -> int:
         err = abs(dense(images, prefix_len=prefix) - flex(images, prefix_len=prefix))
     print(f"  flex prefix block mask vs dense prefix mask: loss difference {err.item():.2e}")
     failures += not err.item() <= 1e-6
-    for preset, extra in (("aim-600m", dict(head_depth=2, head_dim=48)), ("aimv2-large", {})):
+    for preset, extra in (("aim-600m", dict(head_depth=2, head_width=48)), ("aimv2-large", {})):
         cfg = ViTConfig.from_preset(preset, **tiny, **extra, is_causal=False)
         plain = PlainViT(cfg, "mask")
         # the math SDPA backend: its matmuls are counted (the CPU flash kernel is invisible to the counter)
@@ -412,7 +412,7 @@ def trainer_step_check(tiny: dict) -> int:
     print(f"  {TIMED_STEP}")
     failures = 0
     for preset, overrides, mode in (("vit-tiny", dict(tiny, prefix=False), "causal"),
-                                    ("aim-600m", dict(tiny, head_depth=2, head_dim=48), "mask")):
+                                    ("aim-600m", dict(tiny, head_depth=2, head_width=48), "mask")):
         torch.manual_seed(0)
         model = CausalViT.from_preset(preset, backend="reference", **overrides).double()
         images = torch.randn(3, 3, 16, 16, dtype=torch.float64)

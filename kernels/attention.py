@@ -116,7 +116,7 @@ def _choice(kind: str, bd: int, fp32: bool, n_band: str, tile: int, arch: int) -
 
 
 def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_fwd_kernel; grid (cdiv(N, BLOCK_M), B * H)."""
+    """attn_fwd_kernel; flat grid (cdiv(M_END, BLOCK_M) * B * H,), query tiles fastest."""
     return _choice("fwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
@@ -143,7 +143,7 @@ def _tail_choice(bd: int, fp32: bool) -> Choice:
 
 
 def forward_tail(head_dim: int, fp32: bool) -> Choice:
-    """attn_fwd_tail_kernel; grid (cdiv(N - M_START, BLOCK_M), B * H)."""
+    """attn_fwd_tail_kernel; flat grid (cdiv(N - M_START, BLOCK_M) * B * H,)."""
     return _tail_choice(block_d(head_dim), fp32)
 
 
@@ -179,27 +179,39 @@ def backward_key_tail(head_dim: int, fp32: bool, key_tile: int, arch: int = 90) 
 
 
 def backward_tiled(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_bwd_tiled_kernel; grid (cdiv(N, BLOCK_N), B * H); DQ_ACC (B * H, N, D) fp32 and SEM (B * H,
+    """attn_bwd_tiled_kernel; flat grid (cdiv(K_END, BLOCK_N) * B * H,); DQ_ACC (B * H, N, D) fp32 and SEM (B * H,
     cdiv(N, BWD_QUERY_TAIL)) int32 (at least one per query tile of any config), zeroed by the launcher."""
     return _choice("bwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
 
 
 @functools.lru_cache(maxsize=None)
 def backward_preprocess() -> Choice:
-    """attn_bwd_preprocess_kernel (delta = rowsum(o * do)); grid (cdiv(N, BLOCK_M), B * H)."""
+    """attn_bwd_preprocess_kernel (delta = rowsum(o * do)); flat grid (cdiv(N, BLOCK_M) * B * H,)."""
     return Choice(attn_bwd_preprocess_kernel, (cfg(4, 1, BLOCK_M=PREPROCESS_BLOCK_M),), cfg(4, 1, BLOCK_M=16))
 
 
-def fused_backward_fits(head_dim: int, fp32: bool, n: int, arch: int = 90) -> bool:
-    """Whether the one-program-per-head backward applies: the head's 64-row key tiles fit on chip."""
-    limit = FUSED_BWD_MAX_ELEMS_FP32 if fp32 else FUSED_BWD_MAX_ELEMS[arch]
-    return -(-n // FUSED_KV_TILE) * FUSED_KV_TILE * block_d(head_dim) <= limit
-
-
 # The fused backward's key tiles: 64 rows on the GPU (wgmma's slab height); under the interpreter a quarter of
-# the padded head, so small test shapes cross several key tiles. At most FUSED_MAX_KEY_TILES of them.
+# the padded head, so small test shapes cross several key tiles. At most FUSED_MAX_KEY_TILES of them: the
+# kernel unrolls k0..k3 by hand.
 FUSED_KV_TILE = 64
 FUSED_MAX_KEY_TILES = 4
+
+
+def fused_key_tile_count(n: int, kv_tile: int = FUSED_KV_TILE) -> int:
+    """The one rule of how many key tiles the fused backward runs for N keys: cdiv(N, kv_tile), or 0 where
+    that is more than the kernel's FUSED_MAX_KEY_TILES. Both the path choice (``fused_backward_fits``) and
+    the launch (``fused_key_tiles``) go through it, so a head the choice accepts always launches."""
+    tiles = -(-n // kv_tile)
+    return tiles if tiles <= FUSED_MAX_KEY_TILES else 0
+
+
+def fused_backward_fits(head_dim: int, fp32: bool, n: int, arch: int = 90) -> bool:
+    """Whether the one-program-per-head backward applies on a GPU of table arch ``arch``: the head takes at
+    most FUSED_MAX_KEY_TILES 64-row key tiles, and their (tiles * 64, BLOCK_D) elements fit the arch's
+    on-chip budget. (The budget alone took 6 tiles at D = 32 and 12 at D = 16 on sm_90: N up to 384 / 768.)"""
+    tiles = fused_key_tile_count(n)
+    limit = FUSED_BWD_MAX_ELEMS_FP32 if fp32 else FUSED_BWD_MAX_ELEMS[arch]
+    return tiles > 0 and tiles * FUSED_KV_TILE * block_d(head_dim) <= limit
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,9 +232,11 @@ def backward_fused(head_dim: int, fp32: bool, n: int) -> Choice:
 
 
 def fused_key_tiles(n: int, config) -> int:
-    """K_TILES of the fused backward for N keys under ``config`` (its KV_TILE)."""
-    tiles = -(-n // config.kwargs["KV_TILE"])
-    if tiles > FUSED_MAX_KEY_TILES:
-        raise ValueError(f"fused attention backward: N={n} needs {tiles} key tiles of {config.kwargs['KV_TILE']}, "
+    """K_TILES of the fused backward for N keys under ``config`` (its KV_TILE): ``fused_key_tile_count``,
+    refused with a ValueError where that rule says no."""
+    kv_tile = config.kwargs["KV_TILE"]
+    tiles = fused_key_tile_count(n, kv_tile)
+    if not tiles:
+        raise ValueError(f"fused attention backward: N={n} needs {-(-n // kv_tile)} key tiles of {kv_tile}, "
                          f"more than {FUSED_MAX_KEY_TILES}")
     return tiles

@@ -20,7 +20,7 @@ Padded query rows (i >= N) load lse = +inf, so p = 0 there and they add nothing,
 import triton
 import triton.language as tl
 
-from .attention_fwd import key_bounds, load_rows, query_bounds, store_rows, visible
+from .attention_fwd import flat_program, key_bounds, load_rows, query_bounds, store_rows, visible
 
 # The tiled backward's last N % BLOCK_M queries run in tiles of this many rows (key-major dots keep wgmma).
 QUERY_TAIL = tl.constexpr(16)
@@ -30,9 +30,8 @@ QUERY_TAIL = tl.constexpr(16)
 @triton.jit
 def attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
                                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d] in fp32, stored (B, H, N)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d] in fp32, stored (B, H, N); flat grid."""
+    pid_m, bh = flat_program(tl.cdiv(N, BLOCK_M))
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -45,7 +44,7 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, 
 
 @triton.jit
 def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, lo, hi, n_tile,
-                  last_tile, sem_first, offs_n, offs_d, sqn, sqd, sdn, sdd, n, prefix, block_size, qk_scale,
+                  last_tile, sem_first, offs_n, offs_d, sqn, sqd, sdn, sdd, n, k_end, prefix, block_size, qk_scale,
                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, MASKED: tl.constexpr,
                   DETERMINISTIC: tl.constexpr, DQ_KEY_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -56,7 +55,8 @@ def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
     them: query tile m takes the shares of its key tiles in descending key-tile order (its semaphore counts
     the shares already added), so every run adds the same values in the same order. The query tile starting
     at start_m has semaphore sem_first + start_m // BLOCK_M (main tiles: sem_first = 0; the caller shifts
-    the tail tiles past the main ones).
+    the tail tiles past the main ones). MASKED blocks hide keys >= k_end (the program's own key range) as
+    well as the mask's invisible ones.
     """
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -67,7 +67,7 @@ def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
-            vis = visible(offs_m[None, :], offs_n[:, None], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+            vis = visible(offs_m[None, :], offs_n[:, None], k_end, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
             p_t = tl.where(vis, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -112,10 +112,13 @@ def attn_bwd_tiled_kernel(
     once, dQ shares accumulated in DQ_ACC (B * H, N, HEAD_D) fp32 (zeroed by the launcher; SEM (B * H,
     cdiv(N, BLOCK_M)) int32 zeros when DETERMINISTIC). Query tiles that see none of the keys are skipped,
     and only the boundary band pays for the mask. The grid runs key tiles in descending order so that a
-    deterministic program only ever waits for programs launched before it.
+    deterministic program only ever waits for programs launched before it. Flat grid (``flat_program``)
+    of cdiv(K_END, BLOCK_N) key tiles per batch * head.
     """
-    n_tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    key_tiles = tl.cdiv(K_END, BLOCK_N)
+    pid_n, bh = flat_program(key_tiles)
+    last_tile = key_tiles - 1
+    n_tile = last_tile - pid_n
     b = bh // H
     b64 = b.to(tl.int64)
     h64 = (bh % H).to(tl.int64)
@@ -129,13 +132,16 @@ def attn_bwd_tiled_kernel(
         prefix = tl.load(PREFIX + b)
     else:
         prefix = 0
-    last_tile = tl.num_programs(0) - 1
 
     lo, full_start = query_bounds(n0, K_END, prefix, block_size, BLOCK_N, IS_CAUSAL)
     # Queries [0, m_split) in BLOCK_M tiles, the rest (< BLOCK_M of them) in QUERY_TAIL-row tiles.
     m_split = (N // BLOCK_M) * BLOCK_M
     m_lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, m_split)
     m_full = tl.minimum(((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m_split)  # first tile past the band
+    # A key tile running past K_END (padded rows of the last tile, or keys the key-tail kernel owns) loads
+    # those rows as 0, so s = 0 and p = exp(-lse): inf once lse < ~-11 (fp16 ds) or ~-88 (fp32), and
+    # ds * k = inf * 0 = NaN in dQ. That one tile masks every query tile; the others stay mask-free.
+    m_full = tl.where(n0 + BLOCK_N > K_END, m_split, m_full)
     t_lo = tl.maximum((lo // QUERY_TAIL) * QUERY_TAIL, m_split)
 
     q_base = Q + b64 * sqb + h64 * sqh
@@ -147,22 +153,21 @@ def attn_bwd_tiled_kernel(
     sem_base = SEM + bh.to(tl.int64) * tl.cdiv(N, QUERY_TAIL)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # The three query ranges: the masked band, the mask-free tiles past it, the QUERY_TAIL-row tail tiles
+    # (their semaphores come after the m_split // BLOCK_M main ones: start_m // QUERY_TAIL counts from 0, so
+    # subtract the m_split // QUERY_TAIL tail-sized slots it would skip).
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_lo, m_full,
-                           n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size, qk_scale,
-                           HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC,
+                           n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, K_END, prefix, block_size,
+                           qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC,
                            DQ_KEY_MAJOR, DOT_PRECISION)
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_full,
-                           m_split, n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, prefix, block_size,
-                           qk_scale,
-                           HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DETERMINISTIC,
-                           DQ_KEY_MAJOR, DOT_PRECISION)
-    # Tail query tiles: semaphores after the m_split // BLOCK_M main ones (start_m // QUERY_TAIL counts from
-    # 0, so subtract the m_split // QUERY_TAIL tail-sized slots it would skip).
+                           m_split, n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, K_END, prefix,
+                           block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False,
+                           DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
     dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, t_lo, N,
                            n_tile, last_tile, m_split // BLOCK_M - m_split // QUERY_TAIL, offs_n, offs_d, sqn, sqd,
-                           sdn, sdd,
-                           N, prefix, block_size, qk_scale, HEAD_D, BLOCK_D, QUERY_TAIL, BLOCK_N, IS_CAUSAL,
-                           HAS_PREFIX, True, DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
+                           sdn, sdd, N, K_END, prefix, block_size, qk_scale, HEAD_D, BLOCK_D, QUERY_TAIL, BLOCK_N,
+                           IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
     store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, K_END, offs_d,
                skgn, skgd, HEAD_D)
     store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, K_END, offs_d, svgn, svgd, HEAD_D)

@@ -41,6 +41,20 @@ def store_rows(base, x, rows, n_rows, offs_d, stride_n, stride_d, HEAD_D: tl.con
 
 
 @triton.jit
+def flat_program(tiles):
+    """(tile, batch * head) of this program on a flat grid of ``tiles * B * H`` programs, tiles fastest.
+
+    CUDA caps grid axes 1 and 2 at 65,535 and axis 0 at 2**31 - 1, so B * H (70,000 at H = 12, B = 5,834)
+    cannot be an axis of its own. The flat order is the (tiles, B * H) grid's launch order: one head's
+    tiles run side by side (sharing its K, V in L2), and the tiled backward's highest-key-tile-first order
+    holds.
+    """
+    pid = tl.program_id(0)
+    bh = pid // tiles
+    return pid - bh * tiles, bh
+
+
+@triton.jit
 def visible(q_idx, k_idx, n, prefix, block_size, IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr):
     """Boolean visibility of broadcastable query / key index tensors; keys >= n are never visible."""
     vis = k_idx < n
@@ -148,13 +162,13 @@ def attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (query tile, batch * head) over queries [0, M_END) (the launcher hands the last
-    N - M_END < 64 queries to attn_fwd_tail_kernel). Writes O (B, H, N, D strides) and LSE (B, H, N) fp32.
+    N - M_END < 64 queries to attn_fwd_tail_kernel), on a flat grid (``flat_program``). Writes O (B, H, N,
+    D strides) and LSE (B, H, N) fp32.
 
     N_BUCKET (N rounded up to a power of two) is unused in the body: it is the autotuning key, so configs
     are tuned once per sequence band rather than once per N.
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = flat_program(tl.cdiv(M_END, BLOCK_M))
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
@@ -207,9 +221,8 @@ def attn_fwd_tail_kernel(
     """The last queries [M_START, N) (fewer than 64), BLOCK_M (16) at a time, in key-major form: S^T = K Q^T
     and O^T += V^T P^T have BLOCK_N key rows and BLOCK_D rows, so a narrow query tile keeps wgmma (a 16-row
     query-major dot would not). One program per (16-query tile, batch * head); the softmax runs down the
-    key axis. Same scores, mask and tile classes as attn_fwd_kernel."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    key axis. Same scores, mask and tile classes as attn_fwd_kernel; a flat grid (``flat_program``)."""
+    pid_m, bh = flat_program(tl.cdiv(N - M_START, BLOCK_M))
     b = bh // H
     b64 = b.to(tl.int64)
     h64 = (bh % H).to(tl.int64)

@@ -15,6 +15,11 @@ Kernels:
   * ``matmul_kernel``: C (+)= A @ B with fp32 accumulation and strided operands; it gives
         d(input)[chunk] = dlogits @ W               and          dW32 += dlogits^T @ x[chunk]
     and, for the second, d(bias)32 += column sums of dlogits (the row sums of its A operand).
+  * ``ce_dlogits_inplace_kernel`` (stored logits -> dlogits in place) and ``ce_scale_kernel`` (the
+    incoming gradient times the reduction's factor, in fp32) serve the forward-with-gradient path.
+
+Every token-indexed input (target, lse, per-token gradient) is read through its stride: a target is often
+a column of a label table, and the gradient of ``.sum()`` is a stride-0 view.
 
 Why the backward materializes dlogits for a chunk of tokens (default budget 64 MiB, e.g. 4096 tokens at
 V = 8192 in bf16) rather than fusing everything into one kernel: each (token tile, vocab tile) block of
@@ -74,7 +79,7 @@ def _logits_tile(
 def ce_fwd_kernel(
     x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, sum_ptr, logits_ptr,
     T, V, E, VS,
-    s_xt, s_xe, s_wv, s_we, s_b, s_lt,
+    s_xt, s_xe, s_wv, s_we, s_b, s_lt, s_tgt,
     HAS_BIAS: tl.constexpr, NEED_SUM: tl.constexpr, STORE_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -87,7 +92,7 @@ def ce_fwd_kernel(
     pid_s = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < T
-    tgt = tl.load(tgt_ptr + offs_t, mask=t_ok, other=-1)
+    tgt = tl.load(tgt_ptr + offs_t.to(tl.int64) * s_tgt, mask=t_ok, other=-1)  # any stride: a label column
     v_start = pid_s * VS
     v_end = tl.minimum(V, v_start + VS)
 
@@ -131,7 +136,7 @@ def ce_fwd_kernel(
 def ce_dlogits_kernel(
     x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, d_ptr,
     T, V, E, ignore_index, smooth_per_class, target_weight, two_z,
-    s_xt, s_xe, s_wv, s_we, s_b, s_g, s_dt,
+    s_xt, s_xe, s_wv, s_we, s_b, s_g, s_dt, s_tgt, s_lse,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -149,8 +154,8 @@ def ce_dlogits_kernel(
                           DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_E)
     if HAS_BIAS:
         logits += tl.load(b_ptr + offs_v * s_b, mask=v_ok, other=0.0).to(tl.float32)[None, :]
-    tgt = tl.load(tgt_ptr + offs_t, mask=t_ok, other=ignore_index)
-    lse = tl.load(lse_ptr + offs_t, mask=t_ok, other=0.0)
+    tgt = tl.load(tgt_ptr + offs_t.to(tl.int64) * s_tgt, mask=t_ok, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_t.to(tl.int64) * s_lse, mask=t_ok, other=0.0)
     g = tl.load(g_ptr + offs_t.to(tl.int64) * s_g, mask=t_ok, other=0.0).to(tl.float32)
     # where, not a product: the "mean" of an all-ignored batch sends g = inf, and inf * 0 would be NaN.
     g = tl.where(t_ok & (tgt != ignore_index), g, 0.0)
@@ -165,7 +170,7 @@ def ce_dlogits_kernel(
 @triton.jit
 def ce_dlogits_inplace_kernel(
     d_ptr, tgt_ptr, lse_ptr, g_ptr,
-    T, V, ignore_index, smooth_per_class, target_weight, two_z, s_g, s_dt,
+    T, V, ignore_index, smooth_per_class, target_weight, two_z, s_g, s_dt, s_tgt,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Stored logits -> dlogits, in place: the formula of ce_dlogits_kernel without the recompute GEMM.
@@ -180,8 +185,8 @@ def ce_dlogits_inplace_kernel(
     ok = t_ok[:, None] & (offs_v < V)[None, :]
     d_ptrs = d_ptr + offs_t.to(tl.int64)[:, None] * s_dt + offs_v[None, :]
     logits = tl.load(d_ptrs, mask=ok, other=0.0).to(tl.float32)
-    tgt = tl.load(tgt_ptr + offs_t, mask=t_ok, other=ignore_index)
-    lse = tl.load(lse_ptr + offs_t, mask=t_ok, other=0.0)
+    tgt = tl.load(tgt_ptr + offs_t.to(tl.int64) * s_tgt, mask=t_ok, other=ignore_index)
+    lse = tl.load(lse_ptr + offs_t, mask=t_ok, other=0.0)  # the launcher's own contiguous (T,) buffer
     g = tl.load(g_ptr + offs_t.to(tl.int64) * s_g, mask=t_ok, other=0.0).to(tl.float32)
     g = tl.where(t_ok & (tgt != ignore_index), g, 0.0)  # where, not a product: g may be inf (see above)
     p = tl.exp2((logits - lse[:, None]) * LOG2E)
@@ -189,6 +194,21 @@ def ce_dlogits_inplace_kernel(
     d = d - tl.where(offs_v[None, :] == tgt[:, None], target_weight, 0.0)
     d = d * g[:, None]
     tl.store(d_ptrs, d.to(d_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def ce_scale_kernel(src_ptr, dst_ptr, g_ptr, s_ptr, N, BLOCK: tl.constexpr):
+    """dst = src * (g * s) in fp32, cast once on store; src and dst contiguous, N elements.
+
+    The forward-with-gradient path's gradients are computed for an upstream gradient of 1 per token; the
+    autograd backward applies the incoming gradient g (a 0-d tensor: GradScaler's first 65536 is past
+    fp16's range) and the reduction's factor s (1 / count for "mean") here, in fp32, in one pass.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    f = tl.load(g_ptr).to(tl.float32) * tl.load(s_ptr).to(tl.float32)
+    v = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + offs, (v * f).to(dst_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -343,6 +363,15 @@ INPLACE_CONFIG = cfg(8, 1, BLOCK_T=32, BLOCK_V=256)  # elementwise: 8K elements 
 def dlogits_inplace() -> Choice:
     """ce_dlogits_inplace_kernel; grid (cdiv(T, BLOCK_T), cdiv(V, BLOCK_V))."""
     return Choice(ce_dlogits_inplace_kernel, (INPLACE_CONFIG,), cfg(4, 1, BLOCK_T=16, BLOCK_V=64))
+
+
+SCALE_CONFIG = cfg(8, 1, BLOCK=4096)  # elementwise: 16 values a thread
+
+
+@functools.lru_cache(maxsize=None)
+def scale() -> Choice:
+    """ce_scale_kernel; flat grid (cdiv(N, BLOCK),)."""
+    return Choice(ce_scale_kernel, (SCALE_CONFIG,), cfg(4, 1, BLOCK=4096))
 
 
 def vocab_split(n_token_tiles: int, v: int, n_programs_wanted: int) -> int:

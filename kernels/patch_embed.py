@@ -53,7 +53,7 @@ def patch_embed_fwd_kernel(
     M, N_TOK, GW, E, K,
     s_ib, s_ic, s_ih, s_iw,
     s_we, s_wc, s_wh, s_ww,
-    s_pn, s_pe,
+    s_pn, s_pe, s_bias,
     P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -78,7 +78,7 @@ def patch_embed_fwd_kernel(
                     mask=k_ok[:, None] & e_ok[None, :], other=0.0)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_e * s_bias, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_POS:
         n = offs_m % N_TOK
         pos = tl.load(pos_ptr + n[:, None] * s_pn + offs_e[None, :] * s_pe,

@@ -13,7 +13,8 @@ compares them with pred row i. The normalized targets live only in registers.
     counted rows and zeros elsewhere, where scale = 2 * grad / (P*P*C * count) is one fp32 value read
     from memory (no host sync).
 
-Shapes: pred (B, N, D) with D = P*P*C, any strides; images (B, C, H, W), any strides; prefix (B,) int32;
+Shapes: pred (B, N, D) with D = P*P*C, any strides; images (B, C, H, W), any strides; prefix (B,) int32,
+any stride;
 d(pred) is written contiguous (B, N, D).
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def pixel_loss_kernel(
     pred_ptr, img_ptr, prefix_ptr, scale_ptr, out_ptr,
     N_TOK, GW, OFFSET, D, R_BLOCKS, eps,
     s_pb, s_pn, s_pd,
-    s_ib, s_ic, s_ih, s_iw,
+    s_ib, s_ic, s_ih, s_iw, s_prefix,
     P: tl.constexpr, C: tl.constexpr, HAS_PREFIX: tl.constexpr, NORM_PIX: tl.constexpr,
     BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -44,7 +45,7 @@ def pixel_loss_kernel(
     j = rows + OFFSET  # target patches
     counted = (rows < N_TOK) & (j < N_TOK)
     if HAS_PREFIX:
-        counted &= j >= tl.load(prefix_ptr + b)
+        counted &= j >= tl.load(prefix_ptr + b * s_prefix)  # any stride: a slice of a batch's prefix table
     full = counted[:, None] & d_ok[None, :]
 
     # Gather target patch j in (p, q, c) order: value d = (p * P + q) * C + c.

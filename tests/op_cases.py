@@ -104,7 +104,8 @@ def cross_entropy_examples(dtype: str) -> list:
 
 
 def cross_entropy_custom_ops() -> list:
-    """opcheck samples of the three cross-entropy ops: per-token forward + backward, forward-with-gradient."""
+    """opcheck samples of the four cross-entropy ops: per-token forward + backward, forward-with-gradient
+    and the fp32 scaling of its saved gradients."""
     gen = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(11, 48, generator=gen), torch.randn(300, 48, generator=gen) * 0.2, torch.randn(300, generator=gen)
     tgt = torch.randint(0, 300, (11,), generator=gen)
@@ -123,6 +124,9 @@ def cross_entropy_custom_ops() -> list:
         args = (*leaves, tgt, ce.CrossEntropyParams(reduction=reduction), False, *needs)
         out.append((f"linear_cross_entropy_fwd_grad {reduction}", torch.ops.aimkern.linear_cross_entropy_fwd_grad,
                     ce.lce_fwd_grad.flat(args)))
+    src = torch.randn(7, 5, generator=gen)
+    out.append(("linear_cross_entropy_scale", torch.ops.aimkern.linear_cross_entropy_scale,
+                ce.lce_scale.flat((src, torch.tensor(65536.0), torch.tensor(1.0 / 37), torch.float16, False))))
     return out
 
 

@@ -103,7 +103,7 @@ def test_full_size_aim_v1_trunks_count_exactly_as_ml_aim(preset, dim, depth):
     with torch.device("meta"):
         model = CausalViT.from_preset(preset)
     assert model.num_parameters(trunk_only=True) == _ml_aim_v1_count(dim, depth)
-    assert model.config.head_depth == 12 and model.config.head_dim == 2048  # the pixel head is kept
+    assert model.config.head_depth == 12 and model.config.head_width == 2048  # the pixel head is kept
 
 
 # ------------------------------------------------------------------------------------------------------ timm
@@ -178,7 +178,7 @@ def tiny_v2(**kw) -> CausalViT:
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_aimkern_layout_round_trips_everything(suffix, tmp_path):
-    model = randomize_(CausalViT.from_preset("aim-600m", **TINY, head_depth=1, head_dim=32))
+    model = randomize_(CausalViT.from_preset("aim-600m", **TINY, head_depth=1, head_width=32))
     path = model.save_checkpoint(str(tmp_path / f"m{suffix}"))
     back = CausalViT.from_checkpoint(path, verbose=False)
     assert back.config == model.config and back.checkpoint_source["layout"] == "aimkern"
@@ -279,7 +279,7 @@ def test_bad_save_arguments(tmp_path):
                                     "aimv2-3b-448", "aimv2-large-native"])
 def test_full_size_configs_are_inferred_from_released_layouts(preset):
     """Released checkpoints' shapes (built on the meta device) give back the preset, heads included."""
-    from aimkern.checkpoints.infer import TRUNK_FIELDS, infer_config, matching_preset
+    from aimkern.checkpoints.infer import infer_config, matching_preset
     from aimkern.checkpoints.layouts import to_causal_vit
 
     want = ViTConfig.from_preset(preset)
@@ -289,8 +289,7 @@ def test_full_size_configs_are_inferred_from_released_layouts(preset):
     released = from_causal_vit(trunk, "ml-aim", swiglu=want.mlp == "swiglu")
     layout = detect_layout(released)
     got = infer_config(to_causal_vit(released, layout)[0], layout)
-    assert {f: getattr(got, f) for f in TRUNK_FIELDS if f != "norm_bias"} == \
-        {f: getattr(want, f) for f in TRUNK_FIELDS if f != "norm_bias"}
+    assert got.trunk() == want.trunk()
     assert matching_preset(got) == preset
 
 
@@ -307,7 +306,7 @@ def test_lit_models_vision_encoder_loads_and_its_text_tower_is_reported():
 
 @pytest.mark.parametrize("preset,overrides", [
     ("vit-tiny", {}), ("vit-tiny", dict(head="token", vocab_size=50)),
-    ("aim-600m", dict(TINY, head_depth=2, head_dim=32)), ("aimv2-large", TINY),
+    ("aim-600m", dict(TINY, head_depth=2, head_width=32)), ("aimv2-large", TINY),
 ])
 def test_a_plain_causal_vit_state_dict_loads_with_its_head(preset, overrides):
     model = randomize_(CausalViT.from_preset(preset, **overrides))
@@ -315,7 +314,65 @@ def test_a_plain_causal_vit_state_dict_loads_with_its_head(preset, overrides):
     back = CausalViT.from_checkpoint(model.state_dict(), verbose=False, **heads,
                                      **({"img_size": 28} if model.config.pos_embed == "sincos" else {}))
     assert back.checkpoint_source["layout"] == "aimkern"
-    for f in ("head", "head_depth", "head_dim", "vocab_size", "norm", "mlp", "has_norm_bias"):
+    for f in ("head", "head_depth", "head_width", "vocab_size", "norm", "mlp", "has_norm_bias"):
         assert getattr(back.config, f) == getattr(model.config, f), f
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_optional_biases_compare_by_what_they_build(tmp_path):
+    """norm_bias / patch_bias None follow ``bias``: a config that spells them out is the same trunk, so a ViT-B/16
+    state dict finds its preset, and a preset that spells them out fits a checkpoint that left them None."""
+    from aimkern.checkpoints.infer import infer_config, matching_preset
+
+    with torch.device("meta"):
+        vit_b = CausalViT.from_preset("vit-b16")
+    inferred = infer_config({k: v for k, v in vit_b.state_dict().items() if not k.startswith("head.")}, "timm")
+    assert (inferred.patch_bias, vit_b.config.patch_bias) == (True, None)
+    assert matching_preset(inferred) == "vit-b16"
+    model = CausalViT.from_preset("vit-tiny")
+    path = model.save_checkpoint(tmp_path / "tiny.pt")
+    spelled = ViTConfig.from_preset("vit-tiny", norm_bias=True, patch_bias=True)
+    loaded = CausalViT.from_checkpoint(path, preset=spelled, verbose=False)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+def test_a_checkpoint_whose_config_says_head_dim_still_loads():
+    """Configs stored before head_dim was renamed head_width load, head included (with a DeprecationWarning)."""
+    model = randomize_(CausalViT.from_preset("aim-600m", **TINY, head_depth=1, head_width=32))
+    old = model.config.to_dict()
+    old["head_dim"] = old.pop("head_width")
+    with pytest.warns(DeprecationWarning, match="head_dim"):
+        loaded = CausalViT.from_checkpoint({"model": model.state_dict(), "config": old}, verbose=False)
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="head_dim"):  # the old name as an override, too
+        again = CausalViT.from_checkpoint(model.state_dict(), preset="aim-600m", verbose=False, **TINY,
+                                          head_depth=1, head_dim=32)
+    assert again.config.head_width == 32
+
+
+def test_the_models_format_methods_load_their_providers_on_first_call(tmp_path):
+    """CausalViT's module imports neither aimkern.checkpoints nor the timm conversion (they import it); its
+    forwarders find them through aimkern.models.hooks, which the package root fills before any import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from aimkern.models.causal_vit import CausalViT\n"
+        "assert not any(m.startswith(('aimkern.checkpoints', 'aimkern.integrations')) for m in sys.modules)\n"
+        "model = CausalViT.from_preset('vit-tiny')\n"
+        f"path = model.save_checkpoint({str(tmp_path / 'm.pt')!r})\n"
+        "again = CausalViT.from_checkpoint(path, verbose=False)\n"
+        "assert again.config == model.config and 'aimkern.checkpoints.load' in sys.modules\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    from aimkern.models import hooks
+
+    with pytest.raises(LookupError, match="no module provides it"):
+        hooks.provided("to_onnx")

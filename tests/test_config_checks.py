@@ -16,7 +16,7 @@ def test_every_preset_is_valid():
 
 @pytest.mark.parametrize("field, value", [
     ("img_size", -32), ("img_size", 32.0), ("patch_size", 0), ("in_chans", 0), ("dim", 0), ("depth", 1.5),
-    ("depth", True), ("num_heads", 0), ("block_size", 0), ("head_depth", -1), ("head_dim", -1), ("vocab_size", 1),
+    ("depth", True), ("num_heads", 0), ("block_size", 0), ("head_depth", -1), ("head_width", -1), ("vocab_size", 1),
     ("is_causal", "yes"), ("prefix", 1), ("qkv_bias", None), ("bias", "no"), ("patch_norm", 0), ("norm_pix", "y"),
     ("patch_bias", "yes"), ("mlp_ratio", 0.0), ("mlp_ratio", float("nan")), ("norm_eps", -1e-6), ("norm", "batch"),
     ("mlp", "relu"), ("pos_embed", "rope"), ("head", "mse"), ("backend", "cuda"), ("norm_bias", "yes"),

@@ -247,3 +247,135 @@ def test_interpreter_uses_several_backward_chunks():
     from aimkern.kernels import cross_entropy as kern
 
     assert kern.bwd_chunk_tokens(197, 517, 2, interpreting=True) == 64
+
+
+# ------------------------------------------------------- inputs that once gave silent wrong results
+def _target_layouts(t: torch.Tensor) -> dict:
+    """The values of the (T,) target ``t`` in layouts a kernel must not assume: a column of a label table
+    (stride 3), a view past element 0 (storage offset), int32 with stride 2, and expanded (stride 0: the
+    first class id that is not ignored, for every token; compare it with ``expanded.contiguous()``)."""
+    table = torch.stack([torch.zeros_like(t), t, torch.full_like(t, 5)], dim=1)  # (T, 3)
+    padded = torch.cat([torch.full((7,), 3, dtype=t.dtype), t])
+    wide32 = torch.stack([t.to(torch.int32), -t.to(torch.int32)], dim=1)
+    k = int((t != IGNORE).nonzero()[0])
+    return {"column": table[:, 1], "offset": padded[7:], "int32-stride2": wide32[:, 0],
+            "expanded": t[k : k + 1].expand(t.shape[0])}
+
+
+@pytest.mark.parametrize("layout", ["column", "offset", "int32-stride2", "expanded"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_target_in_any_layout(layout, reduction):
+    # 70 tokens: two backward chunks under the interpreter, so chunk offsets meet the target's stride too.
+    # "mean" takes the forward-with-gradient path, "none" the per-token forward + backward path.
+    x, w, b, t = _problem((70,), 300, 32, ignore_frac=0.2)
+    target = _target_layouts(t)[layout]
+    assert not target.is_contiguous() or target.storage_offset() > 0
+    _check(x, w, b, target.contiguous().long(), torch.float32, triton_target=target, reduction=reduction,
+           label_smoothing=0.1)
+
+
+def test_strided_target_without_gradient():
+    x, w, b, t = _problem((37,), 300, 32, ignore_frac=0.0)
+    target = _target_layouts(t)["column"]
+    for reduction in ("none", "sum"):
+        got = aimkern.linear_cross_entropy(x.float(), w.float(), target, linear_bias=b.float(), backend="triton",
+                                           reduction=reduction)
+        want = linear_cross_entropy_reference(x, w, t, linear_bias=b, reduction=reduction)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_two_dimensional_target_that_reshape_can_view():
+    # targets[:, ::2] is (4, 9) with strides (36, 2): reshape(-1) views it with stride 2, no copy.
+    x, w, b, _ = _problem((4, 9), 300, 32)
+    labels = torch.randint(0, 300, (4, 18))
+    target = labels[:, ::2]
+    assert target.reshape(-1).data_ptr() == target.data_ptr()
+    _check(x, w, b, target.contiguous(), torch.float32, triton_target=target, reduction="mean")
+
+
+def _confident_problem(t: int, v: int):
+    """fp16-exact inputs whose logits are exact too: x_i = m_i * e_{target_i}, w_c = e_c + e_V (one shared
+    direction). Every token predicts its target with a margin m in {8, 9, 10}, so each other class gets
+    p ~ 1e-4 (a normal fp16 number) while p / T is subnormal. d(input)'s last column is the sum of a
+    token's dlogits, exactly 0, where any rounding of the small ones shows."""
+    tgt = torch.randint(0, v, (t,))
+    margin = 8.0 + torch.randint(0, 3, (t,)).double()
+    x = torch.zeros(t, v + 1, dtype=torch.float64)
+    x[torch.arange(t), tgt] = margin
+    w = torch.cat([torch.eye(v, dtype=torch.float64), torch.ones(v, 1, dtype=torch.float64)], dim=1)
+    return x, w, tgt
+
+
+def _dx(x, w, t, dtype, backend, upstream: float):
+    xs = x.to(dtype).requires_grad_()
+    if backend == "reference":
+        loss = linear_cross_entropy_reference(xs, w.to(dtype), t)
+    else:
+        loss = aimkern.linear_cross_entropy(xs, w.to(dtype), t, backend=backend)
+    (dx,) = torch.autograd.grad(loss, xs, torch.tensor(upstream, dtype=loss.dtype))
+    return dx
+
+
+@pytest.mark.parametrize("upstream", [1.0, 1024.0])
+def test_fp16_mean_gradient_does_not_underflow(upstream):
+    # A loss-scaled fp16 step: the upstream gradient (GradScaler's factor) arrives after the forward. Folding
+    # 1 / count into fp16 dlogits in the forward rounds p / T onto fp16's subnormal grid (or to zero) before
+    # the scale can lift it; torch scales first. At T = 65,536, V = 8,192 every p / T underflows so; here
+    # 64 tokens with confident predictions show it (tests/test_gpu_cross_entropy.py runs the real size).
+    x, w, t = _confident_problem(64, 16)
+    got = _dx(x, w, t, torch.float16, "triton", upstream)
+    same = _dx(x, w, t, torch.float16, "reference", upstream)
+    ref = _dx(x, w, t, torch.float64, "reference", upstream)
+    assert_close_relative(got, same, ref, name="d(input)", atol=1e-7 * ref.abs().max().item())
+
+
+def test_fp16_gradient_under_gradscaler_first_scale():
+    # GradScaler starts at 65536, which fp16 cannot hold (max 65504): the scaling must run in fp32. (A
+    # "mean" over 64 tokens: the scaled gradients are ~1000x the unscaled ones, well inside fp16's range.)
+    x, w, b, t = _problem((64,), 100, 32, ignore_frac=0.0)
+    got = _scaled_grads(x, w, b, t, torch.float16, "triton", 65536.0, "mean")
+    same = _scaled_grads(x, w, b, t, torch.float16, "reference", 65536.0, "mean")
+    ref = _scaled_grads(x, w, b, t, torch.float64, "reference", 65536.0, "mean")
+    for name, g, s, r in zip(("d(input)", "d(weight)", "d(bias)"), got, same, ref):
+        assert_close_relative(g, s, r, name=name, atol=1e-5 * r.abs().max().item())
+
+
+def _scaled_grads(x, w, b, t, dtype, backend, upstream, reduction):
+    leaves = [a.to(dtype).requires_grad_() for a in (x, w, b)]
+    loss = (linear_cross_entropy_reference(*leaves[:2], t, linear_bias=leaves[2], reduction=reduction)
+            if backend == "reference" else
+            aimkern.linear_cross_entropy(*leaves[:2], t, linear_bias=leaves[2], reduction=reduction, backend=backend))
+    return torch.autograd.grad(loss, leaves, torch.tensor(upstream, dtype=loss.dtype))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_double_backward_is_refused_not_dropped(reduction):
+    # The forward-with-gradient path has no formula for the gradient of its gradients: a gradient penalty
+    # through it must fail loudly, not differentiate a constant.
+    x, w, _, t = _problem((9,), 300, 32)
+    xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
+    loss = aimkern.linear_cross_entropy(xs, ws, t, backend="triton", reduction=reduction)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (dx,) = torch.autograd.grad(loss, xs, create_graph=True)
+        torch.autograd.grad(dx.square().sum(), ws)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("ignore_index", [3.0, 3.5, float("nan"), True])
+def test_float_ignore_index_is_a_type_error(backend, ignore_index):
+    x, w, _, t = _problem((6,), 300, 32, ignore_frac=0.0)
+    with pytest.raises(TypeError, match="ignore_index"):
+        aimkern.linear_cross_entropy(x.float(), w.float(), t, ignore_index=ignore_index, backend=backend)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's bf16 tl.dot is what is refused")
+def test_bf16_under_the_interpreter_is_refused():
+    x, w, _, t = _problem((6,), 300, 32)
+    with pytest.raises(TypeError, match="bfloat16"):
+        aimkern.linear_cross_entropy(x.bfloat16(), w.bfloat16(), t, backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="bfloat16"):
+        aimkern.linear_cross_entropy(x.float(), w.float(), t, backend="triton")
+    from aimkern.specs.cross_entropy import SPEC
+    from op_cases import _ce as spec_problem
+
+    assert "bfloat16" in SPEC.candidate("triton").unsupported(spec_problem("bfloat16", (6,), 300, 32, False, True))

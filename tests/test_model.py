@@ -49,7 +49,7 @@ def test_aim_presets_follow_the_paper():
     cfg = ViTConfig.from_preset("aim-600m")
     assert (cfg.dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size) == (1536, 24, 12, 14, 224)
     assert not cfg.qkv_bias and not cfg.bias and cfg.pos_embed == "sincos"
-    assert (cfg.head, cfg.head_depth, cfg.head_dim) == ("pixel", 12, 2048)
+    assert (cfg.head, cfg.head_depth, cfg.head_width) == ("pixel", 12, 2048)
     v2 = ViTConfig.from_preset("aimv2-large")
     assert (v2.norm, v2.mlp, v2.patch_norm, v2.bias) == ("rmsnorm", "swiglu", True, False)
 
@@ -79,12 +79,43 @@ def test_config_round_trips_through_dict():
         ViTConfig.from_dict({"width": 3})
 
 
+def test_head_width_keeps_head_dim_as_a_deprecated_alias():
+    """ViTConfig.head_dim (the prediction head's width, not Attention.head_dim) is head_width now; the old name
+    is read and written for one release, each time with a DeprecationWarning."""
+    import dataclasses
+
+    for build in (lambda: ViTConfig(head_dim=48), lambda: ViTConfig.from_preset("aim-600m", head_dim=48),
+                  lambda: ViTConfig.from_dict({"head_depth": 1, "head_dim": 48}),
+                  lambda: dataclasses.replace(ViTConfig(), head_dim=48)):
+        with pytest.warns(DeprecationWarning, match="head_dim= is deprecated, renamed head_width="):
+            cfg = build()
+        assert cfg.head_width == 48
+    old = ViTConfig.from_preset("aim-600m").to_dict()
+    assert "head_dim" not in old and old["head_width"] == 2048
+    old["head_dim"] = old.pop("head_width")  # a config written before the rename
+    with pytest.warns(DeprecationWarning):
+        assert ViTConfig.from_dict(old) == ViTConfig.from_preset("aim-600m")
+    with pytest.warns(DeprecationWarning, match="ViTConfig.head_dim is deprecated"):
+        assert cfg.head_dim == 48
+    with pytest.warns(DeprecationWarning):
+        cfg.head_dim = 64
+    assert cfg.head_width == 64
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="head_dim=32 and head_width=64 disagree"):
+        ViTConfig(head_width=64, head_dim=32)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="disagree"):
+        ViTConfig.from_preset("vit-tiny", head_width=64, head_dim=32)
+    with pytest.warns(DeprecationWarning):
+        model = CausalViT.from_preset("aim-600m", img_size=28, dim=64, depth=1, num_heads=4, head_depth=1,
+                                      head_dim=32)
+    assert model.head.out.weight.shape[1] == 32 and model.blocks[0].attn.head_dim == 16
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
         {},
         dict(norm="rmsnorm", mlp="swiglu", qkv_bias=False, bias=False, patch_norm=True),
-        dict(pos_embed="sincos", head_depth=2, head_dim=96),
+        dict(pos_embed="sincos", head_depth=2, head_width=96),
         dict(block_size=8, in_chans=1),
     ],
 )
@@ -209,6 +240,21 @@ def test_token_head_ignores_prefix_targets():
     with torch.no_grad():
         assert model(x, prefix_len=10, targets=targets).item() == model(x, prefix_len=10, targets=other).item()
         assert model(x, prefix_len=1, targets=targets).item() != model(x, prefix_len=1, targets=other).item()
+
+
+def test_token_head_counts_the_targets_past_each_images_prefix():
+    """Per-image prefixes: the loss is the mean cross entropy over targets j >= max(block_size, prefix_len[b])."""
+    model = tiny(head="token", vocab_size=16, block_size=2, backend="reference").eval().double()
+    x = images_for(model).double()
+    n, offset = model.config.num_patches, 2
+    targets = torch.randint(0, 16, (2, n))
+    prefix = torch.tensor([5, 40])
+    with torch.no_grad():
+        got = model(x, prefix_len=prefix, targets=targets)
+        logits = model.head(model.forward_features(x, prefix_len=prefix))[:, : n - offset]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets[:, offset:], reduction="none")
+        counted = torch.arange(offset, n).view(1, -1) >= prefix.view(-1, 1)
+    torch.testing.assert_close(got, ce[counted].mean())
 
 
 def test_attention_module_matches_sdpa_reference():

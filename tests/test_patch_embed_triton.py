@@ -175,3 +175,37 @@ def test_gpu_vit_size(dtype):
     """ViT-B/16 geometry on the GPU (bf16 needs real tensor cores; the interpreter's bf16 dot is wrong)."""
     check_against_references(make_inputs(8, 3, 224, 224, 16, 768, dtype))
     check_against_references(make_inputs(4, 3, 224, 160, 14, 384, dtype, bias=False, pos="NE"))
+
+
+# ------------------------------------------------------- inputs that once gave silent wrong results
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's bf16 tl.dot is what is refused")
+def test_bf16_under_the_interpreter_is_refused():
+    images, weight, bias, pos = make_inputs(1, 3, 8, 8, 4, 16, torch.float32)
+    with pytest.raises(TypeError, match="bfloat16"):
+        aimkern.patch_embed(images.bfloat16(), weight.bfloat16(), backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="bfloat16"):
+        aimkern.patch_embed(images, weight, bias, pos, backend="triton")
+    from aimkern.specs.patch_embed import SPEC
+    from op_cases import EXAMPLES
+
+    assert "bfloat16" in SPEC.candidate("triton").unsupported(EXAMPLES["patch_embed"]("bfloat16")[0])
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_and_pos_embed_in_any_layout_reach_the_kernel(layout):
+    # The custom op is what torch.compile graphs and direct callers run: it reads bias and pos_embed through
+    # their strides, so no caller has to copy them first.
+    from aimkern.ops.patch_embed import patch_embed_fwd
+
+    images, weight, bias, pos = (t.detach() if t is not None else None
+                                 for t in make_inputs(2, 3, 12, 8, 4, 24, torch.float32))
+    if layout == "strided":
+        bias_in = torch.stack([bias, -bias], dim=1)[:, 0]  # stride 2
+        pos_in = torch.stack([pos, -pos], dim=-1)[..., 0]
+    else:
+        bias_in = bias[:1].expand(24)  # stride 0
+        pos_in = pos[:, :1].expand(pos.shape)
+    got = patch_embed_fwd(images, weight, bias_in, pos_in, aimkern.ops.LaunchPolicy().autotune)
+    want = patch_embed_reference(images.double(), weight.double(), bias_in.double(), pos_in.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    check_against_references([images, weight.requires_grad_(), bias_in.clone().requires_grad_(), pos_in])

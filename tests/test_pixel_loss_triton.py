@@ -184,3 +184,18 @@ def test_auto_backend_falls_back_to_reference_for_images_with_grad():
     loss = aimkern.next_patch_pixel_loss(pred, images, patch_size=16)  # auto: Triton cannot give dImages
     (dimages,) = torch.autograd.grad(loss, images)
     assert dimages.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["strided", "expanded", "offset"])
+def test_prefix_tensor_in_any_layout_reaches_the_kernel(layout):
+    # The custom op (what torch.compile graphs and direct callers run) reads prefix_len through its stride.
+    from aimkern.ops.pixel_loss import PixelLossParams, pixel_loss_fwd
+
+    pred, images = make_inputs(3, 1, 10, 15, 5, torch.float32)  # N = 6
+    base = torch.tensor([1, 5, 0, 2, 4, 3], device=DEV, dtype=torch.int32)
+    prefix = {"strided": base[::2], "expanded": base[1:2].expand(3), "offset": base[3:]}[layout]
+    params, autotune = PixelLossParams(patch_size=5), aimkern.ops.LaunchPolicy().autotune
+    got = pixel_loss_fwd(pred.detach(), images, prefix, params, autotune)
+    want = reference_loss(pred.detach().double(), images.double(), patch_size=5, prefix_len=prefix.long())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    check_against_references(pred, images, patch_size=5, prefix_len=prefix)

@@ -196,6 +196,14 @@ def test_counted_targets_is_the_target_mask_count(offset, prefix):
     assert torch.equal(counted_targets(4, 8, offset, pl), want)
 
 
+def test_target_mask_takes_an_int_prefix_like_a_tensor_of_it():
+    from aimkern.reference import counted_targets, target_mask
+
+    assert torch.equal(target_mask(3, 8, 1, 5, "cpu"), target_mask(3, 8, 1, torch.full((3,), 5), "cpu"))
+    assert target_mask(3, 8, 1, 5, "cpu")[0].tolist() == [False] * 5 + [True] * 3
+    assert torch.equal(counted_targets(3, 8, 1, 5, "cpu"), torch.full((3,), 3))
+
+
 def test_pixel_loss_nothing_counted_is_zero_with_zero_grad():
     images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     pred = torch.randn(2, 4, 48, dtype=torch.float64, requires_grad=True)

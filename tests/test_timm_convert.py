@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from aimkern import CausalViT
+from aimkern.models.config import TRUNK_FIELDS
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
@@ -84,7 +85,7 @@ def test_aimv2_config_is_recognized():
 @pytest.mark.parametrize("preset,overrides", [
     ("vit-tiny", {}),
     # AIMv1 layout: sin-cos positions (a buffer), no biases anywhere, a deep pixel head (not converted)
-    ("aim-600m", dict(img_size=28, dim=64, depth=2, num_heads=4, head_depth=1, head_dim=32)),
+    ("aim-600m", dict(img_size=28, dim=64, depth=2, num_heads=4, head_depth=1, head_width=32)),
     ("aimv2-large", dict(img_size=28, dim=64, depth=2, num_heads=4)),
 ])
 def test_to_timm_features_equal_causal_vit(preset, overrides):
@@ -127,3 +128,22 @@ def test_bad_arguments():
 
     with pytest.raises(TypeError, match="expected a CausalViT"):
         to_timm(torch.nn.Linear(2, 2))
+
+
+def test_layernorm_biases_without_linear_biases_are_in_the_config():
+    """timm's LayerNorms have a bias even when its linears have none: the config says so (norm_bias), so a
+    CausalViT built from the converted config alone takes the converted weights."""
+    vit = randomize_(VisionTransformer(class_token=False, global_pool="avg", fc_norm=False, qkv_bias=False,
+                                       proj_bias=False, **SMALL))
+    cv = CausalViT.from_timm(vit)
+    assert (cv.config.bias, cv.config.norm_bias, cv.config.has_norm_bias) == (False, True, True)
+    CausalViT(cv.config).load_state_dict(cv.state_dict(), strict=True)
+    assert_same_features(vit, cv)
+
+
+@pytest.mark.parametrize("field", TRUNK_FIELDS)
+def test_every_trunk_field_is_fixed_by_the_timm_model(field):
+    """The timm conversion and the checkpoint loader share one TRUNK_FIELDS: none of them is an override."""
+    vit = VisionTransformer(class_token=False, global_pool="avg", **SMALL)
+    with pytest.raises(ValueError, match=f"overrides \\['{field}'\\] are fixed by the timm model"):
+        CausalViT.from_timm(vit, **{field: None})

@@ -13,14 +13,11 @@ from typing import Dict, Optional
 
 import torch
 
-from ..models.config import PRESETS, ViTConfig, mlp_ratio_for
+from ..models.config import PRESETS, ViTConfig, current_names, mlp_ratio_for
 
 # Released widths -> heads. AIMv1: ml-aim aim_600M ... aim_7B; AIMv2: aimv2_base ... aimv2_3B.
 AIM_V1_HEADS = {1536: 12, 2048: 16, 3072: 24, 4096: 32}
 AIM_V2_HEADS = {768: 6, 1024: 8, 1536: 12, 2048: 16, 3072: 24}
-# The trunk fields the shapes (and the family) fix; the rest (mask, head, backend) are free.
-TRUNK_FIELDS = ("img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "mlp_ratio", "norm",
-                "norm_eps", "mlp", "qkv_bias", "bias", "norm_bias", "patch_bias", "patch_norm", "pos_embed")
 LIT_PREFIX = "image_encoder."  # ml-aim's AIMv2 LiT model holds its vision encoder under this name
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
@@ -54,7 +51,7 @@ def _heads(layout: str, dim: int, aimv2_like: bool) -> int:
 def infer_config(state: Dict[str, torch.Tensor], layout: str, overrides: Optional[dict] = None) -> ViTConfig:
     """The ViTConfig of a CausalViT-named trunk ``state`` from a ``layout`` checkpoint. ``overrides`` (any
     ViTConfig fields) win over what is inferred: e.g. num_heads, or img_size for sin-cos positions."""
-    overrides = dict(overrides or {})
+    overrides = current_names(overrides or {}, "overrides")
 
     def need(key):
         if key not in state:
@@ -100,7 +97,7 @@ def infer_config(state: Dict[str, torch.Tensor], layout: str, overrides: Optiona
         patch_norm="patch_embed.norm.weight" in state, pos_embed=pos,
     )
     if layout == "ml-aim-v1":  # AIMv1's pretraining head (never released: a fresh one)
-        fields.update(head_depth=12, head_dim=2048)
+        fields.update(head_depth=12, head_width=2048)
     if layout == "aimkern":
         fields.update(_head_fields(state, patch * patch * in_chans))
     fields.update(overrides)
@@ -111,15 +108,15 @@ def _head_fields(state: Dict[str, torch.Tensor], pixels: int) -> dict:
     """The pretraining head of a CausalViT state dict: depth and width of its MLP blocks, pixel or token."""
     depth = len({int(m.group(1)) for k in state for m in [re.match(r"head\.blocks\.(\d+)\.", k)] if m})
     out_dim, width = state["head.out.weight"].shape
-    fields = dict(head_depth=depth, head_dim=width if depth else 0)
+    fields = dict(head_depth=depth, head_width=width if depth else 0)
     return dict(fields, head="pixel") if out_dim == pixels else dict(fields, head="token", vocab_size=out_dim)
 
 
 def matching_preset(config: ViTConfig) -> Optional[str]:
     """The preset whose trunk fields equal ``config``'s, if any (for the one-line report)."""
+    trunk = config.trunk()
     for name, preset in PRESETS.items():
-        if all(getattr(preset, f) == getattr(config, f) for f in TRUNK_FIELDS if f != "norm_bias") and \
-                preset.has_norm_bias == config.has_norm_bias:
+        if preset.trunk() == trunk:
             return name
     return None
 

@@ -16,9 +16,9 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..models.config import ViTConfig
+from ..models.config import TRUNK_FIELDS, ViTConfig, current_names
 from .files import SAFETENSORS_SUFFIX, read_file, write_file
-from .infer import TRUNK_FIELDS, describe, detect_layout, infer_config, matching_preset
+from .infer import describe, detect_layout, infer_config, matching_preset
 from .layouts import SAVE_LAYOUTS, from_causal_vit, to_causal_vit
 
 FORMAT = "aimkern"
@@ -48,6 +48,7 @@ def _unwrap(obj, meta: dict):
 
 
 def _config(preset, stored: Optional[dict], mapped: dict, layout: str, overrides: dict) -> ViTConfig:
+    overrides = current_names(overrides, "overrides")
     if preset is not None:
         if isinstance(preset, str):
             cfg = ViTConfig.from_preset(preset, **overrides)
@@ -56,9 +57,8 @@ def _config(preset, stored: Optional[dict], mapped: dict, layout: str, overrides
         else:
             raise TypeError(f"preset must be None, a preset name or a ViTConfig, got {type(preset).__name__}")
         if stored is not None:
-            theirs = ViTConfig.from_dict(stored)
-            diff = [f"{f}={getattr(theirs, f)!r} (preset: {getattr(cfg, f)!r})" for f in TRUNK_FIELDS
-                    if getattr(theirs, f) != getattr(cfg, f)]
+            theirs, ours = ViTConfig.from_dict(stored).trunk(), cfg.trunk()
+            diff = [f"{f}={theirs[f]!r} (preset: {ours[f]!r})" for f in TRUNK_FIELDS if theirs[f] != ours[f]]
             if diff:
                 raise ValueError(f"preset: the checkpoint's own config differs: {', '.join(diff)}")
         return cfg
@@ -66,7 +66,7 @@ def _config(preset, stored: Optional[dict], mapped: dict, layout: str, overrides
         clash = sorted(set(overrides) & set(TRUNK_FIELDS))
         if clash:
             raise ValueError(f"overrides {clash} are fixed by the checkpoint's stored config")
-        return ViTConfig.from_dict({**stored, **overrides})
+        return ViTConfig.from_dict({**current_names(stored, "the stored config"), **overrides})
     return infer_config(mapped, layout, overrides)
 
 

@@ -47,7 +47,7 @@ def pack(src: str, dst: str, shard_size: int, *, prefix: str = "train", seed: in
     counts: List[int] = []
     with ShardWriter(os.path.join(dst, f"{prefix}-%06d.tar"), maxcount=shard_size, maxsize=float("inf"),
                      verbose=0) as sink:
-        for i, (path, cls) in enumerate(tqdm(samples, desc="pack", unit="img", disable=not progress)):
+        for i, (path, cls) in enumerate(tqdm(samples, desc="pack", unit="img", disable=None if progress else True)):
             ext, data = _encoded(path)
             sink.write({"__key__": f"{i:09d}", ext: data, "cls": cls})
             if sink.fname != (paths[-1] if paths else None):
@@ -67,6 +67,6 @@ def index(spec: str, out: Optional[str] = None, *, progress: bool = True) -> str
     if not paths or missing:
         raise FileNotFoundError(f"{spec!r}: {len(missing)} of {len(paths)} shards missing" + (
             f", e.g. {missing[0]}" if missing else ""))
-    counts = [count_samples(p) for p in tqdm(paths, desc="index", unit="shard", disable=not progress)]
+    counts = [count_samples(p) for p in tqdm(paths, desc="index", unit="shard", disable=None if progress else True)]
     out = out or os.path.join(os.path.dirname(paths[0]), INDEX_NAME)
     return write_index(out, paths, counts, name=os.path.basename(os.path.dirname(paths[0])) or "shards")

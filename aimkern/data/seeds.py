@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 # The trailing tag of each use (the last value passed to mix_seed): one table, so no two uses share one.
-TAG_EPOCH = 0          # (seed, epoch): SampleOrder's permutation; written without a tag, kept for old runs
+# SampleOrder's permutation mixes (seed, epoch) with no tag: kept as it was, so older runs resume exactly.
 TAG_SAMPLE = 1         # (seed, position, 1): a sample's augmentation seed
 TAG_SYNTHETIC = 2      # (seed, 2): the synthetic pool
 TAG_RANK = 3           # (seed, rank, 3): each rank's torch stream after initialization

@@ -7,6 +7,7 @@ import os
 from typing import Optional, Sequence
 
 from ..argtypes import non_negative_float, positive_float, positive_int
+from ..backends import BACKENDS
 from ..models.config import PRESETS
 from .probes import PROBES
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timm-kwargs", type=json.loads, default={},
                    help="timm:NAME: JSON of timm.create_model options, e.g. '{\"img_size\": 224}'")
     g.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline")
-    g.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="aimkern op backend: 'auto' runs Triton on CUDA and the reference on CPU (default)")
 
     g = p.add_argument_group("data")

@@ -122,7 +122,8 @@ def extract(model: CausalViT, split: Split, layers: Layers, *, env: DistEnv, bat
     if progress and env.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), desc=desc, unit="batch", dynamic_ncols=True)
+        bar = tqdm(total=len(mine), desc=desc, unit="batch", dynamic_ncols=True, disable=None)  # on a terminal only
+        bar = None if bar.disable else bar
     for idx, images in zip(mine, split.batches(mine)):
         with autocast:  # uint8 images normalized on the device, as the training step does
             images = model_input(images.to(env.device, non_blocking=True), cfg.in_chans)

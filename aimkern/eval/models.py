@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from ..models import PRESETS, CausalViT, ViTConfig
-from ..train import checkpoint as ckpt
+from ..checkpoints import run_files as ckpt
 
 # Config fields that decide the trunk's weights' shapes (a checkpoint of another preset differs in one).
 _SHAPE_FIELDS = ("img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "mlp_ratio", "mlp", "norm")

@@ -21,10 +21,11 @@ State-dict mapping. aimkern's modules use timm's parameter names, so the trunk m
     fc_norm (applied after pooling)      fc_norm (kept aside; see below)
     head                                 - (aimkern's ``head`` is the pretraining head)
 
-Where the two layouts differ in which biases exist, a bias missing on one side is zero on the other:
-aimkern gains the bias as a zero parameter (e.g. timm's LayerNorms always have one; the patch projection's
-bias has its own ``ViTConfig.patch_bias`` switch, so AIMv2 converts exactly), and ``to_timm`` writes zeros
-where timm has a bias aimkern lacks. When timm normalizes after pooling
+The config records which biases exist: ``qkv_bias``, ``bias`` (the other linears), and ``norm_bias`` and
+``patch_bias`` for the norms and the patch projection, which can have one where the linears have none (timm's
+LayerNorms always do; AIMv2's patch projection does), so ``CausalViT(cv.config)`` takes the converted weights.
+A timm bias the config cannot express is added to the converted model as a parameter holding timm's values,
+and ``to_timm`` writes zeros where timm has a bias aimkern lacks. When timm normalizes after pooling
 (``fc_norm``, the default with ``global_pool="avg"``), its ``forward_features`` has no final norm: the
 converted model's ``norm`` is ``nn.Identity`` and timm's ``fc_norm`` is kept as ``cv.fc_norm`` (unused by
 ``forward``; ``to_timm`` puts it back). Unsupported features (class/register tokens, layer scale, q/k norm,
@@ -34,19 +35,14 @@ model that computes something else.
 from __future__ import annotations
 
 import copy
-import math
 from functools import partial
 
 import torch
 import torch.nn as nn
 
 from ..models import CausalViT, ViTConfig
+from ..models.config import TRUNK_FIELDS, current_names, mlp_ratio_for
 
-# Config fields that the timm trunk determines; from_timm's overrides may set any other field.
-_TRUNK_FIELDS = frozenset({
-    "img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "mlp_ratio", "norm", "norm_eps", "mlp",
-    "qkv_bias", "bias", "patch_bias", "patch_norm", "pos_embed",
-})
 _HEAD_SIDE = ("head.", "fc_norm.", "attn_pool.")  # timm modules after forward_features
 
 
@@ -95,7 +91,8 @@ def config_from_timm(vit: nn.Module, **overrides) -> ViTConfig:
 
     if not isinstance(vit, VisionTransformer):
         _fail(f"expected a timm VisionTransformer, got {type(vit).__name__}")
-    clash = _TRUNK_FIELDS & set(overrides)
+    overrides = current_names(overrides, "from_timm")
+    clash = set(TRUNK_FIELDS) & set(overrides)
     if clash:
         _fail(f"overrides {sorted(clash)} are fixed by the timm model's trunk")
     if vit.cls_token is not None or getattr(vit, "reg_token", None) is not None or vit.num_prefix_tokens:
@@ -139,13 +136,12 @@ def config_from_timm(vit: nn.Module, **overrides) -> ViTConfig:
     if patch_norm and _norm_kind(pe.norm, "patch_embed.norm") != (norm, eps):
         _fail("the patch norm must match the blocks' norms")
 
-    ratio = hidden / dim
-    while int(dim * ratio) < hidden:  # int(dim * (hidden / dim)) can round down by one
-        ratio = math.nextafter(ratio, math.inf)
     return ViTConfig(
         img_size=img, patch_size=patch, in_chans=pe.proj.in_channels, dim=dim, depth=len(blocks),
-        num_heads=first.attn.num_heads, mlp_ratio=ratio, norm=norm, norm_eps=eps, mlp=mlp,
+        num_heads=first.attn.num_heads, mlp_ratio=mlp_ratio_for(dim, hidden), norm=norm, norm_eps=eps, mlp=mlp,
         qkv_bias=first.attn.qkv.bias is not None, bias=first.attn.proj.bias is not None,
+        # timm's LayerNorms carry a bias whatever the linear layers do: the config says so, not `bias`
+        norm_bias=None if norm == "rmsnorm" else first.norm1.bias is not None,
         patch_bias=pe.proj.bias is not None, patch_norm=patch_norm,
         pos_embed="learned", **overrides,
     )
@@ -166,7 +162,7 @@ def _trunk_state(vit: nn.Module) -> dict:
 
 def from_timm(vit: nn.Module, **overrides) -> CausalViT:
     """A CausalViT with ``vit``'s trunk and weights (see the module docstring); ``overrides`` set the
-    non-trunk ViTConfig fields (``head``, ``head_depth``, ``is_causal``, ``block_size``, ``backend``, ...)."""
+    non-trunk ViTConfig fields (``head``, ``head_depth``, ``head_width``, ``is_causal``, ``block_size``, ...)."""
     cfg = config_from_timm(vit, **overrides)
     ref = next(vit.parameters())
     model = CausalViT(cfg).to(device=ref.device, dtype=ref.dtype)

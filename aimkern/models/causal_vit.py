@@ -16,6 +16,8 @@ import torch.nn as nn
 
 from ..nn import Attention, Block, PatchEmbed, PredictionHead, make_mlp, make_norm, sincos_pos_embed_2d
 from ..functional import linear_cross_entropy, next_patch_pixel_loss
+from ..reference.targets import target_mask
+from . import hooks
 from .config import ViTConfig
 
 PrefixLen = Union[None, int, torch.Tensor]
@@ -54,7 +56,7 @@ class CausalViT(nn.Module):
         )
         self.norm = norm(cfg.dim)
 
-        head_width = cfg.head_dim or cfg.dim
+        head_width = cfg.head_width or cfg.dim
         out_dim = cfg.patch_size**2 * cfg.in_chans if cfg.head == "pixel" else cfg.vocab_size
         self.head = PredictionHead(
             cfg.dim, out_dim, depth=cfg.head_depth, hidden_dim=head_width,
@@ -151,10 +153,9 @@ class CausalViT(nn.Module):
                             "truncated)")
         ignore_index = -100
         tgt = targets[:, offset:].long()
-        if prefix_len is not None:
-            j = torch.arange(offset, n, device=x.device).view(1, -1)
-            prefix = prefix_len if isinstance(prefix_len, torch.Tensor) else torch.tensor(prefix_len, device=x.device)
-            tgt = tgt.masked_fill(j < prefix.view(-1, 1).to(x.device), ignore_index)
+        if prefix_len is not None:  # prefix patches are context: not counted, like the pixel head's
+            counted = target_mask(b, n, offset, prefix_len, x.device)[:, offset:]
+            tgt = tgt.masked_fill(~counted, ignore_index)
         h = self.head.features(x[:, : n - offset])
         # Sum over the counted targets / their number: the op's own "mean" bit for bit, and 0 (like the pixel
         # head) instead of 0 / 0 when the prefix covers every target.
@@ -172,32 +173,26 @@ class CausalViT(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------
+    # Formats: thin forwarders to the layers that build on the model (aimkern.models.hooks says why they are
+    # not imported here).
     @classmethod
     def from_checkpoint(cls, src, *, preset=None, strict: bool = True, **overrides) -> "CausalViT":
         """Load a checkpoint file or state dict of any layout: Apple's ml-aim AIMv1 / AIMv2, timm, transformers'
         ``Aimv2VisionModel`` or aimkern's own; the config is inferred from the shapes unless ``preset`` is
         given. See ``aimkern.checkpoints.load.from_checkpoint``."""
-        from ..checkpoints import from_checkpoint
-
-        return from_checkpoint(src, preset=preset, strict=strict, **overrides)
+        return hooks.provided("from_checkpoint")(src, preset=preset, strict=strict, **overrides)
 
     def save_checkpoint(self, path, layout: str = "aimkern") -> str:
         """Write this model as ``layout`` ("aimkern" | "timm" | "hf" | "ml-aim"); returns the file written. See
         ``aimkern.checkpoints.load.save_checkpoint``."""
-        from ..checkpoints import save_checkpoint
-
-        return save_checkpoint(self, path, layout=layout)
+        return hooks.provided("save_checkpoint")(self, path, layout=layout)
 
     @classmethod
     def from_timm(cls, vit: nn.Module, **overrides) -> "CausalViT":
         """Convert timm's AIMv2 or class-token-free ViT, weights included (``aimkern.integrations.timm_convert``):
         ``forward_features(x, is_causal=False)`` then equals ``vit.forward_features(x)``."""
-        from ..integrations.timm_convert import from_timm
-
-        return from_timm(vit, **overrides)
+        return hooks.provided("from_timm")(vit, **overrides)
 
     def to_timm(self) -> nn.Module:
         """This trunk as timm's ``VisionTransformer`` (class_token=False, global_pool='avg'), weights included."""
-        from ..integrations.timm_convert import to_timm
-
-        return to_timm(self)
+        return hooks.provided("to_timm")(self)

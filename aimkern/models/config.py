@@ -1,11 +1,22 @@
 """ViTConfig: one small dataclass describing a causal ViT, and the named presets."""
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 from ..backends import BACKENDS
+
+# The fields a trunk's weights fix, with its family (heads, eps): a checkpoint or a timm model sets them, an
+# override may not, and two configs build the same trunk when their ``trunk()`` agree. The others (mask,
+# prediction head, objective, backend) are free.
+TRUNK_FIELDS = ("img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "mlp_ratio", "norm", "norm_eps",
+                "mlp", "qkv_bias", "bias", "norm_bias", "patch_bias", "patch_norm", "pos_embed")
+# Old field name -> new: accepted (with a DeprecationWarning) for one release. ``head_dim`` said "attention head
+# width" (Attention.head_dim is dim // num_heads) where it meant the prediction head's width.
+RENAMED = {"head_dim": "head_width"}
 
 
 @dataclass
@@ -35,7 +46,7 @@ class ViTConfig:
     # --- prediction head and objective ---
     head: str = "pixel"  # "pixel" (normalized next-patch pixels) | "token" (next patch's token id)
     head_depth: int = 0  # MLP-only residual blocks in the head (AIMv1: 12)
-    head_dim: int = 0  # width of those blocks; 0 means the trunk's dim (AIMv1: 2048)
+    head_width: int = 0  # width of those blocks; 0 means the trunk's dim (AIMv1: 2048). Was head_dim.
     vocab_size: int = 8192  # token head: number of token ids
     norm_pix: bool = True  # pixel head: regress per-patch standardized pixels (MAE / AIM)
     # --- execution ---
@@ -51,7 +62,7 @@ class ViTConfig:
             return isinstance(v, int) and not isinstance(v, bool)
 
         for name, low in (("img_size", 1), ("patch_size", 1), ("in_chans", 1), ("dim", 1), ("depth", 1),
-                          ("num_heads", 1), ("block_size", 1), ("head_depth", 0), ("head_dim", 0),
+                          ("num_heads", 1), ("block_size", 1), ("head_depth", 0), ("head_width", 0),
                           ("vocab_size", 2)):
             value = getattr(self, name)
             if not is_int(value) or value < low:
@@ -80,9 +91,9 @@ class ViTConfig:
             bad(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
         if self.dim % self.num_heads:
             bad(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
-        head_dim = self.dim // self.num_heads
-        if head_dim % 8 or not 16 <= head_dim <= 256:
-            bad(f"head dim dim // num_heads = {head_dim} must be a multiple of 8 in [16, 256]")
+        per_head = self.dim // self.num_heads  # an attention head's width (Attention.head_dim)
+        if per_head % 8 or not 16 <= per_head <= 256:
+            bad(f"head dim dim // num_heads = {per_head} must be a multiple of 8 in [16, 256]")
         if self.mlp_hidden_dim < 1:
             bad(f"mlp_ratio={self.mlp_ratio} leaves no MLP width (int(dim * mlp_ratio) = {self.mlp_hidden_dim})")
         if self.pos_embed == "sincos" and self.dim % 4:
@@ -115,11 +126,19 @@ class ViTConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.dim * self.mlp_ratio)
 
+    def trunk(self) -> dict:
+        """The ``TRUNK_FIELDS`` with the optional biases resolved (``norm_bias`` None follows ``bias``, and an
+        RMSNorm has none): equal for two configs exactly when they build the same trunk."""
+        out = {f: getattr(self, f) for f in TRUNK_FIELDS}
+        return dict(out, norm_bias=self.has_norm_bias, patch_bias=self.has_patch_bias)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
+        """The config of a ``to_dict()`` (deprecated field names, e.g. an older checkpoint's, are renamed)."""
+        d = current_names(d, "ViTConfig.from_dict")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -131,7 +150,59 @@ class ViTConfig:
         """A named preset (see ``PRESETS``), with optional field overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        return replace(PRESETS[name], **current_names(overrides, "ViTConfig.from_preset"))
+
+
+def current_names(values: dict, where: str = "ViTConfig") -> dict:
+    """``values`` (ViTConfig fields by name) with each deprecated name (``RENAMED``) replaced by its new one, with
+    a DeprecationWarning; a ValueError when both names are given with different values."""
+    values = dict(values)
+    for old, new in RENAMED.items():
+        if old in values:
+            value = values.pop(old)
+            warnings.warn(f"{where}: {old}= is deprecated, renamed {new}= (the prediction head's width; "
+                          f"{old} goes in the next release)", DeprecationWarning, stacklevel=3)
+            if values.get(new, value) != value:
+                raise ValueError(f"{where}: {old}={value!r} and {new}={values[new]!r} disagree; {old} is the "
+                                 f"deprecated name of {new}: pass {new} only")
+            values[new] = value
+    return values
+
+
+def _accept_renamed(init):
+    """ViTConfig's __init__, also taking the deprecated names. A new name at 0, its default, yields to the old
+    one: ``dataclasses.replace(cfg, head_dim=w)`` passes cfg's own head_width beside it (a set, different width
+    is a ValueError there: replace with head_width)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for old, new in RENAMED.items():
+            if old in kwargs and kwargs.get(new) == 0:
+                del kwargs[new]
+        init(self, *args, **current_names(kwargs))
+
+    return __init__
+
+
+def _renamed_property(old: str, new: str) -> property:
+    def warn():
+        warnings.warn(f"ViTConfig.{old} is deprecated, renamed {new} (the prediction head's width; {old} goes in "
+                      "the next release)", DeprecationWarning, stacklevel=3)
+
+    def get(self):
+        warn()
+        return getattr(self, new)
+
+    def set_(self, value):
+        warn()
+        setattr(self, new, value)
+
+    return property(get, set_, doc=f"Deprecated name of ``{new}``.")
+
+
+ViTConfig.__init__ = _accept_renamed(ViTConfig.__init__)
+for _old, _new in RENAMED.items():
+    setattr(ViTConfig, _old, _renamed_property(_old, _new))
 
 
 def _vit(**kw) -> ViTConfig:
@@ -154,7 +225,7 @@ def _aim_v1(dim: int, depth: int, num_heads: int) -> ViTConfig:
     # prefix-causal pretraining with an MLP-only pixel head of 12 residual blocks at width 2048.
     return ViTConfig(
         img_size=224, patch_size=14, dim=dim, depth=depth, num_heads=num_heads, qkv_bias=False, bias=False,
-        norm_bias=True, patch_bias=True, patch_norm=True, pos_embed="sincos", head_depth=12, head_dim=2048,
+        norm_bias=True, patch_bias=True, patch_norm=True, pos_embed="sincos", head_depth=12, head_width=2048,
     )
 
 

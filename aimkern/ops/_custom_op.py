@@ -8,11 +8,12 @@ choices, ``LaunchPolicy``) and a few named flags (attention's layout, which grad
                            int block_size, float? scale, bool deterministic, bool autotune,
                            str attention_backward, str layout) -> (Tensor, Tensor)
 
-(bool -> ``bool``, int -> ``int``, float -> ``float``, Optional[float] -> ``float?``, str -> ``str``: a str
-field is a name, such as a reduction or a backward path), so a graph dump or an error shows every value by
-its name and ``torch.library.opcheck`` checks them like any aten argument. The call side hands over the
-dataclass instances (``op(q, k, v, prefix, params, policy, "bhnd")``); the implementation, the fake and the
-autograd formula get them back as the same frozen instances.
+(bool -> ``bool``, int -> ``int``, float -> ``float``, Optional[float] -> ``float?``, torch.dtype ->
+``ScalarType``, str -> ``str``: a str field is a name, such as a reduction or a backward path), so a graph
+dump or an error shows every value by its name and ``torch.library.opcheck`` checks them like any aten
+argument. The call side hands over the dataclass instances (``op(q, k, v, prefix, params, policy,
+"bhnd")``); the implementation, the fake and the autograd formula get them back as the same frozen
+instances.
 
 Dynamo: a compiled function traces ``TypedOp.__call__``. It unpacks each instance by a tuple of field names
 computed here once, with ``getattr``: Dynamo folds attribute reads of a dataclass built in the traced code
@@ -29,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-_SCALARS = {bool: "bool", int: "int", float: "float", str: "str"}
+_SCALARS = {bool: "bool", int: "int", float: "float", str: "str", torch.dtype: "ScalarType"}
 
 
 def _schema_type(tp) -> str:
@@ -41,7 +42,8 @@ def _schema_type(tp) -> str:
         inner = args[0] if args[1] is type(None) else args[1]
         if inner in _SCALARS:
             return _SCALARS[inner] + "?"
-    raise TypeError(f"TypedOp: a custom-op argument must be bool, int, float, str or Optional of one, got {tp!r}")
+    raise TypeError(f"TypedOp: a custom-op argument must be bool, int, float, str, torch.dtype or Optional of one, "
+                    f"got {tp!r}")
 
 
 def _arguments(part) -> tuple:

@@ -38,6 +38,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton's interpreter multiplies bf16 operands of tl.dot as raw bits: every kernel built on tl.dot
+# (attention, patch_embed, linear_cross_entropy) refuses bf16 there, with this one rule.
+INTERPRETED_BF16 = "bfloat16 is not supported under Triton's interpreter (its bf16 tl.dot is wrong)"
+
+
+def interpreter_dtype_problem(dtype, device_type: str) -> Optional[str]:
+    """Why a tl.dot kernel would compute ``dtype`` (a torch.dtype or its name) wrong on ``device_type``
+    tensors, i.e. under Triton's interpreter; None when it computes it right."""
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    if name == "bfloat16" and device_type != "cuda" and interpreting():
+        return INTERPRETED_BF16
+    return None
+
+
+def check_interpretable_dtype(x: torch.Tensor, op: str) -> None:
+    """TypeError for a tensor a tl.dot kernel would compute wrong under the interpreter (bf16 off CUDA)."""
+    reason = interpreter_dtype_problem(x.dtype, x.device.type)
+    if reason is not None:
+        raise TypeError(f"{op}: {reason}; use float16 / float32 on CPU, or run bfloat16 on a CUDA GPU")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot ``input_precision`` for ``dtype`` inputs: 3xTF32 for fp32; 16-bit inputs ignore it."""
     return "tf32x3" if dtype == torch.float32 else "tf32"

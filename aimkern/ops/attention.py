@@ -35,7 +35,8 @@ import torch
 
 from ._custom_op import TypedOp
 from ._launch import (
-    LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, kernels, launch, pow2, table_arch,
+    LaunchPolicy, cdiv, check_interpretable_dtype, current_policy, fixed_config, interpreting, kernels, launch, pow2,
+    table_arch,
 )
 
 OP = "attention"
@@ -81,6 +82,21 @@ def _bhnd_empty(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((b, n, h, d)).permute(0, 2, 1, 3)
 
 
+# CUDA's grid limit on axis 0 (axes 1 and 2 take 65,535: B * H = 70,000 would not fit there). Every
+# attention kernel runs on a flat axis-0 grid: tiles * B * H programs, tiles fastest (flat_program in
+# kernels/attention_fwd.py), or one program per batch * head.
+GRID_X_MAX = 2**31 - 1
+
+
+def flat_grid(tiles: int, bh: int) -> tuple:
+    """The grid of ``tiles`` programs for each of ``bh`` = B * H heads: (tiles * bh,)."""
+    programs = tiles * bh
+    if programs > GRID_X_MAX:
+        raise ValueError(f"{OP}: {tiles} tiles x B * H = {bh} heads is {programs} programs, more than CUDA's "
+                         f"grid of {GRID_X_MAX}; split the batch")
+    return (programs,)
+
+
 def unpack(qkv: torch.Tensor) -> tuple:
     """q, k, v as (B, H, N, D) strided views of a (B, N, 3, H, D) tensor (no copy)."""
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -106,13 +122,13 @@ def launch_forward(q, k, v, prefix_len: Optional[torch.Tensor], params: Attentio
     strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride())
     flags = dict(HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal, HAS_PREFIX=prefix_len is not None)
     launch(
-        kern.forward(d, fp32, n, table_arch(q.device)), lambda META: (cdiv(split, META["BLOCK_M"]), b * h),
+        kern.forward(d, fp32, n, table_arch(q.device)), lambda META: flat_grid(cdiv(split, META["BLOCK_M"]), b * h),
         (*tensors, *strides, h, n, split, pow2(n), params.block_size, scale * _LOG2E),
         dtype=q.dtype, policy=policy, **flags,
     )
     if split < n:
         launch(
-            kern.forward_tail(d, fp32), lambda META: (cdiv(n - split, META["BLOCK_M"]), b * h),
+            kern.forward_tail(d, fp32), lambda META: flat_grid(cdiv(n - split, META["BLOCK_M"]), b * h),
             (*tensors, *strides, h, n, split, params.block_size, scale * _LOG2E),
             dtype=q.dtype, policy=policy, **flags,
         )
@@ -142,7 +158,7 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
     if path == "fused":
         choice = kern.backward_fused(d, fp32, n)
         launch(
-            choice, lambda META: (b * h,),
+            choice, lambda META: flat_grid(1, b * h),
             (q, k, v, o, do, lse, dq, dk, dv, prefix,
              *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
              *dq.stride(), *dk.stride(), *dv.stride(),
@@ -153,7 +169,7 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
 
     delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     launch(
-        kern.backward_preprocess(), lambda META: (cdiv(n, META["BLOCK_M"]), b * h),
+        kern.backward_preprocess(), lambda META: flat_grid(cdiv(n, META["BLOCK_M"]), b * h),
         (o, do, delta, *o.stride(), *do.stride(), h, n),
         dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d),
     )
@@ -166,13 +182,13 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride())
     if key_tile:  # the last keys first, in one narrow tile: their dQ shares land before the tiled kernel's
         launch(
-            kern.backward_key_tail(d, fp32, key_tile, table_arch(q.device)), lambda META: (b * h,),
+            kern.backward_key_tail(d, fp32, key_tile, table_arch(q.device)), lambda META: flat_grid(1, b * h),
             (q, k, v, do, lse, delta, dk, dv, dq_acc, prefix, *in_strides, h, n, k_end, params.block_size,
              scale * _LOG2E, scale),
             **common,
         )
     launch(
-        choice, lambda META: (cdiv(k_end, META["BLOCK_N"]), b * h),
+        choice, lambda META: flat_grid(cdiv(k_end, META["BLOCK_N"]), b * h),
         (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, pow2(n),
          params.block_size, scale * _LOG2E, scale),
         DETERMINISTIC=params.deterministic, DQ_KEY_MAJOR=table_arch(q.device) >= 90, **common,
@@ -281,11 +297,7 @@ def _kernel_call(q, prefix_len: Optional[torch.Tensor], params: AttentionParams,
     "split") overrides its attention_backward (the dispatch candidates pin a path this way: a
     ``launch_policy`` block would set a ContextVar, which torch.compile cannot trace)."""
     b, h, n, d = q.shape
-    if interpreting() and not q.is_cuda and q.dtype == torch.bfloat16:
-        raise TypeError(
-            f"{OP}: bfloat16 is not supported under Triton's interpreter (its bf16 tl.dot is wrong); "
-            "use float16 / float32 on CPU, or run bfloat16 on a CUDA GPU"
-        )
+    check_interpretable_dtype(q, OP)
     is_causal = effective_causal(params.is_causal, params.block_size, n)
     if not is_causal:
         prefix_len = None  # every key is visible anyway

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from ._custom_op import TypedOp
-from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, interpreting, kernels, launch, sm_count
+from ._launch import (
+    LaunchPolicy, cdiv, check_interpretable_dtype, current_policy, fixed_config, interpreting, kernels, launch,
+    sm_count,
+)
 
 OP = "patch_embed"
 
@@ -40,7 +43,7 @@ def _geometry(images: torch.Tensor, weight: torch.Tensor):
 
 def launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> torch.Tensor:
     """images (B, C, H, W), weight (E, C, P, P), bias (E,) or None, pos_embed (N, E) / (1, N, E) or None,
-    any strides -> (B, N, E) in images' dtype."""
+    any strides (each read through them, stride 0 included) -> (B, N, E) in images' dtype."""
     b, _, p, gw, n, e, k = _geometry(images, weight)
     m = b * n
     out = torch.empty((b, n, e), device=images.device, dtype=images.dtype)
@@ -52,7 +55,8 @@ def launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy) -> tor
         lambda META: (cdiv(e, META["BLOCK_E"]) * cdiv(m, META["BLOCK_M"]),),
         (images, weight, bias if bias is not None else out, pos if pos is not None else out, out,
          m, n, gw, e, k,
-         *images.stride(), *weight.stride(), *(pos.stride() if pos is not None else (0, 0))),
+         *images.stride(), *weight.stride(), *(pos.stride() if pos is not None else (0, 0)),
+         bias.stride(0) if bias is not None else 0),
         dtype=images.dtype, policy=policy, P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
     )
     return out
@@ -180,12 +184,11 @@ patch_embed_fwd.register_autograd(_backward, setup_context=_setup_context)
 def patch_embed_triton(images, weight, bias, pos_embed, params: PatchEmbedParams) -> torch.Tensor:
     """The Triton path on checked inputs (images (B, C, H, W), weight (E, C, P, P), bias, pos_embed) ->
     (B, N, E); ``params`` is the empty PatchEmbedParams."""
+    check_interpretable_dtype(images, OP)
     # The fused GEMM multiplies images by weight in one dtype (as F.linear would require).
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != images.dtype:
             raise TypeError(
                 f"{OP}: {name} must have the images' dtype {images.dtype} for backend='triton', got {t.dtype}"
             )
-    if bias is not None:
-        bias = bias.contiguous()  # the kernel reads bias[e] at unit stride (E values: no cost to copy)
     return patch_embed_fwd(images, weight, bias, pos_embed, current_policy().autotune)

@@ -64,7 +64,7 @@ def _launch(pred, images, prefix, scale, params: PixelLossParams, policy: Launch
         choice, lambda META: (b * r_blocks,),
         (pred, images, prefix if prefix is not None else out, scale if scale is not None else out, out,
          n, images.shape[3] // p, params.offset, d, r_blocks, params.eps,
-         *pred.stride(), *images.stride()),
+         *pred.stride(), *images.stride(), prefix.stride(0) if prefix is not None else 0),
         dtype=pred.dtype, policy=policy,
         P=p, C=c, HAS_PREFIX=prefix is not None, NORM_PIX=params.norm_pix, BACKWARD=backward,
     )
@@ -73,7 +73,7 @@ def _launch(pred, images, prefix, scale, params: PixelLossParams, policy: Launch
 
 def launch_forward(pred, images, prefix: Optional[torch.Tensor], params: PixelLossParams,
                    policy: LaunchPolicy) -> torch.Tensor:
-    """pred (B, N, D), images (B, C, H, W) any strides, prefix None or int32 (B,) contiguous ->
+    """pred (B, N, D), images (B, C, H, W), prefix None or int32 (B,), any strides ->
     (B * row blocks,) fp32 partial sums of the per-patch mean squared errors of the counted targets."""
     return _launch(pred, images, prefix, None, params, policy, backward=False)
 
@@ -147,8 +147,6 @@ def pixel_loss_triton(pred, images, prefix_len: Optional[torch.Tensor], params: 
             f"{OP}: backend='triton' treats images as data and gives them no gradient, but images.requires_grad "
             "is True; detach the images, or use backend='reference' (which differentiates through the targets)"
         )
-    if prefix_len is not None:
-        prefix_len = prefix_len.contiguous()  # the kernel reads prefix_len[b] at offset b
     return pixel_loss_fwd(pred, images, prefix_len, params, current_policy().autotune)
 
 

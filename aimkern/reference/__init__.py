@@ -2,7 +2,8 @@
 from .attention import attention_mask, attention_reference
 from .cross_entropy import linear_cross_entropy_reference
 from .patch_embed import patch_embed_reference, patchify
-from .pixel_loss import counted_targets, next_patch_pixel_loss_reference, pixel_targets, target_mask
+from .pixel_loss import next_patch_pixel_loss_reference, pixel_targets
+from .targets import counted_targets, target_mask
 
 __all__ = [
     "attention_mask",

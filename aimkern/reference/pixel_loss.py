@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .patch_embed import patchify
+from .targets import counted_targets, target_mask  # noqa: F401  (aimkern.ops.pixel_loss imports them from here)
 
 
 def pixel_targets(images: torch.Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -17,29 +18,6 @@ def pixel_targets(images: torch.Tensor, patch_size: int, norm_pix: bool = True, 
         var = t.var(dim=-1, keepdim=True)  # unbiased, as in MAE and AIM
         t = (t - mean) / torch.sqrt(var + eps)
     return t
-
-
-def target_mask(batch: int, n: int, offset: int, prefix_len: Optional[torch.Tensor], device) -> torch.Tensor:
-    """(B, N) bool: target patch j counts when j >= offset and j >= prefix_len[b]."""
-    j = torch.arange(n, device=device).view(1, n)
-    counted = (j >= offset).expand(batch, n)
-    if prefix_len is not None:
-        counted = counted & (j >= prefix_len.view(-1, 1).to(device))
-    return counted
-
-
-def counted_targets(
-    batch: int, n: int, offset: int, prefix_len: Optional[torch.Tensor] = None, device=None
-) -> torch.Tensor:
-    """(B,) int64: how many targets of each image count, #{j < N : j >= offset and j >= prefix_len[b]}.
-
-    The closed form of ``target_mask(...).sum(1)``, for callers that need only the count (a loss's mean).
-    """
-    device = prefix_len.device if prefix_len is not None else device
-    first = torch.full((batch,), offset, dtype=torch.int64, device=device)
-    if prefix_len is not None:
-        first = torch.maximum(first, prefix_len.to(torch.int64))
-    return (n - first).clamp_min(0)
 
 
 def next_patch_pixel_loss_reference(

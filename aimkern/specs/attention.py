@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_float_dtype, check_same_device, check_tensor, normalize_prefix_len
-from ..ops._launch import interpreting
+from ..ops._launch import interpreter_dtype_problem, interpreting
 from ..ops.attention import (
     AttentionParams, attention_qkvpacked_triton, attention_triton, effective_causal, fused_backward_fits,
 )
@@ -102,14 +102,11 @@ def reference(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionPara
 
 # ------------------------------------------------------------------------------------------- Triton paths
 def _triton_unsupported(problem: Problem) -> Optional[str]:
-    if problem.device_type == "cpu":
-        if not interpreting():
-            return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
-        if problem.dtype == "bfloat16":
-            return "bfloat16 is wrong under Triton's interpreter"
+    if problem.device_type == "cpu" and not interpreting():
+        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
     if problem.dtype not in ("float16", "bfloat16", "float32"):
         return f"{problem.dtype} is not a kernel dtype"
-    return None
+    return interpreter_dtype_problem(problem.dtype, problem.device_type)
 
 
 def _fused_unsupported(problem: Problem):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checks import can_inspect_values, check_float_dtype, check_same_device, check_tensor
-from ..ops._launch import interpreting
+from ..ops._launch import interpreter_dtype_problem, interpreting
 from ..ops.cross_entropy import REDUCTIONS, CrossEntropyParams, linear_cross_entropy_triton
 from ..reference.cross_entropy import linear_cross_entropy_reference
 from .common import pow2, randint, randn
@@ -58,6 +58,8 @@ def check(tensors: tuple, params: CrossEntropyParams, backend: str, op: str = NA
     for name, t in (("linear_weight", weight), ("linear_bias", bias)):  # every backend: one GEMM dtype
         if t is not None and t.dtype != input.dtype:
             raise TypeError(f"{op}: {name} must have input's dtype {input.dtype}, got {t.dtype}")
+    if isinstance(params.ignore_index, bool) or not isinstance(params.ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int (a class id), got {params.ignore_index!r}")
     if params.reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {params.reduction!r}")
     if not 0.0 <= params.label_smoothing <= 1.0:
@@ -97,7 +99,7 @@ def _triton_unsupported(problem: Problem) -> Optional[str]:
         return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
     if problem.dtype not in ("float16", "bfloat16", "float32"):
         return f"{problem.dtype} is not a kernel dtype"
-    return _float_dtypes_match(problem)
+    return interpreter_dtype_problem(problem.dtype, problem.device_type) or _float_dtypes_match(problem)
 
 
 def _chunk_losses(x, w, b, t, ignore_index: int, label_smoothing: float, z_loss: float):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_float_dtype, check_same_device, check_tensor
-from ..ops._launch import interpreting
+from ..ops._launch import interpreter_dtype_problem, interpreting
 from ..ops.patch_embed import PatchEmbedParams, patch_embed_triton
 from ..reference.patch_embed import patch_embed_reference
 from .common import pow2, randn
@@ -69,8 +69,9 @@ def _triton_unsupported(problem: Problem) -> Optional[str]:
         return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
     if problem.dtype not in ("float16", "bfloat16", "float32"):
         return f"{problem.dtype} is not a kernel dtype"
-    if problem.device_type == "cpu" and problem.dtype == "bfloat16":
-        return "bfloat16 is wrong under Triton's interpreter"
+    wrong = interpreter_dtype_problem(problem.dtype, problem.device_type)
+    if wrong:
+        return wrong
     for i, name in ((1, "weight"), (2, "bias")):
         if problem.shapes[i] is not None and problem.dtype_of(i) != problem.dtype_of(0):
             return f"the fused GEMM needs {name} in the images' dtype"

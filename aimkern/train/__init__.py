@@ -8,7 +8,10 @@ and ``train_step(run, batch, step) -> StepOut`` does one step (prefix, forward, 
 schedule); ``benchmarks/pretrain_throughput.py`` times that same step. To try a kernel in training, change
 the model or the step, not the loop.
 
-Modules: ``args`` (the command line), ``step`` (the step), ``session`` (setup before the first step),
+The options are one ``TrainConfig`` dataclass (``config``): each field carries its default, --help text and
+resume rule, and the parser, run.json and the README's list of what --resume may change come from it.
+
+Modules: ``config`` (the options), ``args`` (the command line), ``step`` (the step), ``session`` (setup before the first step),
 ``loop`` (the loop over the step), ``metering`` (loss window, metrics.jsonl, progress), ``summary``
 (summary.json, --probe), ``state`` (what a checkpoint holds, restoring it), ``checkpoint`` (atomic files,
 keep-K, fallback), ``resume`` (which options a resume keeps), ``preemption`` (SIGTERM / SIGUSR1),
@@ -17,6 +20,7 @@ keep-K, fallback), ``resume`` (which options a resume keeps), ``preemption`` (SI
 Data streams are in ``aimkern.data``, process groups in ``aimkern.distributed``.
 """
 from .args import build_parser, parse_args
+from .config import TrainConfig
 
 
 def train(argv=None) -> dict:
@@ -38,4 +42,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'aimkern.train' has no attribute {name!r}")
 
 
-__all__ = ["Run", "StepOut", "build_parser", "build_run", "parse_args", "train", "train_step"]
+__all__ = ["Run", "StepOut", "TrainConfig", "build_parser", "build_run", "parse_args", "train", "train_step"]

@@ -1,9 +1,12 @@
 """Command-line options of ``python -m aimkern.train`` (argparse; ``--help`` documents every one).
 
-Everything that can be checked before setup is checked here, as an argparse error (exit status 2, one line):
-the model geometry (through ``ViTConfig``), the device, the tokenizer file, the batch against torchrun's
-world size, the learning rate. Imports stay light (no torch unless ``--device`` needs it) so that
-``--help`` answers at once.
+The options themselves (default, type, help, resume rule) are ``TrainConfig``'s fields (config.py); the
+parser is generated from them and ``parse_args`` returns a ``TrainConfig``.
+
+Everything that can be checked before setup is checked here, as an argparse error (exit status 2, one
+line): how the options fit together, the model geometry (through ``ViTConfig``), the device, the tokenizer
+file, the batch against torchrun's world size, the learning rate. Imports stay light (no torch unless
+``--device`` needs it) so that ``--help`` answers at once.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ import textwrap
 from typing import Optional, Sequence
 
 from ..data.shards import is_shard_spec
-from ..argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from ..models.config import PRESETS, ViTConfig
-from . import init_from, resume
+from . import config, init_from, resume
+from .config import MAX_LR, TrainConfig
 from .errors import PREEMPTED_EXIT_CODE
 
 DESCRIPTION = """\
@@ -38,9 +41,7 @@ examples:
   python -m aimkern.train --out runs/x --resume --steps 600         # extend it: the cosine is re-planned
 
 resume: --resume takes the run's options from OUT/run.json; options given again must match, except
-  {changeable}.
-  Those keep the run's values when not given again, except the switches --stop-at, --probe, --no-progress,
-  --compile, --checkpointing and --fsdp, which apply to one invocation.
+{rules}.
   --steps extends (or shortens, not below the checkpoint's step) the schedule: the cosine is re-planned from
   the current step and the banner says what the learning rate does next. A finished run resumed does only
   what was asked (e.g. --probe) and keeps its summary.
@@ -51,13 +52,11 @@ exit status: 0 done, 1 bad data or divergence, 2 bad option or a checkpoint that
   {preempted} preempted (checkpoint saved; run again with --resume).
 """
 
-MAX_LR = 1.0  # the divergence guard: AdamW above this diverges at once (AIM's recipe uses 1e-3 .. 2e-3)
-
 
 def _epilog() -> str:
-    changeable = ", ".join(resume.flag(k) for k in resume.CHANGEABLE if k not in ("resume", "out"))
-    changeable = textwrap.fill(changeable, 106, subsequent_indent="  ")
-    return EPILOG.format(changeable=changeable, preempted=PREEMPTED_EXIT_CODE)
+    rules = textwrap.fill(config.resume_rules(), 106, initial_indent="  ", subsequent_indent="  ",
+                          break_on_hyphens=False)
+    return EPILOG.format(rules=rules, preempted=PREEMPTED_EXIT_CODE)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,118 +67,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m aimkern.train``, generated from ``TrainConfig``'s fields (config.py)."""
     p = _Parser(
         prog="python -m aimkern.train", description=DESCRIPTION, epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _model_and_data(p.add_argument_group("model and data"))
-    _optimization(p.add_argument_group("optimization (AIM's recipe)"))
-    _execution(p.add_argument_group("execution"))
-    _output(p.add_argument_group("output"))
+    for title, fields in config.groups().items():
+        group = p.add_argument_group(title)
+        for f in fields:
+            group.add_argument(config.flag(f.name), **config.argparse_kwargs(f))
     return p
-
-
-def _model_and_data(g) -> None:
-    """--preset, --data and how it is read, the objective and its tokenizer, the op backend."""
-    g.add_argument("--preset", default="vit-tiny", choices=sorted(PRESETS), help="model preset (default: vit-tiny)")
-    g.add_argument(
-        "--data", default="digits",
-        help="'digits' (scikit-learn's 8x8 digits, upsampled; nothing is downloaded), 'synthetic' (random "
-        "images, for throughput), the path of an ImageFolder tree (class sub-folders of images), or WebDataset "
-        "shards: a brace pattern ('shards/train-{000000..000127}.tar'), a directory of .tar files, or a "
-        "shard-list (.txt) / index (.json) file, see python -m aimkern.data (default: digits)",
-    )
-    g.add_argument("--decode", default="cpu", choices=("cpu", "gpu"),
-                   help="shards: decode JPEGs in the DataLoader workers with PIL (draft mode), or in batches on the "
-                   "GPU with nvJPEG (needs CUDA) (default: cpu)")
-    g.add_argument("--img-size", type=positive_int, default=None, help="image size in pixels (default: the preset's)")
-    g.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader worker processes per rank for an ImageFolder or shards (default: min(8, CPUs))")
-    g.add_argument("--objective", default="pixel", choices=("pixel", "token"),
-                   help="'pixel': normalized next-patch pixels; 'token': next patch's k-means token id "
-                   "(default: pixel)")
-    g.add_argument("--tokenizer", default=None,
-                   help="token objective: a saved KMeansPatchTokenizer to load (default: fit one on the training "
-                   "data and save it as OUT/tokenizer.pt)")
-    g.add_argument("--vocab-size", type=positive_int, default=None,
-                   help="token objective: vocabulary of a tokenizer fitted on the fly (default: the preset's, 8192)")
-    g.add_argument("--tokenizer-images", type=positive_int, default=4096,
-                   help="token objective: how many training images a tokenizer fitted on the fly clusters "
-                   "(default: 4096)")
-    g.add_argument("--max-bad-samples", type=non_negative_float, default=0.001,
-                   help="an ImageFolder or shards: a sample that fails to decode is replaced by a seeded draw (so "
-                   "resume stays exact), reported on stderr and counted in metrics.jsonl / summary.json; stop when "
-                   "more samples than this are bad: a count when >= 1, else a fraction of the dataset (default: "
-                   "0.001, 1 in 1000)")
-    g.add_argument("--backend", default="auto", choices=("auto", "triton", "reference"),
-                   help="aimkern op backend: 'auto' (default) measures each op's candidates on first use and runs "
-                        "the fastest correct one (aimkern.dispatch; AIMKERN_DISPATCH=fixed: Triton on CUDA, the "
-                        "reference on CPU); 'triton' or 'reference' force a path")
-
-
-
-def _optimization(g) -> None:
-    """AIM's recipe: batch, steps, learning rate and schedule, weight decay, clipping, seed, precision."""
-    g.add_argument("--batch-size", type=positive_int, default=64,
-                   help="GLOBAL batch size, over all ranks (default: 64)")
-    g.add_argument("--steps", type=positive_int, default=300, help="optimizer steps in the schedule (default: 300)")
-    g.add_argument("--lr", type=positive_float, default=2e-3,
-                   help=f"peak learning rate, at most {MAX_LR} (default: 2e-3)")
-    g.add_argument("--min-lr", type=non_negative_float, default=0.0,
-                   help="learning rate at the end of the cosine (default: 0)")
-    g.add_argument("--warmup-steps", type=non_negative_int, default=None,
-                   help="linear warmup steps (default: 10%% of --steps)")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.05,
-                   help="AdamW weight decay on matrices; biases, norms and positions get none (default: 0.05)")
-    g.add_argument("--grad-clip", type=non_negative_float, default=1.0,
-                   help="clip the global gradient norm; 0 disables (default: 1.0)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of the initialization, data order and prefixes (default: 0)")
-    g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
-                   help="bf16 autocast on CUDA (default), or fp32; the CPU always runs fp32")
-
-
-
-def _execution(g) -> None:
-    """Where and how the steps run: device, threads, torch.compile, activation checkpointing, FSDP2."""
-    g.add_argument("--device", default=None,
-                   help="'cuda' or 'cpu' (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
-    g.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU intra-op threads (default: $OMP_NUM_THREADS if set, else 1: the CPU toy's ops are too "
-                   "small to gain from more, and extra threads stall when the cores are shared)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend with --compile (default: inductor; 'aot_eager' traces without codegen)")
-    g.add_argument("--checkpointing", action="store_true",
-                   help="activation checkpointing: recompute each transformer block in the backward (less memory)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard) "
-                   "instead of DistributedDataParallel; for the big presets")
-
-
-
-def _output(g) -> None:
-    """The run directory, --resume, checkpoint cadence and count, logging, --stop-at, --probe."""
-    g.add_argument("--out", default=None,
-                   help="run directory: run.json, metrics.jsonl, checkpoint-STEP.pt (checkpoint.pt links the "
-                   "latest), summary.json (default: runs/PRESET)")
-    init_from.add_arguments(g)  # issue 18: --init CKPT
-    g.add_argument("--resume", action="store_true",
-                   help="continue exactly from OUT's latest readable checkpoint (model, optimizer, data position, "
-                   "RNGs) with the run's own options (see 'resume' below)")
-    g.add_argument("--keep", type=positive_int, default=2,
-                   help="checkpoints kept; a corrupt latest one falls back to the one before (default: 2)")
-    g.add_argument("--log-every", type=positive_int, default=10,
-                   help="steps between metrics.jsonl lines (default: 10)")
-    g.add_argument("--save-every", type=non_negative_int, default=100,
-                   help="steps between checkpoints; 0 saves only at the end (default: 100)")
-    g.add_argument("--stop-at", type=positive_int, default=None,
-                   help="stop (after saving a checkpoint) at this step, as if preempted; the schedule still spans "
-                   "--steps, so a later --resume continues the same run (time-limited jobs)")
-    g.add_argument("--probe", action="store_true",
-                   help="after training: linear probe (logistic regression) on frozen, mean-pooled full-attention "
-                   "features of the digits train/test split, beside the same probe on a random-init model")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
 def given_options(argv: Optional[Sequence[str]]) -> set:
@@ -190,15 +87,10 @@ def given_options(argv: Optional[Sequence[str]]) -> set:
     return set(vars(probe.parse_args(argv)))
 
 
-def run_options(args: argparse.Namespace) -> dict:
-    """The options that describe the run (saved in OUT/run.json and every checkpoint)."""
-    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Parse and check ``argv``; with --resume, merge in the run's saved options (see ``resume``)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = TrainConfig(**vars(parser.parse_args(argv)))
     given = given_options(argv)
     init_from.check_args(parser, args, given)  # issue 18: --init CKPT (may set --preset)
     if args.out is None:
@@ -210,15 +102,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             if diffs:
                 parser.error(f"--resume: {args.out} holds a run with other options: {'; '.join(diffs)}. Leave them "
                              "out to continue that run, or use another --out for a new one")
-            args = argparse.Namespace(**merged)
+            args = TrainConfig(**merged)
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.steps // 10) if args.steps > 1 else 0
     _check(parser, args)
-    args._given = sorted(given)
     return args
 
 
-def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check(parser: argparse.ArgumentParser, args: TrainConfig) -> None:
     """Every check that needs no setup; each failure is ``parser.error`` (one line, exit status 2)."""
     if args.warmup_steps > args.steps:
         parser.error(f"--warmup-steps ({args.warmup_steps}) must be at most --steps ({args.steps})")
@@ -254,11 +145,7 @@ def _check_model(parser, args) -> None:
     if args.img_size is not None and args.img_size % preset.patch_size:
         parser.error(f"--img-size {args.img_size} must be a multiple of {args.preset}'s patch size "
                      f"{preset.patch_size}")
-    overrides = {"head": args.objective}
-    if args.img_size is not None:
-        overrides["img_size"] = args.img_size
-    if args.objective == "token" and args.vocab_size is not None:
-        overrides["vocab_size"] = args.vocab_size
+    overrides = config.model_overrides(img_size=args.img_size, objective=args.objective, vocab_size=args.vocab_size)
     try:
         ViTConfig.from_preset(args.preset, **overrides)
     except ValueError as e:

@@ -12,10 +12,8 @@ before is used.
 """
 from __future__ import annotations
 
-import glob
 import os
 import random
-import re
 import shutil
 from typing import Callable, Optional
 
@@ -30,30 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-CHECKPOINT_NAME = "checkpoint.pt"
+# The run's file names and reading one live below both train and eval (eval reads what train writes).
+from ..checkpoints.run_files import CHECKPOINT_NAME, checkpoint_path, load, step_files, step_path  # noqa: F401
+
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-_STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt$")
-
-
-def checkpoint_path(out_dir: str) -> str:
-    """OUT/checkpoint.pt: the latest checkpoint (a link to the newest checkpoint-STEP.pt)."""
-    return os.path.join(out_dir, CHECKPOINT_NAME)
-
-
-def step_path(out_dir: str, step: int) -> str:
-    return os.path.join(out_dir, f"checkpoint-{step:08d}.pt")
-
-
-def step_files(out_dir: str) -> list:
-    """(step, path) of OUT's checkpoint-STEP.pt files, oldest first."""
-    found = []
-    for path in glob.glob(os.path.join(glob.escape(str(out_dir)), "checkpoint-*.pt")):
-        m = _STEP_FILE.search(os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -160,9 +138,3 @@ def set_aside_newer(out_dir: str, step: int) -> list:
             moved.append(f"{path}.unreadable")
     return moved
 
-
-def load(path: str) -> dict:
-    """A checkpoint written by ``save_atomic`` (it holds NumPy RNG state, so it is not weights-only)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)

@@ -6,7 +6,7 @@ the prediction head, the optimizer, the schedule and the data position start fre
 names the run's model; without it, the preset whose trunk the checkpoint's shapes match is used (an error
 when none does). ``--init`` with ``--resume`` is an error: ``--resume`` continues an aimkern run. run.json
 records ``init`` (the path) and ``init_sha256`` (the file's checksum); a later ``--resume`` of that run keeps
-them and loads its own checkpoint, not the source again.
+them and loads its own checkpoint, not the source again. Both are ``TrainConfig`` fields (config.py).
 """
 from __future__ import annotations
 
@@ -14,14 +14,7 @@ import argparse
 import os
 
 
-def add_arguments(group) -> None:
-    group.add_argument("--init", default=None, metavar="CKPT",
-                       help="start from this checkpoint's trunk (ml-aim AIMv1/AIMv2, timm, transformers or aimkern "
-                       "layout; .pth/.pt/.bin/.safetensors) with a fresh head and optimizer; --preset defaults to "
-                       "the preset the checkpoint matches")
-
-
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set) -> None:
+def check_args(parser: argparse.ArgumentParser, args, given: set) -> None:
     """Validate --init against the other options, pick the preset it matches, record its checksum."""
     args.init_sha256 = None
     if "init" not in given:

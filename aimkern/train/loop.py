@@ -111,7 +111,7 @@ def _log(s: Session, done: int, intervals: list) -> float:
         "new_bad": s.bad.since(s.window.since), "elapsed_s": time.perf_counter() - s.t_start,
     })
     intervals.append((images, seconds))
-    s.console.show(loss=f"{mean_loss:.4f}", img_s=f"{images / seconds:.0f}", lr=f"{last.lr:.2e}")
+    s.console.show(done, loss=f"{mean_loss:.4f}", img_s=f"{images / seconds:.0f}", lr=f"{last.lr:.2e}")
     s.window.restart(done)
     _enforce_bad(s, done)
     return mean_loss

@@ -90,16 +90,22 @@ class MetricsLog:
 
 
 class Console:
-    """Rank 0's messages: ``say`` on stdout, ``warn`` on stderr, both around the progress bar when there is one."""
+    """Rank 0's messages: ``say`` on stdout, ``warn`` on stderr, both around the progress bar when there is one.
+
+    The bar is tqdm's, on stderr, and only when stderr is a terminal (``disable=None``): a scheduler's log
+    file would otherwise fill with carriage-return updates. Without a bar (not a terminal, --no-progress),
+    each log step's figures are one line on stdout instead."""
 
     def __init__(self, env: DistEnv):
-        self.env, self.bar = env, None
+        self.env, self.bar, self.total = env, None, None
 
     def progress(self, total: int, initial: int, enabled: bool) -> None:
+        self.total = total
         if enabled and self.env.is_main:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="pretrain")
+            bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="pretrain", disable=None)
+            self.bar = None if bar.disable else bar
 
     def say(self, msg: str, file=None) -> None:
         if self.env.is_main:
@@ -117,10 +123,12 @@ class Console:
         if self.bar is not None:
             self.bar.update(1)
 
-    def show(self, **postfix) -> None:
-        """The latest log line's figures beside the bar."""
+    def show(self, step: int, **postfix) -> None:
+        """The latest log line's figures: beside the bar, or as a line of their own when there is none."""
         if self.bar is not None:
             self.bar.set_postfix(**postfix)
+        else:
+            self.say(f"step {step}/{self.total}: " + ", ".join(f"{k}={v}" for k, v in postfix.items()))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -4,21 +4,26 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..models import CausalViT
+from ..models.config import ViTConfig
+from .config import model_overrides
+
+
+def model_config(preset: str, *, img_size: Optional[int] = None, objective: str = "pixel",
+                 vocab_size: Optional[int] = None, backend: str = "auto") -> ViTConfig:
+    """The preset's config with the run's overrides (image size, token head and vocabulary, op backend):
+    what ``build_model`` builds, read without building it (no parameters are allocated)."""
+    overrides = model_overrides(img_size=img_size, objective=objective, vocab_size=vocab_size)
+    return ViTConfig.from_preset(preset, backend=backend, **overrides)
 
 
 def build_model(preset: str, *, img_size: Optional[int] = None, objective: str = "pixel",
                 vocab_size: Optional[int] = None, backend: str = "auto") -> CausalViT:
     """The preset's CausalViT with the run's overrides (image size, token head and vocabulary, op backend)."""
-    overrides = {"backend": backend, "head": objective}
-    if img_size is not None:
-        overrides["img_size"] = img_size
-    if objective == "token" and vocab_size is not None:
-        overrides["vocab_size"] = vocab_size
-    return CausalViT.from_preset(preset, **overrides)
+    return CausalViT(model_config(preset, img_size=img_size, objective=objective, vocab_size=vocab_size,
+                                  backend=backend))
 
 
 def checkpointed_modules(model: CausalViT) -> list:
@@ -44,8 +49,3 @@ def enable_activation_checkpointing(model: CausalViT) -> CausalViT:
         block._aimkern_checkpointed = True
     return model
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside torch.compile's and DDP's wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)

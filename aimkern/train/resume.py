@@ -6,9 +6,10 @@ optimization, seed, ...) from there. An option given on the command line that di
 is refused, with every difference listed, unless it is in ``CHANGEABLE``: options about how and how long
 the run executes, which do not change what one step computes.
 
-``--steps`` keeps the saved value unless given; the other changeable options take this command line's
-values (their defaults when not given), so ``--stop-at`` or ``--probe`` of an earlier invocation never
-sticks. No torch here: ``parse_args`` uses this before anything heavy is imported.
+Each option's rule is its ``TrainConfig`` field's (config.py): the ``KEPT`` ones keep the saved value unless
+given; the ``PER_INVOCATION`` ones take this command line's values (their defaults when not given), so
+``--stop-at`` or ``--probe`` of an earlier invocation never sticks. No torch here: ``parse_args`` uses this
+before anything heavy is imported.
 """
 from __future__ import annotations
 
@@ -16,18 +17,14 @@ import json
 import os
 from typing import Iterable, Optional
 
+from .config import KEPT, PER_INVOCATION, flag, options
+
 RUN_FILE = "run.json"
 
-# May differ from the checkpoint's (documented in --help and the README).
-CHANGEABLE = (
-    "steps", "stop_at", "save_every", "log_every", "keep", "probe", "no_progress", "workers", "threads", "device",
-    "compile", "compile_backend", "checkpointing", "fsdp", "backend", "max_bad_samples", "resume", "out",
-)
-# Changeable, but kept from the run (not reset to the default) when the command line does not give them: a
-# bare --resume must not quietly save less often, log differently or take another bad-data bound. The
-# switches (--stop-at, --probe, --no-progress, --compile, --checkpointing, --fsdp) apply to one invocation.
-KEPT_WHEN_ABSENT = ("steps", "save_every", "log_every", "keep", "max_bad_samples", "workers", "threads", "device",
-                    "backend", "compile_backend")
+# What may differ from the run's (the KEPT and PER_INVOCATION fields of TrainConfig), and what of it keeps the
+# run's value when the command line does not give it (KEPT): both generated from the fields' resume rules.
+CHANGEABLE = options(KEPT, PER_INVOCATION)
+KEPT_WHEN_ABSENT = options(KEPT)
 
 
 def run_file(out_dir: str) -> str:
@@ -68,10 +65,6 @@ def _update(out_dir: str, **fields) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
     os.replace(path + ".tmp", path)
-
-
-def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
 
 
 def differences(saved: dict, current: dict, keys: Iterable[str]) -> list:

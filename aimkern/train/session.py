@@ -16,11 +16,11 @@ from ..data.inputs import ModelInputs
 from ..data.sources import BatchStream, make_stream
 from ..distributed import DistEnv
 from . import init_from, resume
-from .args import run_options
+from .config import run_options
 from .bad_samples import BadSamples
 from .errors import ResumeError
 from .metering import Console, LogWindow, MetricsLog
-from .model import build_model
+from .model import model_config
 from .state import load_resume_state, restore, schedule_banner
 from .step import Run, build_run, seed_everything
 
@@ -55,7 +55,7 @@ def _tokenizer(args, env: DistEnv, resumed: bool):
     from .tokens import prepare_tokenizer
 
     seed_everything(args.seed)
-    geometry = build_model(args.preset, img_size=args.img_size).config  # patch and image sizes
+    geometry = model_config(args.preset, img_size=args.img_size)  # patch and image sizes: read, no model built
     return prepare_tokenizer(
         path=args.tokenizer, out_dir=args.out, resume=resumed, vocab_size=args.vocab_size or geometry.vocab_size,
         patch_size=geometry.patch_size, fit_images=args.tokenizer_images, env=env, progress=not args.no_progress,

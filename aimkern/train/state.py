@@ -11,9 +11,10 @@ from typing import Callable, Optional
 
 from .. import dispatch
 from ..distributed import DistEnv, barrier, gather_objects
+from ..models.config import current_names
 from . import checkpoint as ckpt
 from . import resume
-from .args import run_options
+from .config import run_options
 from .bad_samples import BadSamples
 from .errors import ResumeError
 from .metering import LogWindow
@@ -73,7 +74,7 @@ def load_resume_state(args, env: DistEnv, say: Callable[[str], None]) -> Optiona
 def _load_into(run: Run, state: dict) -> None:
     """The checkpoint's model and optimizer state, or a ResumeError saying why it does not fit."""
     cfg = run.core.config.to_dict()
-    saved = state.get("config", cfg)
+    saved = current_names(state.get("config", cfg), "the checkpoint's config")  # older ones say head_dim
     diffs = [f"{k} {cfg[k]} (checkpoint: {saved[k]})" for k in cfg if k in saved and saved[k] != cfg[k]]
     if diffs:
         raise ResumeError(f"{state['path']} holds another model: {'; '.join(diffs)}")

@@ -6,7 +6,7 @@ resumed run loads that file again, so the targets of a resumed run are the ones 
 
 A fit on the fly says what it does before it starts (centroids, patches, device), estimates its time from
 one timed nearest-centroid pass, warns when that is long for the device (a large vocabulary on a CPU), and
-shows a progress bar over its k-means iterations.
+shows a progress bar over its k-means iterations (when stderr is a terminal).
 """
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def _fit_with_progress(tok, images: torch.Tensor, env: DistEnv, progress: bool) 
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=1 + tok.iters, desc="tokenizer fit", unit="pass", dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (a scheduler's log), as the training bar
+        bar = tqdm(total=1 + tok.iters, desc="tokenizer fit", unit="pass", dynamic_ncols=True, disable=None)
+        bar = None if bar.disable else bar
 
     def report(done: int, total: int) -> None:
         if bar is not None:

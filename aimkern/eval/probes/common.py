@@ -67,12 +67,13 @@ def in_order(n: int, batch_size: int) -> Iterator[Tuple[int, torch.Tensor]]:
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar of ``total`` steps, or None when progress is off."""
+    """A tqdm bar of ``total`` steps, or None when progress is off or stderr is not a terminal (a log file)."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None)
+    return None if bar.disable else bar
 
 
 def fit_cross_entropy(logits_of, opt: torch.optim.Optimizer, xs, ys: torch.Tensor, *, epochs: int, batch_size: int,
