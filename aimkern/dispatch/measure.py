@@ -40,7 +40,7 @@ def _run(spec: OpSpec, cand: Candidate, tensors: tuple, problem: Problem, upstre
 def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| in float64 (0 for empty tensors): the error measure of every tolerance rule (the
     dispatcher's verification here, tests/tolerances.py for the tests)."""
-    return float((x.double() - ref.double()).abs().max()) if x.numel() else 0.0
+    return float((x.detach().double() - ref.detach().double()).abs().max()) if x.numel() else 0.0
 
 
 def fresh_leaves(tensors: tuple, problem: Problem, dtype: Optional[torch.dtype] = None) -> tuple:

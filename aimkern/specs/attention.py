@@ -15,6 +15,7 @@ params)``, attention's Triton ones with a "packed" variant ``fn(qkv, prefix_len,
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -131,10 +132,11 @@ def _triton(backward: str, deterministic: Optional[bool] = None) -> tuple:
     """A Triton candidate and its packed variant: the aimkern kernels with one backward path
     (``deterministic`` overrides the call's). The path is passed down, not set with ``launch_policy``:
     torch.compile cannot trace a ContextVar.set()."""
+    if deterministic is None:  # the entries themselves, the path bound: one call less per op call
+        return (functools.partial(attention_triton, backward=backward),
+                functools.partial(attention_qkvpacked_triton, backward=backward))
 
     def with_determinism(params: AttentionParams) -> AttentionParams:
-        if deterministic is None:
-            return params
         return AttentionParams(params.is_causal, params.block_size, params.scale, deterministic)
 
     def run(q, k, v, prefix_len, params):
