@@ -22,8 +22,8 @@ Padded query rows (i >= N) load lse = +inf, so p = 0 there and they add nothing,
 import triton
 import triton.language as tl
 
-from .constants import LOG2E
 from .attention_fwd import flat_program, key_bounds, load_rows, query_bounds, store_rows, visible
+from .constants import LOG2E
 
 # The tiled backward's last N % BLOCK_M queries run in tiles of this many rows (key-major dots keep wgmma).
 QUERY_TAIL = tl.constexpr(16)
