@@ -1,5 +1,6 @@
 """The launch layer (aimkern/ops/_launch.py): a frozen LaunchPolicy decides autotuning and the attention
 backward path when the forward runs, and the backward keeps that choice; observers see every launch."""
+import contextlib
 import importlib.util
 import os
 
@@ -129,3 +130,115 @@ def test_ops_namespace_is_reachable_from_a_fresh_import():
     code = "import aimkern; aimkern.ops.launch_policy; aimkern.ops.attention_qkvpacked; aimkern.ops.LaunchPolicy()"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ device guard
+class _RecordingKernel:
+    """What launch() indexes with a grid: records the device guard that is open when it is called."""
+
+    arg_names = ["x_ptr", "y_ptr", "n", "BLOCK"]
+
+    def __init__(self, guards):
+        self.guards, self.calls = guards, []
+
+    def fn(self):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(list(self.guards))
+
+
+def _recording_guard(monkeypatch):
+    """Replace the launch layer's device guard by one that records the device while it is open."""
+    from aimkern.ops import _launch
+
+    entered, open_now = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        entered.append(device)
+        open_now.append(device)
+        try:
+            yield
+        finally:
+            open_now.pop()
+
+    monkeypatch.setattr(_launch, "device_guard", guard)
+    return entered, open_now
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_launch_runs_inside_the_guard_of_its_tensors_device(monkeypatch, device):
+    from aimkern.kernels.launch_table import Choice, cfg
+    from aimkern.ops._launch import launch
+
+    entered, open_now = _recording_guard(monkeypatch)
+    kernel = _RecordingKernel(open_now)
+    choice = Choice(kernel, (cfg(4, 1, BLOCK=16),), cfg(4, 1, BLOCK=16))
+    x, y = torch.zeros(4, device=device), torch.zeros(4, device=device)
+    launch(choice, lambda meta: (1,), (x, y, 4), dtype=torch.float32, policy=LaunchPolicy(autotune=False))
+    assert entered == [torch.device(device)] and kernel.calls == [[torch.device(device)]]
+
+
+def test_the_guard_of_a_cuda_device_is_that_device_and_nothing_elsewhere():
+    """torch.cuda.device(cuda:1) makes device 1 current for the launch (built, not entered: no GPU here)."""
+    from aimkern.ops._launch import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    for device in (torch.device("cpu"), torch.device("meta"), None):
+        assert isinstance(device_guard(device), contextlib.nullcontext)
+
+
+def test_every_launcher_of_every_op_goes_through_the_guard(monkeypatch):
+    """Each op's forward and backward launches, run for real under the interpreter, enter the guard with
+    their tensors' device, once per launch."""
+    entered, _ = _recording_guard(monkeypatch)
+    q, k, v = _qkv()
+    x, w = torch.randn(5, 16, requires_grad=True), torch.randn(24, 16, requires_grad=True)
+    images = torch.randn(2, 3, 8, 8)
+    pw = torch.randn(16, 3, 4, 4, requires_grad=True)
+    pred = torch.randn(2, 4, 48, requires_grad=True)
+    calls = [
+        lambda: aimkern.attention(q, k, v, is_causal=True, backend="triton").sum(),
+        lambda: aimkern.linear_cross_entropy(x, w, torch.randint(0, 24, (5,)), backend="triton"),
+        lambda: aimkern.patch_embed(images, pw, backend="triton").sum(),
+        lambda: aimkern.next_patch_pixel_loss(pred, images, patch_size=4, backend="triton"),
+    ]
+    for call in calls:
+        entered.clear()
+        with observe() as launches:
+            call().backward()
+        assert len(launches) >= 2 and entered == [torch.device("cpu")] * len(launches)
+
+
+def test_a_launch_refuses_tensors_on_two_devices_naming_the_arguments():
+    from aimkern.kernels.launch_table import Choice, cfg
+    from aimkern.ops._launch import launch
+
+    kernel = _RecordingKernel([])
+    choice = Choice(kernel, (cfg(4, 1, BLOCK=16),), cfg(4, 1, BLOCK=16))
+    with pytest.raises(ValueError, match="y_ptr is on meta but x_ptr is on cpu"):
+        launch(choice, lambda meta: (1,), (torch.zeros(4), torch.zeros(4, device="meta"), 4),
+               dtype=torch.float32, policy=LaunchPolicy(autotune=False))
+    assert kernel.calls == []  # nothing launched
+
+
+@pytest.mark.parametrize("op", ["attention", "linear_cross_entropy", "patch_embed", "next_patch_pixel_loss"])
+def test_every_op_refuses_inputs_on_two_devices_at_its_entry(op):
+    meta = lambda t: t.to("meta")  # noqa: E731
+    q = torch.randn(1, 2, 8, 16)
+    calls = {
+        "attention": (lambda: aimkern.attention(q, q, meta(q), backend="triton"), "v is on meta"),
+        "linear_cross_entropy": (lambda: aimkern.linear_cross_entropy(
+            torch.randn(4, 16), meta(torch.randn(8, 16)), torch.zeros(4, dtype=torch.long), backend="triton"),
+            "linear_weight is on meta"),
+        "patch_embed": (lambda: aimkern.patch_embed(torch.randn(1, 3, 8, 8), meta(torch.randn(4, 3, 4, 4)),
+                                                    backend="triton"), "weight is on meta"),
+        "next_patch_pixel_loss": (lambda: aimkern.next_patch_pixel_loss(
+            torch.randn(1, 4, 48), torch.randn(1, 3, 8, 8), patch_size=4, prefix_len=meta(torch.tensor([1])),
+            backend="triton"), "prefix_len is on meta"),
+    }
+    call, message = calls[op]
+    with pytest.raises(ValueError, match=message):
+        call()

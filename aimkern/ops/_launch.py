@@ -201,6 +201,7 @@ def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.d
     grid:  META -> grid tuple; META holds the chosen config's block sizes.
     dtype: the inputs' dtype; it sets DOT_PRECISION for kernels that take one.
     """
+    device = launch_device(choice, args)
     if "DOT_PRECISION" in choice.kernel.arg_names:
         constexprs = dict(constexprs, DOT_PRECISION=dot_precision(dtype))
     dry = False
@@ -209,12 +210,40 @@ def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.d
         dry = dry or dry_run
     if dry:
         return
-    if autotunes(choice, policy):
-        _autotuner(choice)[grid](*args, **constexprs)
-        return
-    c = fixed_config(choice, policy)
-    meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-    choice.kernel[grid(meta)](*args, **constexprs, **meta)
+    with device_guard(device):  # Triton launches on the current CUDA device, not on the tensors'
+        if autotunes(choice, policy):
+            _autotuner(choice)[grid](*args, **constexprs)
+            return
+        c = fixed_config(choice, policy)
+        meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        choice.kernel[grid(meta)](*args, **constexprs, **meta)
+
+
+def launch_device(choice, args: tuple) -> Optional[torch.device]:
+    """The one device of a launch's tensor arguments (None without any). Tensors on two devices are a
+    ValueError naming both kernel arguments: a kernel reads every pointer on the device it runs on, so a
+    pointer into another GPU's memory would be read as garbage, never refused by the hardware."""
+    names = choice.kernel.arg_names
+    first = None
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if first is None:
+            first = (i, a.device)
+        elif a.device != first[1]:
+            name = lambda j: names[j] if j < len(names) else f"argument {j}"  # noqa: E731
+            raise ValueError(f"{choice.name}: {name(i)} is on {a.device} but {name(first[0])} is on {first[1]}; "
+                             "every tensor of a launch must be on one device")
+    return first[1] if first is not None else None
+
+
+def device_guard(device: Optional[torch.device]):
+    """The context a launch on ``device`` runs in: ``torch.cuda.device(device)`` for a CUDA device (Triton
+    launches on, and takes the stream of, the *current* device, which need not be the tensors'), else a
+    no-op."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------- device facts
