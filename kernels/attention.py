@@ -62,10 +62,13 @@ def band(n: int) -> str:
 # (benchmarks/kernel_report.py): no spill, and wgmma on sm_90a, which needs 64-row accumulator slabs: a
 # 32-row BLOCK_M (fwd) or BLOCK_N (bwd) falls back to mma.sync, so such entries were dropped.
 FWD_TABLE = {
+    # Short band: 64-row query tiles only. A 128-row tile issued 1.49x the visible work at N = 256 causal
+    # (its diagonal block is 128 x 128) and 2.33x at N = 196, where rows 192-255 of its second query tile
+    # are padding (benchmarks/kernel_cost.py counts every config of a table against the budgets).
+    (64, False, "short"): [(64, 64, 4, 3)],
     # 128 x 64 runs 8 warps: on 4 it spills 8-56 B beside the forward's key-tail loop (sm_90a and sm_80).
-    (64, False, "short"): [(64, 64, 4, 3), (128, 64, 8, 3)],
     (64, False, "long"): [(128, 64, 8, 3), (128, 128, 8, 3)],
-    (128, False, "short"): [(64, 64, 4, 3), (128, 64, 8, 3)],
+    (128, False, "short"): [(64, 64, 4, 3)],
     (128, False, "long"): [(128, 64, 8, 3), (128, 32, 8, 3)],
     (256, False, None): [(64, 32, 8, 2), (64, 16, 4, 2)],
     (64, True, None): [(128, 64, 8, 2), (64, 32, 4, 2)],
@@ -107,17 +110,28 @@ def table_entries(kind: str, bd: int, fp32: bool, n_band: str, arch: int = 90) -
     raise KeyError((kind, width, fp32, n_band))
 
 
+def least_padding(entries, rows: int, tile_of) -> tuple:
+    """The entries whose tiles (``tile_of(entry)`` rows each) pad ``rows`` rows least, in table order.
+
+    Pruned by N before any autotuning: a config that pads more rows than another candidate issues more work
+    for the same result (the 128-row forward tile at N = 196 covered queries 128-255 for 64 real ones), so
+    neither the autotuner nor a fixed pick may run it."""
+    pad = [-(-rows // tile_of(e)) * tile_of(e) - rows for e in entries]
+    return tuple(e for e, p in zip(entries, pad) if p == min(pad))
+
+
 @functools.lru_cache(maxsize=None)
-def _choice(kind: str, bd: int, fp32: bool, n_band: str, tile: int, arch: int) -> Choice:
-    entries = table_entries(kind, bd, fp32, n_band, arch)
+def _choice(kind: str, entries: tuple, tile: int) -> Choice:
     configs = tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=bn) for m, bn, w, st in entries)
     restore = BWD_RESTORE if kind == "bwd" else ()
     return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY, restore=restore)
 
 
 def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_fwd_kernel; grid (cdiv(N, BLOCK_M), B * H)."""
-    return _choice("fwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
+    """attn_fwd_kernel; grid (cdiv(M_END, BLOCK_M), B * H) over the queries [0, M_END = query_tail_start(n))
+    (the configs that pad those rows least)."""
+    entries = table_entries("fwd", block_d(head_dim), fp32, band(n), arch)
+    return _choice("fwd", least_padding(entries, query_tail_start(n), lambda e: e[0]), _interpret_tile(n))
 
 
 BWD_QUERY_TAIL = QUERY_TAIL.value  # the tiled backward's tail query tile (rows)
@@ -179,9 +193,12 @@ def backward_key_tail(head_dim: int, fp32: bool, key_tile: int, arch: int = 90) 
 
 
 def backward_tiled(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_bwd_tiled_kernel; grid (cdiv(N, BLOCK_N), B * H); DQ_ACC (B * H, N, D) fp32 and SEM (B * H,
-    cdiv(N, BWD_QUERY_TAIL)) int32 (at least one per query tile of any config), zeroed by the launcher."""
-    return _choice("bwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
+    """attn_bwd_tiled_kernel; grid (cdiv(K_END, BLOCK_N), B * H) over the keys [0, K_END) (``key_tail``; the
+    configs that pad those rows least); DQ_ACC (B * H, N, D) fp32 and SEM (B * H, cdiv(N, BWD_QUERY_TAIL))
+    int32 (at least one per query tile of any config), zeroed by the launcher."""
+    entries = table_entries("bwd", block_d(head_dim), fp32, band(n), arch)
+    k_end = key_tail(n, head_dim)[0]
+    return _choice("bwd", least_padding(entries, k_end, lambda e: e[1]), _interpret_tile(n))
 
 
 @functools.lru_cache(maxsize=None)
