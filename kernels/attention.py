@@ -43,6 +43,44 @@ TUNE_KEY = ("N_BUCKET", "HEAD_D", "IS_CAUSAL", "HAS_PREFIX")
 BWD_RESTORE = ("DQ_ACC", "SEM")
 
 
+# Shared memory each kernel needs at most for a config (Choice.shared: config, the launch's constexprs,
+# input element bytes -> bytes): the launch layer keeps the configs that fit the device, and the compile gate
+# fails any compile above its estimate. Calibrated on sm_90a builds (sm_80's mma.sync pipelines hold one
+# stage less); fp32 inputs hold a second copy of the operand 3xTF32 splits.
+def _fwd_shared(c, k: dict, e: int) -> int:
+    """Q once, a K and a V tile per pipeline stage."""
+    m, n, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], k["BLOCK_D"]
+    return e * ((2 if e == 4 else 1) * m * bd + max(1, c.num_stages) * 2 * n * bd)
+
+
+def _fwd_tail_shared(c, k: dict, e: int) -> int:
+    """The forward's, plus the transposed P tile of the key-major PV dot."""
+    return _fwd_shared(c, k, e) + e * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+
+
+def _bwd_tiled_shared(c, k: dict, e: int) -> int:
+    """K, V (and K^T for the dQ share; fp32: each twice more, 3xTF32's splits), the streamed q, do tiles,
+    P and dS, and the fp32 dQ^T share."""
+    m, n, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], k["BLOCK_D"]
+    key_tiles = 6 if e == 4 else 3
+    return e * (key_tiles * n * bd + max(1, c.num_stages) * 2 * m * bd + 2 * m * n) + 4 * m * bd
+
+
+def _key_tail_shared(c, k: dict, e: int) -> int:
+    """q, do per pipeline stage, the tail's K, V, and the fp32 dQ share of a query tile."""
+    m, kt, bd = c.kwargs["BLOCK_M"], c.kwargs["KEY_TILE"], k["BLOCK_D"]
+    return e * (max(1, c.num_stages) * 2 * m * bd + 2 * kt * bd) + 4 * m * bd + 1024
+
+
+def _fused_shared(c, k: dict, e: int) -> int:
+    """K, V of every key tile, q, do of a query tile per stage, P and dS of one key tile, the fp32 dQ tile."""
+    m, kv, bd = c.kwargs["BLOCK_M"], c.kwargs["KV_TILE"], k["BLOCK_D"]
+    return e * (2 * k["K_TILES"] * kv * bd + max(1, c.num_stages) * 2 * m * bd + 2 * kv * m) + 4 * m * bd
+
+
+_SHARED = {"fwd": _fwd_shared, "bwd": _bwd_tiled_shared}
+
+
 def _interpret_tile(n: int) -> int:
     return INTERPRET_SMALL_TILE if n <= INTERPRET_SMALL_N else INTERPRET_LARGE_TILE
 
@@ -95,7 +133,10 @@ FWD_TABLE_SM80 = {  # Hopper's 64 x 64 and 128 x 64 tiles at D = 128 spill 8-20 
 BWD_TABLE_SM80 = {  # sm_80 computes the dQ share query-major (DQ_KEY_MAJOR off: K^T at D = 256 spilled 27 KB);
     # Hopper's 64 x 128 on 8 warps spills 16-32 B here
     (64, False, None): [(32, 128, 8, 3), (32, 64, 4, 2)],
-    (256, False, None): [(16, 64, 8, 2)],
+    # The second entries fit 99 KB of shared memory per block (sm_86 / sm_89 / sm_120 also take these
+    # tables): the launch layer drops the first there (aimkern.ops._launch.fit_to_device).
+    (256, False, None): [(16, 64, 8, 2), (16, 32, 8, 1)],
+    (128, True, None): [(32, 32, 8, 1), (16, 16, 4, 1)],
 }
 TABLES = {90: {"fwd": FWD_TABLE, "bwd": BWD_TABLE}, 80: {"fwd": FWD_TABLE_SM80, "bwd": BWD_TABLE_SM80}}
 
@@ -124,7 +165,8 @@ def least_padding(entries, rows: int, tile_of) -> tuple:
 def _choice(kind: str, entries: tuple, tile: int) -> Choice:
     configs = tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=bn) for m, bn, w, st in entries)
     restore = BWD_RESTORE if kind == "bwd" else ()
-    return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY, restore=restore)
+    return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY, restore=restore,
+                  shared=_SHARED[kind])
 
 
 def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
@@ -151,9 +193,12 @@ def query_tail_start(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _tail_choice(bd: int, fp32: bool) -> Choice:
     # 64 key rows: wgmma's slab height (fp32: 32, as its table). 4 warps: one warpgroup for 16 query columns.
+    # D = 256 without a second stage: two stages of 64 x 256 K and V tiles need 138 KB, over the 99 KB of a
+    # consumer GPU's block (the tail is at most 63 queries: its pipeline hardly matters).
     block_n = 32 if fp32 else 64
-    return Choice(attn_fwd_tail_kernel, (cfg(4, 2, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=block_n),),
-                  cfg(4, 1, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=16))
+    stages = 1 if bd >= 256 else 2
+    return Choice(attn_fwd_tail_kernel, (cfg(4, stages, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=block_n),),
+                  cfg(4, 1, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=16), shared=_fwd_tail_shared)
 
 
 def forward_tail(head_dim: int, fp32: bool) -> Choice:
@@ -184,7 +229,7 @@ def _key_tail_choice(bd: int, fp32: bool, key_tile: int, arch: int) -> Choice:
     # registers) spills 2-9 KB with them at D = 128: 16 rows there.
     block_m = 32 if fp32 else (64 if arch >= 90 or bd <= 64 else 16)
     return Choice(attn_bwd_key_tail_kernel, (cfg(4, 2, BLOCK_M=block_m, KEY_TILE=key_tile),),
-                  cfg(4, 1, BLOCK_M=16, KEY_TILE=key_tile))
+                  cfg(4, 1, BLOCK_M=16, KEY_TILE=key_tile), shared=_key_tail_shared)
 
 
 def backward_key_tail(head_dim: int, fp32: bool, key_tile: int, arch: int = 90) -> Choice:
@@ -228,6 +273,7 @@ def _fused_choice(bd: int, fp32: bool, block_kv: int, tile: int) -> Choice:
         attn_bwd_fused_kernel,
         (cfg(8, 1, BLOCK_M=block_m, KV_TILE=FUSED_KV_TILE),),
         cfg(4, 1, BLOCK_M=tile, KV_TILE=max(16, block_kv // FUSED_MAX_KEY_TILES)),
+        shared=_fused_shared,
     )
 
 

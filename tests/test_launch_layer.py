@@ -3,6 +3,7 @@ backward path when the forward runs, and the backward keeps that choice; observe
 import contextlib
 import importlib.util
 import os
+import types
 
 import pytest
 import torch
@@ -242,3 +243,106 @@ def test_every_op_refuses_inputs_on_two_devices_at_its_entry(op):
     call, message = calls[op]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ------------------------------------------------------------------------- shared memory of the device
+_PROFILES = {"sm_90": (90, 232448, 90), "sm_80": (80, 166912, 80), "sm_120": (120, 101376, 80)}
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Make torch report one CUDA device of a given capability and opt-in shared memory per block."""
+    from aimkern.ops import _launch
+
+    def clear():
+        for name in ("_cuda_facts", "_capability_of"):
+            if hasattr(getattr(_launch, name, None), "cache_clear"):
+                getattr(_launch, name).cache_clear()
+
+    def install(capability: int, shared: int):
+        props = types.SimpleNamespace(major=capability // 10, minor=capability % 10, multi_processor_count=84,
+                                      shared_memory_per_block_optin=shared)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (props.major, props.minor))
+        clear()
+        return torch.device("cuda", 0)
+
+    yield install
+    clear()
+
+
+@pytest.mark.parametrize("profile", sorted(_PROFILES))
+def test_tables_are_chosen_by_the_devices_shared_memory(fake_cuda, profile):
+    """Consumer Blackwell (sm_120) reports capability 12.0 but 99 KB per block: it gets the sm_80 tables,
+    and the CE head's configs (128-192 KB on Hopper's tables) all fit it."""
+    from aimkern.kernels import cross_entropy as ce
+    from aimkern.ops._launch import fit_to_device, table_arch
+
+    capability, shared, arch = _PROFILES[profile]
+    device = fake_cuda(capability, shared)
+    assert table_arch(device) == arch
+    for kind in ("fwd", "dlogits"):
+        choice = fit_to_device(ce.tile(kind, 65536, 8192, 768, 2, table_arch(device)), device, {}, torch.bfloat16)
+        assert choice.configs and all(choice.shared(c, {}, 2) <= shared for c in choice.configs)
+    matmul = fit_to_device(ce.matmul(65536, 768, 8192, 2, table_arch(device)), device, {}, torch.bfloat16)
+    assert all(matmul.shared(c, {}, 2) <= shared for c in matmul.configs)
+
+
+def test_fit_to_device_keeps_the_configs_that_fit_or_else_the_smallest():
+    from aimkern.kernels.launch_table import Choice, cfg
+    from aimkern.ops._launch import fit_to_device, meta_device
+
+    big, small = cfg(8, 4, BLOCK=200), cfg(4, 2, BLOCK=60)
+    choice = Choice(_RecordingKernel([]), (big, small), small, shared=lambda c, k, e: c.kwargs["BLOCK"] * 1024)
+    meta = torch.device("meta")
+    with meta_device(120, 101376):
+        assert fit_to_device(choice, meta, {}, torch.float16).configs == (small,)
+    with meta_device(90, 232448):
+        assert fit_to_device(choice, meta, {}, torch.float16) is choice
+    with meta_device(75, 50 * 1024):
+        assert fit_to_device(choice, meta, {}, torch.float16).configs == (small,)  # none fits: the smallest
+    assert fit_to_device(choice, torch.device("cpu"), {}, torch.float16) is choice  # the interpreter
+
+
+@pytest.mark.parametrize("profile", sorted(_PROFILES))
+def test_every_config_every_launcher_may_run_fits_the_device(profile, monkeypatch):
+    """Every launch the compile gate's problems make (every op, dtype, head dim, band, mask, path) on a
+    device of the profile: each config the launch may run (the autotuner's candidates included) fits its
+    shared memory per block, and the first config, which launchers read before the launch to size their
+    buffers (``fixed_config``), is never dropped."""
+    import sys
+
+    from aimkern.ops._launch import meta_device, observe
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        from kernel_problems import FAMILIES
+    finally:
+        sys.path.pop(0)
+    from aimkern.ops import _launch
+
+    capability, shared, _ = _PROFILES[profile]
+    read_first, fixed = [], _launch.fixed_config  # the Choices launchers read with fixed_config
+    for name, module in list(sys.modules.items()):
+        if name.startswith("aimkern.ops.") and module is not _launch and getattr(module, "fixed_config", None) is fixed:
+            monkeypatch.setattr(module, "fixed_config", lambda choice, policy: read_first.append(choice) or
+                                fixed(choice, policy))
+    fitted, fit = [], _launch.fit_to_device  # (the launcher's Choice, what the launch may run) of each launch
+    monkeypatch.setattr(_launch, "fit_to_device", lambda choice, *rest: fitted.append((choice, fit(choice, *rest)))
+                        or fitted[-1][1])
+    launches = []
+    for problems in FAMILIES.values():
+        with meta_device(capability, shared):
+            for _label, run in list(problems("all")):
+                with observe(dry_run=True) as seen:
+                    run()
+                launches += seen
+    assert len(launches) > 500
+    for launch in launches:
+        elem = next(a for a in launch.args if isinstance(a, torch.Tensor) and a.dtype.is_floating_point)
+        for c in launch.choice.configs:
+            need = launch.choice.shared(c, launch.constexprs, elem.element_size()) if launch.choice.shared else 0
+            assert need <= shared, f"{launch.name} {c} needs {need} B > {shared} B ({profile})"
+    read_first = {id(choice) for choice in read_first}
+    checked = [(table, ran) for table, ran in fitted if id(table) in read_first]
+    assert checked and all(ran.configs[0] is table.configs[0] for table, ran in checked)
