@@ -334,6 +334,19 @@ _TILE_KERNELS = {"fwd": ce_fwd_kernel, "dlogits": ce_dlogits_kernel}
 _TILE_KEYS = {"fwd": ("V", "E", "HAS_BIAS", "NEED_SUM"), "dlogits": ("V", "E", "HAS_BIAS")}
 
 
+def _tile_shared(c, k: dict, e: int) -> int:
+    """Shared memory at most (Choice.shared): an x and a W tile per pipeline stage (fp32: one stage more,
+    for the operand 3xTF32 splits). Calibrated on sm_90a builds; sm_80's pipelines hold one stage less."""
+    kw = c.kwargs
+    return (c.num_stages + (e == 4)) * (kw["BLOCK_T"] + kw["BLOCK_V"]) * kw["BLOCK_E"] * e
+
+
+def _matmul_shared(c, k: dict, e: int) -> int:
+    """An A and a B tile per pipeline stage (as ``_tile_shared``)."""
+    kw = c.kwargs
+    return (c.num_stages + (e == 4)) * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * e
+
+
 def _configs(macs: int, elem_bytes: int, tuned: tuple, fp32: triton.Config) -> tuple:
     if elem_bytes >= 4:
         return (fp32,)
@@ -342,7 +355,8 @@ def _configs(macs: int, elem_bytes: int, tuned: tuple, fp32: triton.Config) -> t
 
 @functools.lru_cache(maxsize=None)
 def _tile_choice(kind: str, configs: tuple, interpreter_key: tuple) -> Choice:
-    return Choice(_TILE_KERNELS[kind], configs, cfg(4, 1, **dict(interpreter_key)), key=_TILE_KEYS[kind])
+    return Choice(_TILE_KERNELS[kind], configs, cfg(4, 1, **dict(interpreter_key)), key=_TILE_KEYS[kind],
+                  shared=_tile_shared)
 
 
 def tile(kind: str, t: int, v: int, e: int, elem_bytes: int, arch: int = 90) -> Choice:
@@ -357,7 +371,7 @@ def tile(kind: str, t: int, v: int, e: int, elem_bytes: int, arch: int = 90) -> 
 def _matmul_choice(configs: tuple, interpreter_key: tuple) -> Choice:
     # ACCUMULATE calls read-modify-write C and rs: the autotuner restores them after each trial.
     return Choice(matmul_kernel, configs, cfg(4, 1, **dict(interpreter_key)),
-                  key=("M", "N", "K", "ACCUMULATE", "ROWSUM"), restore=("c_ptr", "rs_ptr"))
+                  key=("M", "N", "K", "ACCUMULATE", "ROWSUM"), restore=("c_ptr", "rs_ptr"), shared=_matmul_shared)
 
 
 def matmul(m: int, n: int, k: int, elem_bytes: int, arch: int = 90) -> Choice:
