@@ -101,8 +101,9 @@ def _layouts(layout, n: int) -> tuple:
 
 
 def _run(spec, cand, tensors, problem, upstream, layout, gen, context):
-    """(outputs, gradients, the views passed) of one call; the inputs (and the incoming gradients) laid out
-    as ``layout`` says (see ``_layouts``); gradients are taken with respect to the laid-out views."""
+    """(outputs, gradients, the views passed, the incoming gradients passed) of one call; the inputs and
+    the incoming gradients laid out as ``layout`` says (see ``_layouts``); gradients are taken with respect
+    to the laid-out views."""
     layouts = _layouts(layout, len(tensors))
     views = [None if t is None else lay_out(t, lay, gen, rg)
              for t, rg, lay in zip(tensors, problem.requires_grad, layouts)]
@@ -110,11 +111,11 @@ def _run(spec, cand, tensors, problem, upstream, layout, gen, context):
         outs = spec.outputs(call(spec, cand, tuple(views), problem.kwargs()))
         wanted = [v for v, rg in zip(views, problem.requires_grad) if rg]
         if not wanted:
-            return tuple(o.detach() for o in outs), (), views
+            return tuple(o.detach() for o in outs), (), views, []
         diff = [o for o in outs if o.requires_grad]
-        ups = [lay_out(u, layouts[-1], gen, False) for u in upstream[: len(diff)]]
-        grads = torch.autograd.grad(diff, wanted, [u.to(o.dtype) for o, u in zip(diff, ups)], allow_unused=True)
-    return tuple(o.detach() for o in outs), tuple(grads), views
+        ups = [lay_out(u.to(o.dtype), layouts[-1], gen, False) for o, u in zip(diff, upstream)]
+        grads = torch.autograd.grad(diff, wanted, ups, allow_unused=True)
+    return tuple(o.detach() for o in outs), tuple(grads), views, ups
 
 
 def upstream_for(spec, tensors, problem, up: Upstream, gen) -> list:
@@ -167,7 +168,8 @@ def compare(spec: OpSpec, dtype: str, names, got, same, ref64) -> Optional[str]:
                     g64[torch.isinf(r64)], r64[torch.isinf(r64)]):
                 return f"{name}: non-finite pattern differs: got {_describe_bad(g64)}, reference {_describe_bad(r64)}"
         if not bool(torch.isfinite(g64[fin]).all()):
-            return f"{name}: {_describe_bad(torch.where(fin, g64, torch.zeros_like(g64)))} where the float64 reference is finite"
+            bad = _describe_bad(torch.where(fin, g64, torch.zeros_like(g64)))
+            return f"{name}: {bad} where the float64 reference is finite"
         if not fin.any():
             continue
         g64, r64, s64 = g64[fin], r64[fin], s64[fin]
@@ -202,20 +204,21 @@ def check_case(spec: OpSpec, cand: Candidate, problem: Problem, tensors: tuple, 
     """
     gen = torch.Generator().manual_seed(7)
     ups = upstream_for(spec, tensors, problem, upstream, gen) if problem.grad else []
-    gen_layout = torch.Generator().manual_seed(11)
     context = run() if run is not None else tables(config)
-    got_out, got_grad, views = _run(spec, cand, tensors, problem, ups, layout, gen_layout, context)
-    # The references see the values the candidate saw (an expanded view repeats one slice), contiguous.
+    got_out, got_grad, views, passed = _run(spec, cand, tensors, problem, ups, layout,
+                                            torch.Generator().manual_seed(11), context)
+    # The references see the values the candidate saw (an expanded view repeats one slice), contiguous, and
+    # the incoming gradients as the candidate got them (rounded to its outputs' dtypes).
     values = tuple(None if v is None else v.detach().contiguous() for v in views)
-    ups_seen = [lay_out(u, _layouts(layout, len(tensors))[-1], gen_layout, False).contiguous() for u in ups]
+    seen = [u.detach().contiguous() for u in passed]
     ref = _reference(spec)
     plain = contextlib.nullcontext
-    ref64 = _run(spec, ref, _as(values, torch.float64, problem), problem, [u.double() for u in ups_seen], None, gen,
-                 plain())
-    same = _run(spec, ref, _as(values, compute_dtype, problem), problem, ups_seen, None, gen, plain())
+    ref64 = _run(spec, ref, _as(values, torch.float64, problem), problem, [u.double() for u in seen], None, gen,
+                 plain())[:2]
+    same = _run(spec, ref, _as(values, compute_dtype, problem), problem, seen, None, gen, plain())[:2]
     if _overflows(same[0] + same[1], ref64[0] + ref64[1]):  # the reference overflows in the test dtype
-        same = _run(spec, ref, _as(values, torch.float32, problem), problem, [u.float() for u in ups_seen], None,
-                    gen, plain())
+        same = _run(spec, ref, _as(values, torch.float32, problem), problem, [u.float() for u in seen], None,
+                    gen, plain())[:2]
     names = [f"output {i}" for i in range(len(ref64[0]))]
     names += [f"grad of {n}" for n, rg in zip(spec.tensor_args, problem.requires_grad) if rg]
     for name, g, r in zip(names, got_out + tuple(got_grad), ref64[0] + tuple(ref64[1])):

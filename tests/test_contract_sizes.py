@@ -6,7 +6,7 @@ tables (kernels/*.py), not written down:
   backward's on-chip limit on the GPU tables, the short / long band edge; in the long band (BLOCK_N = 128)
   the N whose key-tail kernel owns keys inside the tiled kernel's last tile, and the N whose last key
   tile holds BLOCK_N - 1 keys (slow); and the second entry of each table (what the autotuner may pick);
-* linear_cross_entropy: several backward chunks under the GPU chunking rule (its byte budget lowered so a
+* linear_cross_entropy: two backward chunks under the GPU chunking rule (its byte budget lowered so a
   chunk is CUDA_BLOCK_T tokens), every config the autotuner gets above AUTOTUNE_MIN_MACS, and (slow) a run
   at that threshold, fp16 "mean" under a GradScaler's 32768 with a head at timm's init;
 * patch_embed: the batch at which the big GEMM tables take over (on meta tensors), and every config of them;
@@ -23,12 +23,16 @@ import torch
 
 from aimkern.kernels.launch_table import AUTOTUNE_MIN_MACS
 from aimkern.ops import launch_policy
-from aimkern.ops._launch import gpu_configs, kernels, observe
+from aimkern.ops._launch import gpu_configs, interpreting, kernels, observe
 from aimkern.ops.spec import get_spec
 from contract_check import CONFIGS, Upstream, check_case, for_candidate, runnable
 from contract_inputs import (
     attention_problem, ce_inputs, ce_problem, patch_inputs, patch_problem, pixel_problem, _randn,
 )
+
+# CPU tensors through the Triton paths: under Triton's interpreter only (a CUDA machine runs the GPU tables
+# natively: tests/test_gpu_*.py).
+pytestmark = pytest.mark.skipif(not interpreting(), reason="runs Triton's interpreter on CPU tensors")
 
 D = 64
 ATT = get_spec("attention")
@@ -113,10 +117,12 @@ def _attention_params(slow: bool) -> list:
     long band's 128-key tiles are the 16-bit tables' (fp16 only)."""
     out = []
     for dtype, config in (("float16", "interp"), ("float32", "gpu"), ("float16", "gpu")):
-        if slow:
-            sizes = [(n, "long-band-ragged") for n in long_band_ragged()] if dtype == "float16" and config == "gpu" else []
-        else:
+        if not slow:
             sizes = attention_edges(dtype == "float32", config)
+        elif dtype == "float16" and config == "gpu":
+            sizes = [(n, "long-band-ragged") for n in long_band_ragged()]
+        else:
+            sizes = []
         for n, why in sizes:
             for cand in _triton(ATT):
                 out.append(pytest.param(cand, config, dtype, n, id=f"{cand.name}-{config}-{dtype}-N{n}-{why}"))
@@ -177,7 +183,7 @@ def cuda_block_chunks(monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_cross_entropy_several_gpu_chunks(cuda_block_chunks, dtype, reduction):
     chunk = cuda_block_chunks(CE_V, torch.finfo(getattr(torch, dtype)).bits // 8)
-    t = 2 * chunk + 37  # three chunks, the last ragged
+    t = chunk + 37  # two chunks, the second ragged: dW and d(bias) accumulate
     problem = ce_problem(dtype, (t,), CE_V, CE_E, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
     tensors = ce_inputs(problem, torch.Generator().manual_seed(t))
     msg = check_case(CE, CE.candidate("triton"), problem, tensors, config="gpu")
@@ -206,13 +212,15 @@ def test_cross_entropy_autotune_threshold_on_meta():
     assert counts[t - 1]["ce_fwd_kernel"] == 1, counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cross_entropy_every_tuned_config(cuda_block_chunks, reduction):
     """Each config the autotuner gets above the threshold, on a two-chunk fp16 problem."""
     kern = kernels("cross_entropy")
     big = _ce_threshold_tokens(CE_V, CE_E)
-    tuned = {c.kernel: c.configs for c in (kern.tile("fwd", big, CE_V, CE_E, 2), kern.tile("dlogits", big, CE_V, CE_E, 2),
-                                           kern.matmul(big, CE_V, CE_E, 2))}
+    choices = (kern.tile("fwd", big, CE_V, CE_E, 2), kern.tile("dlogits", big, CE_V, CE_E, 2),
+               kern.matmul(big, CE_V, CE_E, 2))
+    tuned = {c.kernel: c.configs for c in choices}
     t = kern.bwd_chunk_tokens(10**6, CE_V, 2, True) + 5  # two chunks of the interpreter's rule
     problem = ce_problem("float16", (t,), CE_V, CE_E, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
     tensors = ce_inputs(problem, torch.Generator().manual_seed(1))

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import aimkern
+from aimkern.ops._launch import interpreting
 from aimkern.ops.spec import all_specs
 from contract_check import check_case, for_candidate, runnable, tables
 from contract_inputs import hostile, hostile_names, small_cases
@@ -69,6 +70,7 @@ def _outcome(spec, tensors, options, backend):
         return None, e
 
 
+@pytest.mark.skipif(not interpreting(), reason="runs the Triton backend on CPU tensors (Triton's interpreter)")
 @pytest.mark.parametrize("spec", [s for s in SPECS if any(
     isinstance(v, int) and not isinstance(v, bool) for _, v in small_cases(s.name, "float32")[0][1].options)],
     ids=lambda s: s.name)
