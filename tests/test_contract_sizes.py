@@ -3,9 +3,10 @@
 tables (kernels/*.py), not written down:
 
 * attention (D = 64): the interpreter's tile change, the key-tail kernel's limit (KEY_TAIL_MAX), the fused
-  backward's on-chip limit on the GPU tables, the short / long band edge; in the long band (BLOCK_N = 128)
-  the N whose key-tail kernel owns keys inside the tiled kernel's last tile, and the N whose last key
-  tile holds BLOCK_N - 1 keys (slow); and the second entry of each table (what the autotuner may pick);
+  backward's on-chip limit on the GPU tables, the short / long band edge; in the long band (BLOCK_N = 128,
+  fp16, logits shifted so that lse is far below zero) the N whose key-tail kernel owns keys inside the
+  tiled kernel's last tile, and the N whose last key tile holds BLOCK_N - 1 keys (slow); and the second
+  entry of each table (what the autotuner may pick);
 * linear_cross_entropy: two backward chunks under the GPU chunking rule (its byte budget lowered so a
   chunk is CUDA_BLOCK_T tokens), every config the autotuner gets above AUTOTUNE_MIN_MACS, and (slow) a run
   at that threshold, fp16 "mean" under a GradScaler's 32768 with a head at timm's init;
@@ -27,7 +28,7 @@ from aimkern.ops._launch import gpu_configs, interpreting, kernels, observe
 from aimkern.ops.spec import get_spec
 from contract_check import CONFIGS, Upstream, check_case, for_candidate, runnable
 from contract_inputs import (
-    attention_problem, ce_inputs, ce_problem, patch_inputs, patch_problem, pixel_problem, _randn,
+    _randn, _shifted_qk, attention_problem, ce_inputs, ce_problem, patch_inputs, patch_problem, pixel_problem,
 )
 
 # CPU tensors through the Triton paths: under Triton's interpreter only (a CUDA machine runs the GPU tables
@@ -101,13 +102,18 @@ def long_band_ragged() -> list:
     return [owned, short]
 
 
-def _attention_case(dtype: str, n: int):
-    """Full attention at the lower size of an edge (even index), prefix-causal at the upper one."""
+def _attention_case(dtype: str, n: int, lse_negative: bool = False):
+    """Random values: full attention at the lower size of an edge (even N), prefix-causal at the upper one.
+    ``lse_negative``: full attention on logits shifted far below zero (contract_inputs.attention_cases), where
+    a padded key row that is not masked out gets p = exp(-lse) = inf."""
     gen = torch.Generator().manual_seed(n)
     shape = (1, 1, n, D)
+    dt = getattr(torch, dtype)
+    if lse_negative:
+        q, k = _shifted_qk(shape, gen, dt, -1.0)
+        return attention_problem(dtype, shape, prefix=False), (q, k, _randn(shape, gen, dt), None)
     causal = n % 2 == 1
     problem = attention_problem(dtype, shape, prefix=causal, is_causal=causal)
-    dt = getattr(torch, dtype)
     return problem, (*(_randn(shape, gen, dt) for _ in range(3)),
                      torch.tensor([n // 3], dtype=torch.int32) if causal else None)
 
@@ -120,7 +126,7 @@ def _attention_params(slow: bool) -> list:
         if not slow:
             sizes = attention_edges(dtype == "float32", config)
         elif dtype == "float16" and config == "gpu":
-            sizes = [(n, "long-band-ragged") for n in long_band_ragged()]
+            sizes = [(n, "long-band-ragged-lse-negative") for n in long_band_ragged()]
         else:
             sizes = []
         for n, why in sizes:
@@ -129,8 +135,8 @@ def _attention_params(slow: bool) -> list:
     return out
 
 
-def _check_attention(cand, config, dtype, n):
-    problem, tensors = _attention_case(dtype, n)
+def _check_attention(cand, config, dtype, n, lse_negative=False):
+    problem, tensors = _attention_case(dtype, n, lse_negative)
     problem = for_candidate(cand, problem, config)
     if problem is None:
         pytest.skip(f"{cand.name} does not apply at N={n} ({config} tables)")
@@ -146,7 +152,7 @@ def test_attention_table_edges(cand, config, dtype, n):
 @pytest.mark.slow
 @pytest.mark.parametrize("cand,config,dtype,n", _attention_params(slow=True))
 def test_attention_long_band_ragged_tiles(cand, config, dtype, n):
-    _check_attention(cand, config, dtype, n)
+    _check_attention(cand, config, dtype, n, lse_negative=True)
 
 
 @pytest.mark.parametrize("n", [196, 257], ids=["short-band", "long-band"])
