@@ -90,16 +90,19 @@ def attention_edges(fp32: bool, config: str) -> list:
 
 def long_band_ragged() -> list:
     """Long band (GPU tables, BLOCK_N = 128): the first N whose key-tail kernel owns keys inside the tiled
-    kernel's last tile (K_END not a multiple of BLOCK_N), and the first whose last tile holds BLOCK_N - 1."""
+    kernel's last tile (K_END not a multiple of BLOCK_N), and the first whose last tile holds BLOCK_N - 1.
+    The tables now hand the tiled kernel the configs that pad K_END least, so the first kind may not exist
+    (at N = 577 the key tile is 64, which divides K_END = 576): then only the second is returned."""
     kern = kernels("attention")
     first = next(n for n in range(257, 2048) if not kern.band(n) == "short")
 
     def bn(n):
         return kern.backward_tiled(D, False, n).configs[0].kwargs["BLOCK_N"]
 
-    owned = next(n for n in range(first, 2048) if kern.key_tail(n, D)[1] and kern.key_tail(n, D)[0] % bn(n))
+    owned = next((n for n in range(first, 2048) if kern.key_tail(n, D)[1] and kern.key_tail(n, D)[0] % bn(n)),
+                 None)
     short = next(n for n in range(first, 2048) if kern.key_tail(n, D)[1] == 0 and n % bn(n) == bn(n) - 1)
-    return [owned, short]
+    return [n for n in (owned, short) if n is not None]
 
 
 def _attention_case(dtype: str, n: int, lse_negative: bool = False):
