@@ -41,8 +41,15 @@ BUDGETS = {
 
 # (budget name, shape, mask) -> (measured value allowed instead, reason): budgets these kernels do not meet
 # yet, each explained in benchmarks/RESULTS.md. The allowance is the measured value (rounded up by at most
-# 0.01), so any further growth still fails; remove an entry as soon as the kernels meet the budget.
+# 0.01), so any further growth still fails; remove an entry as soon as the kernels meet the budget. Measured
+# by phase (the forward call and backward() counted apart) at the worst config of each table.
 _N196 = "B=256 N=196 D=64"
+_FWD_196 = ("N = 196 = 3 x 64 + 4: 64-row wgmma query tiles issue their three 64 x 64 diagonal blocks whole "
+            "(24,576 pairs for the first 192 queries' 18,528 causal ones), and the last 4 queries run as one "
+            "16-query key-major tile over four 64-key tiles (4,096 pairs for 784). wgmma's 64-row slab (query "
+            "side here, key side in the tail) leaves 16-wide sub-tiles nothing to skip on the diagonal: any "
+            "tail gives at least (24,576 + 784) / 19,306 = 1.31x causal; the block-causal rows (block 14) do "
+            "not align with 64 either. N = 256 meets the budget with the same kernels")
 _DIAG_196 = ("N = 196 with 64-row wgmma tiles: the three 64 x 64 diagonal blocks waste about half each (~6,000 of "
              "the 19,306 causal pairs) whatever the tiling, and the block-causal rows (block 14) do not align "
              "with 64; N = 256 meets the budget with the same kernels")
@@ -50,12 +57,13 @@ _BYTES_SHORT = ("at N = 193..256 the fused one-program-per-head backward needs 4
                 "280 B (compile gate), so the default is the tiled backward: q, do re-read by every key tile "
                 "that sees them and dQ shares added through fp32 atomics (mostly L2 traffic)")
 EXCEPTIONS: dict = {
-    ("attention forward, causal / block-causal / prefix, N <= 256", _N196, "block"): (1.35, _DIAG_196),
+    **{("attention forward, causal / block-causal / prefix, N <= 256", _N196, m): (x, _FWD_196)
+       for m, x in (("causal", 1.49), ("prefix", 1.32), ("block", 1.55))},
     **{("attention backward (default path), N <= 256", _N196, m): (x, _DIAG_196)
-       for m, x in (("causal", 1.58), ("prefix", 1.44), ("block", 1.93))},
+       for m, x in (("causal", 1.49), ("prefix", 1.37), ("block", 1.85))},
     **{("short-N backward (default path), global-memory bytes requested", shape, m): (x, _BYTES_SHORT)
        for shape, vals in (("B=256 N=256 D=64", (("full", 3.78), ("causal", 2.64), ("prefix", 2.83), ("block", 2.64))),
-                           (_N196, (("full", 4.03), ("causal", 2.55), ("prefix", 2.80), ("block", 3.29))))
+                           (_N196, (("full", 3.78), ("causal", 2.30), ("prefix", 2.54), ("block", 3.04))))
        for m, x in vals},
 }
 

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import has_cuda, write_report  # noqa: E402
 
 from aimkern.data.pack import pack  # noqa: E402
-from aimkern.data.stream import ShardStream  # noqa: E402
+from aimkern.data.shard_stream import ShardStream  # noqa: E402
 from aimkern.data.folder import FolderStream  # noqa: E402
 
 GOALS = {"vit-b16": 3800.0, "aim-600m": 330.0}  # img/s per H200 (README "Results")

@@ -1,10 +1,15 @@
 """Cost report: the work the real kernels issue, counted on CPU, against each op's exact minimum.
 
 The CPU stand-in for a profiler. Every launcher runs for real under Triton's interpreter with the configs
-the GPU would pick (the sm_90a table's first entry, autotuning off: ``aimkern.ops._launch.gpu_configs``),
-while ``aimkern.ops._counting.count_work`` adds up each kernel's ``tl.dot`` multiply-adds (M x N x K) and
-the global-memory bytes its loads, stores and atomics request (masked-off elements excluded). Work that is
+the GPU would run (the sm_90a tables, autotuning off: ``aimkern.ops._launch.gpu_configs``), while
+``aimkern.ops._counting.count_work`` adds up each kernel's ``tl.dot`` multiply-adds (M x N x K) and the
+global-memory bytes its loads, stores and atomics request (masked-off elements excluded). Work that is
 linear in the batch (B * H heads, B images, T tokens) is counted on a small batch and scaled.
+
+Counted by phase: the forward call and ``backward()`` each in their own block, so a kernel counts where it
+runs, whatever its name. Counted for every config a table may hand the autotuner: the problem runs once per
+config index (``gpu_configs(i)``), and each kernel keeps its largest counts over those runs, so a budget
+holds for whichever config the autotuner picks (``worst_over_configs``).
 
 Exact minimums (V = visible (query, key) pairs of the mask, e = element bytes):
   attention forward   2 V D MACs;  bytes: q, k, v read once, o written once (+ the fp32 logsumexp)
@@ -42,8 +47,8 @@ from cost_budgets import BUDGETS, check_row  # noqa: E402
 
 import aimkern  # noqa: E402
 from aimkern.ops import launch_policy  # noqa: E402
-from aimkern.ops._counting import count_work  # noqa: E402
-from aimkern.ops._launch import gpu_configs  # noqa: E402
+from aimkern.ops._counting import WorkCount, count_work  # noqa: E402
+from aimkern.ops._launch import gpu_configs, observe  # noqa: E402
 from aimkern.reference.attention import attention_mask  # noqa: E402
 
 MATMUL_TFLOPS = 765.0  # H200, bf16 dense matmul (benchmarks/RESULTS.md, "Ceilings and peers")
@@ -60,7 +65,6 @@ PEERS = {
     (16, 4096, 64): {"causal": ("cuDNN", 3.933), "prefix": ("Flex", 6.996), "block": ("Flex", 5.187)},
     (64, 1024, 128): {"causal": ("cuDNN", 2.471), "prefix": ("Flex", 3.713), "block": ("Flex", 3.150)},
 }
-FWD_KERNELS = ("attn_fwd_kernel",)
 
 
 def mask_options(mask: str, n: int) -> dict:
@@ -82,6 +86,44 @@ def visible_pairs(n: int, opts: dict) -> int:
     return int(mask.sum())
 
 
+def _keep_worst(into: WorkCount, work: WorkCount) -> None:
+    """Fold ``work`` into ``into`` keeping, per kernel, the largest of each count (launches, dots, MACs, bytes)."""
+    for name, k in work.kernels.items():
+        w = into.kernels[name]
+        for f in ("launches", "dots", "macs", "load_bytes", "store_bytes"):
+            setattr(w, f, max(getattr(w, f), getattr(k, f)))
+
+
+def worst_over_configs(step) -> tuple:
+    """Run ``step`` (no arguments -> one ``WorkCount`` per phase, each from its own ``count_work()`` block)
+    once per config index of the Choices it launches (``gpu_configs(i)``: a table with fewer configs repeats
+    its last). Returns (per phase, a WorkCount holding each kernel's largest counts over the runs; the
+    runs' per-phase WorkCounts, by config index). A kernel's work depends on its own config only, so the
+    sum of the kernels' maxima is the work of the worst combination the autotuner may pick."""
+    worst, runs, i, n = None, [], 0, 1
+    while i < n:
+        with gpu_configs(i), observe() as launches:
+            phases = step()
+        n = max([n] + [len(launch.choice.configs) for launch in launches])
+        worst = worst or [WorkCount() for _ in phases]
+        for into, work in zip(worst, phases):
+            _keep_worst(into, work)
+        runs.append(phases)
+        i += 1
+    return worst, runs
+
+
+def _total(phases) -> WorkCount:
+    """One WorkCount of several phases' (a kernel launched in two phases adds up)."""
+    total = WorkCount()
+    for work in phases:
+        for name, k in work.kernels.items():
+            t = total.kernels[name]
+            for f in ("launches", "dots", "macs", "load_bytes", "store_bytes"):
+                setattr(t, f, getattr(t, f) + getattr(k, f))
+    return total
+
+
 def backward_paths(n: int, d: int) -> list:
     """(label, LaunchPolicy changes, attention kwargs) of each backward path that applies at (N, D)."""
     from aimkern.kernels import attention as kern
@@ -100,43 +142,58 @@ def _supports_deterministic() -> bool:
     return "deterministic" in inspect.signature(aimkern.attention).parameters
 
 
+def attention_row(b: int, n: int, d: int, mask: str, path: str = "split", policy: dict = None,
+                  extra: dict = None, default: bool = True) -> dict:
+    """One report row: (B, H = 12, N, D) attention with ``mask``, forward and backward counted apart, each
+    at the worst of the configs its tables hold (counted on one head, scaled to B * H)."""
+    policy, extra = policy or dict(attention_backward=path), extra or {}
+    heads, e = b * H, 2  # fp16 / bf16
+    opts = mask_options(mask, n)
+    vis = visible_pairs(n, opts)
+
+    def step():
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 1, n, d, generator=gen, dtype=torch.float16).requires_grad_() for _ in range(3))
+        do = torch.randn(1, 1, n, d, generator=gen, dtype=torch.float16)
+        with launch_policy(autotune=False, **policy):
+            with count_work() as fwd_work:
+                o = aimkern.attention(q, k, v, backend="triton", **opts, **extra)
+            with count_work() as bwd_work:
+                o.backward(do)
+        return fwd_work, bwd_work
+
+    t0 = time.perf_counter()
+    (fwd_work, bwd_work), runs = worst_over_configs(step)
+    secs = time.perf_counter() - t0
+    min_fwd_macs, min_bwd_macs = 2 * vis * d, 5 * vis * d
+    min_fwd_bytes = 4 * n * d * e + 4 * n
+    min_bwd_bytes = 8 * n * d * e + 4 * n
+    fwd, bwd = fwd_work.of(*fwd_work.kernels), bwd_work.of(*bwd_work.kernels)
+    peer = PEERS.get((b, n, d), {}).get(mask)
+    return dict(
+        op="attention", shape=f"B={b} N={n} D={d}", mask=mask, path=path, default=default, heads=heads,
+        kernels=sorted(set(fwd_work.kernels) | set(bwd_work.kernels)), interp_s=round(secs, 2),
+        fwd_kernels=sorted(fwd_work.kernels), bwd_kernels=sorted(bwd_work.kernels), configs=len(runs),
+        fwd_x_by_config=[round(f.macs / min_fwd_macs, 4) for f, _ in runs],
+        bwd_x_by_config=[round(w.macs / min_bwd_macs, 4) for _, w in runs],
+        fwd_macs=fwd.macs * heads, fwd_x=fwd.macs / min_fwd_macs,
+        bwd_macs=bwd.macs * heads, bwd_x=bwd.macs / min_bwd_macs,
+        fwd_bytes=fwd.bytes * heads, fwd_bytes_x=fwd.bytes / min_fwd_bytes,
+        bwd_bytes=bwd.bytes * heads, bwd_bytes_x=bwd.bytes / min_bwd_bytes,
+        floor_ms=floor_ms((fwd.macs + bwd.macs) * heads, (fwd.bytes + bwd.bytes) * heads),
+        floor_min_ms=floor_ms((fwd.macs + bwd.macs) * heads, (min_fwd_bytes + min_bwd_bytes) * heads),
+        peer=f"{peer[0]} {peer[1]:.3f}" if peer else "-", n=n, d=d,
+    )
+
+
 def attention_rows(shapes) -> list:
     rows = []
     for b, n, d in shapes:
-        heads = b * H
-        e = 2  # fp16 / bf16
         for mask in MASKS:
-            opts = mask_options(mask, n)
-            vis = visible_pairs(n, opts)
             for path, policy, extra, default in backward_paths(n, d):
                 if extra and not _supports_deterministic():
                     continue
-                gen = torch.Generator().manual_seed(0)
-                q, k, v = (torch.randn(1, 1, n, d, generator=gen, dtype=torch.float16).requires_grad_()
-                           for _ in range(3))
-                t0 = time.perf_counter()
-                with gpu_configs(), launch_policy(autotune=False, **policy), count_work() as work:
-                    o = aimkern.attention(q, k, v, backend="triton", **opts, **extra)
-                    o.backward(torch.randn_like(o))
-                secs = time.perf_counter() - t0
-                fwd = work.of(*FWD_KERNELS)
-                bwd_names = [k for k in work.kernels if k not in FWD_KERNELS]
-                bwd = work.of(*bwd_names)
-                min_fwd_macs, min_bwd_macs = 2 * vis * d, 5 * vis * d
-                min_fwd_bytes = 4 * n * d * e + 4 * n
-                min_bwd_bytes = 8 * n * d * e + 4 * n
-                peer = PEERS.get((b, n, d), {}).get(mask)
-                rows.append(dict(
-                    op="attention", shape=f"B={b} N={n} D={d}", mask=mask, path=path, default=default, heads=heads,
-                    kernels=sorted(work.kernels), interp_s=round(secs, 2),
-                    fwd_macs=fwd.macs * heads, fwd_x=fwd.macs / min_fwd_macs,
-                    bwd_macs=bwd.macs * heads, bwd_x=bwd.macs / min_bwd_macs,
-                    fwd_bytes=fwd.bytes * heads, fwd_bytes_x=fwd.bytes / min_fwd_bytes,
-                    bwd_bytes=bwd.bytes * heads, bwd_bytes_x=bwd.bytes / min_bwd_bytes,
-                    floor_ms=floor_ms((fwd.macs + bwd.macs) * heads, (fwd.bytes + bwd.bytes) * heads),
-                    floor_min_ms=floor_ms((fwd.macs + bwd.macs) * heads, (min_fwd_bytes + min_bwd_bytes) * heads),
-                    peer=f"{peer[0]} {peer[1]:.3f}" if peer else "-", n=n, d=d,
-                ))
+                rows.append(attention_row(b, n, d, mask, path, policy, extra, default))
     return rows
 
 
@@ -150,13 +207,17 @@ def cross_entropy_rows(t_count: int = 256) -> list:
     tgt = torch.randint(0, v, (t_count,), generator=gen)
     gemm = t_count * e * v
     for grad in (False, True):
-        xs, ws = x.clone().requires_grad_(grad), w.clone().requires_grad_(grad)
-        with gpu_configs(), launch_policy(autotune=False), count_work() as work:
-            if grad:
-                aimkern.linear_cross_entropy(xs, ws, tgt, backend="triton").backward()
-            else:
-                with torch.no_grad():
-                    aimkern.linear_cross_entropy(xs, ws, tgt, backend="triton")
+        def step():
+            xs, ws = x.clone().requires_grad_(grad), w.clone().requires_grad_(grad)
+            with launch_policy(autotune=False), torch.set_grad_enabled(grad):
+                with count_work() as fwd_work:
+                    loss = aimkern.linear_cross_entropy(xs, ws, tgt, backend="triton")
+                with count_work() as bwd_work:
+                    if grad:
+                        loss.backward()
+            return fwd_work, bwd_work
+
+        work = _total(worst_over_configs(step)[0])
         scale = t_real / t_count
         min_bytes = (t_count * e + v * e) * 2 + t_count * 8 + ((t_count * e + v * e) * 2 if grad else 0)
         rows.append(dict(
@@ -179,9 +240,17 @@ def patch_embed_rows(b_count: int = 32) -> list:
     weight = (torch.randn(e, c, p, p, generator=gen) * 0.02).half().requires_grad_()
     bias = torch.zeros(e, dtype=torch.float16, requires_grad=True)
     pos = (torch.randn(n, e, generator=gen) * 0.02).half().requires_grad_()
-    with gpu_configs(), launch_policy(autotune=False), count_work() as work:
-        out = aimkern.patch_embed(images, weight, bias, pos, backend="triton")
-        out.backward(torch.randn_like(out))
+    grad = torch.randn(b_count, n, e, generator=gen).half()
+
+    def step():
+        with launch_policy(autotune=False):
+            with count_work() as fwd_work:
+                out = aimkern.patch_embed(images, weight, bias, pos, backend="triton")
+            with count_work() as bwd_work:
+                out.backward(grad)
+        return fwd_work, bwd_work
+
+    work = _total(worst_over_configs(step)[0])
     gemm = b_count * n * e * c * p * p
     min_bytes = (images.numel() + weight.numel() + pos.numel() + b_count * n * e * 2 + weight.numel() + e
                  + pos.numel()) * 2
@@ -201,8 +270,15 @@ def pixel_loss_rows(b_count: int = 2) -> list:
     gen = torch.Generator().manual_seed(0)
     pred = torch.randn(b_count, n, p * p * c, generator=gen).half().requires_grad_()
     images = torch.randn(b_count, c, img, img, generator=gen).half()
-    with gpu_configs(), launch_policy(autotune=False), count_work() as work:
-        aimkern.next_patch_pixel_loss(pred, images, patch_size=p, prefix_len=n // 2, backend="triton").backward()
+    def step():
+        with launch_policy(autotune=False):
+            with count_work() as fwd_work:
+                loss = aimkern.next_patch_pixel_loss(pred, images, patch_size=p, prefix_len=n // 2, backend="triton")
+            with count_work() as bwd_work:
+                loss.backward()
+        return fwd_work, bwd_work
+
+    work = _total(worst_over_configs(step)[0])
     min_bytes = (pred.numel() * 2 + images.numel()) * 2  # pred, images read once; d pred written once
     scale = b_real / b_count
     return [dict(
@@ -217,14 +293,15 @@ def floor_ms(macs: float, nbytes: float) -> float:
 
 
 def print_tables(rows: list) -> None:
-    print("Issued work per kernel family, counted under Triton's interpreter with the sm_90a configs, as")
+    print("Issued work per kernel family, counted under Triton's interpreter with the sm_90a configs (forward")
+    print("and backward apart, each kernel at the worst of the configs its table may hand the autotuner), as")
     print("multiples of the exact minimum. Floor = max(MACs / 765 TFLOP/s, bytes / 4.2 TB/s) on the H200, with")
     print("each tensor moved once ('floor ms') and with every requested byte from DRAM ('(req B)'; re-reads")
     print("of q / do and dQ atomics mostly hit L2, so the truth lies between): a bound, never a prediction.")
     print("Peers: fwd+bwd ms measured on the H200 (benchmarks/RESULTS.md).\n")
     attn = [r for r in rows if r["op"] == "attention"]
     if attn:
-        head = (f"{'shape':<20} {'mask':<7} {'bwd path (*: default)':<22} {'fwd x':>6} {'bwd x':>6} "
+        head = (f"{'shape':<20} {'mask':<7} {'bwd path (*: default)':<22} {'cfgs':>4} {'fwd x':>6} {'bwd x':>6} "
                 f"{'bwd bytes x':>11} "
                 f"{'fwd+bwd GFLOP':>13} {'req GB':>6} {'floor ms':>8} {'(req B)':>8}  peer ms")
         print(head)
@@ -233,7 +310,7 @@ def print_tables(rows: list) -> None:
             gflop = 2 * (r["fwd_macs"] + r["bwd_macs"]) / 1e9
             gb = (r["fwd_bytes"] + r["bwd_bytes"]) / 1e9
             path = r["path"] + (" *" if r["default"] else "")
-            print(f"{r['shape']:<20} {r['mask']:<7} {path:<22} {r['fwd_x']:>6.2f} {r['bwd_x']:>6.2f} "
+            print(f"{r['shape']:<20} {r['mask']:<7} {path:<22} {r['configs']:>4} {r['fwd_x']:>6.2f} {r['bwd_x']:>6.2f} "
                   f"{r['bwd_bytes_x']:>11.2f} {gflop:>13.1f} {gb:>6.2f} {r['floor_min_ms']:>8.3f} {r['floor_ms']:>8.3f}"
                   f"  {r['peer']}")
         print()

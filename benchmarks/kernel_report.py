@@ -18,8 +18,9 @@ dots that fall back from wgmma to mma.sync). This script sees all of that withou
    cp.async (LDGSTS) / TMA loads in the SASS (``cuobjdump -sass``), and works out resident blocks per SM.
 
 It prints a table, writes one JSON object per compile (``--json``), and exits 1 when any rule fails:
-a compile error, shared memory over the arch's limit, a 16-bit config that spills, or an sm_90a 16-bit
-main-loop kernel without wgmma. ``--subset gpu-run`` keeps the problems the GPU check runs
+a compile error, shared memory over the arch's limit or over its Choice's bound (``Choice.shared``, by
+which the launch layer keeps the configs that fit a device), a 16-bit config that spills, or an sm_90a
+16-bit main-loop kernel without wgmma. ``--subset gpu-run`` keeps the problems the GPU check runs
 (benchmarks/gpu_check.sh: bf16 / fp16 at the benchmark shapes), for the gate on older Triton versions.
 """
 from __future__ import annotations
@@ -49,6 +50,8 @@ ARCHS = {"sm_90a": 90, "sm_80": 80}
 # Max dynamic shared memory per block (opt-in) and per SM, bytes.
 SMEM_PER_BLOCK = {90: 232448, 80: 166912}
 SMEM_PER_SM = {90: 233472, 80: 167936}
+# A Choice without a shared-memory bound (Choice.shared None) promises a few KB at most.
+SMALL_SHARED = 16384
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
@@ -85,6 +88,7 @@ class Job:
     arch: str
     dtype: str
     problems: list = field(default_factory=list)
+    shared_estimate: object = None  # the Choice's bound (Choice.shared), None where it has none
 
     def key(self) -> tuple:
         """What decides the compiled code: argument specializations, not values (Triton's JIT compiles an
@@ -137,9 +141,12 @@ def collect_jobs(families, subset: str, archs, kernels=None) -> list:
                     if kernels and fn.__name__ not in kernels:
                         continue
                     args = tuple(_describe_arg(a) for a in launch.args)
+                    elem = {"fp16": 2, "bf16": 2, "fp32": 4}[_input_dtype(launch)]
                     for c in launch.choice.configs:
+                        shared = launch.choice.shared
                         job = Job(fn.__module__, fn.__name__, args, {**launch.constexprs, **c.kwargs},
-                                  c.num_warps, c.num_stages, arch, _input_dtype(launch))
+                                  c.num_warps, c.num_stages, arch, _input_dtype(launch),
+                                  shared_estimate=shared(c, launch.constexprs, elem) if shared else None)
                         jobs.setdefault(job.key(), job).problems.append(label)
     return list(jobs.values())
 
@@ -225,7 +232,8 @@ def compile_job(job: Job) -> dict:
     cap = ARCHS[job.arch]
     row = {"kernel": job.kernel, "arch": job.arch,
            "config": {**job.constexprs, "num_warps": job.num_warps, "num_stages": job.num_stages, "dtype": job.dtype},
-           "problems": job.problems, "ok": False, "error": None, "registers": None, "spill_bytes": None,
+           "problems": job.problems, "shared_estimate": job.shared_estimate, "ok": False, "error": None,
+           "registers": None, "spill_bytes": None,
            "shared_bytes": None, "blocks_per_sm": None, "mma": None, "loads": None, "seconds": None}
     t0 = time.time()
     try:
@@ -263,6 +271,11 @@ def violations(row: dict) -> list:
     cap = ARCHS[row["arch"]]
     if row["shared_bytes"] > SMEM_PER_BLOCK[cap]:
         out.append(f"shared memory {row['shared_bytes']} B > {SMEM_PER_BLOCK[cap]} B ({row['arch']})")
+    if "shared_estimate" in row:  # the launch layer keeps the configs that fit a device by this bound
+        bound = row["shared_estimate"] if row["shared_estimate"] is not None else SMALL_SHARED
+        if row["shared_bytes"] > bound:
+            out.append(f"shared memory {row['shared_bytes']} B over its Choice's bound {bound} B "
+                       "(Choice.shared; aimkern.ops._launch.fit_to_device relies on it)")
     sixteen_bit = row["config"]["dtype"] in ("bf16", "fp16")
     if sixteen_bit and (row["spill_bytes"] or 0) > 0:
         out.append(f"16-bit config spills {row['spill_bytes']} B")

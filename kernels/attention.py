@@ -43,6 +43,44 @@ TUNE_KEY = ("N_BUCKET", "HEAD_D", "IS_CAUSAL", "HAS_PREFIX")
 BWD_RESTORE = ("DQ_ACC", "SEM")
 
 
+# Shared memory each kernel needs at most for a config (Choice.shared: config, the launch's constexprs,
+# input element bytes -> bytes): the launch layer keeps the configs that fit the device, and the compile gate
+# fails any compile above its estimate. Calibrated on sm_90a builds (sm_80's mma.sync pipelines hold one
+# stage less); fp32 inputs hold a second copy of the operand 3xTF32 splits.
+def _fwd_shared(c, k: dict, e: int) -> int:
+    """Q once, a K and a V tile per pipeline stage."""
+    m, n, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], k["BLOCK_D"]
+    return e * ((2 if e == 4 else 1) * m * bd + max(1, c.num_stages) * 2 * n * bd)
+
+
+def _fwd_tail_shared(c, k: dict, e: int) -> int:
+    """The forward's, plus the transposed P tile of the key-major PV dot."""
+    return _fwd_shared(c, k, e) + e * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+
+
+def _bwd_tiled_shared(c, k: dict, e: int) -> int:
+    """K, V (and K^T for the dQ share; fp32: each twice more, 3xTF32's splits), the streamed q, do tiles,
+    P and dS, and the fp32 dQ^T share."""
+    m, n, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], k["BLOCK_D"]
+    key_tiles = 6 if e == 4 else 3
+    return e * (key_tiles * n * bd + max(1, c.num_stages) * 2 * m * bd + 2 * m * n) + 4 * m * bd
+
+
+def _key_tail_shared(c, k: dict, e: int) -> int:
+    """q, do per pipeline stage, the tail's K, V, and the fp32 dQ share of a query tile."""
+    m, kt, bd = c.kwargs["BLOCK_M"], c.kwargs["KEY_TILE"], k["BLOCK_D"]
+    return e * (max(1, c.num_stages) * 2 * m * bd + 2 * kt * bd) + 4 * m * bd + 1024
+
+
+def _fused_shared(c, k: dict, e: int) -> int:
+    """K, V of every key tile, q, do of a query tile per stage, P and dS of one key tile, the fp32 dQ tile."""
+    m, kv, bd = c.kwargs["BLOCK_M"], c.kwargs["KV_TILE"], k["BLOCK_D"]
+    return e * (2 * k["K_TILES"] * kv * bd + max(1, c.num_stages) * 2 * m * bd + 2 * kv * m) + 4 * m * bd
+
+
+_SHARED = {"fwd": _fwd_shared, "bwd": _bwd_tiled_shared}
+
+
 def _interpret_tile(n: int) -> int:
     return INTERPRET_SMALL_TILE if n <= INTERPRET_SMALL_N else INTERPRET_LARGE_TILE
 
@@ -62,10 +100,13 @@ def band(n: int) -> str:
 # (benchmarks/kernel_report.py): no spill, and wgmma on sm_90a, which needs 64-row accumulator slabs: a
 # 32-row BLOCK_M (fwd) or BLOCK_N (bwd) falls back to mma.sync, so such entries were dropped.
 FWD_TABLE = {
+    # Short band: 64-row query tiles only. A 128-row tile issued 1.49x the visible work at N = 256 causal
+    # (its diagonal block is 128 x 128) and 2.33x at N = 196, where rows 192-255 of its second query tile
+    # are padding (benchmarks/kernel_cost.py counts every config of a table against the budgets).
+    (64, False, "short"): [(64, 64, 4, 3)],
     # 128 x 64 runs 8 warps: on 4 it spills 8-56 B beside the forward's key-tail loop (sm_90a and sm_80).
-    (64, False, "short"): [(64, 64, 4, 3), (128, 64, 8, 3)],
     (64, False, "long"): [(128, 64, 8, 3), (128, 128, 8, 3)],
-    (128, False, "short"): [(64, 64, 4, 3), (128, 64, 8, 3)],
+    (128, False, "short"): [(64, 64, 4, 3)],
     (128, False, "long"): [(128, 64, 8, 3), (128, 32, 8, 3)],
     (256, False, None): [(64, 32, 8, 2), (64, 16, 4, 2)],
     (64, True, None): [(128, 64, 8, 2), (64, 32, 4, 2)],
@@ -92,7 +133,10 @@ FWD_TABLE_SM80 = {  # Hopper's 64 x 64 and 128 x 64 tiles at D = 128 spill 8-20 
 BWD_TABLE_SM80 = {  # sm_80 computes the dQ share query-major (DQ_KEY_MAJOR off: K^T at D = 256 spilled 27 KB);
     # Hopper's 64 x 128 on 8 warps spills 16-32 B here
     (64, False, None): [(32, 128, 8, 3), (32, 64, 4, 2)],
-    (256, False, None): [(16, 64, 8, 2)],
+    # The second entries fit 99 KB of shared memory per block (sm_86 / sm_89 / sm_120 also take these
+    # tables): the launch layer drops the first there (aimkern.ops._launch.fit_to_device).
+    (256, False, None): [(16, 64, 8, 2), (16, 32, 8, 1)],
+    (128, True, None): [(32, 32, 8, 1), (16, 16, 4, 1)],
 }
 TABLES = {90: {"fwd": FWD_TABLE, "bwd": BWD_TABLE}, 80: {"fwd": FWD_TABLE_SM80, "bwd": BWD_TABLE_SM80}}
 
@@ -107,17 +151,29 @@ def table_entries(kind: str, bd: int, fp32: bool, n_band: str, arch: int = 90) -
     raise KeyError((kind, width, fp32, n_band))
 
 
+def least_padding(entries, rows: int, tile_of) -> tuple:
+    """The entries whose tiles (``tile_of(entry)`` rows each) pad ``rows`` rows least, in table order.
+
+    Pruned by N before any autotuning: a config that pads more rows than another candidate issues more work
+    for the same result (the 128-row forward tile at N = 196 covered queries 128-255 for 64 real ones), so
+    neither the autotuner nor a fixed pick may run it."""
+    pad = [-(-rows // tile_of(e)) * tile_of(e) - rows for e in entries]
+    return tuple(e for e, p in zip(entries, pad) if p == min(pad))
+
+
 @functools.lru_cache(maxsize=None)
-def _choice(kind: str, bd: int, fp32: bool, n_band: str, tile: int, arch: int) -> Choice:
-    entries = table_entries(kind, bd, fp32, n_band, arch)
+def _choice(kind: str, entries: tuple, tile: int) -> Choice:
     configs = tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=bn) for m, bn, w, st in entries)
     restore = BWD_RESTORE if kind == "bwd" else ()
-    return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY, restore=restore)
+    return Choice(_KERNELS[kind], configs, cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), key=TUNE_KEY, restore=restore,
+                  shared=_SHARED[kind])
 
 
 def forward(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_fwd_kernel; flat grid (cdiv(M_END, BLOCK_M) * B * H,), query tiles fastest."""
-    return _choice("fwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
+    """attn_fwd_kernel; flat grid (cdiv(M_END, BLOCK_M) * B * H,), query tiles fastest, over the queries
+    [0, M_END = query_tail_start(n)) (the configs that pad those rows least)."""
+    entries = table_entries("fwd", block_d(head_dim), fp32, band(n), arch)
+    return _choice("fwd", least_padding(entries, query_tail_start(n), lambda e: e[0]), _interpret_tile(n))
 
 
 BWD_QUERY_TAIL = QUERY_TAIL.value  # the tiled backward's tail query tile (rows)
@@ -137,9 +193,12 @@ def query_tail_start(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _tail_choice(bd: int, fp32: bool) -> Choice:
     # 64 key rows: wgmma's slab height (fp32: 32, as its table). 4 warps: one warpgroup for 16 query columns.
+    # D = 256 without a second stage: two stages of 64 x 256 K and V tiles need 138 KB, over the 99 KB of a
+    # consumer GPU's block (the tail is at most 63 queries: its pipeline hardly matters).
     block_n = 32 if fp32 else 64
-    return Choice(attn_fwd_tail_kernel, (cfg(4, 2, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=block_n),),
-                  cfg(4, 1, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=16))
+    stages = 1 if bd >= 256 else 2
+    return Choice(attn_fwd_tail_kernel, (cfg(4, stages, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=block_n),),
+                  cfg(4, 1, BLOCK_M=TAIL_BLOCK_M, BLOCK_N=16), shared=_fwd_tail_shared)
 
 
 def forward_tail(head_dim: int, fp32: bool) -> Choice:
@@ -170,7 +229,7 @@ def _key_tail_choice(bd: int, fp32: bool, key_tile: int, arch: int) -> Choice:
     # registers) spills 2-9 KB with them at D = 128: 16 rows there.
     block_m = 32 if fp32 else (64 if arch >= 90 or bd <= 64 else 16)
     return Choice(attn_bwd_key_tail_kernel, (cfg(4, 2, BLOCK_M=block_m, KEY_TILE=key_tile),),
-                  cfg(4, 1, BLOCK_M=16, KEY_TILE=key_tile))
+                  cfg(4, 1, BLOCK_M=16, KEY_TILE=key_tile), shared=_key_tail_shared)
 
 
 def backward_key_tail(head_dim: int, fp32: bool, key_tile: int, arch: int = 90) -> Choice:
@@ -179,9 +238,12 @@ def backward_key_tail(head_dim: int, fp32: bool, key_tile: int, arch: int = 90) 
 
 
 def backward_tiled(head_dim: int, fp32: bool, n: int, arch: int = 90) -> Choice:
-    """attn_bwd_tiled_kernel; flat grid (cdiv(K_END, BLOCK_N) * B * H,); DQ_ACC (B * H, N, D) fp32 and SEM (B * H,
-    cdiv(N, BWD_QUERY_TAIL)) int32 (at least one per query tile of any config), zeroed by the launcher."""
-    return _choice("bwd", block_d(head_dim), fp32, band(n), _interpret_tile(n), arch)
+    """attn_bwd_tiled_kernel; flat grid (cdiv(K_END, BLOCK_N) * B * H,) over the keys [0, K_END) (``key_tail``;
+    the configs that pad those rows least); DQ_ACC (B * H, N, D) fp32 and SEM (B * H, cdiv(N, BWD_QUERY_TAIL))
+    int32 (at least one per query tile of any config), zeroed by the launcher."""
+    entries = table_entries("bwd", block_d(head_dim), fp32, band(n), arch)
+    k_end = key_tail(n, head_dim)[0]
+    return _choice("bwd", least_padding(entries, k_end, lambda e: e[1]), _interpret_tile(n))
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,6 +285,7 @@ def _fused_choice(bd: int, fp32: bool, block_kv: int, tile: int) -> Choice:
         attn_bwd_fused_kernel,
         (cfg(8, 1, BLOCK_M=block_m, KV_TILE=FUSED_KV_TILE),),
         cfg(4, 1, BLOCK_M=tile, KV_TILE=max(16, block_kv // FUSED_MAX_KEY_TILES)),
+        shared=_fused_shared,
     )
 
 

@@ -9,9 +9,11 @@ Two paths:
   all-keys-per-query-tile kernel issued 2x the causal minimum).
 * Long sequences: ``attn_bwd_preprocess_kernel`` (delta = rowsum(dO * O)), then ``attn_bwd_tiled_kernel``:
   one program per key tile, looping over the query tiles that see it, 5 dots a tile (no separate dQ pass
-  recomputing S and dP). dK, dV are owned by their program; dQ shares are added into an fp32 accumulator,
-  by default in a fixed order (a per-query-tile semaphore, FlashAttention-3's deterministic scheme: bit-
-  identical gradients run to run), or in any order with ``deterministic=False``.
+  recomputing S and dP). Where N > 64 and N % 64 is 1..32 (D <= 128), ``attn_bwd_key_tail_kernel`` takes
+  those last keys in one narrow tile, launched before the tiled kernel. dK, dV are owned by their program;
+  dQ shares are added into an fp32 accumulator, by default in a fixed order (a per-query-tile semaphore,
+  FlashAttention-3's deterministic scheme: bit-identical gradients run to run), or in any order with
+  ``deterministic=False``.
 
 Gradients, with p = exp(s - lse) and s = scale * q k^T:  dv = p^T do,  dp = do v^T,
 ds = p * (dp - delta),  dq = scale * ds k,  dk = scale * ds^T q.
@@ -21,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .attention_fwd import flat_program, key_bounds, load_rows, query_bounds, store_rows, visible
+from .constants import LOG2E
 
 # The tiled backward's last N % BLOCK_M queries run in tiles of this many rows (key-major dots keep wgmma).
 QUERY_TAIL = tl.constexpr(16)
@@ -62,7 +65,7 @@ def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(q_base, offs_m, n, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
         do = load_rows(do_base, offs_m, n, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
-        lse = tl.load(lse_base + offs_m, mask=offs_m < n, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(lse_base + offs_m, mask=offs_m < n, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + offs_m, mask=offs_m < n, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])
@@ -212,7 +215,7 @@ def attn_bwd_key_tail_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(q_base, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
         do = load_rows(do_base, offs_m, N, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
-        lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, KEY_TILE)
         vis = visible(offs_m[:, None], offs_n[None, :], N, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
@@ -308,7 +311,7 @@ def attn_bwd_fused_kernel(
         do = load_rows(do_base, offs_m, N, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
         o = load_rows(o_base, offs_m, N, offs_d, son, sod, HEAD_D, BLOCK_D, True)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(lse_base + offs_m, mask=offs_m < N, other=float("inf")) * LOG2E
         full_end, hi = key_bounds(start_m, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
         dq_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
         dk0, dv0, dq_t = _fused_block(dk0, dv0, dq_t, k0, v0, q, do, lse, delta, offs_m, 0, full_end, hi, offs_d,

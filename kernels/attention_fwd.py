@@ -1,4 +1,8 @@
-"""Attention forward kernel (FlashAttention-2 tiling) and the mask / tile-bound helpers the backward shares.
+"""Attention forward kernels (FlashAttention-2 tiling) and the mask / tile-bound helpers the backward shares.
+
+``attn_fwd_kernel`` runs the query tiles [0, M_END); ``attn_fwd_tail_kernel`` the last N - M_END < 64
+queries in 16-row key-major tiles (kernels/attention.py, ``query_tail_start``). Both use a flat 1-D grid
+(``flat_program``).
 
 Mask (docs/design.md, "Masks"): query i sees key j when ``j < prefix_len[b]``, or not ``IS_CAUSAL``, or
 ``j // block_size <= i // block_size``. For a tile of queries [m0, m0 + BLOCK_M) the keys split in three
@@ -14,6 +18,8 @@ log2 domain (``qk_scale = scale * log2(e)``) so the softmax uses exp2; the saved
 """
 import triton
 import triton.language as tl
+
+from .constants import LN2
 
 
 @triton.jit
@@ -115,7 +121,7 @@ def key_tile_scores(q, k_base, v_base, start_n, offs_m, offs_d, skn, skd, svn, s
     """Load the key / value tile at ``start_n``; return (k, v, s) with s = q k^T in the log2 domain.
 
     Only MASKED (boundary) tiles check rows against N and set invisible scores to -inf; whole visible
-    tiles skip both. Shared by the forward and the dQ pass so the two see exactly the same scores.
+    tiles skip both. One step of ``_fwd_tiles``, attn_fwd_kernel's key loop.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(k_base, offs_n, n, offs_d, skn, skd, HEAD_D, BLOCK_D, MASKED)
@@ -206,7 +212,7 @@ def attn_fwd_kernel(
 
     o = acc / l_i[:, None]
     store_rows(o_base, o.to(O.dtype.element_ty), offs_m, M_END, offs_d, son, sod, HEAD_D)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    lse = (m_i + tl.log2(l_i)) * LN2  # back to natural log
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < M_END)
 
 
@@ -258,5 +264,5 @@ def attn_fwd_tail_kernel(
     o_t = acc_t / l_i[None, :]
     o_ptrs = O + b64 * sob + h64 * soh + offs_m[None, :] * son + offs_d[:, None] * sod
     tl.store(o_ptrs, o_t.to(O.dtype.element_ty), mask=(offs_m[None, :] < N) & (offs_d[:, None] < HEAD_D))
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_i)) * LN2
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)

@@ -9,9 +9,12 @@ Kernels:
     logit, and the sum of logits (label smoothing). The launcher combines the splits (a logsumexp over a
     handful of values per token) and reduces the loss in a fixed order: deterministic. Splitting the
     vocabulary keeps the card full when there are few tokens (8k tokens = 64 token tiles < 132 SMs).
-  * ``ce_dlogits_kernel``: recomputes one (token tile, vocab tile) block of logits and writes
+    With STORE_LOGITS it also stores the logits (bias included, in the input dtype) into a token-chunk
+    buffer (Tc, V), for ``ce_dlogits_inplace_kernel``.
+  * ``ce_dlogits_inplace_kernel``: turns those stored logits into dlogits in place, elementwise:
         dlogits = g_t * (softmax * (1 + 2 z lse) - (1 - eps) * onehot - eps / V)      (0 for ignored t)
-    into a bounded token-chunk buffer (Tc, V) in the input dtype.
+  * ``ce_dlogits_kernel``: the same dlogits without stored logits: it recomputes one (token tile, vocab
+    tile) block of logits and writes the block into the chunk buffer, in the input dtype.
   * ``matmul_kernel``: C (+)= A @ B with fp32 accumulation and strided operands; it gives
         d(input)[chunk] = dlogits @ W               and          dW32 += dlogits^T @ x[chunk]
     and, for the second, d(bias)32 += column sums of dlogits (the row sums of its A operand).
@@ -21,17 +24,25 @@ Kernels:
 Every token-indexed input (target, lse, per-token gradient) is read through its stride: a target is often
 a column of a label table, and the gradient of ``.sum()`` is a stride-0 view.
 
-Why the backward materializes dlogits for a chunk of tokens (default budget 64 MiB, e.g. 4096 tokens at
+Two plans (aimkern/ops/cross_entropy.py), each computing gradients chunk by chunk over the tokens:
+  * the loss's gradient known in the forward (reduction "mean" or "sum", grad on): per chunk,
+    ce_fwd_kernel (STORE_LOGITS), ce_dlogits_inplace_kernel, then the two matmuls: the logits GEMM runs
+    once, 3 GEMM-equivalents in all;
+  * otherwise ce_fwd_kernel over all tokens (1 GEMM: all that a call without grad runs). With reduction
+    "none", whose per-token upstream gradient arrives only in the backward, the backward then recomputes the
+    logits per chunk in ce_dlogits_kernel and runs the two matmuls: 4 GEMM-equivalents with the forward.
+
+Why the gradient materializes dlogits for a chunk of tokens (default budget 64 MiB, e.g. 4096 tokens at
 V = 8192 in bf16) rather than fusing everything into one kernel: each (token tile, vocab tile) block of
 dlogits feeds two outputs that are E wide (dx rows and dW rows), and E = 768..1536 is far too wide for
 register accumulators (a 128 x 768 fp32 tile is 384 registers a thread at 8 warps). The fused
 alternatives pay more: atomics into dx and dW (non-deterministic, ~2 x (BT + BV) x E x 4 bytes of atomic
 traffic per block), read-modify-write of fp32 dx rows per vocab tile (tens of GB of L2 traffic at 65k
 tokens), or programs that own E slices of dW and recompute the logits once per slice (E / slice extra
-GEMMs). The chunked form costs exactly one recompute GEMM (4 GEMM-equivalents in all with the forward),
-every GEMM is large and well shaped, there are no atomics, and dW / d(bias) accumulate across chunks in
-fp32 buffers in a fixed order: deterministic and fp32-accurate. Extra memory: the chunk buffer plus fp32
-dW (when W is 16-bit), independent of T.
+GEMMs). The chunked form costs at most one recompute GEMM (none in the first plan), every GEMM is large and
+well shaped, there are no atomics, and dW / d(bias) accumulate across chunks in fp32 buffers in a fixed
+order: deterministic and fp32-accurate. Extra memory: the chunk buffer plus fp32 dW (when W is 16-bit),
+independent of T.
 
 Launch configs live here too, as Choices (kernels/launch_table.py): small autotuned Hopper sets for big
 16-bit problems, one fixed config otherwise, one interpreter config per shape.
@@ -43,9 +54,9 @@ import functools
 import triton
 import triton.language as tl
 
+from .constants import LOG2E
 from .launch_table import Choice, cfg, tunable
 
-LOG2E = tl.constexpr(1.4426950408889634)  # a jit global must be a constexpr (a plain float fails to compile)
 # The forward splits the vocabulary into slices that are multiples of this (the largest BLOCK_V), so every
 # autotuned BLOCK_V tiles a slice exactly and no program gets an empty slice.
 VOCAB_SPLIT_QUANTUM = 256
@@ -323,6 +334,19 @@ _TILE_KERNELS = {"fwd": ce_fwd_kernel, "dlogits": ce_dlogits_kernel}
 _TILE_KEYS = {"fwd": ("V", "E", "HAS_BIAS", "NEED_SUM"), "dlogits": ("V", "E", "HAS_BIAS")}
 
 
+def _tile_shared(c, k: dict, e: int) -> int:
+    """Shared memory at most (Choice.shared): an x and a W tile per pipeline stage (fp32: one stage more,
+    for the operand 3xTF32 splits). Calibrated on sm_90a builds; sm_80's pipelines hold one stage less."""
+    kw = c.kwargs
+    return (c.num_stages + (e == 4)) * (kw["BLOCK_T"] + kw["BLOCK_V"]) * kw["BLOCK_E"] * e
+
+
+def _matmul_shared(c, k: dict, e: int) -> int:
+    """An A and a B tile per pipeline stage (as ``_tile_shared``)."""
+    kw = c.kwargs
+    return (c.num_stages + (e == 4)) * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * e
+
+
 def _configs(macs: int, elem_bytes: int, tuned: tuple, fp32: triton.Config) -> tuple:
     if elem_bytes >= 4:
         return (fp32,)
@@ -331,7 +355,8 @@ def _configs(macs: int, elem_bytes: int, tuned: tuple, fp32: triton.Config) -> t
 
 @functools.lru_cache(maxsize=None)
 def _tile_choice(kind: str, configs: tuple, interpreter_key: tuple) -> Choice:
-    return Choice(_TILE_KERNELS[kind], configs, cfg(4, 1, **dict(interpreter_key)), key=_TILE_KEYS[kind])
+    return Choice(_TILE_KERNELS[kind], configs, cfg(4, 1, **dict(interpreter_key)), key=_TILE_KEYS[kind],
+                  shared=_tile_shared)
 
 
 def tile(kind: str, t: int, v: int, e: int, elem_bytes: int, arch: int = 90) -> Choice:
@@ -346,7 +371,7 @@ def tile(kind: str, t: int, v: int, e: int, elem_bytes: int, arch: int = 90) -> 
 def _matmul_choice(configs: tuple, interpreter_key: tuple) -> Choice:
     # ACCUMULATE calls read-modify-write C and rs: the autotuner restores them after each trial.
     return Choice(matmul_kernel, configs, cfg(4, 1, **dict(interpreter_key)),
-                  key=("M", "N", "K", "ACCUMULATE", "ROWSUM"), restore=("c_ptr", "rs_ptr"))
+                  key=("M", "N", "K", "ACCUMULATE", "ROWSUM"), restore=("c_ptr", "rs_ptr"), shared=_matmul_shared)
 
 
 def matmul(m: int, n: int, k: int, elem_bytes: int, arch: int = 90) -> Choice:

@@ -12,6 +12,7 @@ imports Triton only (no torch), so that report can run against any Triton versio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import triton
 
@@ -48,6 +49,9 @@ class Choice:
     interpreter: the one config used under Triton's interpreter (CPU tests).
     key:         autotuning key: kernel argument names whose values select a tuned config.
     restore:     pointer arguments the autotuner restores between trials (read-modify-write outputs).
+    shared:      (config, the launch's constexprs, element bytes of the inputs) -> bytes of shared memory
+                 the config needs at most: the launch layer keeps the configs that fit the device, and the
+                 compile gate fails any compile that needs more than this says. None: a few KB at most.
     """
 
     kernel: object
@@ -55,6 +59,7 @@ class Choice:
     interpreter: triton.Config
     key: tuple = ()
     restore: tuple = ()
+    shared: Optional[Callable] = None
 
     @property
     def name(self) -> str:

@@ -204,12 +204,27 @@ DW_16BIT = cfg(8, 3, BLOCK_T=64, BLOCK_E=128, BLOCK_K=128)  # 2 x 16 KB of opera
 DW_FP32 = cfg(4, 2, BLOCK_T=32, BLOCK_E=64, BLOCK_K=64)  # fp32: keep the stages within shared memory
 INTERPRETER_DW = cfg(4, 1, BLOCK_T=32, BLOCK_E=32, BLOCK_K=128)
 
-_FWD_BIG = Choice(patch_embed_fwd_kernel, GEMM_CONFIGS, INTERPRETER_FWD, key=("M", "E", "K"))
-_FWD_SMALL = Choice(patch_embed_fwd_kernel, (SMALL_FWD,), INTERPRETER_FWD)
-_DX_BIG = Choice(patch_embed_dx_kernel, DX_CONFIGS, INTERPRETER_DX, key=("M", "E", "K"))
-_DX_SMALL = Choice(patch_embed_dx_kernel, (SMALL_DX,), INTERPRETER_DX)
-_DW = {True: Choice(patch_embed_dw_kernel, (DW_16BIT,), INTERPRETER_DW),
-       False: Choice(patch_embed_dw_kernel, (DW_FP32,), INTERPRETER_DW)}
+
+
+def _gemm_shared(a_rows: str, b_cols: str, depth: str):
+    """Choice.shared of a GEMM whose K loop runs over ``depth``: an (a_rows x depth) and a (depth x b_cols)
+    operand tile per pipeline stage (fp32: one stage more, for 3xTF32's split operand). Calibrated on
+    sm_90a builds (sm_80's pipelines hold one stage less); the compile gate checks every compile."""
+    def shared(c, k: dict, e: int) -> int:
+        kw = c.kwargs
+        return (max(1, c.num_stages) + (e == 4)) * (kw[a_rows] + kw[b_cols]) * kw[depth] * e
+    return shared
+
+
+_FWD_SHARED = _gemm_shared("BLOCK_M", "BLOCK_E", "BLOCK_K")  # patches x weight^T over the patch pixels
+_DX_SHARED = _gemm_shared("BLOCK_M", "BLOCK_K", "BLOCK_E")  # d out x weight over the embedding
+_DW_SHARED = _gemm_shared("BLOCK_E", "BLOCK_K", "BLOCK_T")  # d out^T x patches over the tokens
+_FWD_BIG = Choice(patch_embed_fwd_kernel, GEMM_CONFIGS, INTERPRETER_FWD, key=("M", "E", "K"), shared=_FWD_SHARED)
+_FWD_SMALL = Choice(patch_embed_fwd_kernel, (SMALL_FWD,), INTERPRETER_FWD, shared=_FWD_SHARED)
+_DX_BIG = Choice(patch_embed_dx_kernel, DX_CONFIGS, INTERPRETER_DX, key=("M", "E", "K"), shared=_DX_SHARED)
+_DX_SMALL = Choice(patch_embed_dx_kernel, (SMALL_DX,), INTERPRETER_DX, shared=_DX_SHARED)
+_DW = {True: Choice(patch_embed_dw_kernel, (DW_16BIT,), INTERPRETER_DW, shared=_DW_SHARED),
+       False: Choice(patch_embed_dw_kernel, (DW_FP32,), INTERPRETER_DW, shared=_DW_SHARED)}
 
 
 def forward(macs: int, sixteen_bit: bool) -> Choice:

@@ -1,4 +1,5 @@
-"""Triton kernel of `aimkern.next_patch_pixel_loss`: normalized next-patch pixel regression, fwd and bwd.
+"""Triton kernel of `aimkern.next_patch_pixel_loss`, ``pixel_loss_kernel``: normalized next-patch pixel
+regression, forward and backward.
 
 One program owns BLOCK_R consecutive prediction rows i of one image b. Row i predicts target patch
 j = i + OFFSET, which counts when j < N and j >= prefix_len[b] (j >= OFFSET holds since i >= 0). For each

@@ -117,7 +117,10 @@ def test_probes_of_a_released_layout_backbone(tmp_path, suffix):
     fx = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "apple", "ml_aim_v2.pt"), weights_only=True)
     path = str(tmp_path / f"aimv2{suffix}")
     write_file(fx["state_dict"], path)
-    report = evaluate([path, "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu", "--probes", "knn",
-                       "--no-baseline"])
+    args = [path, "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu", "--probes", "knn", "--no-baseline"]
+    with pytest.raises(ValueError, match="num_heads="):  # 4 heads of 16: no released width tells them
+        evaluate(args)
+    report = evaluate(args + ["--num-heads", "4"])
     assert report["config"]["dim"] == 64 and report["config"]["norm"] == "rmsnorm"
+    assert report["config"]["num_heads"] == 4
     assert 0 < report["results"]["model"]["knn"]["top1"] <= 1

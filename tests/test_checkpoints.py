@@ -65,11 +65,53 @@ def test_ml_aim_layout_detection_and_inferred_configs():
     c2 = CausalViT.from_checkpoint(v2, num_heads=4, verbose=False).config
     got = (c2.norm, c2.norm_eps, c2.mlp, c2.mlp_hidden_dim, c2.pos_embed)
     assert got == ("rmsnorm", 1e-5, "swiglu", 176, "learned")
-    # Released widths give the heads without help (AIMv1-600M: 1536 -> 12; AIMv2-L: 1024 -> 8).
-    assert CausalViT.from_checkpoint(v1, verbose=False, img_size=28, head_depth=0).config.num_heads == 1
-    with pytest.raises(ValueError, match="num_heads"):  # dim 64: no released model, not a multiple of 64 heads
+    # The fixtures' 64-wide trunks (4 heads of 16) match no released width, and AIM's heads are 128 wide:
+    # the head count is not guessed (it once loaded as 64 // 64 = 1 head).
+    with pytest.raises(ValueError, match="num_heads="):
+        CausalViT.from_checkpoint(v1, verbose=False, img_size=28, head_depth=0)
+    with pytest.raises(ValueError, match="num_heads"):  # dim 48: no released model either
         CausalViT.from_checkpoint({k: v[:48] if v.shape and v.shape[0] == 64 else v for k, v in v1.items()},
                                   verbose=False)
+
+
+def _released_shapes(config: ViTConfig, layout: str) -> dict:
+    """The trunk state dict a ``layout`` checkpoint of ``config`` would hold (meta tensors: shapes only)."""
+    with torch.device("meta"):
+        model = CausalViT(config)
+    trunk = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    return from_causal_vit(trunk, layout, swiglu=config.mlp == "swiglu")
+
+
+_V1 = dict(depth=1, head_depth=0)
+_V2 = dict(depth=1, img_size=28)
+
+
+@pytest.mark.parametrize("preset,overrides,layout,heads", [
+    ("aim-600m", dict(_V1, dim=1024, num_heads=8), "ml-aim", 8),  # AIMv1's heads are 128 wide (was 16)
+    ("aimv2-large", dict(_V2, dim=2560, num_heads=20), "hf", 20),  # AIMv2's too (was 40)
+    ("vit-h14", dict(depth=1), "timm", 16),  # a released ViT width: ViT-H's 16 heads of 80 (was 20)
+    ("vit-b16", dict(depth=1), "timm", 12),
+])
+def test_heads_come_from_released_widths_or_the_familys_head_width(preset, overrides, layout, heads):
+    from aimkern.checkpoints.infer import infer_config
+    from aimkern.checkpoints.layouts import to_causal_vit
+
+    state = _released_shapes(ViTConfig.from_preset(preset, **overrides), layout)
+    found = detect_layout(state)
+    assert infer_config(to_causal_vit(state, found)[0], found).num_heads == heads
+
+
+@pytest.mark.parametrize("config", [
+    ViTConfig.from_preset("vit-b16", depth=1, dim=640, num_heads=5),  # a ViT of no released width (was 10)
+    # SwiGLU with biased LayerNorms: no released family (a 1024-wide one of 8 heads of 128 loaded as 16)
+    ViTConfig.from_preset("vit-b16", depth=1, dim=1024, num_heads=8, mlp="swiglu", norm_bias=True),
+])
+def test_a_width_no_family_fixes_is_refused_and_num_heads_loads_it(config):
+    state = {k: torch.zeros(v.shape) for k, v in _released_shapes(config, "timm").items()}
+    with pytest.raises(ValueError, match=r"num_heads=.*preset="):
+        CausalViT.from_checkpoint(state, verbose=False)
+    model = CausalViT.from_checkpoint(state, num_heads=config.num_heads, verbose=False)
+    assert model.config.num_heads == config.num_heads and model.blocks[0].attn.num_heads == config.num_heads
 
 
 @pytest.mark.parametrize("preset,name,key", [

@@ -16,10 +16,10 @@ pytest.importorskip("torchvision")  # pack lists the ImageFolder with torchvisio
 
 from aimkern.data import is_shard_spec, resolve_shards  # noqa: E402
 from aimkern.data.__main__ import main as data_main  # noqa: E402
-from aimkern.data.bad import BadRecord, BadSampleLog, load_or_replace  # noqa: E402
+from aimkern.data.bad import BadRecord, load_or_replace  # noqa: E402
 from aimkern.data.decode import decode_crop  # noqa: E402
 from aimkern.data.order import ShardWindowOrder  # noqa: E402
-from aimkern.data.stream import ShardStream  # noqa: E402
+from aimkern.data.shard_stream import ShardStream  # noqa: E402
 from aimkern.train import parse_args  # noqa: E402
 from aimkern.data.sources import make_stream  # noqa: E402
 
@@ -117,24 +117,23 @@ def _first_batch_and_bad(shards, start, workers):
     return next(iter(s)), s.take_bad()
 
 
-def test_bad_samples_are_replaced_deterministically_counted_and_bounded(tmp_path, capfd):
+def test_bad_samples_are_replaced_deterministically_and_handed_over_once(tmp_path, capfd):
     shards = pack_folder(make_folder(tmp_path / "folder", extras=True), tmp_path / "shards", shard_size=7)
     a = [_first_batch_and_bad(shards, s, w) for s, w in ((0, 0), (8, 1), (16, 2), (24, 0))]
     b = [_first_batch_and_bad(shards, s, w) for s, w in ((0, 2), (8, 0), (16, 1), (24, 1))]
     assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
-    # The trainer's mode (no bound given): failures go to take_bad(), once in each pass over the epoch.
+    # Failures go to take_bad(), once in each pass over the epoch.
     bad = [f for _, failures in a + b for f in failures]
     assert len(bad) == 2 and all(isinstance(r, BadRecord) for r in bad), bad
     assert all(r.sample.endswith("]") and r.error in ("OSError", "UnidentifiedImageError") for r in bad), bad
-    assert capfd.readouterr().err.count("skipped bad sample") == 0  # the trainer prints them, not the stream
-    s = stream(shards, max_bad_samples=5)
-    for _ in zip(range(4), s):
-        pass
-    assert "skipped bad sample" in capfd.readouterr().err  # standalone mode: the stream reports them itself
-    s = stream(shards, max_bad_samples=0)
-    with pytest.raises(RuntimeError, match="more than the allowed 0"):
-        for _ in zip(range(4), s):
-            pass
+    # Read step by step as the trainer does (a prefetching worker): each step's take_bad() holds the records
+    # of that step's batch, the same as a stream resumed there finds, and nothing is handed over twice.
+    s = stream(shards, workers=1)
+    steps = [(batch, s.take_bad()) for _, batch in zip(range(4), s)]
+    assert [r for _, r in steps] == [r for _, r in a] and s.take_bad() == []
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(steps, a))
+    # Counting, reporting and bounding them is the trainer's (--max-bad-samples, over all ranks).
+    assert capfd.readouterr().err.count("skipped bad sample") == 0
 
     def load(i):
         if i % 3 == 0:
@@ -152,10 +151,6 @@ def test_bad_samples_are_replaced_deterministically_counted_and_bounded(tmp_path
 
     with pytest.raises(TypeError):  # not a decode error: it crashes, it is not skipped
         load_or_replace(buggy, 0, n=30, seed=1)
-    log = BadSampleLog(limit=1)
-    log.record([BadRecord("x", "OSError", "cut")])
-    with pytest.raises(RuntimeError):
-        log.record([BadRecord("y", "OSError", "cut")])
 
 
 def test_draft_decode_matches_a_full_decode(tmp_path):

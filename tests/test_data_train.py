@@ -54,7 +54,7 @@ def test_two_gloo_processes_split_every_batch_and_cover_the_epoch(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import json, os, sys\n"
-        "from aimkern.data import stream\n"
+        "from aimkern.data import shard_stream as stream\n"
         "from aimkern.train import train\n"
         "from data_helpers import ids_of\n"
         "seen, iterate = [], stream.ShardStream.__iter__\n"

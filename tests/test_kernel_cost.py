@@ -109,3 +109,85 @@ def test_budget_exceptions_still_fail_on_growth():
                fwd_x=1.0, bwd_x=1.0, bwd_bytes_x=1.0)
     assert not check_row({**row, key: allowed})
     assert check_row({**row, key: allowed + 0.05})
+
+
+# ------------------------------------------------------------------ the report: phases and every config
+def _cost_report(monkeypatch, masks=("causal",)):
+    """benchmarks/kernel_cost.py with the masks given and the split backward only (one row per mask)."""
+    import kernel_cost
+
+    monkeypatch.setattr(kernel_cost, "MASKS", masks)
+    monkeypatch.setattr(kernel_cost, "backward_paths",
+                        lambda n, d: [("split", dict(attention_backward="split"), {}, True)])
+    return kernel_cost
+
+
+def test_the_report_counts_each_kernel_in_the_phase_that_runs_it(monkeypatch):
+    """N = 196: the last 4 queries run in attn_fwd_tail_kernel, a forward kernel the report once filed under
+    the backward (every kernel not named attn_fwd_kernel), passing a forward budget it broke."""
+    report = _cost_report(monkeypatch)
+    (row,) = report.attention_rows([(1, 196, 64)])
+    q, k, v = (torch.randn(1, 1, 196, 64, dtype=torch.float16).requires_grad_() for _ in range(3))
+    with gpu_configs(), launch_policy(autotune=False, attention_backward="split"):
+        with count_work() as fwd:
+            o = aimkern.attention(q, k, v, backend="triton", is_causal=True)
+        with count_work() as bwd:
+            o.backward(torch.randn_like(o))
+    assert set(fwd.kernels) == {"attn_fwd_kernel", "attn_fwd_tail_kernel"}
+    assert row["fwd_macs"] == fwd.macs * row["heads"] and row["bwd_macs"] == bwd.macs * row["heads"]
+    assert row["fwd_bytes"] == fwd.bytes * row["heads"] and row["bwd_bytes"] == bwd.bytes * row["heads"]
+
+
+def test_the_report_holds_the_budget_for_every_config_of_a_table(monkeypatch):
+    """A table's second config is what the autotuner may pick: the report counts it. With the 128 x 64
+    forward tile back in the short table, causal N = 256 issues 1.49x (its diagonal block is 128 x 128)."""
+    from aimkern.kernels import attention as kern
+
+    monkeypatch.setitem(kern.FWD_TABLE, (64, False, "short"), [(64, 64, 4, 3), (128, 64, 8, 3)])
+    kern._choice.cache_clear()
+    try:
+        report = _cost_report(monkeypatch)
+        (row,) = report.attention_rows([(1, 256, 64)])
+    finally:
+        monkeypatch.undo()
+        kern._choice.cache_clear()
+    visible = 256 * 257 // 2
+    assert row["fwd_x"] == pytest.approx((2 * 128 * 64 + 4 * 128 * 64) / visible)  # 2 + 4 tiles of 128 x 64
+    assert any("forward" in msg for msg in check_row(row))
+
+
+def test_configs_that_pad_more_rows_are_pruned_by_n():
+    """The configs a table hands the autotuner at N: none that pads the launch's rows more than another."""
+    from aimkern.kernels import attention as kern
+
+    blocks = lambda choice, key: [c.kwargs[key] for c in choice.configs]  # noqa: E731
+    assert blocks(kern.forward(64, False, 196), "BLOCK_M") == [64]
+    assert blocks(kern.forward(64, True, 196), "BLOCK_M") == [64]  # fp32: 128 rows would cover 192..255
+    assert blocks(kern.forward(64, True, 256), "BLOCK_M") == [128, 64]  # both tile 256 exactly
+    assert blocks(kern.backward_tiled(64, False, 320), "BLOCK_N") == [64]  # 128-key tiles: 384 for 320 keys
+    assert blocks(kern.backward_tiled(64, False, 1024), "BLOCK_N") == [128, 64]
+
+
+def test_gpu_configs_picks_each_config_and_repeats_the_last():
+    from aimkern.kernels.launch_table import Choice, cfg
+    from aimkern.ops import LaunchPolicy
+    from aimkern.ops._launch import fixed_config
+
+    a, b = cfg(4, 1, BLOCK=16), cfg(4, 1, BLOCK=32)
+    choice = Choice(attention_kernel(), (a, b), cfg(4, 1, BLOCK=8))
+    policy = LaunchPolicy(autotune=False)
+    assert fixed_config(choice, policy) is choice.interpreter
+    picks = []
+    for i in range(3):
+        with gpu_configs(i):
+            picks.append(fixed_config(choice, policy))
+    assert picks == [a, b, b]
+    with pytest.raises(ValueError, match="index"):
+        with gpu_configs(-1):
+            pass
+
+
+def attention_kernel():
+    from aimkern.kernels.attention_fwd import attn_fwd_kernel
+
+    return attn_fwd_kernel

@@ -64,6 +64,11 @@ def test_rules(report):
     assert "wgmma" in report.violations({**ok, "mma": {"hgmma": 0, "hmma": 12}})[0]
     assert report.violations({**ok, "arch": "sm_80", "mma": {"hgmma": 0, "hmma": 12}}) == []
     assert "shared memory" in report.violations({**ok, "shared_bytes": 300_000})[0]
+    # the Choice's shared-memory bound (the launch layer fits configs to a device by it) must hold
+    assert report.violations({**ok, "shared_estimate": 1024}) == []
+    assert "bound" in report.violations({**ok, "shared_estimate": 1000})[0]
+    assert report.violations({**ok, "shared_estimate": None}) == []  # no bound: 16 KB at most
+    assert "bound" in report.violations({**ok, "shared_estimate": None, "shared_bytes": 20_000})[0]
     # attention kernels are wgmma-only on sm_90a: one HMMA fails, except the D = 256 tiled backward
     assert "mma.sync" in report.violations({**ok, "mma": {"hgmma": 8, "hmma": 4}})[0]
     tiled = {**ok, "kernel": "attn_bwd_tiled_kernel", "mma": {"hgmma": 8, "hmma": 4}}

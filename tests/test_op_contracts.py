@@ -11,6 +11,13 @@ and every aimkern (Triton) candidate of it, under Triton's interpreter on CPU (c
 * ``torch.library.opcheck`` of every ``aimkern::`` custom op (``CUSTOM_OPS`` samples), and every
   registered ``aimkern::`` op has a sample.
 
+The contracts that look for trouble are generated from the same specs, one file per axis, with shared
+inputs (tests/contract_inputs.py) and oracle (tests/contract_check.py): every tensor argument in every
+memory layout (tests/test_contract_layouts.py), hostile values and option types
+(tests/test_contract_values.py), every autograd mode (tests/test_contract_autograd.py), and sizes that
+cross the launch tables' boundaries (tests/test_contract_sizes.py), each under the interpreter's tiles and
+the GPU tables'.
+
 Op-specific behaviour (mask tiles never read, the packed qkv gradient, host syncs, GPU shapes) stays in
 tests/test_<op>_triton.py and friends.
 """

@@ -79,8 +79,12 @@ def test_init_with_resume_is_refused(tmp_path, capsys):
 def test_init_that_fits_no_preset_is_refused(tmp_path, capsys):
     path = str(tmp_path / "v2.pth")
     torch.save(torch.load(os.path.join(FIX, "ml_aim_v2.pt"), weights_only=True)["state_dict"], path)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # 4 heads of 16: no released width tells them (never guessed)
         train([*TINY, "--init", path, "--out", str(tmp_path / "x")])
+    assert "pass num_heads= (the source model's head count) or preset=" in capsys.readouterr().err
+    other = CausalViT.from_preset("vit-tiny", depth=2).save_checkpoint(str(tmp_path / "d2.pth"))  # config stored
+    with pytest.raises(SystemExit):
+        train([*TINY, "--init", other, "--out", str(tmp_path / "w")])
     assert "matches no preset: give --preset" in capsys.readouterr().err
     with pytest.raises(ValueError, match="does not fit a CausalViT"):
         train([*TINY, "--steps", "1", "--init", path, "--preset", "vit-tiny", "--out", str(tmp_path / "y")])

@@ -2,8 +2,9 @@
 
 Shapes give the patch size, channels, width, depth, MLP kind and width, which biases and norms exist and,
 for learned positions, the image size. They cannot give the number of heads or the norm epsilon: those
-come from the released models of the layout's family (AIMv1, AIMv2, ViT with 64-wide heads), or from
-``preset`` / ``num_heads=`` when the caller knows better.
+come from the released models of the trunk's family, or from ``preset`` / ``num_heads=``. A width no
+released model has is refused (a ValueError naming ``num_heads=`` and ``preset=``) unless the family fixes
+the head width: a guessed head count loads without complaint and computes other features.
 """
 from __future__ import annotations
 
@@ -15,9 +16,14 @@ import torch
 
 from ..models.config import PRESETS, ViTConfig, current_names, mlp_ratio_for
 
-# Released widths -> heads. AIMv1: ml-aim aim_600M ... aim_7B; AIMv2: aimv2_base ... aimv2_3B.
+# Released widths -> heads. AIMv1: ml-aim aim_600M ... aim_7B; AIMv2: aimv2_base ... aimv2_3B; ViT
+# (GELU MLP, LayerNorm: timm's vit_tiny ... vit_huge; ViT-H/14's heads are 80 wide, not 64).
 AIM_V1_HEADS = {1536: 12, 2048: 16, 3072: 24, 4096: 32}
 AIM_V2_HEADS = {768: 6, 1024: 8, 1536: 12, 2048: 16, 3072: 24}
+VIT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+# Families whose every model has heads of one width (AIMv1 and AIMv2: 128), so that any width that is a
+# multiple of it tells the heads. Classic ViTs do not (64 up to ViT-L, 80 for ViT-H): released widths only.
+FAMILY_HEAD_WIDTH = {"AIMv1": 128, "AIMv2": 128}
 LIT_PREFIX = "image_encoder."  # ml-aim's AIMv2 LiT model holds its vision encoder under this name
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
@@ -38,14 +44,28 @@ def detect_layout(state: Dict[str, torch.Tensor]) -> str:
                      "Aimv2VisionModel (embeddings.patch_embed.*)")
 
 
-def _heads(layout: str, dim: int, aimv2_like: bool) -> int:
-    table = AIM_V1_HEADS if layout == "ml-aim-v1" else AIM_V2_HEADS if aimv2_like else {}
-    if dim in table:
-        return table[dim]
-    if dim % 64 == 0:
-        return dim // 64
-    raise ValueError(f"src: cannot infer the number of heads of a {dim}-wide {layout} trunk (no released model "
-                     "has that width); pass preset= or num_heads=")
+def _family(layout: str, aimv2_like: bool, gelu_layernorm: bool) -> tuple:
+    """(family name, its released widths -> heads) of a trunk: AIMv1 (ml-aim's v1 layout), AIMv2 (RMSNorm
+    and SwiGLU, any layout), ViT (GELU and LayerNorm in the timm / aimkern layouts), else none."""
+    if layout == "ml-aim-v1":
+        return "AIMv1", AIM_V1_HEADS
+    if aimv2_like:
+        return "AIMv2", AIM_V2_HEADS
+    if gelu_layernorm and layout in ("timm", "aimkern"):
+        return "ViT", VIT_HEADS
+    return None, {}
+
+
+def _heads(layout: str, dim: int, family: Optional[str], released: dict) -> int:
+    if dim in released:
+        return released[dim]
+    width = FAMILY_HEAD_WIDTH.get(family)
+    if width is not None and dim % width == 0:
+        return dim // width
+    what = f"no released {family} model is {dim} wide" if family else "its MLP and norms match no released family"
+    fixed = f" and {family}'s {width}-wide heads do not divide it" if width else ""
+    raise ValueError(f"src: cannot tell the number of heads of a {dim}-wide {layout} trunk ({what}{fixed}; the "
+                     "shapes do not hold it): pass num_heads= (the source model's head count) or preset=")
 
 
 def infer_config(state: Dict[str, torch.Tensor], layout: str, overrides: Optional[dict] = None) -> ViTConfig:
@@ -74,6 +94,7 @@ def infer_config(state: Dict[str, torch.Tensor], layout: str, overrides: Optiona
     rms = layout in ("ml-aim-v2", "hf") or (layout == "timm" and not has_norm_bias) or (
         layout == "aimkern" and swiglu and not has_norm_bias)  # aimkern: a bias-free LayerNorm is possible
     aimv2_like = rms and swiglu
+    classic = not (rms or swiglu)  # a ViT's GELU MLP and LayerNorm
     norm_eps = 1e-5 if rms else 1e-6
     proj_bias = "blocks.0.attn.proj.bias" in state
     mlp_bias = f"blocks.0.mlp.{'fc1_g' if swiglu else 'fc1'}.bias" in state
@@ -90,7 +111,7 @@ def infer_config(state: Dict[str, torch.Tensor], layout: str, overrides: Optiona
         img_size, pos = 224, "sincos"  # AIM's resolution; the native model takes img_size=...
     fields = dict(
         img_size=img_size, patch_size=patch, in_chans=in_chans, dim=dim, depth=len(blocks),
-        num_heads=overrides.get("num_heads") or _heads(layout, dim, aimv2_like),
+        num_heads=overrides.get("num_heads") or _heads(layout, dim, *_family(layout, aimv2_like, classic)),
         mlp_ratio=mlp_ratio_for(dim, hidden), norm="rmsnorm" if rms else "layernorm", norm_eps=norm_eps,
         mlp="swiglu" if swiglu else "gelu", qkv_bias="blocks.0.attn.qkv.bias" in state, bias=proj_bias,
         norm_bias=None if rms else has_norm_bias, patch_bias="patch_embed.proj.bias" in state,

@@ -3,7 +3,7 @@
 - ``seeds``: ``mix_seed``, the one seed-mixing rule, and the tag of each seeded draw.
 - ``sampling``: global sample position -> dataset index and seed (``SampleOrder``, ``PositionBatches``).
 - ``sources``: ``make_stream`` (``--data`` -> stream) and the ``BatchStream`` protocol every stream follows.
-- ``memory``, ``folder``, ``stream``: the digits / synthetic, ImageFolder and shard streams.
+- ``memory``, ``folder``, ``shard_stream``: the digits / synthetic, ImageFolder and WebDataset shard streams.
 - ``bad``: the one rule for samples that fail to decode (a seeded replacement) and its ``BadRecord``.
 - ``digits``: scikit-learn's bundled digits.
 - ``shards``: where the shards are (a brace pattern, a directory of ``.tar`` files, a shard-list file or a
@@ -25,9 +25,9 @@ from .shards import INDEX_NAME, ShardList, is_shard_spec, resolve_shards
 
 _LAZY = {
     "BadRecord": ".bad", "load_or_replace": ".bad", "BatchStream": ".sources", "make_stream": ".sources",
-    "FolderStream": ".folder", "InMemoryStream": ".memory", "ShardStream": ".stream", "PositionBatches": ".sampling",
-    "SampleOrder": ".sampling", "rank_positions": ".sampling", "mix_seed": ".seeds", "digits_split": ".digits",
-    "ShardWindowOrder": ".order",
+    "FolderStream": ".folder", "InMemoryStream": ".memory", "ShardStream": ".shard_stream",
+    "PositionBatches": ".sampling", "SampleOrder": ".sampling", "rank_positions": ".sampling", "mix_seed": ".seeds",
+    "digits_split": ".digits", "ShardWindowOrder": ".order",
 }
 
 __all__ = ["INDEX_NAME", "ShardList", "is_shard_spec", "resolve_shards", *sorted(_LAZY)]

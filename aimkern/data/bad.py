@@ -7,15 +7,13 @@ same in every run, worker count and process: ``--resume`` stays exact with bad s
 
 Only the errors a decoder raises count as a bad sample (``decode_errors``); anything else (a TypeError, an
 AttributeError: a programming error) propagates and crashes the run loudly. Each skip is a ``BadRecord``
-(sample, error class, message), the one format that streams hand to the trainer (``take_bad()``), that the
-trainer prints on stderr and writes to metrics.jsonl and summary.json, and that ``BadSampleLog`` prints when
-a stream runs on its own.
+(sample, error class, message), the one format that streams hand to the trainer (``take_bad()``) and that the
+trainer prints on stderr and writes to metrics.jsonl and summary.json.
 """
 from __future__ import annotations
 
 import re
-import sys
-from typing import Callable, List, NamedTuple, Optional, Tuple, TypeVar
+from typing import Callable, List, NamedTuple, Tuple, TypeVar
 
 from .seeds import TAG_REPLACEMENT, mix_seed
 
@@ -82,17 +80,3 @@ def describe(record: BadRecord, where: str = "") -> str:
     """The one line that reports a skipped sample (``where``: e.g. ' at step 12')."""
     return f"skipped bad sample {record.sample}{where}: {record.error}: {record.message} (replaced by a seeded draw)"
 
-
-class BadSampleLog:
-    """For a stream used on its own: prints each skipped sample on stderr and stops past ``limit`` (None: no
-    bound). The trainer does not use it: it gathers the records of every rank itself."""
-
-    def __init__(self, limit: Optional[int] = None, prefix: str = "aimkern.data"):
-        self.limit, self.prefix, self.count = limit, prefix, 0
-
-    def record(self, skipped: List[BadRecord]) -> None:
-        for rec in skipped:
-            self.count += 1
-            print(f"{self.prefix}: {describe(rec)}; {self.count} so far", file=sys.stderr, flush=True)
-        if self.limit is not None and self.count > self.limit:
-            raise RuntimeError(f"{self.count} bad samples, more than the allowed {self.limit}")

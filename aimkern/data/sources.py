@@ -17,7 +17,7 @@ from .folder import FolderStream
 from .memory import InMemoryStream
 from .seeds import TAG_SYNTHETIC, mix_seed
 from .shards import is_shard_spec
-from .stream import ShardStream
+from .shard_stream import ShardStream
 
 SYNTHETIC_POOL = 512  # random images kept on the device for --data synthetic
 

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "state-dict file")
     g.add_argument("--img-size", type=positive_int, default=None,
                    help="image size of a preset at random init (a checkpoint keeps its own)")
+    g.add_argument("--num-heads", type=positive_int, default=None,
+                   help="heads of a checkpoint in another layout whose width no released model has (its shapes "
+                   "do not hold the head count)")
     g.add_argument("--init-seed", type=int, default=None,
                    help="seed of the random init (the baseline, or a preset MODEL) (default: the run's --seed, "
                    "i.e. the very weights pretraining started from; 0 for presets and timm)")

@@ -9,7 +9,8 @@ MODEL is one of:
   from ``--weights FILE``; ``--timm-kwargs`` passes model options); the baseline is a random init of the
   converted config.
 A plain state-dict file (no ``config`` inside) needs ``--preset``; a file in another layout (Apple's ml-aim,
-transformers, any ``.safetensors``) is read by ``CausalViT.from_checkpoint``, its config inferred. A
+transformers, any ``.safetensors``) is read by ``CausalViT.from_checkpoint``, its config inferred (``--num-heads``
+when its width is no released model's: the shapes do not hold the head count). A
 ``--preset`` that disagrees with the checkpoint's is an error, as are weights whose shapes do not fit.
 """
 from __future__ import annotations
@@ -86,21 +87,28 @@ def _load_weights(model: CausalViT, state: dict, where: str) -> None:
     model.load_state_dict(trunk, strict=False)
 
 
-def _from_released(path: str, preset: Optional[str], backend: str, seed: Optional[int]) -> Trunk:
+def _from_released(path: str, preset: Optional[str], backend: str, seed: Optional[int],
+                   num_heads: Optional[int] = None) -> Trunk:
     """Another layout's weights (Apple's ml-aim, timm, transformers; issue 18) through from_checkpoint."""
     overrides = {"backend": backend} if preset else {"backend": backend, "head_depth": 0}  # the probes need no head
+    if num_heads is not None:
+        overrides["num_heads"] = num_heads
     model = CausalViT.from_checkpoint(path, preset=preset, **overrides)
     config = model.config
     return Trunk(model.eval(), os.path.basename(path), lambda: seeded_init(config, seed or 0))
 
 
-def _from_checkpoint(path: str, preset: Optional[str], backend: str, seed: Optional[int]) -> Trunk:
+def _from_checkpoint(path: str, preset: Optional[str], backend: str, seed: Optional[int],
+                     num_heads: Optional[int] = None) -> Trunk:
     if path.endswith(".safetensors"):
-        return _from_released(path, preset, backend, seed)
+        return _from_released(path, preset, backend, seed, num_heads)
     state = ckpt.load(path)
     if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()) and \
             "blocks.0.attn.qkv.weight" not in state:  # not CausalViT's names: a released layout
-        return _from_released(path, preset, backend, seed)
+        return _from_released(path, preset, backend, seed, num_heads)
+    if num_heads is not None:
+        raise ValueError("--num-heads applies to a checkpoint in another layout (ml-aim, timm, transformers): "
+                         f"{path} holds CausalViT's names, whose config (or --preset) gives the heads")
     if isinstance(state, dict) and "model" in state and "config" in state:
         config = ViTConfig.from_dict({**state["config"], "backend": backend})
         run_args = state.get("args") or {}
@@ -137,8 +145,11 @@ def _from_timm(name: str, weights: Optional[str], timm_kwargs: dict, backend: st
 
 def load_trunk(spec: str, *, preset: Optional[str] = None, seed: Optional[int] = None, backend: str = "auto",
                img_size: Optional[int] = None, weights: Optional[str] = None,
-               timm_kwargs: Optional[dict] = None) -> Trunk:
-    """The trunk MODEL names (see the module docstring)."""
+               timm_kwargs: Optional[dict] = None, num_heads: Optional[int] = None) -> Trunk:
+    """The trunk MODEL names (see the module docstring). ``num_heads``: the heads of a checkpoint in another
+    layout, when its width is no released model's."""
+    if num_heads is not None and (spec.startswith("timm:") or spec in PRESETS):
+        raise ValueError("--num-heads applies to a checkpoint in another layout, not to a preset or timm:NAME")
     if spec.startswith("timm:"):
         return _from_timm(spec[len("timm:"):], weights, timm_kwargs or {}, backend, seed or 0)
     if spec in PRESETS:
@@ -153,4 +164,4 @@ def load_trunk(spec: str, *, preset: Optional[str] = None, seed: Optional[int] =
                                 f"({', '.join(sorted(PRESETS))}) or timm:NAME")
     if img_size is not None:
         raise ValueError("--img-size applies to a preset at random init only: a checkpoint keeps its own size")
-    return _from_checkpoint(path, preset, backend, seed)
+    return _from_checkpoint(path, preset, backend, seed, num_heads)

@@ -105,7 +105,8 @@ def run(args) -> dict:
 def _evaluate(args, env: DistEnv) -> dict:
     t0 = time.perf_counter()
     trunk = load_trunk(args.model, preset=args.preset, seed=args.init_seed, backend=args.backend,
-                       img_size=args.img_size, weights=args.weights, timm_kwargs=args.timm_kwargs)
+                       img_size=args.img_size, weights=args.weights, timm_kwargs=args.timm_kwargs,
+                       num_heads=args.num_heads)
     cfg = trunk.model.config
     data = edata.load(args.data, args.train, args.val, cfg.img_size, cfg.in_chans, args.workers)
     layers = resolve_layers(args.layers, cfg.depth)

@@ -190,14 +190,17 @@ def autotunes(choice, policy: LaunchPolicy) -> bool:
     return policy.autotune and len(choice.configs) > 1 and not interpreting()
 
 
-_GPU_CONFIGS: contextvars.ContextVar[bool] = contextvars.ContextVar("aimkern_gpu_configs", default=False)
+_GPU_CONFIGS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("aimkern_gpu_configs", default=None)
 
 
 @contextlib.contextmanager
-def gpu_configs() -> Iterator[None]:
-    """Interpreted launches inside the block run the GPU table's first config instead of the interpreter's
-    own (the cost report, benchmarks/kernel_cost.py, counts the work of the tiles the GPU would run)."""
-    token = _GPU_CONFIGS.set(True)
+def gpu_configs(index: int = 0) -> Iterator[None]:
+    """Interpreted launches inside the block run config ``index`` of the GPU table (its last config where a
+    table has fewer) instead of the interpreter's own: the cost report (benchmarks/kernel_cost.py) counts
+    the work of the tiles the GPU would run, for every config the autotuner may pick."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"gpu_configs: index must be an int >= 0, got {index!r}")
+    token = _GPU_CONFIGS.set(index)
     try:
         yield
     finally:
@@ -206,16 +209,19 @@ def gpu_configs() -> Iterator[None]:
 
 def gpu_configs_active() -> bool:
     """Whether launches run the GPU tables' configs even under the interpreter (``gpu_configs()``)."""
-    return _GPU_CONFIGS.get()
+    return _GPU_CONFIGS.get() is not None
 
 
 def fixed_config(choice, policy: LaunchPolicy):
     """The config ``launch`` runs when it does not autotune: the interpreter's under the interpreter (unless
-    inside ``gpu_configs()``), else the first of the table. Launchers whose buffers depend on the tiling use
-    Choices with one config."""
+    inside ``gpu_configs(i)``: the table's config i, or its last), else the first of the table. Launchers
+    whose buffers depend on the tiling use Choices with one config."""
     if autotunes(choice, policy):
         raise ValueError(f"{choice.name}: an autotuned Choice has no fixed config")
-    return choice.interpreter if interpreting() and not _GPU_CONFIGS.get() else choice.configs[0]
+    if not interpreting():
+        return choice.configs[0]
+    index = _GPU_CONFIGS.get()
+    return choice.interpreter if index is None else choice.configs[min(index, len(choice.configs) - 1)]
 
 
 def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.dtype, policy: LaunchPolicy,
@@ -225,53 +231,141 @@ def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.d
     grid:  META -> grid tuple; META holds the chosen config's block sizes.
     dtype: the inputs' dtype; it sets DOT_PRECISION for kernels that take one.
     """
+    device = launch_device(choice, args)
     if "DOT_PRECISION" in choice.kernel.arg_names:
         constexprs = dict(constexprs, DOT_PRECISION=dot_precision(dtype))
+    choice = fit_to_device(choice, device, constexprs, dtype)
     dry = False
     for seen, dry_run in _OBSERVERS.get():
         seen.append(Launch(choice, args, constexprs, policy))
         dry = dry or dry_run
     if dry:
         return
-    if autotunes(choice, policy):
-        _autotuner(choice)[grid](*args, **constexprs)
-        return
-    c = fixed_config(choice, policy)
-    meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-    choice.kernel[grid(meta)](*args, **constexprs, **meta)
+    with device_guard(device):  # Triton launches on the current CUDA device, not on the tensors'
+        if autotunes(choice, policy):
+            _autotuner(choice)[grid](*args, **constexprs)
+            return
+        c = fixed_config(choice, policy)
+        meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        choice.kernel[grid(meta)](*args, **constexprs, **meta)
+
+
+def launch_device(choice, args: tuple) -> Optional[torch.device]:
+    """The one device of a launch's tensor arguments (None without any). Tensors on two devices are a
+    ValueError naming both kernel arguments: a kernel reads every pointer on the device it runs on, so a
+    pointer into another GPU's memory would be read as garbage, never refused by the hardware."""
+    names = choice.kernel.arg_names
+    first = None
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if first is None:
+            first = (i, a.device)
+        elif a.device != first[1]:
+            name = lambda j: names[j] if j < len(names) else f"argument {j}"  # noqa: E731
+            raise ValueError(f"{choice.name}: {name(i)} is on {a.device} but {name(first[0])} is on {first[1]}; "
+                             "every tensor of a launch must be on one device")
+    return first[1] if first is not None else None
+
+
+def device_guard(device: Optional[torch.device]):
+    """The context a launch on ``device`` runs in: ``torch.cuda.device(device)`` for a CUDA device (Triton
+    launches on, and takes the stream of, the *current* device, which need not be the tensors'), else a
+    no-op."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------- device facts
-_META_ARCH: contextvars.ContextVar[int] = contextvars.ContextVar("aimkern_meta_arch", default=90)
+# (capability, opt-in shared memory per block in bytes) of the devices the tables are built for; a meta
+# tensor launches as one of them (``meta_device`` / ``meta_arch``), so the compile gate and the tests can
+# drive the CUDA launch path on a CPU machine.
+DEVICE_FACTS = {
+    "sm_90": (90, 232448),  # H100 / H200 (and B200, sm_100: the same 227 KB)
+    "sm_80": (80, 166912),  # A100 (and Orin, sm_87)
+    "sm_120": (120, 101376),  # consumer Blackwell (RTX 50xx; RTX 30xx / 40xx, sm_86 / sm_89, alike: 99 KB)
+}
+# The Hopper tables' pipelines are sized for sm_90's 227 KB per block (the CE tiles take 128-192 KB): a
+# device with less takes the sm_80 tables, whatever its capability, and keeps the configs that fit it.
+HOPPER_TABLE_SHARED_MEMORY = DEVICE_FACTS["sm_90"][1]
+_META_DEVICE: contextvars.ContextVar[tuple] = contextvars.ContextVar("aimkern_meta_device",
+                                                                     default=DEVICE_FACTS["sm_90"])
 
 
 @contextlib.contextmanager
-def meta_arch(arch: int) -> Iterator[None]:
-    """Launchers called on meta tensors pick the configs of ``arch`` (90: Hopper, 80: Ampere) inside the
-    block: the compile gate drives them once per target."""
-    token = _META_ARCH.set(arch)
+def meta_device(capability: int, shared_memory: int) -> Iterator[None]:
+    """Launchers called on meta tensors inside the block act as on a device of ``capability`` (e.g. 90)
+    with ``shared_memory`` bytes of opt-in shared memory per block: its tables and the configs that fit."""
+    token = _META_DEVICE.set((int(capability), int(shared_memory)))
     try:
         yield
     finally:
-        _META_ARCH.reset(token)
+        _META_DEVICE.reset(token)
+
+
+def meta_arch(arch: int) -> contextlib.AbstractContextManager:
+    """``meta_device`` of the table arch ``arch`` (90: Hopper, 80: Ampere): the compile gate drives the
+    launchers once per target."""
+    return meta_device(*DEVICE_FACTS[{90: "sm_90", 80: "sm_80"}[arch]])
 
 
 @functools.lru_cache(maxsize=None)
-def _capability_of(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
+def _cuda_facts(index: int) -> tuple:
+    props = torch.cuda.get_device_properties(index)
+    shared = getattr(props, "shared_memory_per_block_optin", 0)
+    if not shared:  # an older torch: ask Triton's driver
+        from triton.runtime import driver
+
+        shared = driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return 10 * props.major + props.minor, int(shared)
+
+
+def device_facts(device: torch.device) -> Optional[tuple]:
+    """(capability, opt-in shared memory per block) of a CUDA or meta ``device``; None elsewhere (the
+    interpreter has no shared memory to fit)."""
+    if device.type == "meta":
+        return _META_DEVICE.get()
+    if device.type != "cuda":
+        return None
+    return _cuda_facts(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def table_arch(device: torch.device) -> int:
-    """Which config tables a launch on ``device`` uses: 90 (Hopper: wgmma tiles, 228 KB shared memory and
-    later archs) or 80 (Ampere / Ada: mma.sync, whose accumulators need smaller tiles to stay in registers).
-    Off CUDA: 90, unless ``meta_arch`` says otherwise (the interpreter uses its own configs anyway)."""
-    if device.type == "meta":
-        return _META_ARCH.get()
-    if device.type != "cuda":
+    """Which config tables a launch on ``device`` uses: 90 (Hopper: wgmma tiles, pipelines sized for 227 KB
+    of shared memory per block) when the capability is 9.0 or later AND the device reports that much shared
+    memory, else 80 (Ampere's tables: mma.sync tiles, shallower pipelines; also consumer Blackwell, sm_120,
+    whose 99 KB the Hopper CE configs overflow). ``launch`` then drops the configs that do not fit the
+    device (``fit_to_device``). Off CUDA and meta: 90 (the interpreter uses its own configs anyway)."""
+    facts = device_facts(device)
+    if facts is None:
         return 90
-    cap = _capability_of(device.index if device.index is not None else torch.cuda.current_device())
-    return 90 if cap >= 90 else 80
+    capability, shared = facts
+    return 90 if capability >= 90 and shared >= HOPPER_TABLE_SHARED_MEMORY else 80
+
+
+_FITTED: dict = {}
+
+
+def fit_to_device(choice, device: Optional[torch.device], constexprs: dict, dtype: torch.dtype):
+    """``choice`` with only the configs whose shared memory (the Choice's ``shared`` estimate, an upper
+    bound the compile gate checks against every compile) fits ``device``. None fitting: the smallest (the
+    launch then succeeds or Triton says by how much it is over). The tables keep their first config within
+    every device of DEVICE_FACTS (tests/test_launch_layer.py), so ``fixed_config``, which launchers read
+    before the launch, names the config that runs."""
+    facts = device_facts(device) if device is not None else None
+    if facts is None or getattr(choice, "shared", None) is None:
+        return choice
+    elem = torch.empty((), dtype=dtype).element_size()
+    key = (choice, facts[1], elem, tuple(sorted(constexprs.items())))
+    fitted = _FITTED.get(key)
+    if fitted is None:
+        need = [choice.shared(c, constexprs, elem) for c in choice.configs]
+        kept = tuple(c for c, b in zip(choice.configs, need) if b <= facts[1])
+        if not kept:
+            kept = (choice.configs[need.index(min(need))],)
+        fitted = _FITTED[key] = choice if kept == tuple(choice.configs) else replace(choice, configs=kept)
+    return fitted
 
 
 @functools.lru_cache(maxsize=None)

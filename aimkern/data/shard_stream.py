@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 import torch
 
-from .bad import BadRecord, BadSample, BadSampleLog, load_or_replace
+from .bad import BadRecord, BadSample, load_or_replace
 from . import jpeg
 from .collate import stack_images
 from .decode import augmentation, check_channels, decode_crop, open_image, pil_mode
@@ -124,15 +124,12 @@ class ShardStream:
     Args:
         decode: 'cpu' (libjpeg-turbo at a DCT scale, ``aimkern.data.decode``) or 'gpu' (nvJPEG; refused
             without CUDA). Either way the batch is uint8; the training step normalizes it.
-        max_bad_samples: print each sample that fails to decode and stop once more than this failed; None
-            (what the trainer passes) leaves counting, printing and bounding to the caller, which drains
-            ``take_bad()`` each step (the trainer's --max-bad-samples, over all ranks).
         draft: DCT-scaled JPEG decode on the CPU path (the benchmark turns it off to compare).
     """
 
     def __init__(self, data: str, img_size: int, in_chans: int, *, global_batch: int, rank: int, world: int,
                  seed: int, start: int, workers: int, device: torch.device, decode: str = "cpu",
-                 max_bad_samples: Optional[int] = None, draft: bool = True, window: int = WINDOW_SHARDS):
+                 draft: bool = True, window: int = WINDOW_SHARDS):
         if decode not in ("cpu", "gpu"):
             raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
         if decode == "gpu":
@@ -146,10 +143,7 @@ class ShardStream:
         self.dataset = ShardImages(shards, img_size, in_chans, draft=draft, gpu=self.gpu)
         sampler = PositionBatches(ShardWindowOrder(shards.counts, seed, window), global_batch=global_batch,
                                    rank=rank, world=world, seed=seed, start=start)
-        self.bad = BadSampleLog(max_bad_samples, prefix=f"aimkern.data (rank {rank})") \
-            if max_bad_samples is not None else None
         self.num_samples = sum(shards.counts)  # what a --max-bad-samples fraction refers to
-        self._skipped = 0
         self._pending: List[BadRecord] = []  # since the last take_bad()
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
@@ -157,12 +151,9 @@ class ShardStream:
             prefetch_factor=4 if workers > 0 else None,
         )
 
-    @property
-    def bad_samples(self) -> int:
-        return self._skipped
-
     def take_bad(self) -> List[BadRecord]:
-        """The samples that failed to decode since the last call."""
+        """The samples that failed to decode since the last call (each replaced by a seeded draw); the caller
+        counts, reports and bounds them (the trainer: --max-bad-samples, over all ranks)."""
         bad, self._pending = self._pending, []
         return bad
 
@@ -175,9 +166,6 @@ class ShardStream:
                 batch, more = decode_batch(items, self.img_size, self.in_chans, self.device,
                                            lambda i: self.dataset.replace_on_cpu(items[i].key))
                 skipped = skipped + more
-            self._skipped += len(skipped)
             self._pending.extend(skipped)
-            if self.bad is not None:
-                self.bad.record(skipped)
             # uint8 to the device (pinned on CUDA: an asynchronous copy); model_input normalizes it there.
             yield batch.to(self.device, non_blocking=True)
