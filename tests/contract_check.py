@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from aimkern.dispatch.measure import call, max_abs_err
+from aimkern.dispatch.measure import max_abs_err
 from aimkern.ops import launch_policy
 from aimkern.ops._launch import gpu_configs, kernels
-from aimkern.ops.spec import Candidate, OpSpec, Problem
+from aimkern.specs import Candidate, OpSpec, Problem, outputs
 
 from contract_inputs import lay_out
 
@@ -70,7 +70,7 @@ def for_candidate(cand: Candidate, problem: Problem, config: str = "interp") -> 
     if cand.unsupported(problem) is not None:
         if problem.option("deterministic") is None:
             return None
-        problem = problem.with_(options=dict(problem.kwargs(), deterministic=not problem.option("deterministic")))
+        problem = problem.with_(params=dict(deterministic=not problem.option("deterministic")))
         if cand.unsupported(problem) is not None:
             return None
     if config == "gpu" and cand.name == "triton-fused":
@@ -108,7 +108,7 @@ def _run(spec, cand, tensors, problem, upstream, layout, gen, context):
     views = [None if t is None else lay_out(t, lay, gen, rg)
              for t, rg, lay in zip(tensors, problem.requires_grad, layouts)]
     with context:
-        outs = spec.outputs(call(spec, cand, tuple(views), problem.kwargs()))
+        outs = outputs(cand.fn(*views, problem.params))
         wanted = [v for v, rg in zip(views, problem.requires_grad) if rg]
         if not wanted:
             return tuple(o.detach() for o in outs), (), views, []
@@ -122,8 +122,7 @@ def upstream_for(spec, tensors, problem, up: Upstream, gen) -> list:
     """The incoming gradients (one per output), drawn once and shared by every run of a case."""
     ref_problem = problem.with_(requires_grad=tuple(False for _ in tensors))
     with torch.no_grad():
-        outs = spec.outputs(call(spec, _reference(spec), tuple(None if t is None else t.detach() for t in tensors),
-                                 ref_problem.kwargs()))
+        outs = outputs(spec.reference(*(None if t is None else t.detach() for t in tensors), ref_problem.params))
     ups = []
     for o in outs:
         u = (torch.full(o.shape, up.value, dtype=torch.float64) if up.value is not None
@@ -239,8 +238,9 @@ def public_op(spec: OpSpec, cand: Candidate):
     # (the atomic candidate's problems say deterministic=False themselves: see for_candidate)
     path = {"triton-fused": "fused", "triton-split": "split", "triton-split-atomic": "split"}.get(cand.name)
 
-    def fn(*args, **kwargs):  # the candidates' signature: the public op's, without backend
-        return op(*args, **kwargs, backend="triton")
+    def fn(*args):  # the candidates' signature: (*tensors, params)
+        call_args, kwargs = spec.public_call(args[:-1], args[-1])
+        return op(*call_args, **kwargs, backend="triton")
 
     def context(config: str = "interp"):
         stack = contextlib.ExitStack()

@@ -19,7 +19,13 @@ from typing import Optional
 import torch
 
 from aimkern.ops._launch import kernels
-from aimkern.ops.specs.common import problem as make_problem
+from aimkern.specs import get_spec
+from op_cases import problem as _problem
+
+
+def make_problem(op: str, dtype: str, shapes: tuple, options: dict, requires_grad: tuple, dtypes: tuple):
+    """A CPU ``Problem`` whose params are the op's params dataclass with ``options``."""
+    return _problem(op, dtype, shapes, get_spec(op).params_type(**options), requires_grad, dtypes)
 
 LAYOUTS = ("strided", "offset", "transposed", "expanded")
 OFFSET = 5

@@ -12,15 +12,11 @@ The inputs are ``contract_inputs.small_cases``.
 """
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
-import aimkern
-from aimkern.dispatch.measure import call
 from aimkern.ops._launch import interpreting
-from aimkern.ops.spec import Candidate, all_specs
+from aimkern.specs import Candidate, all_specs, outputs
 from contract_check import check_case, compare, for_candidate, params, public_op, tables
 from contract_inputs import small_cases
 
@@ -42,7 +38,7 @@ def _first_and_second(spec, cand, problem, tensors, dtype, context):
     wanted = [t for t, rg in zip(leaves, problem.requires_grad) if rg]
     gen = torch.Generator().manual_seed(2)
     with context:
-        outs = [o for o in spec.outputs(call(spec, cand, leaves, problem.kwargs())) if o.requires_grad]
+        outs = [o for o in outputs(cand.fn(*leaves, problem.params)) if o.requires_grad]
         loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
         try:
             first = torch.autograd.grad(loss, wanted, create_graph=True)
@@ -90,9 +86,10 @@ def test_double_backward_works_or_raises(spec, cand, config, dtype):
 
 # --------------------------------------------------------------------------------------------- autocast
 def _casts_under_autocast(spec) -> bool:
-    """Whether the public op applies autocast's rule to its inputs (``_checks.autocast_inputs``): the
-    GEMM-like ops do; the others compute in their inputs' dtype under autocast too."""
-    return "autocast_inputs(" in inspect.getsource(getattr(aimkern, spec.name))
+    """Whether the public op applies autocast's rule to its inputs (``OpSpec.autocast``, applied by
+    ``aimkern.functional.run``): the GEMM-like ops do; the others compute in their inputs' dtype under
+    autocast too."""
+    return bool(spec.autocast)
 
 
 @pytest.mark.parametrize("autocast", ["float16", "bfloat16"])

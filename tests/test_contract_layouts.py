@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from aimkern.ops.spec import all_specs
+from aimkern.specs import all_specs
 from contract_check import check_case, for_candidate, params
 from contract_inputs import LAYOUTS, applies, small_cases
 

@@ -25,7 +25,7 @@ import torch
 from aimkern.kernels.launch_table import AUTOTUNE_MIN_MACS
 from aimkern.ops import launch_policy
 from aimkern.ops._launch import gpu_configs, interpreting, kernels, observe
-from aimkern.ops.spec import get_spec
+from aimkern.specs import get_spec
 from contract_check import CONFIGS, Upstream, check_case, for_candidate, runnable
 from contract_inputs import (
     _randn, _shifted_qk, attention_problem, ce_inputs, ce_problem, patch_inputs, patch_problem, pixel_problem,

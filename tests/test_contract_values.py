@@ -21,6 +21,7 @@ The cases about fp16's range (half its maximum, a GradScaler's scale) run in fp1
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -28,7 +29,7 @@ import torch
 
 import aimkern
 from aimkern.ops._launch import interpreting
-from aimkern.ops.spec import all_specs
+from aimkern.specs import all_specs
 from contract_check import check_case, for_candidate, runnable, tables
 from contract_inputs import hostile, hostile_names, small_cases
 
@@ -57,35 +58,40 @@ def test_hostile_values(spec, cand, config, dtype, name):
 
 
 # ------------------------------------------------------------------------------------------- options
-def _public(spec, tensors, options, backend):
-    args, kwargs = spec.split_call(tensors, options)
+def _options(problem) -> list:
+    """(name, value) of each of the problem's params."""
+    return [(f.name, getattr(problem.params, f.name)) for f in dataclasses.fields(problem.params)]
+
+
+def _public(spec, tensors, params, backend):
+    args, kwargs = spec.public_call(tensors, params)
     with torch.no_grad(), tables("interp"):
         return getattr(aimkern, spec.name)(*args, **kwargs, backend=backend)
 
 
-def _outcome(spec, tensors, options, backend):
+def _outcome(spec, tensors, params, backend):
     try:
-        return _public(spec, tensors, options, backend), None
+        return _public(spec, tensors, params, backend), None
     except (TypeError, ValueError) as e:
         return None, e
 
 
 @pytest.mark.skipif(not interpreting(), reason="runs the Triton backend on CPU tensors (Triton's interpreter)")
 @pytest.mark.parametrize("spec", [s for s in SPECS if any(
-    isinstance(v, int) and not isinstance(v, bool) for _, v in small_cases(s.name, "float32")[0][1].options)],
+    isinstance(v, int) and not isinstance(v, bool) for _, v in _options(small_cases(s.name, "float32")[0][1]))],
     ids=lambda s: s.name)
 def test_integer_options_refuse_what_the_reference_refuses(spec):
     """Each integer option given as a float (whole, fractional, NaN): where the reference backend raises a
     TypeError or ValueError the Triton backend raises one too; where it accepts, both agree."""
     _, problem, tensors = small_cases(spec.name, "float32")[0]
     wrong = []
-    for name, value in problem.options:
+    for name, value in _options(problem):
         if not isinstance(value, int) or isinstance(value, bool):
             continue
         for bad in (float(value), value + 0.5, math.nan):
-            options = dict(problem.kwargs(), **{name: bad})
-            ref, ref_err = _outcome(spec, tensors, options, "reference")
-            got, got_err = _outcome(spec, tensors, options, "triton")
+            params = dataclasses.replace(problem.params, **{name: bad})
+            ref, ref_err = _outcome(spec, tensors, params, "reference")
+            got, got_err = _outcome(spec, tensors, params, "triton")
             if ref_err is not None and got_err is None:
                 wrong.append(f"{name}={bad!r}: the reference raises {type(ref_err).__name__} ({ref_err}); "
                              f"triton returns {got if got.dim() == 0 else tuple(got.shape)}")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import aimkern
-from aimkern.ops import attention_qkvpacked, launch_policy
+from aimkern import attention_qkvpacked
+from aimkern.ops import launch_policy
 from conftest import requires_cuda
 from test_attention_hostile import check_against_reference, shifted_qkv
 
