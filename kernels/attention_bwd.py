@@ -32,9 +32,10 @@ QUERY_TAIL = tl.constexpr(16)
 
 @triton.jit
 def attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, H, N,
-                               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d] in fp32, stored (B, H, N); flat grid."""
-    pid_m, bh = flat_program(tl.cdiv(N, BLOCK_M))
+                               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                               FLAT: tl.constexpr = False):
+    """delta[b, h, i] = sum_d o[b, h, i, d] * do[b, h, i, d] in fp32, stored (B, H, N); ``flat_program``."""
+    pid_m, bh = flat_program(tl.cdiv(N, BLOCK_M), FLAT)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,7 +110,7 @@ def attn_bwd_tiled_kernel(
     H, N, K_END, N_BUCKET, block_size, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    DQ_KEY_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DQ_KEY_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAT: tl.constexpr = False,
 ):
     """One program per (key tile, batch * head), the highest key tile first: dK, dV of BLOCK_N keys written
     once, dQ shares accumulated in DQ_ACC (B * H, N, HEAD_D) fp32 (zeroed by the launcher; SEM (B * H,
@@ -119,7 +120,7 @@ def attn_bwd_tiled_kernel(
     of cdiv(K_END, BLOCK_N) key tiles per batch * head.
     """
     key_tiles = tl.cdiv(K_END, BLOCK_N)
-    pid_n, bh = flat_program(key_tiles)
+    pid_n, bh = flat_program(key_tiles, FLAT)
     last_tile = key_tiles - 1
     n_tile = last_tile - pid_n
     b = bh // H

@@ -47,17 +47,22 @@ def store_rows(base, x, rows, n_rows, offs_d, stride_n, stride_d, HEAD_D: tl.con
 
 
 @triton.jit
-def flat_program(tiles):
-    """(tile, batch * head) of this program on a flat grid of ``tiles * B * H`` programs, tiles fastest.
+def flat_program(tiles, FLAT: tl.constexpr):
+    """(tile, batch * head) of this program: on the grid (tiles, B * H), or with FLAT on a flat grid of
+    ``tiles * B * H`` programs, tiles fastest.
 
     CUDA caps grid axes 1 and 2 at 65,535 and axis 0 at 2**31 - 1, so B * H (70,000 at H = 12, B = 5,834)
-    cannot be an axis of its own. The flat order is the (tiles, B * H) grid's launch order: one head's
-    tiles run side by side (sharing its K, V in L2), and the tiled backward's highest-key-tile-first order
-    holds.
+    cannot always be an axis of its own: the launcher sets FLAT only then (``flat_grid`` in
+    aimkern/ops/attention.py), because the division costs sm_80's D = 64 causal forward a 16 B spill. The
+    flat order is the (tiles, B * H) grid's launch order: one head's tiles run side by side (sharing its K, V
+    in L2), and the tiled backward's highest-key-tile-first order holds either way.
     """
-    pid = tl.program_id(0)
-    bh = pid // tiles
-    return pid - bh * tiles, bh
+    if FLAT:
+        pid = tl.program_id(0)
+        bh = pid // tiles
+        return pid - bh * tiles, bh
+    else:
+        return tl.program_id(0), tl.program_id(1)
 
 
 @triton.jit
@@ -166,6 +171,7 @@ def attn_fwd_kernel(
     H, N, M_END, N_BUCKET, block_size, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLAT: tl.constexpr = False,
 ):
     """One program per (query tile, batch * head) over queries [0, M_END) (the launcher hands the last
     N - M_END < 64 queries to attn_fwd_tail_kernel), on a flat grid (``flat_program``). Writes O (B, H, N,
@@ -174,7 +180,7 @@ def attn_fwd_kernel(
     N_BUCKET (N rounded up to a power of two) is unused in the body: it is the autotuning key, so configs
     are tuned once per sequence band rather than once per N.
     """
-    pid_m, bh = flat_program(tl.cdiv(M_END, BLOCK_M))
+    pid_m, bh = flat_program(tl.cdiv(M_END, BLOCK_M), FLAT)
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
@@ -223,12 +229,13 @@ def attn_fwd_tail_kernel(
     H, N, M_START, block_size, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLAT: tl.constexpr = False,
 ):
     """The last queries [M_START, N) (fewer than 64), BLOCK_M (16) at a time, in key-major form: S^T = K Q^T
     and O^T += V^T P^T have BLOCK_N key rows and BLOCK_D rows, so a narrow query tile keeps wgmma (a 16-row
     query-major dot would not). One program per (16-query tile, batch * head); the softmax runs down the
     key axis. Same scores, mask and tile classes as attn_fwd_kernel; a flat grid (``flat_program``)."""
-    pid_m, bh = flat_program(tl.cdiv(N - M_START, BLOCK_M))
+    pid_m, bh = flat_program(tl.cdiv(N - M_START, BLOCK_M), FLAT)
     b = bh // H
     b64 = b.to(tl.int64)
     h64 = (bh % H).to(tl.int64)

@@ -171,16 +171,21 @@ def test_launch_geometry_at_70000_heads(monkeypatch, arch, n, path, layout):
 
 def test_flat_grid_refuses_more_programs_than_cuda_runs():
     assert attention_op.flat_grid(4, 70000) == (280000,)
+    assert attention_op.flat_grid(4, 65535) == (4, 65535)  # axis 1 while B * H fits it (no division)
+    assert attention_op.heads_grid(70000) == (70000,) and attention_op.heads_grid(12) == (12,)
     with pytest.raises(ValueError, match="B \\* H"):
         attention_op.flat_grid(2**16, 2**15)
 
 
+@pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("path", ["split", "fused"])
-def test_every_head_and_tile_of_the_flat_grid(path, use_policy, device):
+def test_every_head_and_tile_of_the_flat_grid(path, flat, use_policy, device, monkeypatch):
     """B = 3, H = 2 and N = 40 (three 16-row tiles per head under the interpreter, per-sample prefixes): each
-    program finds its (tile, batch, head) in the flat grid, checked against the reference head by head."""
+    program finds its (tile, batch, head) in the flat grid (FLAT forced by lowering the threshold) and in
+    the (tiles, B * H) one, checked against the reference head by head."""
     from test_attention_triton import MASKS, check_attention
 
+    monkeypatch.setattr(attention_op, "FLAT_ABOVE", 0 if flat else attention_op.FLAT_ABOVE)
     use_policy(attention_backward=path)
     check_attention(3, 2, 40, 16, torch.float32, MASKS["block3_mixed"], device)
 

@@ -82,19 +82,33 @@ def _bhnd_empty(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((b, n, h, d)).permute(0, 2, 1, 3)
 
 
-# CUDA's grid limit on axis 0 (axes 1 and 2 take 65,535: B * H = 70,000 would not fit there). Every
-# attention kernel runs on a flat axis-0 grid: tiles * B * H programs, tiles fastest (flat_program in
-# kernels/attention_fwd.py), or one program per batch * head.
+# CUDA's grid limits: axis 0 takes 2**31 - 1 programs, axes 1 and 2 take 65,535, so B * H = 70,000 cannot be
+# an axis of its own. The tiled kernels run on (tiles, B * H) while B * H fits axis 1, and on a flat axis-0
+# grid of tiles * B * H programs, tiles fastest, above it (FLAT; flat_program in kernels/attention_fwd.py):
+# the flat form's division costs sm_80's D = 64 causal forward a 16 B spill, so only huge batches pay it.
+# The one-program-per-head kernels (fused, key tail) always run B * H programs on axis 0.
 GRID_X_MAX = 2**31 - 1
+FLAT_ABOVE = 65_535  # B * H above which the tiled kernels take the flat grid (tests lower it)
+
+
+def flat_launch(bh: int) -> bool:
+    """Whether a launch for ``bh`` = B * H heads takes the flat grid (the kernels' FLAT constexpr)."""
+    return bh > FLAT_ABOVE
 
 
 def flat_grid(tiles: int, bh: int) -> tuple:
-    """The grid of ``tiles`` programs for each of ``bh`` = B * H heads: (tiles * bh,)."""
+    """The grid of ``tiles`` programs for each of ``bh`` = B * H heads: (tiles, bh), or (tiles * bh,) when
+    ``flat_launch(bh)``; a ValueError past CUDA's axis-0 limit."""
     programs = tiles * bh
     if programs > GRID_X_MAX:
         raise ValueError(f"{OP}: {tiles} tiles x B * H = {bh} heads is {programs} programs, more than CUDA's "
                          f"grid of {GRID_X_MAX}; split the batch")
-    return (programs,)
+    return (programs,) if flat_launch(bh) else (tiles, bh)
+
+
+def heads_grid(bh: int) -> tuple:
+    """One program per batch * head, on axis 0 (the fused and key-tail kernels)."""
+    return (flat_grid(1, bh)[-1],)  # bh, after flat_grid's limit check
 
 
 def unpack(qkv: torch.Tensor) -> tuple:
@@ -120,7 +134,8 @@ def launch_forward(q, k, v, prefix_len: Optional[torch.Tensor], params: Attentio
     split = kern.query_tail_start(n)  # queries [split, n) go to the narrow key-major tail kernel
     tensors = (q, k, v, o, lse, prefix_len if prefix_len is not None else lse)
     strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride())
-    flags = dict(HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal, HAS_PREFIX=prefix_len is not None)
+    flags = dict(HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal, HAS_PREFIX=prefix_len is not None,
+                 FLAT=flat_launch(b * h))
     launch(
         kern.forward(d, fp32, n, table_arch(q.device)), lambda META: flat_grid(cdiv(split, META["BLOCK_M"]), b * h),
         (*tensors, *strides, h, n, split, pow2(n), params.block_size, scale * _LOG2E),
@@ -158,7 +173,7 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
     if path == "fused":
         choice = kern.backward_fused(d, fp32, n)
         launch(
-            choice, lambda META: flat_grid(1, b * h),
+            choice, lambda META: heads_grid(b * h),
             (q, k, v, o, do, lse, dq, dk, dv, prefix,
              *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
              *dq.stride(), *dk.stride(), *dv.stride(),
@@ -171,7 +186,7 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
     launch(
         kern.backward_preprocess(), lambda META: flat_grid(cdiv(n, META["BLOCK_M"]), b * h),
         (o, do, delta, *o.stride(), *do.stride(), h, n),
-        dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d),
+        dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d), FLAT=flat_launch(b * h),
     )
     choice = kern.backward_tiled(d, fp32, n, table_arch(q.device))
     dq_acc = torch.zeros((b * h, n, d), device=q.device, dtype=torch.float32)
@@ -182,7 +197,7 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride())
     if key_tile:  # the last keys first, in one narrow tile: their dQ shares land before the tiled kernel's
         launch(
-            kern.backward_key_tail(d, fp32, key_tile, table_arch(q.device)), lambda META: flat_grid(1, b * h),
+            kern.backward_key_tail(d, fp32, key_tile, table_arch(q.device)), lambda META: heads_grid(b * h),
             (q, k, v, do, lse, delta, dk, dv, dq_acc, prefix, *in_strides, h, n, k_end, params.block_size,
              scale * _LOG2E, scale),
             **common,
@@ -191,7 +206,8 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
         choice, lambda META: flat_grid(cdiv(k_end, META["BLOCK_N"]), b * h),
         (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, pow2(n),
          params.block_size, scale * _LOG2E, scale),
-        DETERMINISTIC=params.deterministic, DQ_KEY_MAJOR=table_arch(q.device) >= 90, **common,
+        DETERMINISTIC=params.deterministic, DQ_KEY_MAJOR=table_arch(q.device) >= 90, FLAT=flat_launch(b * h),
+        **common,
     )
     dq.copy_(dq_acc.view(b, h, n, d).mul_(scale))  # one pass: scale and cast into dq's strides
     return dq, dk, dv

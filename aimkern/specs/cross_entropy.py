@@ -106,9 +106,9 @@ def _chunk_losses(x, w, b, t, ignore_index: int, label_smoothing: float, z_loss:
     """Per-token loss (T,) fp32 of one chunk, zero where ignored."""
     logits = F.linear(x, w, b).float()
     loss = F.cross_entropy(logits, t, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing)
-    if z_loss:
-        keep = (t != ignore_index).to(logits.dtype)
-        loss = loss + z_loss * torch.logsumexp(logits, dim=-1).square() * keep
+    if z_loss:  # where, not a 0/1 product: with every token ignored, "mean"'s 1/0 upstream would give inf * 0
+        z = torch.logsumexp(logits, dim=-1).square()
+        loss = loss + z_loss * torch.where(t != ignore_index, z, torch.zeros_like(z))
     return loss
 
 
@@ -145,6 +145,10 @@ def _torch_fused_unsupported(problem: Problem) -> Optional[str]:
         return f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"
     if problem.params.z_loss:
         return "torch's F.linear_cross_entropy has no z-loss"
+    if problem.dtype == "float16" and problem.grad:
+        # Its loss is fp16, so autograd hands the backward the upstream gradient in fp16: a GradScaler's first
+        # scale, 65536, becomes inf and every gradient NaN.
+        return "returns an fp16 loss: a GradScaler's 65536 upstream overflows to inf in its backward"
     return _float_dtypes_match(problem)
 
 
