@@ -52,7 +52,7 @@ def flat_program(tiles, FLAT: tl.constexpr):
     ``tiles * B * H`` programs, tiles fastest.
 
     CUDA caps grid axes 1 and 2 at 65,535 and axis 0 at 2**31 - 1, so B * H (70,000 at H = 12, B = 5,834)
-    cannot always be an axis of its own: the launcher sets FLAT only then (``flat_grid`` in
+    cannot always be an axis of its own: the launcher sets FLAT only then (its flat_grid in
     aimkern/ops/attention.py), because the division costs sm_80's D = 64 causal forward a 16 B spill. The
     flat order is the (tiles, B * H) grid's launch order: one head's tiles run side by side (sharing its K, V
     in L2), and the tiled backward's highest-key-tile-first order holds either way.

@@ -91,4 +91,12 @@ def loss(n_tok: int, d: int) -> Choice:
     (B * N / BLOCK_R) to fill the card many times. Under the interpreter, larger blocks mean fewer (slow)
     programs. One config: the launcher sizes its partial-sum buffer from BLOCK_R.
     """
-    return Choice(pixel_loss_kernel, (_config(n_tok, d, 8192),), _config(n_tok, d, 16384))
+    return Choice(pixel_loss_kernel, (_config(n_tok, d, 8192),), _config(n_tok, d, 16384), shared=_shared)
+
+
+def _shared(config: triton.Config, constexprs: dict, elem: int) -> int:
+    """Bytes of shared memory one program may take: one fp32 (BLOCK_R, BLOCK_D) tile. The row sums and the
+    normalisation move the tile between register layouts, and Triton 3.6 stages that conversion through
+    shared memory (32 KB at BLOCK_R = 8, BLOCK_D = 1024; Triton 3.8 needs less). The compile gate holds
+    every compile to this bound."""
+    return config.kwargs["BLOCK_R"] * config.kwargs["BLOCK_D"] * 4
