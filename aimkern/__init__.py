@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-from .models import hooks as _model_hooks  # torch-free: a table of names
+from . import hooks as _hooks  # torch-free: a table of names
 
 __version__ = "0.1.0"
 
@@ -41,13 +41,20 @@ _LAZY = {
 
 # CausalViT's format methods live in the layers that build on the model and import it (aimkern.checkpoints,
 # the timm conversion): the model never imports them. This root, above both and run before either, tells the
-# model where each is (aimkern.models.hooks); a provider is imported on the method's first call.
+# model where each is (aimkern.hooks); a provider is imported on the method's first call.
 _MODEL_METHODS = {
     "from_checkpoint": ".checkpoints.load", "save_checkpoint": ".checkpoints.load",
     "from_timm": ".integrations.timm_convert", "to_timm": ".integrations.timm_convert",
 }
 for _method, _module in _MODEL_METHODS.items():
-    _model_hooks.provide(_method, __name__ + _module, _method)
+    _hooks.provide("CausalViT." + _method, __name__ + _module, _method)
+
+# The public ops moved from aimkern.ops (now the Triton paths only) up to aimkern.functional; aimkern.ops keeps
+# deprecated aliases for one release (its __getattr__), found here like the model's methods. aimkern.ops.attention
+# and aimkern.ops.patch_embed are the ops' modules now (a function of the module's own name shadowed it).
+OPS_MOVED = ("attention_qkvpacked", "linear_cross_entropy", "next_patch_pixel_loss")
+for _op in OPS_MOVED:
+    _hooks.provide("aimkern.ops." + _op, __name__ + ".functional", _op)
 
 __all__ = sorted(k for k in _LAZY if k not in ("tokenizers", "ops", "models", "integrations", "functional"))
 

@@ -396,7 +396,7 @@ def test_a_checkpoint_whose_config_says_head_dim_still_loads():
 
 def test_the_models_format_methods_load_their_providers_on_first_call(tmp_path):
     """CausalViT's module imports neither aimkern.checkpoints nor the timm conversion (they import it); its
-    forwarders find them through aimkern.models.hooks, which the package root fills before any import."""
+    forwarders find them through aimkern.hooks, which the package root fills before any import."""
     import subprocess
     import sys
 
@@ -414,7 +414,7 @@ def test_the_models_format_methods_load_their_providers_on_first_call(tmp_path):
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
-    from aimkern.models import hooks
+    from aimkern import hooks
 
     with pytest.raises(LookupError, match="no module provides it"):
-        hooks.provided("to_onnx")
+        hooks.provided("CausalViT.to_onnx")

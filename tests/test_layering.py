@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "aimkern")
 LAYERS = ("aimkern.ops", "aimkern.specs", "aimkern.dispatch", "aimkern.functional", "aimkern.checks",
@@ -164,4 +166,19 @@ def test_ops_modules_are_modules_and_the_public_ops_live_in_functional():
         assert type(getattr(importlib.import_module("aimkern.ops"), name)).__name__ == "module"
     for name in ("attention", "attention_qkvpacked", "patch_embed", "linear_cross_entropy", "next_patch_pixel_loss"):
         assert getattr(aimkern, name) is getattr(F, name)
-        assert not hasattr(aimkern.ops, name) or type(getattr(aimkern.ops, name)).__name__ == "module"
+    for name in ("attention", "patch_embed"):  # the modules, no longer functions of the same name
+        assert type(getattr(aimkern.ops, name)).__name__ == "module"
+
+
+@pytest.mark.parametrize("name", ["attention_qkvpacked", "linear_cross_entropy", "next_patch_pixel_loss"])
+def test_the_moved_public_ops_keep_a_deprecated_alias_in_ops(name):
+    """README of the last release called aimkern.ops.attention_qkvpacked etc.: they still resolve, to the
+    public op itself, with a DeprecationWarning that names the new place; other names stay AttributeErrors."""
+    import aimkern
+    import aimkern.ops
+
+    with pytest.warns(DeprecationWarning, match=f"use aimkern.{name}"):
+        alias = getattr(aimkern.ops, name)
+    assert alias is getattr(aimkern, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_op'"):
+        aimkern.ops.no_such_op

@@ -1,6 +1,6 @@
 """Models: CausalViT and its config and presets (CausalViT, which needs torch, is imported on first use).
 
-``hooks`` says where CausalViT's format methods (from_checkpoint, save_checkpoint, from_timm, to_timm) live:
+``aimkern.hooks`` says where CausalViT's format methods (from_checkpoint, save_checkpoint, from_timm, to_timm) live:
 in aimkern.checkpoints and aimkern.integrations.timm_convert, which import the model, never the reverse.
 """
 from .config import PRESETS, ViTConfig

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..nn import Attention, Block, PatchEmbed, PredictionHead, make_mlp, make_norm, sincos_pos_embed_2d
 from ..functional import linear_cross_entropy, next_patch_pixel_loss
 from ..reference.targets import target_mask
-from . import hooks
+from .. import hooks
 from .config import ViTConfig
 
 PrefixLen = Union[None, int, torch.Tensor]
@@ -173,26 +173,26 @@ class CausalViT(nn.Module):
         )
 
     # ----------------------------------------------------------------------------------------------
-    # Formats: thin forwarders to the layers that build on the model (aimkern.models.hooks says why they are
+    # Formats: thin forwarders to the layers that build on the model (aimkern.hooks says why they are
     # not imported here).
     @classmethod
     def from_checkpoint(cls, src, *, preset=None, strict: bool = True, **overrides) -> "CausalViT":
         """Load a checkpoint file or state dict of any layout: Apple's ml-aim AIMv1 / AIMv2, timm, transformers'
         ``Aimv2VisionModel`` or aimkern's own; the config is inferred from the shapes unless ``preset`` is
         given. See ``aimkern.checkpoints.load.from_checkpoint``."""
-        return hooks.provided("from_checkpoint")(src, preset=preset, strict=strict, **overrides)
+        return hooks.provided("CausalViT.from_checkpoint")(src, preset=preset, strict=strict, **overrides)
 
     def save_checkpoint(self, path, layout: str = "aimkern") -> str:
         """Write this model as ``layout`` ("aimkern" | "timm" | "hf" | "ml-aim"); returns the file written. See
         ``aimkern.checkpoints.load.save_checkpoint``."""
-        return hooks.provided("save_checkpoint")(self, path, layout=layout)
+        return hooks.provided("CausalViT.save_checkpoint")(self, path, layout=layout)
 
     @classmethod
     def from_timm(cls, vit: nn.Module, **overrides) -> "CausalViT":
         """Convert timm's AIMv2 or class-token-free ViT, weights included (``aimkern.integrations.timm_convert``):
         ``forward_features(x, is_causal=False)`` then equals ``vit.forward_features(x)``."""
-        return hooks.provided("from_timm")(vit, **overrides)
+        return hooks.provided("CausalViT.from_timm")(vit, **overrides)
 
     def to_timm(self) -> nn.Module:
         """This trunk as timm's ``VisionTransformer`` (class_token=False, global_pool='avg'), weights included."""
-        return hooks.provided("to_timm")(self)
+        return hooks.provided("CausalViT.to_timm")(self)

@@ -8,10 +8,15 @@ the cost counter (``_counting``). Nothing here imports ``aimkern.functional``, `
 ``aimkern.dispatch``: the public ops (``aimkern.attention``, ...) live in ``aimkern.functional``, which
 checks the inputs and picks a path (through ``aimkern.dispatch``) before it calls an entry here.
 
-``aimkern.ops.attention`` etc. are the modules; the packed public op, once ``aimkern.ops.attention_qkvpacked``,
-is ``aimkern.attention_qkvpacked`` (a forwarder here would be an import from ops up to the layer above it,
-a circle: tests/test_layering.py, tests/test_package_structure.py).
+``aimkern.ops.attention`` etc. are the modules. The public ops this package once exported,
+``aimkern.ops.attention_qkvpacked``, ``linear_cross_entropy`` and ``next_patch_pixel_loss``, are
+``aimkern.<name>`` now; the old names still work for one release, with a DeprecationWarning, through
+``aimkern.hooks`` (an import from ops up to the layer above it would close a circle: tests/test_layering.py,
+tests/test_package_structure.py).
 """
+import warnings
+
+from .. import hooks
 from ._launch import LaunchPolicy, current_policy, launch_policy
 from .attention import AttentionParams
 from .cross_entropy import CrossEntropyParams
@@ -28,3 +33,15 @@ __all__ = [
     "launch_policy",
 ]
 
+
+
+def __getattr__(name: str):
+    """The deprecated aliases of the public ops that moved to aimkern.functional (PEP 562)."""
+    try:
+        function = hooks.provided(f"aimkern.ops.{name}")
+    except LookupError:
+        raise AttributeError(f"module 'aimkern.ops' has no attribute {name!r}") from None
+    warnings.warn(f"aimkern.ops.{name} is deprecated and goes in the next release: use aimkern.{name} (the public "
+                  "ops live in aimkern.functional; aimkern.ops holds the Triton paths)", DeprecationWarning,
+                  stacklevel=2)
+    return function

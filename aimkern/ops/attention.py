@@ -40,7 +40,12 @@ from ._launch import (
 )
 
 OP = "attention"
-_LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
+
+
+def _log2e() -> float:
+    """log2(e), read from the one place it is written (kernels/constants.py): the kernels use exp2, so the
+    launchers pre-scale the scores by it."""
+    return kernels("constants").LOG2E.value
 
 
 @dataclass(frozen=True)
@@ -138,13 +143,13 @@ def launch_forward(q, k, v, prefix_len: Optional[torch.Tensor], params: Attentio
                  FLAT=flat_launch(b * h))
     launch(
         kern.forward(d, fp32, n, table_arch(q.device)), lambda META: flat_grid(cdiv(split, META["BLOCK_M"]), b * h),
-        (*tensors, *strides, h, n, split, pow2(n), params.block_size, scale * _LOG2E),
+        (*tensors, *strides, h, n, split, pow2(n), params.block_size, scale * _log2e()),
         dtype=q.dtype, policy=policy, **flags,
     )
     if split < n:
         launch(
             kern.forward_tail(d, fp32), lambda META: flat_grid(cdiv(n - split, META["BLOCK_M"]), b * h),
-            (*tensors, *strides, h, n, split, params.block_size, scale * _LOG2E),
+            (*tensors, *strides, h, n, split, params.block_size, scale * _log2e()),
             dtype=q.dtype, policy=policy, **flags,
         )
     return o, lse
@@ -177,7 +182,7 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
             (q, k, v, o, do, lse, dq, dk, dv, prefix,
              *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(),
              *dq.stride(), *dk.stride(), *dv.stride(),
-             h, n, params.block_size, scale * _LOG2E, scale),
+             h, n, params.block_size, scale * _log2e(), scale),
             K_TILES=kern.fused_key_tiles(n, fixed_config(choice, policy)), **common,
         )
         return dq, dk, dv
@@ -199,13 +204,13 @@ def launch_backward(do, q, k, v, o, lse, prefix_len: Optional[torch.Tensor], par
         launch(
             kern.backward_key_tail(d, fp32, key_tile, table_arch(q.device)), lambda META: heads_grid(b * h),
             (q, k, v, do, lse, delta, dk, dv, dq_acc, prefix, *in_strides, h, n, k_end, params.block_size,
-             scale * _LOG2E, scale),
+             scale * _log2e(), scale),
             **common,
         )
     launch(
         choice, lambda META: flat_grid(cdiv(k_end, META["BLOCK_N"]), b * h),
         (q, k, v, do, lse, delta, dk, dv, dq_acc, sem, prefix, *in_strides, h, n, k_end, pow2(n),
-         params.block_size, scale * _LOG2E, scale),
+         params.block_size, scale * _log2e(), scale),
         DETERMINISTIC=params.deterministic, DQ_KEY_MAJOR=table_arch(q.device) >= 90, FLAT=flat_launch(b * h),
         **common,
     )
