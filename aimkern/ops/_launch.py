@@ -350,13 +350,13 @@ _FITTED: dict = {}
 def fit_to_device(choice, device: Optional[torch.device], constexprs: dict, dtype: torch.dtype):
     """``choice`` with only the configs whose shared memory (the Choice's ``shared`` estimate, an upper
     bound the compile gate checks against every compile) fits ``device``. None fitting: the smallest (the
-    launch then succeeds or Triton says by how much it is over). The tables keep their first config within
-    every device of DEVICE_FACTS (tests/test_launch_layer.py), so ``fixed_config``, which launchers read
-    before the launch, names the config that runs."""
+    launch then succeeds or Triton says by how much it is over). The Choices that launchers read with
+    ``fixed_config`` before the launch (to size buffers) keep their first config on every device of
+    DEVICE_FACTS (tests/test_launch_layer.py), so what they read is what runs."""
     facts = device_facts(device) if device is not None else None
     if facts is None or getattr(choice, "shared", None) is None:
         return choice
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     key = (choice, facts[1], elem, tuple(sorted(constexprs.items())))
     fitted = _FITTED.get(key)
     if fitted is None:
