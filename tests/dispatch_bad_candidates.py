@@ -1,9 +1,11 @@
 """Importable attention candidates that misbehave, for tests/test_dispatch_isolation.py: the dispatch worker
 imports them by ``fn.__module__`` + ``fn.__qualname__`` and tries them there, never in the test's process.
 
-Each takes the public op's arguments (``aimkern.dispatch.register``'s convention). The "above N = 100" ones are
-right on the small verification problem and wrong only at the real shape, as cuDNN's SDPA backward is
-(NaN in dQ at N % 128 == 64 with an explicit mask, pytorch/pytorch#196678).
+Each takes the public op's arguments (``aimkern.dispatch.register``'s convention). The "when long" ones are
+right at small N and wrong above N = 100, as cuDNN's SDPA backward is (NaN in dQ at N % 128 == 64 with an
+explicit mask, pytorch/pytorch#196678): the verification problem, which keeps the real N up to 1024, catches
+them. The "when many heads" ones are wrong only with more heads than the CPU's verification problem has
+(2 x 2): only the check at the real shape can catch them.
 """
 import os
 import time
@@ -12,7 +14,8 @@ import torch
 
 from aimkern.reference import attention_reference
 
-LONG = 100  # above this N the "wrong at the real shape" candidates go wrong
+LONG = 100  # above this N the "when long" candidates go wrong
+MANY = 4  # above this many heads (B * H) the "when many heads" ones do: more than the CPU's verification problem has
 
 
 def _reference(q, k, v, *, is_causal, block_size, prefix_len, scale, deterministic):
@@ -54,6 +57,23 @@ def wrong_when_long(q, k, v, **kw):
     """The reference, but 1 % off (finite) when N > 100."""
     out = _reference(q, k, v, **kw)
     return out * 1.01 if q.shape[2] > LONG else out
+
+
+def _many(q) -> bool:
+    return q.shape[0] * q.shape[1] > MANY
+
+
+def nan_dq_when_many_heads(q, k, v, **kw):
+    """The reference, but dq is NaN when B * H > 4: wrong only at the real shape."""
+    if _many(q):
+        q = _NanGrad.apply(q)
+    return _reference(q, k, v, **kw)
+
+
+def wrong_when_many_heads(q, k, v, **kw):
+    """The reference, but 1 % off (finite) when B * H > 4: wrong only at the real shape."""
+    out = _reference(q, k, v, **kw)
+    return out * 1.01 if _many(q) else out
 
 
 def fast_and_right(q, k, v, **kw):

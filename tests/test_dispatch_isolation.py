@@ -15,7 +15,7 @@ from aimkern.dispatch import DispatchWarning, isolation
 from aimkern.dispatch.isolation import WORKER
 from aimkern.specs import describe, get_spec
 
-N_LONG = 130  # > 100: the "wrong when long" candidates go wrong here, and the small problem stays <= 100
+N_LONG = 130  # > 100: the "when long" candidates go wrong here
 
 
 @pytest.fixture
@@ -62,12 +62,13 @@ def _rejections(record, name):
     return [str(w.message) for w in record if issubclass(w.category, DispatchWarning) and f"{name!r}" in str(w.message)]
 
 
-def test_the_small_problem_is_below_the_threshold():
-    """The wrong-when-long candidates are right on the verification problem: only the real-shape check
-    can catch them (else these tests would prove the small-problem verification instead)."""
-    q, k, v = _qkv(N_LONG)
-    problem = describe("attention", (q, k, v, None), aimkern.ops.attention.AttentionParams(True), q.dtype)
-    assert get_spec("attention").small_problem(problem).shapes[0][2] <= bad.LONG < N_LONG
+def test_the_verification_problem_keeps_n_and_cuts_the_heads():
+    """The when-long candidates meet N > 100 in verification already (it keeps N up to 1024); the
+    when-many-heads ones only at the real shape (verification runs 2 x 2 heads on the CPU)."""
+    q = torch.empty(2, 4, N_LONG, 16)
+    problem = describe("attention", (q, q, q, None), aimkern.ops.attention.AttentionParams(True), q.dtype)
+    b, h, n, _ = get_spec("attention").small_problem(problem).shapes[0]
+    assert n == N_LONG > bad.LONG and b * h <= bad.MANY < 2 * 4
 
 
 def test_abort_is_rejected_and_the_caller_survives(isolated):
@@ -95,24 +96,49 @@ def test_hang_times_out(isolated, monkeypatch):
     assert _row(40)["chosen"] in ("sdpa", "reference")
 
 
-def test_nan_gradient_at_the_real_shape_is_rejected(isolated):
+def _heads_call(n, b=2, h=4):
+    q, k, v = [torch.randn(b, h, n, 16, requires_grad=True) for _ in range(3)]
+    out = aimkern.attention(q, k, v, is_causal=True)
+    out.sum().backward()
+    torch.testing.assert_close(out, aimkern.attention(q, k, v, is_causal=True, backend="reference"))
+
+
+def test_nan_gradient_above_n_100_is_rejected(isolated):
     isolated("nan-dq", bad.nan_dq_when_long)
     with pytest.warns(DispatchWarning) as record:
         _call(N_LONG)
     assert _rejections(record, "nan-dq") == [
-        "aimkern.dispatch: attention candidate 'nan-dq' rejected: NaN in dq at the real shape"]
-    c = _row(N_LONG)["candidates"]["nan-dq"]
-    assert c["verified"] and c["ms"] is None  # right on the small problem, rejected at the real shape
+        "aimkern.dispatch: attention candidate 'nan-dq' rejected: grad of q: non-finite values"]
+    assert _row(N_LONG)["chosen"] != "nan-dq"
 
 
-def test_finite_but_wrong_at_the_real_shape_is_rejected(isolated):
+def test_finite_but_wrong_above_n_100_is_rejected(isolated):
     isolated("wrong-long", bad.wrong_when_long)
     with pytest.warns(DispatchWarning) as record:
         _call(N_LONG)
     [message] = _rejections(record, "wrong-long")
+    assert f"rejected: output 0: max error" in message and f"on the verification problem 1x2x{N_LONG}x16" in message
+
+
+def test_nan_gradient_at_the_real_shape_only_is_rejected(isolated):
+    isolated("nan-dq-heads", bad.nan_dq_when_many_heads)
+    with pytest.warns(DispatchWarning) as record:
+        _heads_call(40)
+    assert _rejections(record, "nan-dq-heads") == [
+        "aimkern.dispatch: attention candidate 'nan-dq-heads' rejected: NaN in dq at the real shape"]
+    c = _row(40)["candidates"]["nan-dq-heads"]
+    assert c["verified"] and c["ms"] is None  # right on the verification problem, rejected at the real shape
+
+
+def test_finite_but_wrong_at_the_real_shape_only_is_rejected(isolated):
+    isolated("wrong-heads", bad.wrong_when_many_heads)
+    with pytest.warns(DispatchWarning) as record:
+        _heads_call(40)
+    [message] = _rejections(record, "wrong-heads")
     assert "rejected: output 0: max error" in message and "at the real shape (against reference)" in message
-    row = _row(N_LONG)
-    assert row["chosen"] != "wrong-long" and row["real_shape_check"]["trusted"] == "float64 reference"
+    row = _row(40)
+    assert row["chosen"] != "wrong-heads" and row["real_shape_check"]["trusted"] == "float64 reference"
+    assert row["candidates"]["wrong-heads"]["verified"] and row["real_shape_check"]["seconds"] > 0
 
 
 def test_a_cached_decision_starts_no_worker(isolated):

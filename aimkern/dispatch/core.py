@@ -249,6 +249,8 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
             for n, r in cached.items():
                 if n in results and isinstance(r, dict):
                     results[n] = {"ms": r.get("ms"), "verified": bool(r.get("verified")), "reason": r.get("reason")}
+                if isinstance(r.get("kernels"), dict):
+                    results[n]["kernels"] = r["kernels"]
             return dict(base, chosen=entry["chosen"], from_cache=True, pinned=False, candidates=results)
         trusted = _measure_all(spec, problem, usable, results, trials)
     finally:
@@ -304,6 +306,8 @@ def _measure_all(spec: OpSpec, problem: Problem, usable: list, results: dict, tr
 
 def _record(spec: OpSpec, cand: Candidate, result: dict, results: dict) -> None:
     results[cand.name].update(ms=result["ms"], verified=result["verified"], reason=result["reason"])
+    if "kernels" in result:
+        results[cand.name]["kernels"] = result["kernels"]
     if result["reason"] is not None:
         _warn((spec.name, cand.name, result["reason"]), f"{spec.name} candidate {cand.name!r} rejected: {result['reason']}")
 
@@ -320,7 +324,10 @@ def report() -> list:
     """One row per key decided in this process: ``{"op", "key", "chosen", "from_cache", "candidates":
     {name: {"ms", "verified", "reason"}}}`` plus ``"problem"`` (device, dtype, mask, grad, shapes),
     ``"problem_key"`` (the key without the environment), ``"kinds"`` (each candidate's kind: "aimkern",
-    "torch" or "user") and ``"pinned"``."""
+    "torch" or "user") and ``"pinned"``. A decision measured in this process also has ``"real_shape_check"``
+    (``{"trusted", "seconds", "isolated"}``: what the values at the real shape were checked against, what the
+    check cost) and, per Triton candidate, ``"kernels": {"verification": [...], "real": [...]}``: the kernels,
+    table configs and specializations its verification ran beside those its real-shape run launched."""
     with STATE.lock:
         return [dict(row, candidates={n: dict(r) for n, r in row["candidates"].items()}) for row in STATE.rows.values()]
 

@@ -2,6 +2,8 @@
 
     verify on the small problem (measure.verify) -> check its values at the real shape (realshape) -> time it
 
+and, for a Triton path, which kernels and configs the first two launched (``coverage``).
+
 Every failure becomes the reason the candidate is rejected (``measure.measure_safely``). The result is a
 plain dict, ``{"ms", "verified", "reason"}``, that crosses a pipe as it is.
 """
@@ -12,6 +14,7 @@ from typing import Callable, Optional
 
 from ..specs import Candidate, OpSpec, Problem
 from . import measure
+from .coverage import recording, summarize
 from .realshape import RealShape
 
 
@@ -36,16 +39,23 @@ def resolve(module: str, qualname: str):
 def trial(spec: OpSpec, cand: Candidate, problem: Problem, real: RealShape, trusted: Optional[Candidate],
           verify_only: bool = False) -> dict:
     """Verify ``cand``; unless ``verify_only``, check its values at the real shape against ``trusted`` and
-    time it there. ``{"ms": float or None, "verified": bool, "reason": None or why it was rejected}``."""
+    time it there. ``{"ms": float or None, "verified": bool, "reason": None or why it was rejected}``, plus
+    ``"kernels": {"verification": [...], "real": [...]}`` (``coverage.summarize``) where it launched any."""
     result = {"ms": None, "verified": False, "reason": None}
-    reason = measure.measure_safely(lambda: measure.verify(spec, cand, problem))
+    with recording() as small:
+        reason = measure.measure_safely(lambda: measure.verify(spec, cand, problem))
+    launches = {"verification": summarize(small)}
     if reason is None:
         result["verified"] = True
         if not verify_only:
-            reason = measure.measure_safely(lambda: real.check(cand, trusted))
+            with recording() as large:
+                reason = measure.measure_safely(lambda: real.check(cand, trusted))
+            launches["real"] = summarize(large)
             if reason is None:
                 reason = measure.measure_safely(lambda: _time(result, spec, cand, problem, real))
     result["reason"] = reason
+    if any(launches.values()):  # a Triton path: what verification ran beside what the real call runs
+        result["kernels"] = launches
     return result
 
 
