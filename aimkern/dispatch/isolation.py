@@ -221,6 +221,8 @@ class Trials:
         return result
 
     def close(self) -> None:
+        """The decision is over: free the real-shape tensors, here and in the worker (``check_s`` stays)."""
         if self.used_worker:
             WORKER.release()
-        self.local = RealShape(self.spec, self.problem)
+        self.local.inputs = None
+        self.local.trusted.clear()
