@@ -194,3 +194,14 @@ def test_isolation_settings(monkeypatch):
         isolation.timeout_s()
     assert isolation.not_importable(bad.aborts) is None
     assert "inside a function" in isolation.not_importable(lambda: None)
+
+
+def test_a_worker_that_cannot_start_leaves_the_decision_to_this_process(isolated, monkeypatch):
+    WORKER.stop()
+    monkeypatch.setattr("sys.executable", "/bin/false")  # the worker's interpreter exits at once
+    with pytest.warns(DispatchWarning, match=r"the dispatch worker is unavailable \(it failed to start: "
+                      r"crashed \(exit status 1\)\); deciding in this process"):
+        _call(24, grad=False)
+    row = _row(24)
+    assert row["real_shape_check"]["isolated"] is False and row["candidates"]["sdpa"]["verified"]
+    assert not WORKER.alive()

@@ -35,6 +35,10 @@ START_TIMEOUT_S = 600.0  # an interpreter importing torch and aimkern, on a load
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class WorkerUnavailable(RuntimeError):
+    """The worker could not be started (the decision then runs in the caller, said in one warning)."""
+
+
 def isolating(problem: Problem) -> bool:
     """Whether ``problem``'s candidates are tried in the worker (``AIMKERN_DISPATCH_ISOLATE``)."""
     value = os.environ.get(ISOLATE_ENV, "").strip()
@@ -110,6 +114,10 @@ class Worker:
         try:
             self.proc = subprocess.Popen([sys.executable, "-c", code, str(child_in), str(child_out)],
                                          pass_fds=(child_in, child_out), env=env, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            os.close(to_child)
+            os.close(from_child)
+            raise WorkerUnavailable(f"it could not be started: {e}") from None
         finally:
             os.close(child_in)
             os.close(child_out)
@@ -118,13 +126,13 @@ class Worker:
         self.recv_conn = Connection(from_child, writable=False)
         if not self.recv_conn.poll(START_TIMEOUT_S):
             self.stop()
-            raise RuntimeError(f"aimkern.dispatch: the worker did not start within {START_TIMEOUT_S:g} s")
+            raise WorkerUnavailable(f"it did not start within {START_TIMEOUT_S:g} s")
         try:
             self.recv_conn.recv()  # ("ready", pid)
         except (EOFError, OSError):
             code = self.proc.wait()
             self.stop()
-            raise RuntimeError(f"aimkern.dispatch: the worker failed to start ({_crash(code)})") from None
+            raise WorkerUnavailable(f"it failed to start: {_crash(code)}") from None
 
     def stop(self) -> None:
         """Kill the worker (if any) and close the pipes."""
@@ -212,8 +220,13 @@ class Trials:
         if ref is None:
             return trial(self.spec, cand, self.problem, self.local, trusted, verify_only)
         self.used_worker = True
-        result = WORKER.ask(("trial", list(sys.path), self.spec.name, self.problem, ref, trusted_ref, verify_only),
-                            self.timeout)
+        try:
+            result = WORKER.ask(("trial", list(sys.path), self.spec.name, self.problem, ref, trusted_ref,
+                                 verify_only), self.timeout)
+        except (WorkerUnavailable, OSError) as e:  # no worker at all: decide here rather than not at all
+            self.isolate = False
+            self.warn(("no-worker", str(e)), f"the dispatch worker is unavailable ({e}); deciding in this process")
+            return trial(self.spec, cand, self.problem, self.local, trusted, verify_only)
         # the worker's figure adds up over the key (from 0 again after a restart)
         seen = float(result.pop("check_s", 0.0) or 0.0)
         self.remote_check_s += seen - self._last_seen if seen >= self._last_seen else seen
