@@ -79,3 +79,10 @@ def wrong_when_many_heads(q, k, v, **kw):
 def fast_and_right(q, k, v, **kw):
     """The reference, importable: a well-behaved user candidate the worker can run."""
     return _reference(q, k, v, **kw)
+
+
+def device_assert(q, k, v, **kw):
+    """An out-of-bounds index on the GPU: a device-side assert, which leaves the CUDA context unusable."""
+    out = _reference(q, k, v, **kw)
+    far = torch.full((1,), q.numel() * 1000, device=q.device, dtype=torch.long)
+    return out + q.flatten()[far].sum() * 0
