@@ -249,8 +249,8 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
             for n, r in cached.items():
                 if n in results and isinstance(r, dict):
                     results[n] = {"ms": r.get("ms"), "verified": bool(r.get("verified")), "reason": r.get("reason")}
-                if isinstance(r.get("kernels"), dict):
-                    results[n]["kernels"] = r["kernels"]
+                    if isinstance(r.get("kernels"), dict):
+                        results[n]["kernels"] = r["kernels"]
             return dict(base, chosen=entry["chosen"], from_cache=True, pinned=False, candidates=results)
         trusted = _measure_all(spec, problem, usable, results, trials)
     finally:

@@ -118,6 +118,13 @@ def verify_heads(b: int, h: int, n: int, device: str) -> tuple:
     return b2, h2
 
 
+def reference_bytes(problem: Problem) -> int:
+    """The float64 reference's N x N tensors (scores, probabilities and their gradients, about 6 live at
+    once) plus 16 float64 copies of q, k, v."""
+    b, h, n, d = problem.shapes[0]
+    return 8 * b * h * (6 * n * n + 16 * 3 * n * d)
+
+
 def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
     q, k, v = (randn(problem, i, gen) for i in range(3))
     return q, k, v, randint(problem, 3, 0, problem.shapes[0][2] + 1, gen)
@@ -252,4 +259,5 @@ SPEC = add_spec(OpSpec(
     shape_band=shape_band,
     autocast=(0, 1, 2),
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    reference_bytes=reference_bytes,
 ))

@@ -199,6 +199,15 @@ def small_problem(problem: Problem) -> Problem:
     return problem.with_(shapes=tuple(shapes))
 
 
+def reference_bytes(problem: Problem) -> int:
+    """The float64 reference's (T, V) logits, probabilities and their gradient, plus the inputs in float64."""
+    v, e = problem.shapes[1]
+    tokens = 1
+    for s in problem.shapes[2]:
+        tokens *= s
+    return 8 * (4 * tokens * v + 4 * (tokens + v) * e)
+
+
 def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
     v, e = problem.shapes[1]
     x, w, b = randn(problem, 0, gen), randn(problem, 1, gen, e**-0.5), randn(problem, 3, gen)
@@ -227,5 +236,6 @@ SPEC = add_spec(OpSpec(
     mask_kind=mask_kind,
     shape_band=shape_band,
     autocast=(0, 1, 3),
+    reference_bytes=reference_bytes,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}),
 ))
