@@ -162,9 +162,12 @@ class Worker:
         try:
             return self.recv_conn.recv()[1]
         except (EOFError, OSError):
-            code = self.proc.wait()
+            try:
+                reason = _crash(self.proc.wait(timeout=60))
+            except subprocess.TimeoutExpired:  # it closed its end but lives on: end it
+                reason = "crashed (closed its pipe)"
             self.stop()
-            return {"ms": None, "verified": False, "reason": _crash(code), "check_s": 0.0}
+            return {"ms": None, "verified": False, "reason": reason, "check_s": 0.0}
 
     def release(self) -> None:
         """Tell the worker a decision is over (it frees the key's real-shape tensors)."""
