@@ -34,6 +34,7 @@ def isolated(monkeypatch, tmp_path):
     yield register
     for name in added:
         dispatch.unregister("attention", name)
+    WORKER.unavailable = None  # a test that made the worker unavailable leaves none behind
     monkeypatch.undo()
     dispatch.reset()
 
@@ -205,3 +206,6 @@ def test_a_worker_that_cannot_start_leaves_the_decision_to_this_process(isolated
     row = _row(24)
     assert row["real_shape_check"]["isolated"] is False and row["candidates"]["sdpa"]["verified"]
     assert not WORKER.alive()
+    starts = WORKER.starts
+    _call(25, grad=False)  # later keys do not try again
+    assert WORKER.starts == starts and _row(25)["real_shape_check"]["isolated"] is False

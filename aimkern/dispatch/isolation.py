@@ -96,6 +96,7 @@ class Worker:
         self.send_conn: Optional[Connection] = None
         self.recv_conn: Optional[Connection] = None
         self.starts = 0
+        self.unavailable: Optional[str] = None  # why it could not serve (then this process decides itself)
 
     @property
     def pid(self) -> Optional[int]:
@@ -160,7 +161,11 @@ class Worker:
             self.stop()
             return {"ms": None, "verified": False, "reason": f"timed out after {timeout:g} s", "check_s": 0.0}
         try:
-            return self.recv_conn.recv()[1]
+            kind, answer = self.recv_conn.recv()
+            if kind == "unavailable":
+                self.stop()
+                raise WorkerUnavailable(answer)
+            return answer
         except (EOFError, OSError):
             try:
                 reason = _crash(self.proc.wait(timeout=60))
@@ -188,7 +193,7 @@ class Trials:
 
     def __init__(self, spec: OpSpec, problem: Problem, warn: Callable[[tuple, str], None]):
         self.spec, self.problem, self.warn = spec, problem, warn
-        self.isolate = isolating(problem)
+        self.isolate = isolating(problem) and WORKER.unavailable is None
         self.timeout = timeout_s() if self.isolate else None
         self.local = RealShape(spec, problem)
         self.remote_check_s = self._last_seen = 0.0
@@ -228,6 +233,7 @@ class Trials:
                                  verify_only), self.timeout)
         except (WorkerUnavailable, OSError) as e:  # no worker at all: decide here rather than not at all
             self.isolate = False
+            WORKER.unavailable = str(e)
             self.warn(("no-worker", str(e)), f"the dispatch worker is unavailable ({e}); deciding in this process")
             return trial(self.spec, cand, self.problem, self.local, trusted, verify_only)
         # the worker's figure adds up over the key (from 0 again after a restart)

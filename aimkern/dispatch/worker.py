@@ -9,6 +9,7 @@ It reads messages from READ_FD and answers on WRITE_FD (``multiprocessing.connec
 
     ("trial", sys_path, op, problem, candidate, trusted, verify_only) -> ("result", {"ms", "verified", "reason",
                                                                                       "check_s"})
+    (a worker that cannot open a CUDA context answers ("unavailable", why) and exits: the caller decides itself)
     ("release",)  drop the key's real-shape inputs and trusted values (a decision is over)
     ("exit",)     or the parent's end closing: return
 
@@ -74,6 +75,12 @@ def main(argv=None) -> None:
         if sys.path != path:
             sys.path[:] = path
         spec = get_spec(op)
+        if problem.device_type == "cuda" and not torch.cuda.is_initialized():
+            try:  # a GPU in exclusive-process mode has no context for a second process: say so, not "crashed"
+                torch.empty(0, device=problem.device)
+            except Exception as e:
+                outbox.send(("unavailable", f"no CUDA context on {problem.device}: {str(e).strip()[:200]}"))
+                return
         if real is None or real.problem != problem:
             real = RealShape(spec, problem)
         try:
