@@ -26,8 +26,10 @@ from typing import Callable, Optional
 import torch
 
 from ..specs import Candidate, OpSpec, Problem, SupportRule, describe, get_spec
-from . import environment, measure
+from . import environment, isolation, realshape
 from .cache import DecisionCache, DispatchWarning
+from .measure import measure_safely
+from .trial import public_style
 
 
 class DispatchState:
@@ -88,18 +90,9 @@ def register(op: str, name: str, fn: Callable, *, supports: Optional[SupportRule
     if supports is not None and not callable(supports):
         raise TypeError(f"aimkern.dispatch.register: supports must be None or callable, got {type(supports).__name__}")
     with STATE.lock:
-        STATE.user.setdefault(op, {})[name] = Candidate(name, _public_style(spec, fn), kind="user", supports=supports)
+        STATE.user.setdefault(op, {})[name] = Candidate(name, public_style(spec, fn), kind="user", supports=supports,
+                                                        extra={"public": fn})
         STATE.forget(op)
-
-
-def _public_style(spec: OpSpec, fn: Callable) -> Callable:
-    """A candidate ``(*tensors, params)`` that calls ``fn`` with the public op's arguments."""
-
-    def run(*args):
-        call_args, kwargs = spec.public_call(args[:-1], args[-1])
-        return fn(*call_args, **kwargs)
-
-    return run
 
 
 def unregister(op: str, name: str) -> None:
@@ -245,34 +238,25 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
     base = {"op": spec.name, "key": key, "problem_key": problem_key(spec, problem),
             "problem": _problem_row(spec, problem), "kinds": {c.name: c.kind for c in cands}}
 
-    pinned = STATE.pinned.get(problem_key(spec, problem))
-    if pinned is not None:
-        cand = next((c for c in usable if c.name == pinned), None)
-        reason = results[pinned]["reason"] if pinned in results else "no such candidate here"
-        if cand is not None:
-            reason = measure_safely(lambda: measure.verify(spec, cand, problem))
-        if reason is None:
-            results[pinned].update(verified=True, reason=None)
-            return dict(base, chosen=pinned, from_cache=False, pinned=True, candidates=results)
-        _warn(("pinned", problem_key(spec, problem)), f"the recorded choice {pinned!r} for "
-              f"{problem_key(spec, problem)} is not available here ({reason}); measuring instead")
-
-    entry = _cache().get(key)
-    if entry is not None and entry.get("names") == names and entry["chosen"] in names:
-        cached = entry.get("candidates", {})
-        for n, r in cached.items():
-            if n in results and isinstance(r, dict):
-                results[n] = {"ms": r.get("ms"), "verified": bool(r.get("verified")), "reason": r.get("reason")}
-        return dict(base, chosen=entry["chosen"], from_cache=True, pinned=False, candidates=results)
-
-    for c in usable:
-        reason = measure_safely(lambda c=c: measure.verify(spec, c, problem))
-        if reason is None:
-            results[c.name]["verified"] = True
-            reason = measure_safely(lambda c=c: _store(results[c.name], measure.time_ms(spec, c, problem)))
-        if reason is not None:
-            results[c.name]["reason"] = reason
-            _warn((spec.name, c.name, reason), f"{spec.name} candidate {c.name!r} rejected: {reason}")
+    trials = isolation.Trials(spec, problem, _warn)
+    try:
+        pinned = STATE.pinned.get(problem_key(spec, problem))
+        if pinned is not None:
+            row = _pinned_row(spec, problem, pinned, usable, results, base, trials)
+            if row is not None:
+                return row
+        entry = _cache().get(key)
+        if entry is not None and entry.get("names") == names and entry["chosen"] in names:
+            cached = entry.get("candidates", {})  # a cached decision: no trial, no worker
+            for n, r in cached.items():
+                if n in results and isinstance(r, dict):
+                    results[n] = {"ms": r.get("ms"), "verified": bool(r.get("verified")), "reason": r.get("reason")}
+                    if isinstance(r.get("kernels"), dict):
+                        results[n]["kernels"] = r["kernels"]
+            return dict(base, chosen=entry["chosen"], from_cache=True, pinned=False, candidates=results)
+        trusted = _measure_all(spec, problem, usable, results, trials)
+    finally:
+        trials.close()
     timed = [c for c in usable if results[c.name]["ms"] is not None]
     if not timed:
         raise RuntimeError(
@@ -280,25 +264,54 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
             + "; ".join(f"{n}: {r['reason']}" for n, r in results.items())
         )
     chosen = min(timed, key=lambda c: results[c.name]["ms"]).name
-    _cache().put(key, {"chosen": chosen, "names": names, "candidates": results})
-    return dict(base, chosen=chosen, from_cache=False, pinned=False, candidates=results)
+    check = {"trusted": trusted, "seconds": round(trials.check_s, 4), "isolated": trials.isolate}
+    _cache().put(key, {"chosen": chosen, "names": names, "candidates": results, "real_shape_check": check})
+    return dict(base, chosen=chosen, from_cache=False, pinned=False, candidates=results, real_shape_check=check)
 
 
-def _store(result: dict, ms: float) -> None:
-    result["ms"] = float(ms)
+def _pinned_row(spec, problem, pinned, usable, results, base, trials) -> Optional[dict]:
+    """The row of a recorded choice (verified, not timed), or None (said once) when it is not available."""
+    cand = next((c for c in usable if c.name == pinned), None)
+    reason = results[pinned]["reason"] if pinned in results else "no such candidate here"
+    if cand is not None:
+        reason = trials.run(cand, None, verify_only=True)["reason"]
+    if reason is None:
+        results[pinned].update(verified=True, reason=None)
+        return dict(base, chosen=pinned, from_cache=False, pinned=True, candidates=results)
+    _warn(("pinned", problem_key(spec, problem)), f"the recorded choice {pinned!r} for "
+          f"{problem_key(spec, problem)} is not available here ({reason}); measuring instead")
+    return None
 
 
-def measure_safely(fn: Callable[[], Optional[str]]) -> Optional[str]:
-    """Run a verification or timing; an exception (compile error, unsupported input, out of memory) becomes
-    the reason the candidate is rejected."""
-    try:
-        return fn()
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return "out of memory"
-    except Exception as e:  # any failure of a candidate rejects it; it must never reach the caller's step
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"raised {type(e).__name__}" + (f": {text[:300]}" if text else "")
+def _measure_all(spec: OpSpec, problem: Problem, usable: list, results: dict, trials) -> str:
+    """Try every usable candidate (``trial.trial``: verify, check at the real shape, time), filling
+    ``results``; the name of the path the real-shape values were checked against.
+
+    The trusted path is the float64 reference where it fits in memory; else PyTorch's fastest correct
+    candidate: PyTorch's candidates are then tried first (their values checked for finiteness only)."""
+    fits = measure_safely(lambda: None if realshape.reference_fits(spec, problem) else "too large")
+    if fits is None:
+        trusted = Candidate("reference", spec.reference, kind="torch", extra={"definition": True})
+        first = [(c, trusted) for c in usable]
+    else:
+        first = [(c, None) for c in usable if c.kind == "torch"]
+    for c, against in first:
+        _record(spec, c, trials.run(c, against), results)
+    if fits is None:
+        return "float64 reference"
+    torch_timed = [c for c in usable if c.kind == "torch" and results[c.name]["ms"] is not None]
+    trusted = min(torch_timed, key=lambda c: results[c.name]["ms"]) if torch_timed else None
+    for c in [c for c in usable if c.kind != "torch"]:
+        _record(spec, c, trials.run(c, trusted), results)
+    return trusted.name if trusted is not None else "none (finiteness only)"
+
+
+def _record(spec: OpSpec, cand: Candidate, result: dict, results: dict) -> None:
+    results[cand.name].update(ms=result["ms"], verified=result["verified"], reason=result["reason"])
+    if "kernels" in result:
+        results[cand.name]["kernels"] = result["kernels"]
+    if result["reason"] is not None:
+        _warn((spec.name, cand.name, result["reason"]), f"{spec.name} candidate {cand.name!r} rejected: {result['reason']}")
 
 
 def _problem_row(spec: OpSpec, problem: Problem) -> dict:
@@ -313,7 +326,10 @@ def report() -> list:
     """One row per key decided in this process: ``{"op", "key", "chosen", "from_cache", "candidates":
     {name: {"ms", "verified", "reason"}}}`` plus ``"problem"`` (device, dtype, mask, grad, shapes),
     ``"problem_key"`` (the key without the environment), ``"kinds"`` (each candidate's kind: "aimkern",
-    "torch" or "user") and ``"pinned"``."""
+    "torch" or "user") and ``"pinned"``. A decision measured in this process also has ``"real_shape_check"``
+    (``{"trusted", "seconds", "isolated"}``: what the values at the real shape were checked against, what the
+    check cost) and, per Triton candidate, ``"kernels": {"verification": [...], "real": [...]}``: the kernels,
+    table configs and specializations its verification ran beside those its real-shape run launched."""
     with STATE.lock:
         return [dict(row, candidates={n: dict(r) for n, r in row["candidates"].items()}) for row in STATE.rows.values()]
 

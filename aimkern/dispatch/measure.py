@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -23,7 +23,7 @@ def _grad_inputs(tensors: tuple, problem: Problem) -> list:
     return [t for t, rg in zip(tensors, problem.requires_grad) if rg]
 
 
-def _run(spec: OpSpec, cand: Candidate, tensors: tuple, problem: Problem, upstream: Optional[list]):
+def run_once(spec: OpSpec, cand: Candidate, tensors: tuple, problem: Problem, upstream: Optional[list]):
     """(outputs, gradients of the inputs that require grad) of one call."""
     with torch.enable_grad() if problem.grad else torch.no_grad():
         outs = outputs(cand.fn(*tensors, problem.params))
@@ -57,6 +57,19 @@ def fresh_leaves(tensors: tuple, problem: Problem, dtype: Optional[torch.dtype] 
     return tuple(out)
 
 
+def measure_safely(fn: Callable[[], Optional[str]]) -> Optional[str]:
+    """Run a verification or timing; an exception (compile error, unsupported input, out of memory) becomes
+    the reason the candidate is rejected."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "out of memory"
+    except Exception as e:  # any failure of a candidate rejects it; it must never reach the caller's step
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"raised {type(e).__name__}" + (f": {text[:300]}" if text else "")
+
+
 def verify(spec: OpSpec, cand: Candidate, problem: Problem) -> Optional[str]:
     """None when ``cand`` is correct on ``problem``'s verification problem, else why it is not."""
     small = spec.small_problem(problem)
@@ -69,12 +82,30 @@ def verify(spec: OpSpec, cand: Candidate, problem: Problem) -> Optional[str]:
             leaves = fresh_leaves(base, small.with_(requires_grad=tuple(False for _ in base)))
             shapes = list(outputs(ref_cand.fn(*leaves, small.params)))
         upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in shapes]
-    ref64 = _run(spec, ref_cand, fresh_leaves(base, small, torch.float64), small, upstream)
-    same = _run(spec, ref_cand, fresh_leaves(base, small), small, upstream)
-    got = _run(spec, cand, fresh_leaves(base, small), small, upstream)
-    names = [f"output {i}" for i in range(len(ref64[0]))]
-    names += [f"grad of {n}" for n, rg in zip(spec.tensor_args, small.requires_grad) if rg]
-    for name, g, s, r in zip(names, got[0] + tuple(got[1]), same[0] + tuple(same[1]), ref64[0] + tuple(ref64[1])):
+    ref64 = run_once(spec, ref_cand, fresh_leaves(base, small, torch.float64), small, upstream)
+    same = run_once(spec, ref_cand, fresh_leaves(base, small), small, upstream)
+    got = run_once(spec, cand, fresh_leaves(base, small), small, upstream)
+    names = value_names(spec, small)
+    return disagreement(spec, small.dtype, names, got, same, ref64, f"on {_describe(small)}")
+
+
+def value_names(spec: OpSpec, problem: Problem, short: bool = False) -> tuple:
+    """(output names, gradient names) of a call's values in ``run_once``'s order: "output 0", ... and
+    "grad of q", ... ("dq", ... when ``short``)."""
+    grads = [f"d{n}" if short else f"grad of {n}" for n, rg in zip(spec.tensor_args, problem.requires_grad) if rg]
+    return [f"output {i}" for i in range(8)], grads
+
+
+def disagreement(spec: OpSpec, dtype: str, names: tuple, got: tuple, same: Optional[tuple], ref: tuple,
+                 where: str) -> Optional[str]:
+    """Why ``got`` (outputs, gradients) is not ``ref``'s within the spec's tolerance rule, or None.
+
+    ``same``: the reference run in the candidate's dtype (its error sets the bound), or None when there is
+    none (the bound is then the rule's floor, atol, doubled: two low-precision results are compared)."""
+    out_names, grad_names = names
+    labels = [out_names[i] if i < len(out_names) else f"output {i}" for i in range(len(ref[0]))] + grad_names
+    same_vals = (same[0] + tuple(same[1])) if same is not None else (None,) * len(labels)
+    for name, g, s, r in zip(labels, got[0] + tuple(got[1]), same_vals, ref[0] + tuple(ref[1])):
         if r is None:
             continue
         if g is None:
@@ -84,10 +115,27 @@ def verify(spec: OpSpec, cand: Candidate, problem: Problem) -> Optional[str]:
         if not bool(torch.isfinite(g).all()) and bool(torch.isfinite(r).all()):
             return f"{name}: non-finite values"
         absmax = float(r.abs().max()) if r.numel() else 0.0
-        err, bound = max_abs_err(g, r), spec.tolerance.bound(small.dtype, max_abs_err(s, r), absmax)
+        if s is not None:
+            bound = spec.tolerance.bound(dtype, max_abs_err(s, r), absmax)
+        else:
+            bound = 2 * spec.tolerance.bound(dtype, 0.0, absmax)
+        err = max_abs_err(g, r)
         if not err <= bound:
-            return f"{name}: max error {err:.3g} > bound {bound:.3g} on {_describe(small)}"
+            return f"{name}: max error {err:.3g} > bound {bound:.3g} {where}"
     return None
+
+
+def real_inputs(spec: OpSpec, cand: Candidate, problem: Problem) -> tuple:
+    """(tensors, upstream gradients or None) at the real shape: synthetic, seeded; the upstream gradients
+    have the shapes of ``cand``'s outputs."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = spec.make_inputs(problem, gen)
+    upstream = None
+    if problem.grad:
+        with torch.no_grad():
+            outs = outputs(cand.fn(*tensors, problem.params))
+        upstream = [torch.randn(o.shape, generator=gen).to(device=o.device) for o in outs]
+    return tensors, upstream
 
 
 def _describe(problem: Problem) -> str:
@@ -96,19 +144,17 @@ def _describe(problem: Problem) -> str:
 
 
 def time_ms(spec: OpSpec, cand: Candidate, problem: Problem, *, warmup: int = 2, reps: int = 10,
-            budget_s: float = 0.5) -> float:
-    """Median ms of one call (forward, plus backward when the problem is differentiated) at the real shape."""
-    gen = torch.Generator().manual_seed(0)
-    tensors = spec.make_inputs(problem, gen)
-    upstream = None
-    if problem.grad:
-        with torch.no_grad():
-            outs = outputs(cand.fn(*tensors, problem.params))
-        upstream = [torch.randn(o.shape, generator=gen).to(device=o.device) for o in outs]
+            budget_s: float = 0.5, inputs: Optional[tuple] = None) -> float:
+    """Median ms of one call (forward, plus backward when the problem is differentiated) at the real shape.
+    ``inputs``: (tensors, upstream gradients) to time on (``realshape.RealShape``'s, the ones its values were
+    checked on); made here, seeded, when None."""
+    if inputs is None:
+        inputs = real_inputs(spec, cand, problem)
+    tensors, upstream = inputs
     cuda = problem.device_type == "cuda"
 
     def once():
-        _run(spec, cand, tensors, problem, upstream)
+        run_once(spec, cand, tensors, problem, upstream)
 
     for _ in range(warmup):
         once()

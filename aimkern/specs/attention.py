@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_float_dtype, check_same_device, check_tensor, normalize_prefix_len
-from ..ops._launch import interpreter_dtype_problem, interpreting
+from ..ops._launch import interpreter_dtype_problem, interpreting, sm_count
 from ..ops.attention import (
     AttentionParams, attention_qkvpacked_triton, attention_triton, effective_causal, fused_backward_fits,
 )
@@ -78,17 +78,51 @@ def shape_band(problem: Problem) -> str:
     return f"bh<={pow2(b * h)}|n{exact_or_pow2(n)}|d{d}"
 
 
+# The verification problem reaches the real call's kernels and tables (tests/test_dispatch_coverage.py holds
+# it to that at the benchmark shapes): N itself up to LONG_VERIFY_MAX, else the smallest long-band N with the
+# real N's residues (N % 64 picks the forward's query-tail kernel and the backward's key-tail tile, N % 128
+# which configs pad the tiles least), so the band, the tail kernels and the table entries are the real
+# call's. Heads: up to two waves of programs on a GPU (what depends on residency, such as the deterministic
+# dQ turns, runs), a few on the CPU, within VERIFY_SCORES float64 scores.
+LONG_VERIFY_MAX = 1024
+VERIFY_SCORES = 1 << 26  # B * H * N * N of the float64 reference: 512 MB
+
+
+def verify_n(n: int) -> int:
+    """The verification problem's N for a real N (see above): N itself up to 1024, else 384 + N % 128."""
+    return n if n <= LONG_VERIFY_MAX else 384 + n % 128
+
+
 def small_problem(problem: Problem) -> Problem:
-    """2 x 2 heads, N up to 97 (tails in every tile), the same D, dtype and mask kind."""
+    """The same D, dtype, mask kind, band, tail kernels and table configs as ``problem`` (``verify_n``), on
+    fewer heads (``verify_heads``)."""
     b, h, n, d = problem.shapes[0]
-    b2, h2, n2 = min(b, 2), min(h, 2), min(n, 97)
+    n2 = verify_n(n)
+    b2, h2 = verify_heads(b, h, n2, problem.device)
     params = problem.params
     causal, block, _ = _effective(problem)
-    if causal and block >= n2:
+    if causal and block >= n2:  # a causal block as long as the shorter sequence would make it full attention
         params = AttentionParams(params.is_causal, max(2, n2 // 2), params.scale, params.deterministic)
     qshape = (b2, h2, n2, d)
     return problem.with_(shapes=(qshape, qshape, qshape, (b2,) if problem.shapes[3] is not None else None),
                          params=params)
+
+
+def verify_heads(b: int, h: int, n: int, device: str) -> tuple:
+    """(B, H) of the verification problem: all heads of as many images as two waves of programs need on a
+    GPU (2 x SMs heads), 2 x 2 on the CPU; never more than VERIFY_SCORES float64 scores."""
+    want = 2 * sm_count(torch.device(device)) if device.startswith("cuda") else 4
+    want = max(1, min(want, VERIFY_SCORES // (n * n)))
+    h2 = min(h, 2) if not device.startswith("cuda") else min(h, want)
+    b2 = max(1, min(b, want // h2))
+    return b2, h2
+
+
+def reference_bytes(problem: Problem) -> int:
+    """The float64 reference's N x N tensors (scores, probabilities and their gradients, about 6 live at
+    once) plus 16 float64 copies of q, k, v."""
+    b, h, n, d = problem.shapes[0]
+    return 8 * b * h * (6 * n * n + 16 * 3 * n * d)
 
 
 def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
@@ -225,4 +259,5 @@ SPEC = add_spec(OpSpec(
     shape_band=shape_band,
     autocast=(0, 1, 2),
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    reference_bytes=reference_bytes,
 ))

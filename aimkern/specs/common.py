@@ -8,7 +8,7 @@ import torch
 from ..ops._launch import pow2
 from .opspec import Problem
 
-__all__ = ["exact_or_pow2", "pow2", "randint", "randn"]
+__all__ = ["autotune_min_macs", "exact_or_pow2", "pow2", "randint", "randn"]
 
 
 def exact_or_pow2(n: int) -> str:
@@ -35,3 +35,16 @@ def randint(problem: Problem, index: int, low: int, high: int, gen: torch.Genera
         return None
     t = torch.randint(low, high, shape, generator=gen, dtype=torch.int64)
     return t.to(device=problem.device, dtype=problem.dtype_of(index))
+
+
+def autotune_min_macs(sixteen_bit: bool) -> Optional[int]:
+    """The fewest multiply-adds of a GEMM-like launch that the kernels autotune (kernels/launch_table.py's
+    ``tunable``), None where they never do (fp32, or no Triton installed): a verification problem must
+    reach the same side of it as the real call."""
+    if not sixteen_bit:
+        return None
+    try:
+        from ..kernels.launch_table import AUTOTUNE_MIN_MACS  # imports Triton: only when deciding
+    except ImportError:
+        return None
+    return AUTOTUNE_MIN_MACS

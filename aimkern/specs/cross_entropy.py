@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checks import can_inspect_values, check_float_dtype, check_same_device, check_tensor
-from ..ops._launch import interpreter_dtype_problem, interpreting
+from ..ops._launch import gpu_configs_active, interpreter_dtype_problem, interpreting, kernels
 from ..ops.cross_entropy import REDUCTIONS, CrossEntropyParams, linear_cross_entropy_triton
 from ..reference.cross_entropy import linear_cross_entropy_reference
-from .common import pow2, randint, randn
+from .common import autotune_min_macs, pow2, randint, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "linear_cross_entropy"
@@ -170,11 +170,42 @@ def shape_band(problem: Problem) -> str:
 
 
 def small_problem(problem: Problem) -> Problem:
-    """37 tokens (a ragged tile), the same vocabulary, width, dtype and options."""
+    """The fewest tokens that run the real call's code, the same vocabulary, width, dtype and options.
+
+    With a gradient the kernels run chunk by chunk (``bwd_chunk_tokens``): where the real call has several
+    chunks, a full chunk plus the real last one (dW and d(bias) accumulate over chunks; each chunk's GEMM
+    size picks its table: autotuned or fixed). In one launch, the fewest tokens whose GEMM is as large as to
+    be autotuned where the real one is; else 37 (a ragged tile)."""
     v, e = problem.shapes[1]
+    tokens = 1
+    for s in problem.shapes[2]:
+        tokens *= s
+    elem = problem.torch_dtype.itemsize
+    least = autotune_min_macs(elem == 2)
+    chunk = tokens
+    if problem.grad:
+        try:  # the chunking of the Triton path (imports Triton)
+            chunk = kernels("cross_entropy").bwd_chunk_tokens(tokens, v, elem, interpreting() and not gpu_configs_active())
+        except ImportError:  # no Triton: no chunks to reach
+            pass
+    if tokens > chunk:
+        t2 = chunk + (tokens - chunk * ((tokens - 1) // chunk))
+    elif least is not None and tokens * v * e >= least:
+        t2 = min(tokens, -(-least // (v * e)))
+    else:
+        t2 = min(tokens, 37)
     shapes = list(problem.shapes)
-    shapes[0], shapes[2] = (37, e), (37,)
+    shapes[0], shapes[2] = (t2, e), (t2,)
     return problem.with_(shapes=tuple(shapes))
+
+
+def reference_bytes(problem: Problem) -> int:
+    """The float64 reference's (T, V) logits, probabilities and their gradient, plus the inputs in float64."""
+    v, e = problem.shapes[1]
+    tokens = 1
+    for s in problem.shapes[2]:
+        tokens *= s
+    return 8 * (4 * tokens * v + 4 * (tokens + v) * e)
 
 
 def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
@@ -205,5 +236,6 @@ SPEC = add_spec(OpSpec(
     mask_kind=mask_kind,
     shape_band=shape_band,
     autocast=(0, 1, 3),
+    reference_bytes=reference_bytes,
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}),
 ))

@@ -180,6 +180,9 @@ class OpSpec:
     autocast:    the indices of the tensors that follow autocast's cast (the GEMM-like ops' floating inputs).
     needs_reference: tensors -> True for calls that only the reference serves (the fixed rule then runs
                  it even on CUDA), or None.
+    reference_bytes: problem -> about the bytes the float64 reference (forward and backward) holds at that
+                 shape, where it builds more than copies of its inputs (attention's N x N scores); None:
+                 the dispatcher's estimate from the inputs. Decides whether the real-shape check can use it.
     """
 
     name: str
@@ -197,6 +200,7 @@ class OpSpec:
     tolerance: Tolerance = field(default_factory=Tolerance)
     autocast: tuple = ()
     needs_reference: Optional[Callable[[tuple], bool]] = None
+    reference_bytes: Optional[Callable[[Problem], int]] = None
     param_names: tuple = field(init=False)  # the params' field names, read once (a constant to Dynamo)
 
     def __post_init__(self):

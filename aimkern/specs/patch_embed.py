@@ -17,7 +17,7 @@ from ..checks import check_float_dtype, check_same_device, check_tensor
 from ..ops._launch import interpreter_dtype_problem, interpreting
 from ..ops.patch_embed import PatchEmbedParams, patch_embed_triton
 from ..reference.patch_embed import patch_embed_reference
-from .common import pow2, randn
+from .common import autotune_min_macs, pow2, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "patch_embed"
@@ -102,11 +102,18 @@ def shape_band(problem: Problem) -> str:
 
 
 def small_problem(problem: Problem) -> Problem:
-    """Two images of at most 3 x 4 patches, the same channels, patch size and embedding width."""
+    """The same channels, patch size and embedding width. Where the real GEMM (B x tokens x E x C P P) is
+    large enough to be autotuned, whole images, as few as reach that size (the large configs run); else two
+    images of at most 3 x 4 patches (the small fixed config, as the real call)."""
     b, c, h, w = problem.shapes[0]
     e, _, p, _ = problem.shapes[1]
-    h2, w2 = min(h, 3 * p), min(w, 4 * p)
+    per_image = (h // p) * (w // p) * e * c * p * p
     shapes = list(problem.shapes)
+    least = autotune_min_macs(problem.torch_dtype.itemsize == 2)
+    if least is not None and per_image and b * per_image >= least:
+        shapes[0] = (min(b, -(-least // per_image)), c, h, w)
+        return problem.with_(shapes=tuple(shapes))
+    h2, w2 = min(h, 3 * p), min(w, 4 * p)
     shapes[0] = (min(b, 2), c, h2, w2)
     if shapes[3] is not None:
         n2 = (h2 // p) * (w2 // p)
