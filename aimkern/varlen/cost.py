@@ -99,7 +99,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _forward(n, prefix, bs, causal, k, bd):
     """(macs, tiles) of one sequence's forward (main and tail kernels)."""
-    quantum, key_tail = k.QUERY_TAIL_QUANTUM, 16  # attention_fwd.KEY_TAIL
+    quantum, key_tail = k.QUERY_TAIL_QUANTUM, kernels("attention_fwd").KEY_TAIL.value
     main = k.forward(bd, k.fp32, k.max_seqlen, k.arch).configs[0].kwargs
     tail = k.forward_tail(bd, k.fp32).configs[0].kwargs
     bm, bn = main["BLOCK_M"], main["BLOCK_N"]
