@@ -9,7 +9,7 @@ batch. Patch values are normalized per patch exactly as the dense loss does (``n
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
