@@ -164,3 +164,23 @@ def test_gpu_pinned_non_blocking_copy():
     on_gpu = pack.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert on_gpu.patches.is_cuda and torch.equal(on_gpu.patches.cpu(), pack.patches)
+
+
+def test_dataloader_worker_hands_over_the_pack():
+    ims = images((8, 8), (4, 12), (12, 4))
+    loader = torch.utils.data.DataLoader(_Images(ims), batch_size=3, num_workers=1,
+                                         collate_fn=functools.partial(pack_images, patch_size=P))
+    (pack,) = list(loader)
+    assert isinstance(pack, PackedImages) and pack.max_seqlen == 4
+    assert torch.equal(pack.patches, pack_images(ims, P).patches) and pack.cu_seqlens.tolist() == [0, 4, 7, 10]
+
+
+def test_patches_are_written_into_shared_memory_in_a_worker(monkeypatch):
+    """Inside a DataLoader worker the patches go straight into shared memory (handing the pack to the main
+    process then copies nothing), as torch's default_collate does for stacked batches."""
+    ims = images((8, 8), (4, 4))
+    outside = pack_images(ims, P)
+    assert not outside.patches.is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    inside = pack_images(ims, P)
+    assert inside.patches.is_shared() and torch.equal(inside.patches, outside.patches)
