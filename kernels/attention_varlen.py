@@ -263,9 +263,14 @@ def forward_tail(head_dim: int, fp32: bool) -> Choice:
 
 
 # Where the varlen kernel (a few more live values than the dense one: its sequence's start, length, key end)
-# needs another config than the dense table's. Compile gate, sm_90a fp16 / bf16, causal, DETERMINISTIC off:
-# the dense (64, 64, 4, 3) spills 12-16 B at 255 registers; (64, 64, 8, 3) takes 224-254, no spill, wgmma only.
-BWD_OVERRIDES = {(90, 64, False): (64, 64, 8, 3)}
+# needs another config than the dense table's; (arch, padded D, fp32) -> (BLOCK_M, BLOCK_N, warps, stages).
+# Compile gate (every mask flag, DETERMINISTIC on and off):
+# - sm_90a 16-bit D = 64: the dense (64, 64, 4, 3) spills 12-16 B (causal, unordered); 8 warps: 224-254
+#   registers, no spill, wgmma only;
+# - sm_80 16-bit D = 256: the dense (16, 64, 8, 2) spills 16-76 B (causal); (16, 32, 8, 2): 184-255, none;
+# - sm_80 fp32 D = 256: the dense (32, 32, 8, 1) needs 262,144 B of shared memory (sm_80 has 166,912);
+#   (32, 16, 8, 1) needs 163,840 (it spills 1-2.4 KB, as fp32 configs may).
+BWD_OVERRIDES = {(90, 64, False): (64, 64, 8, 3), (80, 256, False): (16, 32, 8, 2), (80, 256, True): (32, 16, 8, 1)}
 
 
 @functools.lru_cache(maxsize=None)
