@@ -187,3 +187,20 @@ def test_gpu_tiles_on_a_pack_of_odd_lengths():
     pack = dict(lengths=[3, 130, 97], block=[1, 13, 1], prefix=[3, 20, 0])
     with gpu_configs():
         check_pack(pack, torch.float16, True, d=64)
+
+
+def test_gate_problems_reach_every_varlen_kernel():
+    """aimkern.varlen.gate drives the launchers on meta tensors (nothing runs) through all four kernels and
+    the dense delta pre-pass, with the GPU tables' configs."""
+    from aimkern.ops._launch import observe
+    from aimkern.varlen.gate import gate_problems
+
+    names = set()
+    problems = list(gate_problems("all"))
+    for _, run in problems:
+        with observe(dry_run=True) as launches:
+            run()
+        names |= {launch.name for launch in launches}
+    assert len(problems) == 3 * 4 * 3 * 2 and len(list(gate_problems("gpu-run"))) == 2 * 2 * 3 * 2
+    assert names == {"attn_varlen_fwd_kernel", "attn_varlen_fwd_tail_kernel", "attn_varlen_bwd_key_tail_kernel",
+                     "attn_varlen_bwd_kernel", "attn_bwd_preprocess_kernel"}
