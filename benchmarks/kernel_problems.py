@@ -14,6 +14,7 @@ import torch
 
 from aimkern.ops import LaunchPolicy
 from aimkern.ops import attention as attn
+from aimkern.ops import attention_varlen as attn_varlen
 from aimkern.ops import cross_entropy as ce
 from aimkern.ops import patch_embed as pe
 from aimkern.ops import pixel_loss as pl
@@ -79,6 +80,43 @@ def _gate_run(b, n, h, d, dtype, prefix, causal, block_size, scale, path) -> Non
     policy = LaunchPolicy(attention_backward=path)
     o, lse = attn.launch_forward(q, k, v, pre, params, policy)
     attn.launch_backward(o, q, k, v, o, lse, pre, params, policy, out=attn.unpack(meta(b, n, 3, h, d, dtype=dtype)))
+
+
+# ------------------------------------------------------------------------------------ varlen attention
+def attention_varlen_problems(subset: str):
+    """(label, thunk) pairs driving the varlen attention launchers on meta tensors: every dtype, D = 64, 80,
+    128, 256, every mask, ordered and unordered dQ ("gpu-run": 16-bit at D = 64 and 128); a pack of T = 2048
+    tokens in 4 sequences of at most 1024, H = 4, q, k, v strided views of a packed (T, 3, H, D) qkv.
+
+    Checked on sm_90a and sm_80 (all subsets): every launch compiles; the 16-bit ones without spills and,
+    on sm_90a, on wgmma only (the D = 256 tiled backward aside, as its dense twin); kernels/attention_varlen.py
+    records where that took another tile than the dense tables'."""
+    masks = {"full": (False, False), "causal": (True, False), "prefix": (True, True)}
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for d in ((64, 128) if subset == "gpu-run" else (64, 80, 128, 256)):
+            for mname, (causal, prefix) in masks.items():
+                for det in (True, False):
+                    def run(dtype=dtype, d=d, causal=causal, prefix=prefix, det=det):
+                        _varlen_run(dtype, d, causal, prefix, det)
+
+                    yield f"attention_varlen {dname} D={d} {mname} {'ordered' if det else 'unordered'}", run
+
+
+def _varlen_run(dtype, d: int, is_causal: bool, prefix: bool, deterministic: bool, t: int = 2048, h: int = 4,
+                s: int = 4, max_seqlen: int = 1024) -> None:
+    """Forward + backward launches of one varlen problem on meta tensors."""
+    qkv = meta(t, 3, h, d, dtype=dtype)
+    q, k, v = attn_varlen.unpack(qkv)
+    cu = meta(s + 1, dtype=torch.int32)
+    block = meta(s, dtype=torch.int32)
+    pre = meta(s, dtype=torch.int32) if prefix else None
+    params = attn_varlen.VarlenAttentionParams(max_seqlen=max_seqlen, is_causal=is_causal, scale=d**-0.5,
+                                               deterministic=deterministic)
+    policy = LaunchPolicy(autotune=False)
+    o, lse = attn_varlen.launch_forward(q, k, v, cu, block, pre, params, policy)
+    attn_varlen.launch_backward(o, q, k, v, o, lse, cu, block, pre, params, policy,
+                                out=attn_varlen.unpack(meta(t, 3, h, d, dtype=dtype)))
 
 
 # ------------------------------------------------------------------------------------ cross-entropy
@@ -156,5 +194,6 @@ def pixel_loss_problems(subset: str):
 
 
 # family (the kernel module's name, kernel_report.py's --family) -> subset -> (label, thunk) pairs
-FAMILIES = {"attention": attention_problems, "cross_entropy": cross_entropy_problems,
+FAMILIES = {"attention": attention_problems, "attention_varlen": attention_varlen_problems,
+            "cross_entropy": cross_entropy_problems,
             "patch_embed": patch_embed_problems, "pixel_loss": pixel_loss_problems}
