@@ -29,6 +29,7 @@ _LAZY = {
     "attention_varlen_qkvpacked": (".functional", "attention_varlen_qkvpacked"),
     "linear_cross_entropy": (".functional", "linear_cross_entropy"),
     "next_patch_pixel_loss": (".functional", "next_patch_pixel_loss"),
+    "next_patch_pixel_loss_varlen": (".functional", "next_patch_pixel_loss_varlen"),
     "patch_embed": (".functional", "patch_embed"),
     "PackedImages": (".data.packing", "PackedImages"),
     "pack_images": (".data.packing", "pack_images"),

@@ -27,15 +27,16 @@ from .ops.attention_varlen import unpack as unpack_varlen
 from .ops.cross_entropy import CrossEntropyParams
 from .ops.patch_embed import PatchEmbedParams
 from .ops.pixel_loss import PixelLossParams
+from .ops.pixel_loss_varlen import PixelLossVarlenParams
 from .specs import OpSpec, get_spec
 
 ATTENTION, PATCH_EMBED = get_spec("attention"), get_spec("patch_embed")
 CROSS_ENTROPY, PIXEL_LOSS = get_spec("linear_cross_entropy"), get_spec("next_patch_pixel_loss")
-ATTENTION_VARLEN = get_spec("attention_varlen")
+ATTENTION_VARLEN, PIXEL_LOSS_VARLEN = get_spec("attention_varlen"), get_spec("next_patch_pixel_loss_varlen")
 OP_PACKED, OP_VARLEN_PACKED = "attention_qkvpacked", "attention_varlen_qkvpacked"
 
 __all__ = ["attention", "attention_qkvpacked", "attention_varlen", "attention_varlen_qkvpacked",
-           "linear_cross_entropy", "next_patch_pixel_loss", "patch_embed", "run"]
+           "linear_cross_entropy", "next_patch_pixel_loss", "next_patch_pixel_loss_varlen", "patch_embed", "run"]
 
 
 # ------------------------------------------------------------------------------------------ the preamble
@@ -362,3 +363,38 @@ def next_patch_pixel_loss(
     """
     params = PixelLossParams(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=float(eps))
     return run(PIXEL_LOSS, (pred, images, prefix_len), params, backend)
+
+
+def next_patch_pixel_loss_varlen(
+    pred: torch.Tensor,
+    patches: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    offset: int = 1,
+    prefix_len: Union[None, int, torch.Tensor] = None,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``next_patch_pixel_loss`` over a pack of S images laid end to end (``aimkern.pack_images``).
+
+    Args:
+        pred: (T, P*P*C) predictions, values in MAE/AIM (p, q, c) order.
+        patches: (T, P*P*C) raw patch values (``PackedImages.patches``), uint8 or float; data (the Triton
+            path gives them no gradient; "auto" runs the reference for patches that require grad).
+        cu_seqlens: int32 (S + 1,), non-decreasing from 0 to T: image s holds rows [cu[s], cu[s + 1]).
+        offset: row i of an image predicts its patch i + offset.
+        prefix_len: None, an int (every image) or an int tensor (S,) with prefix_len[s] in [0, n_s].
+        norm_pix, eps: standardize each target patch by its mean and unbiased variance (with eps).
+        backend: "auto", "triton" or "reference".
+
+    Target j of image s counts when j >= offset and j >= prefix_len[s], within s: no row predicts a patch of
+    another image. The op reads cu_seqlens (and prefix_len) on the host once to check them (not under
+    torch.compile).
+
+    Returns:
+        float32 scalar (float64 for float64 inputs): the per-value squared error averaged within each patch,
+        then over the counted targets of the whole pack; 0 when none counts.
+    """
+    params = PixelLossVarlenParams(offset=offset, norm_pix=norm_pix, eps=float(eps))
+    return run(PIXEL_LOSS_VARLEN, (pred, patches, cu_seqlens, prefix_len), params, backend)

@@ -224,10 +224,16 @@ def attn_varlen_bwd_kernel(
 
 
 # -------------------------------------------------------------------------------------------- configs
-# One config per kernel (no autotuning: a varlen problem has no single N to key a tuning on), taken from
-# the dense tables' short band, so every tile shape is one the dense compile gate already passes. The
+# No autotuning (a varlen problem has no single N to key a tuning on; the launcher runs the first config
+# that fits the device's shared memory, aimkern.ops._launch.fit_to_device), configs taken from the dense
+# tables' short band, so every tile shape is one the dense compile gate already passes. The
 # forward splits its queries at multiples of 64, so its query tile is the first dense entry of at most 64
 # rows (the 128-row entries would pad each sequence's last main tile by up to 64 rows).
+def _configs(entries) -> tuple:
+    """The (BLOCK_M, BLOCK_N, warps, stages) entries as configs, first pick first, each once."""
+    return tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in dict.fromkeys(tuple(e) for e in entries))
+
+
 def interpret_tile(max_seqlen: int) -> int:
     """Interpreter tiles, as the dense kernels': 16 up to 64 tokens, 64 beyond."""
     return INTERPRET_SMALL_TILE if max_seqlen <= INTERPRET_SMALL_N else INTERPRET_LARGE_TILE
@@ -241,9 +247,8 @@ def has_key_tail(head_dim: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def _forward(bd: int, fp32: bool, tile: int, arch: int) -> Choice:
     entries = [e for e in table_entries("fwd", bd, fp32, "short", arch) if e[0] <= QUERY_TAIL_QUANTUM]
-    m, n, warps, stages = entries[0]
-    return Choice(attn_varlen_fwd_kernel, (cfg(warps, stages, BLOCK_M=m, BLOCK_N=n),),
-                  cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), shared=_fwd_shared)
+    return Choice(attn_varlen_fwd_kernel, _configs(entries), cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile),
+                  shared=_fwd_shared)
 
 
 def forward(head_dim: int, fp32: bool, max_seqlen: int, arch: int = 90) -> Choice:
@@ -275,9 +280,10 @@ BWD_OVERRIDES = {(90, 64, False): (64, 64, 8, 3), (80, 256, False): (16, 32, 8, 
 
 @functools.lru_cache(maxsize=None)
 def _backward_tiled(bd: int, fp32: bool, tile: int, arch: int) -> Choice:
-    m, n, warps, stages = BWD_OVERRIDES.get((arch, bd, fp32)) or table_entries("bwd", bd, fp32, "short", arch)[0]
-    return Choice(attn_varlen_bwd_kernel, (cfg(warps, stages, BLOCK_M=m, BLOCK_N=n),),
-                  cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile), shared=_bwd_tiled_shared)
+    override = BWD_OVERRIDES.get((arch, bd, fp32))
+    entries = ([override] if override else []) + list(table_entries("bwd", bd, fp32, "short", arch))
+    return Choice(attn_varlen_bwd_kernel, _configs(entries), cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile),
+                  shared=_bwd_tiled_shared)
 
 
 def backward_tiled(head_dim: int, fp32: bool, max_seqlen: int, arch: int = 90) -> Choice:

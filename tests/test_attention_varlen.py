@@ -209,6 +209,6 @@ def test_gate_problems_reach_every_varlen_kernel():
         with observe(dry_run=True) as launches:
             run()
         names |= {launch.name for launch in launches}
-    assert len(problems) == 3 * 4 * 3 * 2 and len(list(gate_problems("gpu-run"))) == 2 * 2 * 3 * 2
+    assert len(problems) == (2 * 4 + 2) * 3 * 2 and len(list(gate_problems("gpu-run"))) == 2 * 2 * 3 * 2
     assert names == {"attn_varlen_fwd_kernel", "attn_varlen_fwd_tail_kernel", "attn_varlen_bwd_key_tail_kernel",
                      "attn_varlen_bwd_kernel", "attn_bwd_preprocess_kernel"}

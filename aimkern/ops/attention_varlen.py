@@ -19,7 +19,7 @@ into one (T, 3, H, D) gradient, as attention's packed layout does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -83,6 +83,12 @@ def _mask_tensors(cu_seqlens, block_sizes, prefix_len, params: VarlenAttentionPa
     return cu_seqlens, block_sizes, prefix_len if has_prefix else cu_seqlens, has_prefix
 
 
+def _fixed(policy: LaunchPolicy) -> LaunchPolicy:
+    """The policy without autotuning: the varlen Choices list fallbacks for small shared memories, not
+    tuning candidates (a tuning trial would add into DQ_ACC twice)."""
+    return replace(policy, autotune=False)
+
+
 def _grid_rows(s: int, h: int) -> int:
     if s * h > MAX_GRID_Y:
         raise ValueError(f"{OP}: S * H = {s} * {h} exceeds the {MAX_GRID_Y} programs of grid axis 1; "
@@ -107,7 +113,7 @@ def launch_forward(q, k, v, cu_seqlens, block_sizes, prefix_len, params: VarlenA
     cu, bs, pf, has_prefix = _mask_tensors(cu_seqlens, block_sizes, prefix_len, params)
     args = (q, k, v, o, lse, cu, bs, pf, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, t,
             params.resolved_scale(d) * _LOG2E)
-    flags = dict(dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal,
+    flags = dict(dtype=q.dtype, policy=_fixed(policy), HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal,
                  HAS_PREFIX=has_prefix)
     launch(kern.forward(d, fp32, max_seqlen, table_arch(q.device)),
            lambda META: (cdiv(max_seqlen, META["BLOCK_M"]), rows), args, **flags)
@@ -137,14 +143,14 @@ def launch_backward(do, q, k, v, o, lse, cu_seqlens, block_sizes, prefix_len, pa
     # delta = rowsum(o * do) needs no sequence structure: the dense pre-pass on the (1, H, T, D) view.
     launch(kern.backward_preprocess(), lambda META: (cdiv(t, META["BLOCK_M"]), h),
            (o, do, delta, 0, o.stride(1), o.stride(0), o.stride(2), 0, do.stride(1), do.stride(0), do.stride(2), h, t),
-           dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d))
+           dtype=q.dtype, policy=_fixed(policy), HEAD_D=d, BLOCK_D=kern.block_d(d))
     dq_acc = torch.zeros((h, t, d), device=q.device, dtype=torch.float32)
     slots = kern.sem_slots(t, s)
     sem = torch.zeros((h, slots) if params.deterministic else (1,), device=q.device, dtype=torch.int32)
     cu, bs, pf, has_prefix = _mask_tensors(cu_seqlens, block_sizes, prefix_len, params)
     tensors = (q, k, v, do, lse, delta, dk, dv, dq_acc)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride())
-    common = dict(dtype=q.dtype, policy=policy, HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal,
+    common = dict(dtype=q.dtype, policy=_fixed(policy), HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal,
                   HAS_PREFIX=has_prefix)
     key_tail = kern.has_key_tail(d)
     if key_tail and max_seqlen > kern.KEY_TAIL_QUANTUM:  # the last <= 32 keys first: their dQ shares land first
