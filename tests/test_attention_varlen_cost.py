@@ -59,3 +59,26 @@ def test_padded_head_dim_and_per_sequence_values():
     assert cost.fwd_macs == 2 * 64 * 64 * 128 and cost.min_fwd_macs == 2 * 64 * 64 * 80
     with pytest.raises(ValueError, match="block_size has 1 values for 2 sequences"):
         varlen_attention_cost([3, 4], is_causal=True, block_size=[1])
+
+
+def test_native_mix_rows_meet_their_budgets_and_report_the_prediction():
+    """benchmarks/kernel_cost.py's varlen rows: every image of the mix within its patch budget, each row
+    within its budget or its recorded exception (cost_budgets.py), and issue 29's 1.05x prediction met by
+    full attention at 576 and 1,024 patches (and by no causal mask: the exceptions say why)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        from cost_budgets import EXCEPTIONS, check_row
+        from kernel_cost import attention_varlen_rows, native_mix_grids
+    finally:
+        sys.path.pop(0)
+    for budget in (256, 576, 1024):
+        grids = native_mix_grids(64, budget)
+        assert len(grids) == 64 and all(1 <= h * w <= budget for h, w in grids)
+    rows = attention_varlen_rows()
+    assert len(rows) == 12 and all(not check_row(r) for r in rows)
+    met = {(r["shape"].split()[0], r["mask"]) for r in rows if r["total_x"] <= 1.05}
+    assert met == {("mix576", "full"), ("mix1024", "full")}
+    assert sum(1 for key in EXCEPTIONS if key[0].startswith("varlen")) == 10
