@@ -96,14 +96,25 @@ def test_bad_inputs_name_the_argument():
         aimkern.attention_varlen_qkvpacked(torch.randn(7, 2, 2, 16), cu)
 
 
-def test_strided_cu_seqlens_and_prefix_are_read_through_their_values():
-    """A strided, offset cu_seqlens (int64) and an expanded prefix tensor give what contiguous int32 ones give."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_strided_cu_seqlens_and_prefix_are_read_through_their_values(backend):
+    """A strided, offset cu_seqlens (int64), an expanded prefix tensor, a strided block-size tensor and
+    q, k, v views of one wider buffer give what contiguous int32 ones give."""
+    if backend == "triton" and not interpreting():
+        pytest.skip("the Triton path on CPU runs under the interpreter")
     q, k, v, cu = inputs([3, 9, 4])
-    cu_strided = torch.stack([cu.long(), torch.zeros_like(cu.long())], 1)[:, 0]
+    buf = torch.full((2 * cu.numel() + 2,), -7, dtype=torch.long)
+    buf[2::2] = cu
+    cu_strided = buf[2::2]  # stride 2, storage offset 2
+    assert cu_strided.stride() == (2,) and cu_strided.storage_offset() == 2
     prefix = torch.tensor([2]).expand(3)
-    want = aimkern.attention_varlen(q, k, v, cu, is_causal=True, prefix_len=torch.tensor([2, 2, 2]),
-                                    backend="reference")
-    got = aimkern.attention_varlen(q, k, v, cu_strided, is_causal=True, prefix_len=prefix, backend="reference")
+    blocks = torch.tensor([1, 0, 3, 0, 2, 0])[::2]
+    wide = torch.randn(16, 2, 40)
+    qs = wide[:, :, 4:20]
+    want = aimkern.attention_varlen(qs.contiguous(), k, v, cu, is_causal=True, block_size=torch.tensor([1, 3, 2]),
+                                    prefix_len=torch.tensor([2, 2, 2]), backend=backend)
+    got = aimkern.attention_varlen(qs, k, v, cu_strided, is_causal=True, block_size=blocks, prefix_len=prefix,
+                                   backend=backend)
     assert torch.equal(got, want)
 
 
