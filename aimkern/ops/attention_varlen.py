@@ -230,11 +230,14 @@ attention_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------- entries
 def _kernel_call(q, block_sizes, prefix_len, params: VarlenAttentionParams) -> tuple:
     """(block_sizes, prefix_len, params, policy) as the kernels take them for (T, H, D) ``q``: the mask
-    tensors only where causal, the scale and the grid bound resolved (max_seqlen None: T)."""
+    tensors only where causal and contiguous (the kernels read [s] at stride 1), the scale and the grid
+    bound resolved (max_seqlen None: T)."""
     t, _, d = q.shape
     check_interpretable_dtype(q, OP)
     if not params.is_causal:
         block_sizes = prefix_len = None  # every key of the sequence is visible anyway
+    block_sizes = None if block_sizes is None else block_sizes.contiguous()
+    prefix_len = None if prefix_len is None else prefix_len.contiguous()
     max_seqlen = t if params.max_seqlen is None else min(params.max_seqlen, t)
     kernel_params = VarlenAttentionParams(max_seqlen=max_seqlen, is_causal=params.is_causal,
                                           block_size=params.block_size, scale=params.resolved_scale(d),
@@ -245,13 +248,14 @@ def _kernel_call(q, block_sizes, prefix_len, params: VarlenAttentionParams) -> t
 def attention_varlen_triton(q, k, v, cu_seqlens, block_sizes, prefix_len, params: VarlenAttentionParams):
     """The Triton path on checked (T, H, D) q, k, v, int32 cu_seqlens (S + 1,), block_sizes / prefix_len None
     or int32 (S,) -> (T, H, D) contiguous."""
-    o, _ = attention_varlen_fwd(q, k, v, cu_seqlens, *_kernel_call(q, block_sizes, prefix_len, params), "thd")
+    o, _ = attention_varlen_fwd(q, k, v, cu_seqlens.contiguous(), *_kernel_call(q, block_sizes, prefix_len, params),
+                                "thd")
     return o
 
 
 def attention_varlen_qkvpacked_triton(qkv, cu_seqlens, block_sizes, prefix_len, params: VarlenAttentionParams):
     """The Triton path on a checked (T, 3, H, D) qkv -> (T, H, D) contiguous; the gradient of qkv is one
     (T, 3, H, D) tensor written by the kernels."""
-    o, _ = attention_varlen_fwd(qkv, None, None, cu_seqlens,
+    o, _ = attention_varlen_fwd(qkv, None, None, cu_seqlens.contiguous(),
                                 *_kernel_call(unpack(qkv)[0], block_sizes, prefix_len, params), "packed")
     return o

@@ -129,4 +129,5 @@ def pixel_loss_varlen_triton(pred, patches, cu_seqlens, prefix_len: Optional[tor
     if patches.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{OP}: backend='triton' treats patches as data and gives them no gradient, but "
                          "patches.requires_grad is True; detach them, or use backend='reference'")
-    return pixel_loss_varlen_fwd(pred, patches, cu_seqlens, prefix_len, params, current_policy().autotune)
+    # cu_seqlens at stride 1 (the kernel's binary search indexes it); prefix_len is read through its stride
+    return pixel_loss_varlen_fwd(pred, patches, cu_seqlens.contiguous(), prefix_len, params, current_policy().autotune)
