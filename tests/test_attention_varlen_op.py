@@ -164,3 +164,18 @@ def test_compile_fullgraph_no_recompile_when_cu_seqlens_change(max_seqlen):
         for a, b in zip((o, *g), (r, *grads(r, x))):
             assert (a.double() - b).abs().max().item() < 1e-4
     assert counter.frame_count == 1
+
+
+def test_a_registered_candidate_gets_the_public_signature():
+    """aimkern.dispatch.register's candidates (FlexAttention, say) are called as the public op: block_size as
+    the call gave it, an int or the (S,) tensor, never None."""
+    q, k, v, cu = inputs([4, 6])
+    for block in (3, torch.tensor([1, 2], dtype=torch.int32)):
+        tensor, params = aimkern.functional._varlen_params(None, True, block, None, True)
+        tensors, params = SPEC.check((q, k, v, cu, tensor, torch.tensor([1, 0])), params, "reference", "t")
+        args, kwargs = SPEC.public_call(tensors, params)
+        assert kwargs["block_size"] is block if isinstance(block, int) else torch.equal(kwargs["block_size"], block)
+        got = aimkern.attention_varlen(*args, **kwargs, backend="reference")
+        want = aimkern.attention_varlen(q, k, v, cu, is_causal=True, block_size=block, prefix_len=torch.tensor([1, 0]),
+                                        backend="reference")
+        assert torch.equal(got, want)
