@@ -229,8 +229,12 @@ def attn_varlen_bwd_kernel(
 # tables' short band, so every tile shape is one the dense compile gate already passes. The
 # forward splits its queries at multiples of 64, so its query tile is the first dense entry of at most 64
 # rows (the 128-row entries would pad each sequence's last main tile by up to 64 rows).
-def _configs(entries) -> tuple:
-    """The (BLOCK_M, BLOCK_N, warps, stages) entries as configs, first pick first, each once."""
+def _configs(entries, fp32: bool) -> tuple:
+    """The (BLOCK_M, BLOCK_N, warps, stages) entries as configs, first pick first, each once. 16-bit: the
+    first entry alone (it fits every device's shared memory; the dense tables' later 16-bit entries spill in
+    the varlen kernels: sm_80's (32, 64, 4, 2) tiled backward at D = 64 by 32 B, causal, compile gate
+    2026-12-07). fp32 keeps the later entries as fallbacks for smaller shared memories (99 KB devices)."""
+    entries = entries if fp32 else entries[:1]
     return tuple(cfg(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in dict.fromkeys(tuple(e) for e in entries))
 
 
@@ -247,7 +251,7 @@ def has_key_tail(head_dim: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def _forward(bd: int, fp32: bool, tile: int, arch: int) -> Choice:
     entries = [e for e in table_entries("fwd", bd, fp32, "short", arch) if e[0] <= QUERY_TAIL_QUANTUM]
-    return Choice(attn_varlen_fwd_kernel, _configs(entries), cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile),
+    return Choice(attn_varlen_fwd_kernel, _configs(entries, fp32), cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile),
                   shared=_fwd_shared)
 
 
@@ -270,7 +274,8 @@ def forward_tail(head_dim: int, fp32: bool) -> Choice:
 # Where the varlen kernel (a few more live values than the dense one: its sequence's start, length, key end)
 # needs another config than the dense table's; (arch, padded D, fp32) -> (BLOCK_M, BLOCK_N, warps, stages).
 # Compile gate (every mask flag, DETERMINISTIC on and off):
-# - sm_90a 16-bit D = 64: the dense (64, 64, 4, 3) spills 12-16 B (causal, unordered); 8 warps: 224-254
+# - sm_90a 16-bit D = 64: the dense (64, 64, 4, 3) spills 12-16 B (causal, unordered; 72 B in the 2026-12-07
+#   gate, after the merge of the dense issue-26 fixes into the shared helpers); 8 warps: 221-254
 #   registers, no spill, wgmma only;
 # - sm_80 16-bit D = 256: the dense (16, 64, 8, 2) spills 16-76 B (causal); (16, 32, 8, 2): 184-255, none;
 # - sm_80 fp32 D = 256: the dense (32, 32, 8, 1) needs 262,144 B of shared memory (sm_80 has 166,912);
@@ -280,9 +285,11 @@ BWD_OVERRIDES = {(90, 64, False): (64, 64, 8, 3), (80, 256, False): (16, 32, 8, 
 
 @functools.lru_cache(maxsize=None)
 def _backward_tiled(bd: int, fp32: bool, tile: int, arch: int) -> Choice:
+    # An override replaces the dense entries: they failed the gate in this kernel (the dense (64, 64, 4, 3)
+    # spills 72 B here on sm_90a, causal and unordered, even as a fallback).
     override = BWD_OVERRIDES.get((arch, bd, fp32))
-    entries = ([override] if override else []) + list(table_entries("bwd", bd, fp32, "short", arch))
-    return Choice(attn_varlen_bwd_kernel, _configs(entries), cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile),
+    entries = [override] if override else table_entries("bwd", bd, fp32, "short", arch)
+    return Choice(attn_varlen_bwd_kernel, _configs(entries, fp32), cfg(4, 1, BLOCK_M=tile, BLOCK_N=tile),
                   shared=_bwd_tiled_shared)
 
 
