@@ -1,5 +1,6 @@
-"""The public ops: ``attention``, ``attention_qkvpacked``, ``patch_embed``, ``linear_cross_entropy`` and
-``next_patch_pixel_loss`` (re-exported as ``aimkern.<op>``).
+"""The public ops: ``attention``, ``attention_qkvpacked``, ``attention_varlen``, ``attention_varlen_qkvpacked``,
+``patch_embed``, ``linear_cross_entropy``, ``next_patch_pixel_loss`` and ``next_patch_pixel_loss_varlen``
+(re-exported as ``aimkern.<op>``).
 
 Each is a short function that gathers its tensors (in its spec's order) and its frozen params dataclass and
 hands them to ``run``, the one preamble of every op, driven by the op's spec (aimkern/specs/):
@@ -21,16 +22,21 @@ from .dispatch.core import select
 from .dispatch.environment import mode as dispatch_mode
 from .ops._launch import interpreting
 from .ops.attention import AttentionParams, attention_qkvpacked_triton, unpack
+from .ops.attention_varlen import VarlenAttentionParams, attention_varlen_qkvpacked_triton
+from .ops.attention_varlen import unpack as unpack_varlen
 from .ops.cross_entropy import CrossEntropyParams
 from .ops.patch_embed import PatchEmbedParams
 from .ops.pixel_loss import PixelLossParams
+from .ops.pixel_loss_varlen import PixelLossVarlenParams
 from .specs import OpSpec, get_spec
 
 ATTENTION, PATCH_EMBED = get_spec("attention"), get_spec("patch_embed")
 CROSS_ENTROPY, PIXEL_LOSS = get_spec("linear_cross_entropy"), get_spec("next_patch_pixel_loss")
-OP_PACKED = "attention_qkvpacked"
+ATTENTION_VARLEN, PIXEL_LOSS_VARLEN = get_spec("attention_varlen"), get_spec("next_patch_pixel_loss_varlen")
+OP_PACKED, OP_VARLEN_PACKED = "attention_qkvpacked", "attention_varlen_qkvpacked"
 
-__all__ = ["attention", "attention_qkvpacked", "linear_cross_entropy", "next_patch_pixel_loss", "patch_embed", "run"]
+__all__ = ["attention", "attention_qkvpacked", "attention_varlen", "attention_varlen_qkvpacked",
+           "linear_cross_entropy", "next_patch_pixel_loss", "next_patch_pixel_loss_varlen", "patch_embed", "run"]
 
 
 # ------------------------------------------------------------------------------------------ the preamble
@@ -175,6 +181,102 @@ def attention_qkvpacked(
     return attention_qkvpacked_triton(qkv, prefix, params)
 
 
+def _varlen_params(max_seqlen, is_causal, block_size, scale, deterministic) -> tuple:
+    """(block_size tensor or None, VarlenAttentionParams): an int block size travels in the params."""
+    if isinstance(block_size, torch.Tensor):
+        return block_size, VarlenAttentionParams(max_seqlen, is_causal, 1, scale, deterministic)
+    return None, VarlenAttentionParams(max_seqlen, is_causal, block_size, scale, deterministic)
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    max_seqlen: Optional[int] = None,
+    is_causal: bool = False,
+    block_size: Union[int, torch.Tensor] = 1,
+    prefix_len: Union[None, int, torch.Tensor] = None,
+    scale: Optional[float] = None,
+    deterministic: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``attention`` over S sequences laid end to end (the layout of FlashAttention's varlen API), each with
+    its own AIM mask, and no query ever seeing another sequence's keys.
+
+    Args:
+        q, k, v: (T, H, D), fp16 / bf16 / fp32 (float64 on the reference backend), any strides; sequence s
+            holds tokens [cu_seqlens[s], cu_seqlens[s + 1]). D a multiple of 8 in [16, 256].
+        cu_seqlens: int32 (S + 1,), S >= 1, non-decreasing from 0 to T (int64 is converted). Sequences of
+            length 1 (and 0) are allowed.
+        max_seqlen: a host int >= every sequence's length: it sizes the grid, and the op then reads nothing
+            back from the device (the values of cu_seqlens, block_size and prefix_len are the caller's
+            responsibility; a bound below a sequence's length leaves that sequence's last rows unrun). None:
+            the op reads cu_seqlens (and the mask tensors) on the host once and checks them; under
+            torch.compile, where nothing can be read, it takes T as the bound.
+        is_causal: False for full attention within each sequence; True for raster-order (block-)causal.
+        block_size: an int, or an int tensor (S,) (one block per image: its grid width gives row-causal
+            order): with is_causal, query i of s sees key j of s when j // block_size[s] <= i // block_size[s].
+        prefix_len: None, an int (the same prefix for every sequence, capped at each one's length) or an
+            int tensor (S,) with prefix_len[s] in [0, n_s]: the first tokens of s are visible to every query
+            of s.
+        scale: softmax scale, default D ** -0.5.
+        deterministic: True (default): bit-identical gradients run to run.
+        backend: "auto", "triton" or "reference" (as in ``attention``).
+
+    Returns:
+        (T, H, D) in the input dtype.
+
+    Visibility in a pack of two images of 4 and 3 tokens, is_causal=True, block_size=2, prefix_len=[1, 0]::
+
+        keys ->   0 1 2 3 | 4 5 6
+        query 0   x x . . | . . .
+        query 1   x x . . | . . .
+        query 2   x x x x | . . .
+        query 3   x x x x | . . .
+        query 4   . . . . | x x .
+        query 5   . . . . | x x .
+        query 6   . . . . | x x x
+    """
+    block, params = _varlen_params(max_seqlen, is_causal, block_size, scale, deterministic)
+    return run(ATTENTION_VARLEN, (q, k, v, cu_seqlens, block, prefix_len), params, backend)
+
+
+def attention_varlen_qkvpacked(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    max_seqlen: Optional[int] = None,
+    is_causal: bool = False,
+    block_size: Union[int, torch.Tensor] = 1,
+    prefix_len: Union[None, int, torch.Tensor] = None,
+    scale: Optional[float] = None,
+    deterministic: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``attention_varlen`` on a packed (T, 3, H, D) qkv (``linear(x).view(T, 3, H, D)``): q, k, v are
+    ``qkv[:, 0]``, ``qkv[:, 1]``, ``qkv[:, 2]``, read through strides (no copy). Returns (T, H, D); on the
+    Triton backend the gradient of qkv is one (T, 3, H, D) tensor written by the kernels."""
+    block, params = _varlen_params(max_seqlen, is_causal, block_size, scale, deterministic)
+    check_tensor(qkv, "qkv", OP_VARLEN_PACKED, ndim=4)
+    if qkv.shape[1] != 3:
+        raise ValueError(f"{OP_VARLEN_PACKED}: qkv must have shape (T, 3, H, D), got {tuple(qkv.shape)} "
+                         "(dim 1 is not 3)")
+    (qkv,) = autocast_inputs(ATTENTION_VARLEN, (qkv,))
+    q, k, v = unpack_varlen(qkv)
+    path, tensors, params = checked(ATTENTION_VARLEN, (q, k, v, cu_seqlens, block, prefix_len), params, backend,
+                                    OP_VARLEN_PACKED)
+    if path == "measured":
+        cand = select(ATTENTION_VARLEN, tensors, params)
+        if "packed" in cand.extra:
+            return cand.extra["packed"](qkv, *tensors[3:], params)
+        return cand.fn(*tensors, params)
+    if path == "reference":
+        return ATTENTION_VARLEN.reference(*tensors, params)
+    return attention_varlen_qkvpacked_triton(qkv, *tensors[3:], params)
+
+
 def patch_embed(
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -261,3 +363,38 @@ def next_patch_pixel_loss(
     """
     params = PixelLossParams(patch_size=patch_size, offset=offset, norm_pix=norm_pix, eps=float(eps))
     return run(PIXEL_LOSS, (pred, images, prefix_len), params, backend)
+
+
+def next_patch_pixel_loss_varlen(
+    pred: torch.Tensor,
+    patches: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    offset: int = 1,
+    prefix_len: Union[None, int, torch.Tensor] = None,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``next_patch_pixel_loss`` over a pack of S images laid end to end (``aimkern.pack_images``).
+
+    Args:
+        pred: (T, P*P*C) predictions, values in MAE/AIM (p, q, c) order.
+        patches: (T, P*P*C) raw patch values (``PackedImages.patches``), uint8 or float; data (the Triton
+            path gives them no gradient; "auto" runs the reference for patches that require grad).
+        cu_seqlens: int32 (S + 1,), non-decreasing from 0 to T: image s holds rows [cu[s], cu[s + 1]).
+        offset: row i of an image predicts its patch i + offset.
+        prefix_len: None, an int (every image) or an int tensor (S,) with prefix_len[s] in [0, n_s].
+        norm_pix, eps: standardize each target patch by its mean and unbiased variance (with eps).
+        backend: "auto", "triton" or "reference".
+
+    Target j of image s counts when j >= offset and j >= prefix_len[s], within s: no row predicts a patch of
+    another image. The op reads cu_seqlens (and prefix_len) on the host once to check them (not under
+    torch.compile).
+
+    Returns:
+        float32 scalar (float64 for float64 inputs): the per-value squared error averaged within each patch,
+        then over the counted targets of the whole pack; 0 when none counts.
+    """
+    params = PixelLossVarlenParams(offset=offset, norm_pix=norm_pix, eps=float(eps))
+    return run(PIXEL_LOSS_VARLEN, (pred, patches, cu_seqlens, prefix_len), params, backend)

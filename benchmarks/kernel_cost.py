@@ -17,6 +17,9 @@ Exact minimums (V = visible (query, key) pairs of the mask, e = element bytes):
   linear + CE         1 GEMM (T E V) without grad, 3 with (logits, d input, d weight); bytes: x, W, b read
   patch embed         one GEMM forward, one for d weight (d images when they need it)
   pixel loss          no GEMM; pred and images read once, d pred written once
+  varlen attention    the same 2 V D / 5 V D, V summed over the pack's images (aimkern.varlen.cost counts
+                      the tiles from the lengths; tests/test_attention_varlen_cost.py holds it equal to the
+                      interpreter's count)
 
 The design floor is ``max(MACs / 765 TFLOP/s, bytes / 4.2 TB/s)`` on the H200's measured ceilings: a
 bound, never a prediction (no kernel reaches either ceiling, and the two overlap imperfectly). Attention
@@ -288,6 +291,60 @@ def pixel_loss_rows(b_count: int = 2) -> list:
     )]
 
 
+# A native-resolution mix (issue 29): 60 % 4:3 landscape, 20 % 3:4 portrait, 10 % square, 10 % 16:9, long
+# side uniform in 200-1000 px, patch 16, each image scaled down at its aspect ratio to at most `budget` patches.
+NATIVE_ASPECTS = ((0.6, 4 / 3), (0.2, 3 / 4), (0.1, 1.0), (0.1, 16 / 9))
+NATIVE_BUDGETS = (256, 576, 1024)
+
+
+def native_mix_grids(count: int, budget: int, seed: int = 0, patch: int = 16) -> list:
+    """(h, w) patch grids of ``count`` images of the mix, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    grids = []
+    for _ in range(count):
+        u = float(torch.rand((), generator=gen))
+        aspect = next((a for p_cum, a in _cumulative(NATIVE_ASPECTS) if u < p_cum), NATIVE_ASPECTS[-1][1])
+        long_side = 200 + 800 * float(torch.rand((), generator=gen))
+        w_px, h_px = (long_side, long_side / aspect) if aspect >= 1 else (long_side * aspect, long_side)
+        shrink = min(1.0, math.sqrt(budget / max(1.0, (w_px / patch) * (h_px / patch))))
+        h, w = max(1, int(h_px * shrink / patch)), max(1, int(w_px * shrink / patch))
+        grids.append((h, w))
+    return grids
+
+
+def _cumulative(weights) -> list:
+    out, acc = [], 0.0
+    for p_share, value in weights:
+        acc += p_share
+        out.append((acc, value))
+    return out
+
+
+def attention_varlen_rows(count: int = 64, d: int = 64) -> list:
+    """Packs of ``count`` images of the native mix at each patch budget: the work the varlen kernels issue
+    (sm_90a configs, 16-bit, per head) against the pack's minimum, for full attention, token-causal,
+    row-causal (block = the grid width) and AIM's prefix (sampled in [1, n - 1]) on row-causal."""
+    from aimkern.varlen.cost import varlen_attention_cost
+
+    rows = []
+    for budget in NATIVE_BUDGETS:
+        grids = native_mix_grids(count, budget)
+        lengths = [h * w for h, w in grids]
+        gen = torch.Generator().manual_seed(budget)
+        prefixes = [int(torch.randint(1, max(2, n), (1,), generator=gen)) for n in lengths]
+        widths = [w for _, w in grids]
+        for mask, opts in (("full", {}), ("causal", dict(is_causal=True)),
+                           ("rows", dict(is_causal=True, block_size=widths)),
+                           ("prefix", dict(is_causal=True, block_size=widths, prefix_len=prefixes))):
+            c = varlen_attention_cost(lengths, head_dim=d, **opts)
+            rows.append(dict(
+                op="attention_varlen", shape=f"mix{budget} S={count} T={sum(lengths)} D={d}", mask=mask,
+                path="fwd+bwd", kernels=["attn_varlen_*"], fwd_x=c.fwd_x, bwd_x=c.bwd_x, total_x=c.total_x,
+                gemm_equiv=c.total_x, bytes_x=float("nan"), floor_ms=float("nan"), peer="-",
+            ))
+    return rows
+
+
 def floor_ms(macs: float, nbytes: float) -> float:
     return max(2 * macs / (MATMUL_TFLOPS * 1e12), nbytes / (COPY_GBPS * 1e9)) * 1e3
 
@@ -314,7 +371,15 @@ def print_tables(rows: list) -> None:
                   f"{r['bwd_bytes_x']:>11.2f} {gflop:>13.1f} {gb:>6.2f} {r['floor_min_ms']:>8.3f} {r['floor_ms']:>8.3f}"
                   f"  {r['peer']}")
         print()
-    other = [r for r in rows if r["op"] != "attention"]
+    varlen = [r for r in rows if r["op"] == "attention_varlen"]
+    if varlen:
+        head = f"{'varlen pack (per head)':<34} {'mask':<7} {'fwd x':>6} {'bwd x':>6} {'fwd+bwd x':>9}"
+        print(head)
+        print("-" * len(head))
+        for r in varlen:
+            print(f"{r['shape']:<34} {r['mask']:<7} {r['fwd_x']:>6.3f} {r['bwd_x']:>6.3f} {r['total_x']:>9.3f}")
+        print()
+    other = [r for r in rows if r["op"] not in ("attention", "attention_varlen")]
     if other:
         head = f"{'op':<22} {'shape':<24} {'path':<24} {'GEMM-equiv':>10} {'bytes x':>8} {'floor ms':>8}  peer ms"
         print(head)
@@ -330,14 +395,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI subset: attention shapes with N <= 1024")
     ap.add_argument("--check", action="store_true", help="exit 1 when any budget (cost_budgets.py) is exceeded")
     ap.add_argument("--op", nargs="*", default=None,
-                    choices=["attention", "linear_cross_entropy", "patch_embed", "next_patch_pixel_loss"])
+                    choices=["attention", "attention_varlen", "linear_cross_entropy", "patch_embed",
+                             "next_patch_pixel_loss"])
     ap.add_argument("--json", default=None, help="write every row to this file")
     args = ap.parse_args(argv)
-    ops = set(args.op or ["attention", "linear_cross_entropy", "patch_embed", "next_patch_pixel_loss"])
+    ops = set(args.op or ["attention", "attention_varlen", "linear_cross_entropy", "patch_embed",
+                          "next_patch_pixel_loss"])
     t0 = time.perf_counter()
     rows = []
     if "attention" in ops:
         rows += attention_rows(QUICK_ATTN_SHAPES if args.quick else ATTN_SHAPES)
+    if "attention_varlen" in ops:
+        rows += attention_varlen_rows()
     if "linear_cross_entropy" in ops:
         rows += cross_entropy_rows()
     if "patch_embed" in ops:

@@ -14,9 +14,11 @@ import torch
 
 from aimkern.ops import LaunchPolicy
 from aimkern.ops import attention as attn
+from aimkern.ops import attention_varlen as attn_varlen
 from aimkern.ops import cross_entropy as ce
 from aimkern.ops import patch_embed as pe
 from aimkern.ops import pixel_loss as pl
+from aimkern.ops import pixel_loss_varlen as plv
 
 GATE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -79,6 +81,46 @@ def _gate_run(b, n, h, d, dtype, prefix, causal, block_size, scale, path) -> Non
     policy = LaunchPolicy(attention_backward=path)
     o, lse = attn.launch_forward(q, k, v, pre, params, policy)
     attn.launch_backward(o, q, k, v, o, lse, pre, params, policy, out=attn.unpack(meta(b, n, 3, h, d, dtype=dtype)))
+
+
+# ------------------------------------------------------------------------------------ varlen attention
+def attention_varlen_problems(subset: str):
+    """(label, thunk) pairs driving the varlen attention launchers on meta tensors: every dtype, D = 64, 80,
+    128, 256 (fp32: 64, 128), every mask, ordered and unordered dQ ("gpu-run": 16-bit at D = 64 and 128); a pack of T = 2048
+    tokens in 4 sequences of at most 1024, H = 4, q, k, v strided views of a packed (T, 3, H, D) qkv.
+
+    The tiled backward (attn_varlen_bwd_kernel) passed the gate on sm_90a and sm_80 on 2026-12-07 after the
+    merge with the dense issue-26 fixes (with the tables of kernels/attention_varlen.py: the two spilling
+    16-bit fallbacks it met are out); the other varlen kernels were gated by the session that wrote them.
+    kernels/attention_varlen.py records where that took another tile than the dense tables'."""
+    masks = {"full": (False, False), "causal": (True, False), "prefix": (True, True)}
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        # fp32 at D = 64 and 128, as the dense gate: the fp32 D = 256 tiles (the dense tables' own) are over
+        # their shared-memory estimate on sm_80 (forward) and sm_90 (tiled backward).
+        for d in ((64, 128) if subset == "gpu-run" or dname == "fp32" else (64, 80, 128, 256)):
+            for mname, (causal, prefix) in masks.items():
+                for det in (True, False):
+                    def run(dtype=dtype, d=d, causal=causal, prefix=prefix, det=det):
+                        _varlen_run(dtype, d, causal, prefix, det)
+
+                    yield f"attention_varlen {dname} D={d} {mname} {'ordered' if det else 'unordered'}", run
+
+
+def _varlen_run(dtype, d: int, is_causal: bool, prefix: bool, deterministic: bool, t: int = 2048, h: int = 4,
+                s: int = 4, max_seqlen: int = 1024) -> None:
+    """Forward + backward launches of one varlen problem on meta tensors."""
+    qkv = meta(t, 3, h, d, dtype=dtype)
+    q, k, v = attn_varlen.unpack(qkv)
+    cu = meta(s + 1, dtype=torch.int32)
+    block = meta(s, dtype=torch.int32)
+    pre = meta(s, dtype=torch.int32) if prefix else None
+    params = attn_varlen.VarlenAttentionParams(max_seqlen=max_seqlen, is_causal=is_causal, scale=d**-0.5,
+                                               deterministic=deterministic)
+    policy = LaunchPolicy(autotune=False)
+    o, lse = attn_varlen.launch_forward(q, k, v, cu, block, pre, params, policy)
+    attn_varlen.launch_backward(o, q, k, v, o, lse, cu, block, pre, params, policy,
+                                out=attn_varlen.unpack(meta(t, 3, h, d, dtype=dtype)))
 
 
 # ------------------------------------------------------------------------------------ cross-entropy
@@ -155,6 +197,30 @@ def pixel_loss_problems(subset: str):
                 yield f"pixel_loss {dname} prefix={prefix} norm_pix={norm_pix}", run
 
 
+def pixel_loss_varlen_problems(subset: str):
+    """(label, thunk) pairs driving the packed pixel-loss launchers on meta tensors: 65,536 tokens of P = 16
+    RGB patches in 100 images, uint8 patches (as pack_images keeps them) and float ones in pred's dtype, with
+    and without a prefix and norm_pix; forward and backward."""
+    for dname in gate_dtypes(subset):
+        dtype = GATE_DTYPES[dname]
+        for patch_dtype in (torch.uint8, dtype):
+            for prefix in (True, False) if dname == "bf16" else (True,):
+                for norm_pix in (True, False) if dname == "bf16" else (True,):
+                    def run(dtype=dtype, patch_dtype=patch_dtype, prefix=prefix, norm_pix=norm_pix):
+                        pred, patches = meta(65536, 768, dtype=dtype), meta(65536, 768, dtype=patch_dtype)
+                        cu = meta(101, dtype=torch.int32)
+                        pre = meta(100, dtype=torch.int32) if prefix else None
+                        params = plv.PixelLossVarlenParams(norm_pix=norm_pix)
+                        policy = LaunchPolicy()
+                        plv.launch_forward(pred, patches, cu, pre, params, policy)
+                        plv.launch_backward(pred, patches, cu, pre, meta(1, dtype=torch.float32), params, policy)
+
+                    pname = "uint8" if patch_dtype == torch.uint8 else dname
+                    yield f"pixel_loss_varlen {dname} patches={pname} prefix={prefix} norm_pix={norm_pix}", run
+
+
 # family (the kernel module's name, kernel_report.py's --family) -> subset -> (label, thunk) pairs
-FAMILIES = {"attention": attention_problems, "cross_entropy": cross_entropy_problems,
-            "patch_embed": patch_embed_problems, "pixel_loss": pixel_loss_problems}
+FAMILIES = {"attention": attention_problems, "attention_varlen": attention_varlen_problems,
+            "cross_entropy": cross_entropy_problems,
+            "patch_embed": patch_embed_problems, "pixel_loss": pixel_loss_problems,
+            "pixel_loss_varlen": pixel_loss_varlen_problems}

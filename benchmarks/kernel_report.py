@@ -106,7 +106,7 @@ def _specialization(a) -> tuple:
 
 
 _TRITON_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                 torch.int32: "int32", torch.int64: "int64"}
+                 torch.int32: "int32", torch.int64: "int64", torch.uint8: "uint8"}
 
 
 def _describe_arg(a):

@@ -103,6 +103,50 @@ def _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, 
 
 
 @triton.jit
+def key_tile_backward(k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, n0, n_tile, last_tile, offs_n,
+                      offs_d, sqn, sqd, sdn, sdd, n, k_end, prefix, block_size, qk_scale,
+                      HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                      DQ_KEY_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(dk, dv) fp32 of the key tile at n0 (index n_tile of tiles [0, last_tile] over keys [0, k_end)) of a
+    head of n queries: the query tiles that see it, masked only in the boundary band, the last n % BLOCK_M
+    queries in QUERY_TAIL-row tiles; each query tile's dQ share is added into dq_base (rows of HEAD_D fp32)
+    in the order of sem_base's turn counters (one per query tile, cdiv(n, QUERY_TAIL) of them) when
+    DETERMINISTIC. lse_base / delta_base: the head's n rows at stride 1. Shared by the dense and the varlen
+    tiled backward."""
+    lo, full_start = query_bounds(n0, k_end, prefix, block_size, BLOCK_N, IS_CAUSAL)
+    # Queries [0, m_split) in BLOCK_M tiles, the rest (< BLOCK_M of them) in QUERY_TAIL-row tiles.
+    m_split = (n // BLOCK_M) * BLOCK_M
+    m_lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, m_split)
+    m_full = tl.minimum(((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m_split)  # first tile past the band
+    # A key tile running past k_end (padded rows of the last tile, keys the key-tail kernel owns, or a varlen
+    # tile's rows past its sequence) loads those rows as 0, so s = 0 and p = exp(-lse): inf once lse < ~-11
+    # (fp16 ds) or ~-88 (fp32), and ds * k = inf * 0 = NaN in dQ. That one tile masks every query tile; the
+    # others stay mask-free.
+    m_full = tl.where(n0 + BLOCK_N > k_end, m_split, m_full)
+    t_lo = tl.maximum((lo // QUERY_TAIL) * QUERY_TAIL, m_split)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # The three query ranges: the masked band, the mask-free tiles past it, the QUERY_TAIL-row tail tiles
+    # (their semaphores come after the m_split // BLOCK_M main ones: start_m // QUERY_TAIL counts from 0, so
+    # subtract the m_split // QUERY_TAIL tail-sized slots it would skip).
+    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_lo, m_full,
+                           n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, n, k_end, prefix, block_size,
+                           qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC,
+                           DQ_KEY_MAJOR, DOT_PRECISION)
+    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_full,
+                           m_split, n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, n, k_end, prefix,
+                           block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False,
+                           DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
+    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, t_lo, n,
+                           n_tile, last_tile, m_split // BLOCK_M - m_split // QUERY_TAIL, offs_n, offs_d, sqn, sqd,
+                           sdn, sdd, n, k_end, prefix, block_size, qk_scale, HEAD_D, BLOCK_D, QUERY_TAIL, BLOCK_N,
+                           IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def attn_bwd_tiled_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEM, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
@@ -137,44 +181,56 @@ def attn_bwd_tiled_kernel(
     else:
         prefix = 0
 
-    lo, full_start = query_bounds(n0, K_END, prefix, block_size, BLOCK_N, IS_CAUSAL)
-    # Queries [0, m_split) in BLOCK_M tiles, the rest (< BLOCK_M of them) in QUERY_TAIL-row tiles.
-    m_split = (N // BLOCK_M) * BLOCK_M
-    m_lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, m_split)
-    m_full = tl.minimum(((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m_split)  # first tile past the band
-    # A key tile running past K_END (padded rows of the last tile, or keys the key-tail kernel owns) loads
-    # those rows as 0, so s = 0 and p = exp(-lse): inf once lse < ~-11 (fp16 ds) or ~-88 (fp32), and
-    # ds * k = inf * 0 = NaN in dQ. That one tile masks every query tile; the others stay mask-free.
-    m_full = tl.where(n0 + BLOCK_N > K_END, m_split, m_full)
-    t_lo = tl.maximum((lo // QUERY_TAIL) * QUERY_TAIL, m_split)
-
     q_base = Q + b64 * sqb + h64 * sqh
     do_base = DO + b64 * sdb + h64 * sdh
     row_base = bh.to(tl.int64) * N
-    lse_base = LSE + row_base
-    delta_base = DELTA + row_base
-    dq_base = DQ_ACC + row_base * HEAD_D
     sem_base = SEM + bh.to(tl.int64) * tl.cdiv(N, QUERY_TAIL)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # The three query ranges: the masked band, the mask-free tiles past it, the QUERY_TAIL-row tail tiles
-    # (their semaphores come after the m_split // BLOCK_M main ones: start_m // QUERY_TAIL counts from 0, so
-    # subtract the m_split // QUERY_TAIL tail-sized slots it would skip).
-    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_lo, m_full,
-                           n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, K_END, prefix, block_size,
-                           qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC,
-                           DQ_KEY_MAJOR, DOT_PRECISION)
-    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, m_full,
-                           m_split, n_tile, last_tile, 0, offs_n, offs_d, sqn, sqd, sdn, sdd, N, K_END, prefix,
-                           block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False,
-                           DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
-    dk, dv = _bwd_key_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sem_base, t_lo, N,
-                           n_tile, last_tile, m_split // BLOCK_M - m_split // QUERY_TAIL, offs_n, offs_d, sqn, sqd,
-                           sdn, sdd, N, K_END, prefix, block_size, qk_scale, HEAD_D, BLOCK_D, QUERY_TAIL, BLOCK_N,
-                           IS_CAUSAL, HAS_PREFIX, True, DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
+    dk, dv = key_tile_backward(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, DQ_ACC + row_base * HEAD_D,
+                               sem_base, n0, n_tile, last_tile, offs_n, offs_d, sqn, sqd, sdn, sdd, N, K_END, prefix,
+                               block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX,
+                               DETERMINISTIC, DQ_KEY_MAJOR, DOT_PRECISION)
     store_rows(DK + b64 * skgb + h64 * skgh, (dk * sm_scale).to(DK.dtype.element_ty), offs_n, K_END, offs_d,
                skgn, skgd, HEAD_D)
     store_rows(DV + b64 * svgb + h64 * svgh, dv.to(DV.dtype.element_ty), offs_n, K_END, offs_d, svgn, svgd, HEAD_D)
+
+
+@triton.jit
+def key_tail_tile(k_base, v_base, q_base, do_base, lse_base, delta_base, dq_base, dk_base, dv_base, k_start, offs_d,
+                  sqn, sqd, skn, skd, svn, svd, sdn, sdd, skgn, skgd, svgn, svgd, n, prefix, block_size, qk_scale,
+                  sm_scale, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  KEY_TILE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """dK, dV of the keys [k_start, min(k_start + KEY_TILE, n)) of one head of n tokens, written through
+    dk_base / dv_base, and their dQ shares added into dq_base (rows of HEAD_D fp32) in query order; see
+    attn_bwd_key_tail_kernel. lse_base / delta_base: the head's n rows at stride 1. Shared by the dense and
+    the varlen backward."""
+    offs_n = k_start + tl.arange(0, KEY_TILE)
+    k = load_rows(k_base, offs_n, n, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+    v = load_rows(v_base, offs_n, n, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+    lo, _ = query_bounds(k_start, n, prefix, block_size, KEY_TILE, IS_CAUSAL)
+    dk_t = tl.zeros([BLOCK_D, KEY_TILE], tl.float32)
+    dv_t = tl.zeros([BLOCK_D, KEY_TILE], tl.float32)
+    for start_m in range((lo // BLOCK_M) * BLOCK_M, n, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base, offs_m, n, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
+        do = load_rows(do_base, offs_m, n, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < n, other=float("inf")) * LOG2E
+        delta = tl.load(delta_base + offs_m, mask=offs_m < n, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, KEY_TILE)
+        vis = visible(offs_m[:, None], offs_n[None, :], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dv_t += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk_t += tl.dot(tl.trans(q), ds, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
+        tl.atomic_add(dq_base + offs_m[:, None] * HEAD_D + offs_d[None, :], dq,
+                      mask=(offs_m[:, None] < n) & (offs_d[None, :] < HEAD_D), sem="relaxed")
+    ok = (offs_n[None, :] < n) & (offs_d[:, None] < HEAD_D)
+    dk_ptrs = dk_base + offs_n[None, :] * skgn + offs_d[:, None] * skgd
+    tl.store(dk_ptrs, (dk_t * sm_scale).to(dk_base.dtype.element_ty), mask=ok)
+    dv_ptrs = dv_base + offs_n[None, :] * svgn + offs_d[:, None] * svgd
+    tl.store(dv_ptrs, dv_t.to(dv_base.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -197,42 +253,17 @@ def attn_bwd_key_tail_kernel(
     b = bh // H
     b64 = b.to(tl.int64)
     h64 = (bh % H).to(tl.int64)
-    offs_n = K_START + tl.arange(0, KEY_TILE)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + b64 * skb + h64 * skh, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
-    v = load_rows(V + b64 * svb + h64 * svh, offs_n, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
     if HAS_PREFIX:
         prefix = tl.load(PREFIX + b)
     else:
         prefix = 0
-    lo, _ = query_bounds(K_START, N, prefix, block_size, KEY_TILE, IS_CAUSAL)
-    q_base = Q + b64 * sqb + h64 * sqh
-    do_base = DO + b64 * sdb + h64 * sdh
     row_base = bh.to(tl.int64) * N
-    dq_base = DQ_ACC + row_base * HEAD_D
-    dk_t = tl.zeros([BLOCK_D, KEY_TILE], tl.float32)
-    dv_t = tl.zeros([BLOCK_D, KEY_TILE], tl.float32)
-    for start_m in range((lo // BLOCK_M) * BLOCK_M, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, N, offs_d, sqn, sqd, HEAD_D, BLOCK_D, True)
-        do = load_rows(do_base, offs_m, N, offs_d, sdn, sdd, HEAD_D, BLOCK_D, True)
-        lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N, other=float("inf")) * LOG2E
-        delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, KEY_TILE)
-        vis = visible(offs_m[:, None], offs_n[None, :], N, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        dv_t += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dk_t += tl.dot(tl.trans(q), ds, input_precision=DOT_PRECISION)
-        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_D)
-        tl.atomic_add(dq_base + offs_m[:, None] * HEAD_D + offs_d[None, :], dq,
-                      mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_D), sem="relaxed")
-    ok = (offs_n[None, :] < N) & (offs_d[:, None] < HEAD_D)
-    dk_ptrs = DK + b64 * skgb + h64 * skgh + offs_n[None, :] * skgn + offs_d[:, None] * skgd
-    tl.store(dk_ptrs, (dk_t * sm_scale).to(DK.dtype.element_ty), mask=ok)
-    dv_ptrs = DV + b64 * svgb + h64 * svgh + offs_n[None, :] * svgn + offs_d[:, None] * svgd
-    tl.store(dv_ptrs, dv_t.to(DV.dtype.element_ty), mask=ok)
+    key_tail_tile(K + b64 * skb + h64 * skh, V + b64 * svb + h64 * svh, Q + b64 * sqb + h64 * sqh,
+                  DO + b64 * sdb + h64 * sdh, LSE + row_base, DELTA + row_base, DQ_ACC + row_base * HEAD_D,
+                  DK + b64 * skgb + h64 * skgh, DV + b64 * svgb + h64 * svgh, K_START, offs_d,
+                  sqn, sqd, skn, skd, svn, svd, sdn, sdd, skgn, skgd, svgn, svgd, N, prefix, block_size, qk_scale,
+                  sm_scale, HEAD_D, BLOCK_D, BLOCK_M, KEY_TILE, IS_CAUSAL, HAS_PREFIX, DOT_PRECISION)
 
 
 @triton.jit

@@ -165,6 +165,33 @@ KEY_TAIL = tl.constexpr(16)
 
 
 @triton.jit
+def fwd_query_tile(q, k_base, v_base, m0, m_end, n, offs_m, offs_d, skn, skd, svn, svd, prefix, block_size,
+                   qk_scale, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """(acc, m_i, l_i) of the query tile at m0 (rows < m_end real) against the n keys at k_base / v_base:
+    whole visible key tiles unmasked, the boundary band masked in BLOCK_N tiles, its ragged end in KEY_TAIL
+    tiles, invisible keys never loaded. Shared by the dense and the varlen forward."""
+    full_end, hi = key_bounds_rows(m0, m_end, n, prefix, block_size, BLOCK_M, IS_CAUSAL)
+    n_full = (full_end // BLOCK_N) * BLOCK_N  # whole tiles below full_end; the rest of the band is masked
+    n_mid = n_full + ((hi - n_full) // BLOCK_N) * BLOCK_N  # the band's last part, narrower than a tile: KEY_TAIL
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, 0, n_full, offs_m, offs_d,
+                               skn, skd, svn, svd, n, prefix, block_size, qk_scale,
+                               HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, n_full, n_mid, offs_m, offs_d,
+                               skn, skd, svn, svd, n, prefix, block_size, qk_scale,
+                               HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, n_mid, hi, offs_m, offs_d,
+                               skn, skd, svn, svd, n, prefix, block_size, qk_scale,
+                               HEAD_D, BLOCK_D, KEY_TAIL, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, PREFIX,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
@@ -199,27 +226,41 @@ def attn_fwd_kernel(
     else:
         prefix = 0
 
-    full_end, hi = key_bounds_rows(m0, M_END, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
-    n_full = (full_end // BLOCK_N) * BLOCK_N  # whole tiles below full_end; the rest of the band is masked
-    n_mid = n_full + ((hi - n_full) // BLOCK_N) * BLOCK_N  # the band's last part, narrower than a tile: KEY_TAIL
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, 0, n_full, offs_m, offs_d,
-                               skn, skd, svn, svd, N, prefix, block_size, qk_scale,
-                               HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, False, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, n_full, n_mid, offs_m, offs_d,
-                               skn, skd, svn, svd, N, prefix, block_size, qk_scale,
-                               HEAD_D, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, n_mid, hi, offs_m, offs_d,
-                               skn, skd, svn, svd, N, prefix, block_size, qk_scale,
-                               HEAD_D, BLOCK_D, KEY_TAIL, IS_CAUSAL, HAS_PREFIX, True, DOT_PRECISION)
-
+    acc, m_i, l_i = fwd_query_tile(q, k_base, v_base, m0, M_END, N, offs_m, offs_d, skn, skd, svn, svd, prefix,
+                                   block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_PREFIX,
+                                   DOT_PRECISION)
     o = acc / l_i[:, None]
     store_rows(o_base, o.to(O.dtype.element_ty), offs_m, M_END, offs_d, son, sod, HEAD_D)
     lse = (m_i + tl.log2(l_i)) * LN2  # back to natural log
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < M_END)
+
+
+@triton.jit
+def fwd_tail_query_tile(q, k_base, v_base, m0, n, offs_m, offs_d, skn, skd, svn, svd, prefix, block_size, qk_scale,
+                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(acc_t (BLOCK_D, BLOCK_M), m_i, l_i) of a narrow query tile at m0 in key-major form (see
+    attn_fwd_tail_kernel); shared by the dense and the varlen forward."""
+    full_end, hi = key_bounds(m0, n, prefix, block_size, BLOCK_M, IS_CAUSAL)
+    n_full = (full_end // BLOCK_N) * BLOCK_N
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, offs_n, n, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
+        v = load_rows(v_base, offs_n, n, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if start_n >= n_full:
+            vis = visible(offs_m[None, :], offs_n[:, None], n, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
+            s_t = tl.where(vis, s_t, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_t, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p_t = tl.exp2(s_t - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p_t, 0)
+        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p_t.to(v.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc_t, m_i, l_i
 
 
 @triton.jit
@@ -249,25 +290,9 @@ def attn_fwd_tail_kernel(
         prefix = tl.load(PREFIX + b)
     else:
         prefix = 0
-    full_end, hi = key_bounds(m0, N, prefix, block_size, BLOCK_M, IS_CAUSAL)
-    n_full = (full_end // BLOCK_N) * BLOCK_N
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, N, offs_d, skn, skd, HEAD_D, BLOCK_D, True)
-        v = load_rows(v_base, offs_n, N, offs_d, svn, svd, HEAD_D, BLOCK_D, True)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        if start_n >= n_full:
-            vis = visible(offs_m[None, :], offs_n[:, None], N, prefix, block_size, IS_CAUSAL, HAS_PREFIX)
-            s_t = tl.where(vis, s_t, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_t, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p_t = tl.exp2(s_t - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p_t, 0)
-        acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p_t.to(v.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc_t, m_i, l_i = fwd_tail_query_tile(q, k_base, v_base, m0, N, offs_m, offs_d, skn, skd, svn, svd, prefix,
+                                          block_size, qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL,
+                                          HAS_PREFIX, DOT_PRECISION)
     o_t = acc_t / l_i[None, :]
     o_ptrs = O + b64 * sob + h64 * soh + offs_m[None, :] * son + offs_d[:, None] * sod
     tl.store(o_ptrs, o_t.to(O.dtype.element_ty), mask=(offs_m[None, :] < N) & (offs_d[:, None] < HEAD_D))

@@ -71,6 +71,15 @@ def lay_out(t: torch.Tensor, layout: Optional[str], gen: torch.Generator, requir
     raise ValueError(f"unknown layout {layout!r}; have {LAYOUTS}")
 
 
+# An expanded cu_seqlens (its first offset repeated) is not a pack: the layouts test hands it over plainly.
+NOT_LAID_OUT = {("expanded", "cu_seqlens")}
+
+
+def layouts_of(tensor_args, layout: str) -> tuple:
+    """``layout`` per tensor argument (None where ``NOT_LAID_OUT``), then the incoming gradient's."""
+    return tuple(None if (layout, name) in NOT_LAID_OUT else layout for name in tensor_args) + (layout,)
+
+
 def applies(layout: str, t: Optional[torch.Tensor]) -> bool:
     """Whether ``layout`` changes how ``t`` is handed over (1-D tensors have no transposed layout)."""
     if t is None or t.dim() == 0 or t.numel() == 0:
@@ -296,6 +305,62 @@ def pixel_cases(dtype: str, config: str) -> list:
     ]
 
 
+# -------------------------------------------------------------------------------------- varlen (packed)
+def _cu(lengths) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def varlen_problem(dtype: str, lengths, h: int, d: int, *, block: bool = True, prefix: bool = True, **options):
+    t, s = sum(lengths), len(lengths)
+    q = (t, h, d)
+    return make_problem("attention_varlen", dtype, (q, q, q, (s + 1,), (s,) if block else None,
+                                                    (s,) if prefix else None),
+                        options, (True, True, True, False, False, False), (None, None, None, "int32", "int32", "int32"))
+
+
+def varlen_cases(dtype: str, config: str) -> list:
+    """Packs that probe the sequence bounds: only length-1 and empty sequences (every row its own softmax of
+    one key), and peaked scores (q, k scaled by 6: one key takes nearly all the weight) across a tail."""
+    from contract_check import Upstream
+
+    gen = torch.Generator().manual_seed(19)
+    dt = getattr(torch, dtype)
+    ones = [1, 1, 0, 1, 1]
+    p1 = varlen_problem(dtype, ones, 2, 16, is_causal=True)
+    t1 = (*(_randn(p1.shapes[0], gen, dt) for _ in range(3)), _cu(ones), torch.tensor([1, 2, 1, 3, 1], dtype=torch.int32),
+          torch.tensor([0, 1, 0, 1, 0], dtype=torch.int32))
+    mixed = [3, 70, 9]
+    p2 = varlen_problem(dtype, mixed, 1, 16, is_causal=True)
+    t2 = (_randn(p2.shapes[0], gen, dt, scale=6.0), _randn(p2.shapes[0], gen, dt, scale=6.0),
+          _randn(p2.shapes[0], gen, dt), _cu(mixed), torch.tensor([1, 7, 2], dtype=torch.int32),
+          torch.tensor([3, 10, 0], dtype=torch.int32))
+    return [("one-token-sequences", p1, t1, Upstream()), ("peaked-scores", p2, t2, Upstream())]
+
+
+def pixel_varlen_problem(dtype: str, lengths, d: int, *, patches: Optional[str] = None, **options):
+    t, s = sum(lengths), len(lengths)
+    return make_problem("next_patch_pixel_loss_varlen", dtype, ((t, d), (t, d), (s + 1,), (s,)), options,
+                        (True, False, False, False), (None, patches, "int32", "int32"))
+
+
+def pixel_varlen_cases(dtype: str, config: str) -> list:
+    """Constant uint8 patches (zero variance: eps alone normalizes), and a pack where no target counts."""
+    from contract_check import Upstream
+
+    gen = torch.Generator().manual_seed(23)
+    dt = getattr(torch, dtype)
+    lengths = [5, 1, 8]
+    prob = pixel_varlen_problem(dtype, lengths, 48, patches="uint8")
+    const = (torch.rand(14, 1, generator=gen) * 255).to(torch.uint8).expand(14, 48).contiguous()
+    pred = _randn(prob.shapes[0], gen, dt)
+    return [
+        ("constant-patches", prob, (pred, const, _cu(lengths), torch.tensor([1, 0, 2], dtype=torch.int32)),
+         Upstream()),
+        ("no-target-counts", prob, (pred, const, _cu(lengths), torch.tensor([5, 1, 8], dtype=torch.int32)),
+         Upstream()),
+    ]
+
+
 # ------------------------------------------------------------------------------------------ small cases
 def small_cases(op: str, dtype: str) -> list:
     """(label, problem, tensors) of plain random values, small and ragged (cheap under the interpreter), every
@@ -322,11 +387,24 @@ def small_cases(op: str, dtype: str) -> list:
         p = pixel_problem(dtype, 2, 3, 12, 20, 4, offset=2)
         return [("prefix-offset2", p, (_randn(p.shapes[0], gen, dt), _randn(p.shapes[1], gen, dt),
                                        torch.tensor([3, 9], dtype=torch.int32)))]
+    if op == "attention_varlen":
+        lengths = [1, 13, 7]
+        p = varlen_problem(dtype, lengths, 1, 16, is_causal=True)
+        return [("prefix-blocks", p, (*(_randn(p.shapes[0], gen, dt) for _ in range(3)), _cu(lengths),
+                                      torch.tensor([1, 3, 2], dtype=torch.int32),
+                                      torch.tensor([1, 5, 0], dtype=torch.int32)))]
+    if op == "next_patch_pixel_loss_varlen":
+        lengths = [6, 1, 9]
+        p = pixel_varlen_problem(dtype, lengths, 48, patches="uint8", offset=2)
+        patches = (torch.rand(16, 48, generator=gen) * 255).to(torch.uint8)
+        return [("prefix-offset2", p, (_randn(p.shapes[0], gen, dt), patches, _cu(lengths),
+                                       torch.tensor([1, 0, 2], dtype=torch.int32)))]
     raise KeyError(op)
 
 
 HOSTILE = {"attention": attention_cases, "linear_cross_entropy": ce_cases, "patch_embed": patch_cases,
-           "next_patch_pixel_loss": pixel_cases}
+           "next_patch_pixel_loss": pixel_cases, "attention_varlen": varlen_cases,
+           "next_patch_pixel_loss_varlen": pixel_varlen_cases}
 
 
 def hostile(op: str, dtype: str, config: str) -> list:

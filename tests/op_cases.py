@@ -17,9 +17,11 @@ import torch
 
 from aimkern.ops import LaunchPolicy
 from aimkern.ops import attention as attn
+from aimkern.ops import attention_varlen as avl
 from aimkern.ops import cross_entropy as ce
 from aimkern.ops import patch_embed as pe
 from aimkern.ops import pixel_loss as pl
+from aimkern.ops import pixel_loss_varlen as plv
 from aimkern.specs import Problem
 
 
@@ -196,15 +198,96 @@ def pixel_loss_custom_ops() -> list:
     ]
 
 
+# -------------------------------------------------------------------------------------- varlen (packed)
+def _avl(dtype: str, t: int, s: int, h: int, d: int, block: bool, prefix: bool, grad: bool, **options) -> Problem:
+    q = (t, h, d)
+    return problem("attention_varlen", dtype, (q, q, q, (s + 1,), (s,) if block else None, (s,) if prefix else None),
+                   avl.VarlenAttentionParams(**options), (grad, grad, grad, False, False, False),
+                   (None, None, None, "int32", "int32", "int32"))
+
+
+def attention_varlen_examples(dtype: str) -> list:
+    """Packs of 2-4 random lengths (length 1 and 0 possible) up to T = 90 (query and key tails), D = 16 and 24,
+    per-sequence block sizes and prefixes, an int block size, full attention, both determinisms."""
+    return [
+        _avl(dtype, 90, 3, 2, 16, True, True, True, is_causal=True),
+        _avl(dtype, 40, 4, 1, 24, False, False, True, is_causal=True, block_size=3, deterministic=False),
+        _avl(dtype, 30, 2, 2, 16, False, False, True, scale=0.3),
+        _avl(dtype, 9, 2, 1, 16, False, True, False, is_causal=True, block_size=2),
+    ]
+
+
+def attention_varlen_custom_ops() -> list:
+    """opcheck samples of aimkern::attention_varlen_fwd / _bwd in both layouts, per-sequence masks."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(20, 3, 2, 16, generator=gen)
+    cu = torch.tensor([0, 1, 8, 20], dtype=torch.int32)
+    block, prefix = torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([1, 0, 5], dtype=torch.int32)
+    params = avl.VarlenAttentionParams(max_seqlen=16, is_causal=True, scale=0.25)
+    for layout in ("thd", "packed"):
+        scalars = (params, LaunchPolicy(autotune=False), layout)
+        if layout == "packed":
+            tensors = (qkv.clone().requires_grad_(), None, None)
+        else:
+            tensors = tuple(t.contiguous().requires_grad_() for t in avl.unpack(qkv))
+        out.append((f"attention_varlen_fwd {layout}", torch.ops.aimkern.attention_varlen_fwd,
+                    avl.attention_varlen_fwd.flat((*tensors, cu, block, prefix, *scalars))))
+        with torch.no_grad():
+            o, lse = avl.attention_varlen_fwd(*tensors, cu, block, prefix, *scalars)
+        do = torch.randn(o.shape, generator=gen)
+        detached = tuple(None if t is None else t.detach() for t in tensors)
+        out.append((f"attention_varlen_bwd {layout}", torch.ops.aimkern.attention_varlen_bwd,
+                    avl.attention_varlen_bwd.flat((do, *detached, o, lse, cu, block, prefix, *scalars))))
+    return out
+
+
+def _plv(dtype: str, t: int, s: int, d: int, prefix: bool, grad: bool, patches: Optional[str] = None,
+         **options) -> Problem:
+    return problem("next_patch_pixel_loss_varlen", dtype, ((t, d), (t, d), (s + 1,), (s,) if prefix else None),
+                   plv.PixelLossVarlenParams(**options), (grad, False, False, False), (None, patches, "int32", "int32"))
+
+
+def pixel_loss_varlen_examples(dtype: str) -> list:
+    """Packs of 2-3 random lengths in T = 23-40 (rows of one program span images), D = 48 and 25, uint8 and
+    float patches, offsets 0 to 3, prefixes, raw and normalized targets."""
+    return [
+        _plv(dtype, 40, 3, 48, True, True, "uint8", offset=2),
+        _plv(dtype, 23, 2, 25, False, True, None, norm_pix=False),
+        _plv(dtype, 31, 3, 48, True, True, None, offset=0, eps=0.5),
+        _plv(dtype, 17, 2, 48, False, False, "uint8", offset=3),
+    ]
+
+
+def pixel_loss_varlen_custom_ops() -> list:
+    """opcheck samples of the packed pixel-loss forward (uint8 patches, a prefix) and backward."""
+    gen = torch.Generator().manual_seed(0)
+    pred, patches = torch.randn(13, 48, generator=gen), (torch.rand(13, 48, generator=gen) * 255).to(torch.uint8)
+    cu, prefix = torch.tensor([0, 6, 6, 13], dtype=torch.int32), torch.tensor([1, 0, 2], dtype=torch.int32)
+    scalars = (plv.PixelLossVarlenParams(offset=1), False)
+    return [
+        ("next_patch_pixel_loss_varlen_fwd", torch.ops.aimkern.next_patch_pixel_loss_varlen_fwd,
+         plv.pixel_loss_varlen_fwd.flat((pred.clone().requires_grad_(), patches, cu, prefix, *scalars))),
+        ("next_patch_pixel_loss_varlen_bwd", torch.ops.aimkern.next_patch_pixel_loss_varlen_bwd,
+         plv.pixel_loss_varlen_bwd.flat((torch.tensor(1.5), pred, patches, cu, prefix, *scalars))),
+    ]
+
+
 # ------------------------------------------------------------------------------------------- by op name
 EXAMPLES = {"attention": attention_examples, "linear_cross_entropy": cross_entropy_examples,
-            "patch_embed": patch_embed_examples, "next_patch_pixel_loss": pixel_loss_examples}
+            "patch_embed": patch_embed_examples, "next_patch_pixel_loss": pixel_loss_examples,
+            "attention_varlen": attention_varlen_examples, "next_patch_pixel_loss_varlen": pixel_loss_varlen_examples}
 EMPTY_BATCH = {
     "attention": lambda dtype: _attention(dtype, (0, 2, 7, 16), True, True, is_causal=True, block_size=2),
     # "sum": a mean over no token is NaN (0 / 0), like F.cross_entropy, and NaN equals nothing.
     "linear_cross_entropy": lambda dtype: _ce(dtype, (0,), 300, 48, True, True, reduction="sum"),
     "patch_embed": lambda dtype: _pe(dtype, 0, 3, 8, 12, 4, 16, True, "1NE", True),
     "next_patch_pixel_loss": lambda dtype: _pl(dtype, 0, 3, 8, 12, 4, False, True),
+    # A pack holds at least one token (T >= 1: the checks refuse an empty pack, naming T).
+    "attention_varlen": lambda dtype: None,
+    "next_patch_pixel_loss_varlen": lambda dtype: None,
 }
 CUSTOM_OPS = {"attention": attention_custom_ops, "linear_cross_entropy": cross_entropy_custom_ops,
-              "patch_embed": patch_embed_custom_ops, "next_patch_pixel_loss": pixel_loss_custom_ops}
+              "patch_embed": patch_embed_custom_ops, "next_patch_pixel_loss": pixel_loss_custom_ops,
+              "attention_varlen": attention_varlen_custom_ops,
+              "next_patch_pixel_loss_varlen": pixel_loss_varlen_custom_ops}

@@ -54,7 +54,8 @@ def _applicable(cand, problems) -> list:
 
 
 def test_every_op_has_triton_candidates_and_contract_data():
-    assert {s.name for s in SPECS} == {"attention", "patch_embed", "linear_cross_entropy", "next_patch_pixel_loss"}
+    assert {s.name for s in SPECS} == {"attention", "patch_embed", "linear_cross_entropy", "next_patch_pixel_loss",
+                                       "attention_varlen", "next_patch_pixel_loss_varlen"}
     for s in SPECS:
         assert any(c.kind == "aimkern" for c in s.candidates), s.name
         assert s.name in EXAMPLES and s.name in EMPTY_BATCH and s.name in CUSTOM_OPS, s.name

@@ -37,16 +37,24 @@ def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
     c, h, w = first.shape
     channels_last = c > 1 and first.stride(0) == 1
     shape = (len(images), h, w, c) if channels_last else (len(images), c, h, w)
-    if torch.utils.data.get_worker_info() is not None:
-        # As torch's default_collate does it (the same private calls, present from torch 2.0 to 2.14).
-        storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
-        buf = first.new(storage).resize_(*shape)
-    else:
-        buf = torch.empty(shape, dtype=torch.uint8)
+    buf = worker_buffer(first, shape)
     out = buf.permute(0, 3, 1, 2) if channels_last else buf  # (B, C, S, S) either way
     for i, image in enumerate(images):
         out[i].copy_(image)
     return out
+
+
+def worker_buffer(like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device: in shared memory
+    inside a DataLoader worker (so handing it to the main process copies nothing), ordinary memory elsewhere."""
+    if torch.utils.data.get_worker_info() is not None:
+        # As torch's default_collate does it (the same private calls, present from torch 2.0 to 2.14).
+        numel = 1
+        for size in shape:
+            numel *= size
+        storage = like._typed_storage()._new_shared(numel, device=like.device)
+        return like.new(storage).resize_(*shape)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def collate_images(items: Sequence[Tuple[torch.Tensor, List[BadRecord]]]) -> Tuple[torch.Tensor, List[BadRecord]]:

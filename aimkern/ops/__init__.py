@@ -1,6 +1,7 @@
 """The Triton paths, below everything that chooses among them.
 
-One module per op (``attention``, ``cross_entropy``, ``patch_embed``, ``pixel_loss``): its params dataclass,
+One module per op (``attention``, ``attention_varlen``, ``cross_entropy``, ``patch_embed``, ``pixel_loss``,
+``pixel_loss_varlen``): its params dataclass,
 its launchers, its custom ops with their fakes and autograd formula, and one ``<op>_triton(tensors...,
 params)`` entry that takes checked inputs. Beside them the launch layer (``_launch``: ``LaunchPolicy`` /
 ``launch_policy``, autotuning, the attention backward path), the typed custom-op helper (``_custom_op``) and
@@ -19,9 +20,11 @@ import warnings
 from .. import hooks
 from ._launch import LaunchPolicy, current_policy, launch_policy
 from .attention import AttentionParams
+from .attention_varlen import VarlenAttentionParams
 from .cross_entropy import CrossEntropyParams
 from .patch_embed import PatchEmbedParams
 from .pixel_loss import PixelLossParams
+from .pixel_loss_varlen import PixelLossVarlenParams
 
 __all__ = [
     "AttentionParams",
@@ -29,6 +32,8 @@ __all__ = [
     "LaunchPolicy",
     "PatchEmbedParams",
     "PixelLossParams",
+    "PixelLossVarlenParams",
+    "VarlenAttentionParams",
     "current_policy",
     "launch_policy",
 ]

@@ -4,7 +4,7 @@
 chooses among the spec's candidates. The specs import the Triton paths (``aimkern.ops``) and the references,
 never the layers above them.
 """
-from . import attention, cross_entropy, patch_embed, pixel_loss  # noqa: F401  (each registers its spec)
+from . import attention, attention_varlen, cross_entropy, patch_embed, pixel_loss, pixel_loss_varlen  # noqa: F401  (each registers its spec)
 from .opspec import SPECS, Candidate, OpSpec, Problem, SupportRule, Tolerance, describe, dtype_name, outputs
 
 __all__ = ["Candidate", "OpSpec", "Problem", "SupportRule", "Tolerance", "all_specs", "describe", "dtype_name",
