@@ -141,6 +141,32 @@ class CausalViT(nn.Module):
             )
         return self._token_loss(x, targets, prefix_len, offset)
 
+    def forward_features_packed(self, packed, prefix_len: PrefixLen = None, is_causal: Optional[bool] = None
+                                ) -> torch.Tensor:
+        """A pack of images at their own sizes (``aimkern.PackedImages``, uint8 or float patches) -> (T, dim)
+        features after the final norm, image s at rows [cu_seqlens[s], cu_seqlens[s + 1]).
+
+        uint8 patches are normalized like ``model_input``; positions follow each image's grid (sin-cos from
+        the coords, or the learned table bilinearly resized); attention is ``attention_varlen`` with each
+        image's own mask. ``prefix_len`` (None: the pack's own; an int or an (S,) tensor) and ``is_causal``
+        as in ``forward_features``. A square image at the config's size gets the rows ``forward_features``
+        gives it alone (``aimkern.models.packed``)."""
+        from .packed import forward_features_packed
+
+        return forward_features_packed(self, packed, prefix_len=prefix_len, is_causal=is_causal)
+
+    def forward_packed(self, packed, prefix_len: PrefixLen = None, targets: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """The pretraining loss (a scalar) of a pack: the mean over the counted targets of all its images.
+
+        ``prefix_len``: None takes the pack's own (``pack_to_budget`` gives its padding sequence its length:
+        no target); a pack without one, in training with ``config.prefix``, gets AIM's prefix sampled per
+        image in [1, n_i - 1]. The pixel head's targets are the image's own normalized patches; the token
+        head needs ``targets``, the (T,) token ids of the pack's patches."""
+        from .packed import forward_packed
+
+        return forward_packed(self, packed, prefix_len=prefix_len, targets=targets)
+
     def _token_loss(self, x: torch.Tensor, targets, prefix_len: PrefixLen, offset: int) -> torch.Tensor:
         cfg = self.config
         b, n, _ = x.shape
