@@ -126,8 +126,12 @@ class CausalViT(nn.Module):
         Row i of the features predicts patch i + block_size. With the pixel head the target is the patch's
         normalized pixels; with the token head it is ``targets[:, i + block_size]`` from the (B, N) token
         ids. In training with ``config.prefix`` on and no ``prefix_len`` given, a prefix is sampled per image
-        (AIM); prefix patches are context, never targets.
+        (AIM); prefix patches are context, never targets. A ``PackedImages`` goes to ``forward_packed``.
         """
+        from ..data.packing import PackedImages
+
+        if isinstance(images, PackedImages):  # what a wrapped model (DDP, FSDP, compile) is called with
+            return self.forward_packed(images, prefix_len=prefix_len, targets=targets)
         cfg = self.config
         if prefix_len is None and self.training and cfg.prefix and cfg.is_causal:
             prefix_len = self.sample_prefix_len(images.shape[0], images.device)
