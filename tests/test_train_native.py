@@ -52,9 +52,11 @@ def run(folder, out, *extra, steps=6):
 def test_grid_keeps_the_aspect_ratio_within_the_budget():
     for n in (16, 196, 256, 576, 1024):
         for w, h in ((640, 480), (480, 640), (500, 500), (1920, 1080), (100, 3000), (3000, 5)):
-            rows, cols = native_grid(w, h, n)
+            rows, cols = native_grid(w, h, n, 16)
             assert 1 <= rows * cols <= n
-            if min(w / h, h / w) >= 0.25 and n >= 196:  # a usual photo: the grid fills the budget at its ratio
+            if max(1, w // 16) * max(1, h // 16) <= n:  # fits: its own grid, never enlarged
+                assert (rows, cols) == (max(1, h // 16), max(1, w // 16))
+            elif min(w / h, h / w) >= 0.25 and n >= 196:  # a larger usual photo: the grid fills the budget
                 assert rows * cols >= 0.85 * n, (w, h, n, rows, cols)
                 assert abs(math.log((cols / rows) / (w / h))) < 0.15, (w, h, n, rows, cols)
 

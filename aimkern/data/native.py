@@ -4,7 +4,8 @@ packed first fit into a fixed number of tokens per step.
 Per sample (a DataLoader worker, ``NativeImages``): decode, AIM's augmentation adapted to native sizes
 (``native_view``: a random-resized crop of 40-100 % of the area whose aspect ratio is the image's own times a
 factor in [3/4, 4/3], and a horizontal flip, drawn from the sample's seed alone), then a resize of the crop
-to the largest grid of at most ``max_patches`` patches at the crop's aspect ratio (``native_grid``), in uint8.
+to its own patch grid, or, above ``max_patches`` patches, the largest grid within them at the crop's aspect
+ratio (``native_grid``: small images are not enlarged), in uint8.
 
 Per step (the main process, ``NativePackStream``): the rank reads its global positions r, r + W, r + 2W, ...
 in order; each pack takes, in that order, every image that fits in what is left of ``tokens`` (first fit),
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,9 +39,16 @@ MAX_SKIPPED = 16  # images that did not fit before a pack is closed; they lead t
 CHUNK = 8  # positions a DataLoader batch decodes
 
 
-def native_grid(width: float, height: float, max_patches: int) -> Tuple[int, int]:
-    """The (rows, cols) grid of at most ``max_patches`` patches closest to the aspect ratio width / height
-    (the largest such grid: a small image is enlarged, a large one shrunk). Each side >= 1."""
+def native_grid(width: float, height: float, max_patches: int, patch_size: Optional[int] = None
+                ) -> Tuple[int, int]:
+    """The (rows, cols) patch grid of a width x height image: its own (floor(height / P), floor(width / P),
+    each >= 1) when that has at most ``max_patches`` patches (a small image is never enlarged: it would cost
+    tokens and attention for no information), else the largest grid of at most ``max_patches`` patches at
+    the aspect ratio width / height. ``patch_size`` None: always the largest grid within the budget."""
+    if patch_size is not None:
+        own = (max(1, int(height // patch_size)), max(1, int(width // patch_size)))
+        if own[0] * own[1] <= max_patches:
+            return own
     r = width / height
     h = max(1, int(math.floor(math.sqrt(max_patches / r))))
     w = max(1, int(math.floor(math.sqrt(max_patches * r))))
@@ -72,9 +80,10 @@ def native_view(width: int, height: int, seed: int):
 
 def resize_native(pixels: np.ndarray, box, flip: bool, patch_size: int, max_patches: int) -> torch.Tensor:
     """uint8 (h, w, C) pixels -> uint8 (C, rows * P, cols * P): the box resized (antialiased bicubic, as
-    ``aimkern.data.resize``) to its ``native_grid``, mirrored when ``flip``."""
+    ``aimkern.data.resize``) to its ``native_grid`` (at most P - 1 pixels a side when it fits the budget),
+    mirrored when ``flip``."""
     left, top, right, bottom = (int(v) for v in box)
-    rows, cols = native_grid(right - left, bottom - top, max_patches)
+    rows, cols = native_grid(right - left, bottom - top, max_patches, patch_size)
     crop = torch.from_numpy(pixels)[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)
     crop = crop.contiguous(memory_format=torch.channels_last)
     size = (rows * patch_size, cols * patch_size)
@@ -210,17 +219,8 @@ class NativePackStream:
 
     def next_pack(self) -> PackedImages:
         self._restore_pending()
-        taken, skipped, left, i = [], [], self.tokens, 0
-        while left > 0 and len(taken) < self.max_images and len(skipped) < MAX_SKIPPED:
-            item = self._pending[i] if i < len(self._pending) else self._pull()
-            i += 1
-            n = self._length(item[1])
-            if n <= left:
-                taken.append(item)
-                left -= n
-            else:
-                skipped.append(item)
-        self._pending = skipped + self._pending[i:]
+        taken, self._pending, left = first_fit_pack(self._pending, self._pull, lambda item: self._length(item[1]),
+                                                    self.tokens, self.max_images)
         images = [im for _, im in taken]
         lengths = [self._length(im) for im in images]
         prefix = None
@@ -237,6 +237,24 @@ class NativePackStream:
     def __iter__(self) -> Iterator[PackedImages]:
         while True:
             yield self.next_pack()
+
+
+def first_fit_pack(pending: list, pull: Callable[[], object], length: Callable[[object], int], tokens: int,
+                   max_images: int) -> Tuple[list, list, int]:
+    """One pack's choice, the rule of ``NativePackStream`` (and of benchmarks/native_throughput.py, on lengths):
+    the waiting items, then ``pull()``'s, in data order, each taken when its ``length`` fits in what is left
+    of ``tokens``; stop when full, at ``max_images`` taken or after ``MAX_SKIPPED`` that did not fit.
+    Returns (taken, the new waiting list in data order, tokens left)."""
+    taken, skipped, left, i = [], [], tokens, 0
+    while left > 0 and len(taken) < max_images and len(skipped) < MAX_SKIPPED:
+        item = pending[i] if i < len(pending) else pull()
+        i += 1
+        if length(item) <= left:
+            taken.append(item)
+            left -= length(item)
+        else:
+            skipped.append(item)
+    return taken, skipped + pending[i:], left
 
 
 def counted_targets(pack: PackedImages, offset: int) -> int:

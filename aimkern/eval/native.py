@@ -1,7 +1,8 @@
 """``python -m aimkern.eval MODEL --native``: per-image features at native resolution.
 
-Each image of the ``--train`` / ``--val`` trees is read whole (no crop, no flip), resized at its own aspect
-ratio to the largest grid of at most ``--max-patches`` patches (``aimkern.data.native.native_grid``), and a
+Each image of the ``--train`` / ``--val`` trees is read whole (no crop, no flip) at its own patch grid, or,
+above ``--max-patches`` patches, shrunk at its aspect ratio to the largest grid within them
+(``aimkern.data.native.native_grid``, as in training), and a
 batch of them is packed end to end (``aimkern.pack_images``) through ``CausalViT.forward_features_packed``
 with full attention. An image's feature is the mean over its own patches of the chosen blocks' outputs (as
 the square path pools), so the linear and k-NN probes run on them unchanged. The attentive probe reads
