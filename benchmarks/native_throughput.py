@@ -7,7 +7,8 @@ its own when within N, else shrunk at its aspect ratio), and the three ways fill
 (``--tokens-multiple`` x N, default 8):
 
 - aimkern packed: the trainer's own rule (``first_fit_pack``: data order, first fit, skipped images lead
-  the next pack) into T tokens, the tail one padding sequence (full attention over itself, no loss);
+  the next pack) into T tokens, the tail padding sequences of at most N tokens (``split_padding``: full
+  attention over themselves, no loss);
 - aimkern padded: batches in data order, each image padded to the batch's longest, B x L <= T;
 - timm NaFlexViT's default loader policy: per batch a random bucket of (128, 256, 576, 784, 1024) tokens,
   ``calculate_naflex_batch_size(T, L)`` images, each resized with ``get_image_size_for_seq`` to fill the
@@ -106,8 +107,9 @@ def count_budget(sizes: list, budget: int, tokens: int, seed: int = 0) -> list:
     for p in packs:
         lens, pf = [lengths[i] for i in p], [pre[i] for i in p]
         pad = tokens - sum(lens)
-        c = varlen_attention_cost(lens + ([pad] if pad else []), is_causal=True,
-                                  prefix_len=pf + ([pad] if pad else []), head_dim=HEAD_DIM)
+        chunks = [min(budget, pad - a) for a in range(0, pad, budget)]  # the trainer's split_padding
+        c = varlen_attention_cost(lens + chunks, is_causal=True, prefix_len=pf + chunks, head_dim=HEAD_DIM,
+                                  max_seqlen=budget)
         issued += c.fwd_macs + c.bwd_macs
         img_min += minimum(lens, pf)
     rows.append(dict(budget=budget, way="aimkern packed", steps=len(packs), images=len(used),

@@ -83,13 +83,14 @@ def test_packs_are_first_fit_fixed_shape_and_resume_from_their_state(folder):
     packs = [s.next_pack() for _ in range(3)]
     state = s.state()
     later = [s.next_pack() for _ in range(3)]
-    for p in packs + later:
-        assert p.num_tokens == 40 and p.num_sequences == max_images(40, 16) + 1
+    for p in packs + later:  # fixed T, S and max_seqlen: a compiled step never sees new shapes
+        assert p.num_tokens == 40 and p.num_sequences == max_images(40, 16) + 3 and p.max_seqlen == 16
         n = p.seqlens.tolist()
-        assert all(1 <= k <= 16 for k in n[:p.num_images])
+        assert all(k <= 16 for k in n) and all(k >= 1 for k in n[:p.num_images])
         pre = p.prefix_len.tolist()
         assert all(1 <= pre[i] <= n[i] - 1 for i in range(p.num_images) if n[i] >= 2)
-        assert pre[p.num_images] == n[p.num_images]  # the padding sequence: no target
+        assert pre[p.num_images:] == n[p.num_images:]  # padding sequences: no target
+        assert p.coords[:, 1].max() < 16 and p.grid.prod(1).tolist() == n
     again = stream(folder, state=state, first_step=3, workers=1)
     for want in later:
         got = again.next_pack()

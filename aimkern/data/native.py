@@ -177,6 +177,7 @@ class NativePackStream:
         paths = [p for p, _ in folder.samples]
         self.num_samples, self._bad = len(paths), []
         self.p, self.tokens, self.max_images, self.offset, self.prefix = patch_size, tokens, max_images, offset, prefix
+        self.n_max = max_patches
         self.rank, self.seed, self.step = rank, seed, first_step
         state = state or {"next": 0, "pending": []}
         self._next, self._pending = int(state["next"]), []  # pending: (k, image), in data order
@@ -229,6 +230,7 @@ class NativePackStream:
             prefix = [gen.randint(1, n - 1) if n >= 2 else n for n in lengths]
         pack, idx = pack_to_budget(images, self.p, self.tokens, prefix_len=prefix, sequences=self.max_images + 1)
         assert len(idx) == len(images)  # they were chosen to fit
+        pack = split_padding(pack, self.n_max, self.max_images + padding_sequences(self.tokens, self.n_max))
         self.step += 1
         self.tokens_total += self.tokens
         self.tokens_padding += left
@@ -237,6 +239,40 @@ class NativePackStream:
     def __iter__(self) -> Iterator[PackedImages]:
         while True:
             yield self.next_pack()
+
+
+def padding_sequences(tokens: int, max_patches: int) -> int:
+    """Sequences the padding of a pack may take: ceil(tokens / max_patches), each at most max_patches long."""
+    return -(-tokens // max_patches)
+
+
+def split_padding(pack: PackedImages, max_len: int, sequences: int) -> PackedImages:
+    """``pack`` with its padding (sequences from ``num_images`` on) cut into sequences of at most ``max_len``
+    tokens, each its own prefix (no loss target), then empty ones up to ``sequences``; ``max_seqlen`` is
+    ``max_len``. Every pack of a run then has the same T, S and max_seqlen: the shapes and host ints a
+    compiled step specializes on never change, and no padding sequence is longer than an image may be."""
+    from .packing import INDEX_DTYPE, _raster
+
+    n_img = pack.num_images
+    pad = int(pack.cu_seqlens[-1] - pack.cu_seqlens[n_img])
+    chunks = [min(max_len, pad - a) for a in range(0, pad, max_len)]
+    lens = pack.seqlens[:n_img].tolist() + chunks
+    if len(lens) > sequences:
+        raise ValueError(f"split_padding: {len(lens)} sequences do not fit in {sequences}")
+    lens += [0] * (sequences - len(lens))
+    cu = torch.zeros(sequences + 1, dtype=torch.int64)
+    cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0)
+    grid = torch.cat([pack.grid[:n_img], torch.tensor([[1, c] for c in chunks] + [[0, 0]] * (sequences - n_img - len(chunks)),
+                                                      dtype=INDEX_DTYPE).view(-1, 2)])
+    image_tokens = int(pack.cu_seqlens[n_img])
+    coords = torch.cat([pack.coords[:image_tokens]] + [_raster(1, c, pack.coords.device) for c in chunks])
+    prefix = torch.tensor(lens, dtype=INDEX_DTYPE)  # padding: prefix = length
+    if pack.prefix_len is not None:
+        prefix[:n_img] = pack.prefix_len[:n_img]
+    else:
+        prefix[:n_img] = 0
+    return PackedImages(patches=pack.patches, cu_seqlens=cu.to(INDEX_DTYPE), grid=grid, coords=coords,
+                        prefix_len=prefix, patch_size=pack.patch_size, max_seqlen=max_len, num_images=n_img)
 
 
 def first_fit_pack(pending: list, pull: Callable[[], object], length: Callable[[object], int], tokens: int,
