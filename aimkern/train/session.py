@@ -120,4 +120,7 @@ def _banner(args, run: Run, start_step: int, stop: int, schedule: str) -> str:
             f"{'packs of images at native size' if args.native else f'global batch {args.batch_size}'}, "
             f"steps {start_step}->{stop} of {args.steps}\n  {schedule}" + (
                 f"\n  native resolution: up to {args.max_patches} patches an image, {args.tokens_per_batch} tokens "
-                "a step per process" if args.native else ""))
+                "a step per process; positions: " + (
+                    "2-D sin-cos of each image's grid" if cfg.pos_embed == "sincos" else
+                    f"the learned {cfg.grid_size} x {cfg.grid_size} table, bilinearly resized to each image's grid")
+                if args.native else ""))
