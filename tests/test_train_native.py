@@ -135,7 +135,7 @@ def test_native_options_are_checked_before_setup(folder, capsys):
 
     for argv, message in (
         (["--max-patches", "4"], "--max-patches needs --native"),
-        (["--native"], "--native reads an ImageFolder directory"),
+        (["--native"], "--native reads an ImageFolder directory or WebDataset shards"),
         (["--native", "--data", str(folder), "--max-patches", "100", "--tokens-per-batch", "50"],
          "--max-patches 100 must be at most --tokens-per-batch 50"),
         (["--native", "--data", str(folder), "--objective", "token"], "--native trains the pixel objective"),
@@ -145,3 +145,20 @@ def test_native_options_are_checked_before_setup(folder, capsys):
         assert message in capsys.readouterr().err
     args = parse_args(["--native", "--data", str(folder), "--batch-size", "8"])
     assert (args.max_patches, args.tokens_per_batch) == (64, 8 * 64)  # vit-tiny: 64 patches
+
+
+@pytest.mark.slow
+def test_native_run_on_shards_resumes_to_the_same_lines(folder, tmp_path):
+    pytest.importorskip("webdataset")
+    pytest.importorskip("wids")
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from data_helpers import pack_folder
+
+    shards = pack_folder(folder, tmp_path / "shards", shard_size=7)
+    run(shards, tmp_path / "straight", "--workers", 0, "--save-every", 2, steps=4)
+    run(shards, tmp_path / "stopped", "--workers", 0, "--save-every", 2, "--stop-at", 2, steps=4)
+    run(shards, tmp_path / "stopped", "--workers", 1, "--resume", steps=4)
+    assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+    assert sorted(records(tmp_path / "straight")) == [1, 2, 3, 4]

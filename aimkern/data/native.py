@@ -1,5 +1,5 @@
-"""Native-resolution training data (``python -m aimkern.train --native``): images at their own aspect ratio,
-packed first fit into a fixed number of tokens per step.
+"""Native-resolution training data (``python -m aimkern.train --native``): images of an ImageFolder tree or
+WebDataset shards at their own aspect ratio, packed first fit into a fixed number of tokens per step.
 
 Per sample (a DataLoader worker, ``NativeImages``): decode, AIM's augmentation adapted to native sizes
 (``native_view``: a random-resized crop of 40-100 % of the area whose aspect ratio is the image's own times a
@@ -99,25 +99,58 @@ def decode_native(data: bytes, seed: int, patch_size: int, max_patches: int, in_
     return resize_native(pixels, box, flip, patch_size, max_patches)
 
 
-class NativeImages(torch.utils.data.Dataset):
-    """An ImageFolder's files by (index, seed) -> (uint8 (C, rows * P, cols * P), bad-sample records)."""
+class FolderFiles:
+    """An ImageFolder's files as a reader: ``len``, ``image_bytes(index)``, ``name(index)`` (the interface of
+    ``aimkern.data.shard_stream.ShardImages``, the shards' reader)."""
 
-    def __init__(self, paths: List[str], patch_size: int, max_patches: int, in_chans: int):
-        check_channels(in_chans)
-        self.paths, self.p, self.n_max, self.c = paths, patch_size, max_patches, in_chans
+    def __init__(self, paths: List[str]):
+        self.paths = paths
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _load(self, index: int, seed: int) -> torch.Tensor:
+    def image_bytes(self, index: int) -> bytes:
         with open(self.paths[index], "rb") as f:
-            data = f.read()
-        return decode_native(data, seed, self.p, self.n_max, self.c)
+            return f.read()
+
+    def name(self, index: int) -> str:
+        return self.paths[index]
+
+
+def open_source(data: str, in_chans: int, seed: int):
+    """(reader, order) of an ImageFolder tree or WebDataset shards: the samples' bytes by index, and the
+    seeded order positions read them in (the dense streams' own: ``SampleOrder``, ``ShardWindowOrder``)."""
+    from .order import ShardWindowOrder
+    from .shards import is_shard_spec, resolve_shards
+
+    if is_shard_spec(data):
+        from .shard_stream import ShardImages
+
+        shards = resolve_shards(data)
+        return ShardImages(shards, 1, in_chans), ShardWindowOrder(shards.counts, seed)
+    from torchvision.datasets import ImageFolder
+
+    paths = [p for p, _ in ImageFolder(data).samples]
+    return FolderFiles(paths), SampleOrder(len(paths), seed)
+
+
+class NativeImages(torch.utils.data.Dataset):
+    """A reader's samples by (index, seed) -> (uint8 (C, rows * P, cols * P), bad-sample records)."""
+
+    def __init__(self, reader, patch_size: int, max_patches: int, in_chans: int):
+        check_channels(in_chans)
+        self.reader, self.p, self.n_max, self.c = reader, patch_size, max_patches, in_chans
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _load(self, index: int, seed: int) -> torch.Tensor:
+        return decode_native(self.reader.image_bytes(index), seed, self.p, self.n_max, self.c)
 
     def __getitem__(self, key):
         index, seed = key
-        return load_or_replace(lambda i: self._load(i, seed), index, n=len(self.paths), seed=seed,
-                               name=lambda i: self.paths[i])
+        return load_or_replace(lambda i: self._load(i, seed), index, n=len(self.reader), seed=seed,
+                               name=self.reader.name)
 
 
 def _collate(items):
@@ -160,7 +193,8 @@ class _Keyed(torch.utils.data.Dataset):
 
 
 class NativePackStream:
-    """This rank's packs of exactly ``tokens`` tokens from an ImageFolder tree (see the module docstring).
+    """This rank's packs of exactly ``tokens`` tokens from an ImageFolder tree or WebDataset shards (``root``:
+    what ``--data`` names; see the module docstring).
 
     Yields ``PackedImages`` on the CPU (uint8 patches, prefix per image, a padding sequence with no target),
     each with ``num_sequences == max_images + 1``. ``state()`` / the ``state`` argument: the packer's
@@ -169,22 +203,18 @@ class NativePackStream:
     def __init__(self, root: str, *, patch_size: int, in_chans: int, max_patches: int, tokens: int,
                  max_images: int, offset: int, prefix: bool, rank: int, world: int, seed: int, first_step: int,
                  workers: int, state: Optional[dict] = None):
-        from torchvision.datasets import ImageFolder
-
         if max_patches > tokens:
             raise ValueError(f"--max-patches {max_patches} must be at most --tokens-per-batch {tokens}")
-        folder = ImageFolder(root)
-        paths = [p for p, _ in folder.samples]
-        self.num_samples, self._bad = len(paths), []
+        reader, order = open_source(root, in_chans, seed)
+        self.num_samples, self._bad = len(reader), []
         self.p, self.tokens, self.max_images, self.offset, self.prefix = patch_size, tokens, max_images, offset, prefix
         self.n_max = max_patches
         self.rank, self.seed, self.step = rank, seed, first_step
         state = state or {"next": 0, "pending": []}
         self._next, self._pending = int(state["next"]), []  # pending: (k, image), in data order
-        keys = _Keys(SampleOrder(len(paths), seed), pending=list(state["pending"]), first=self._next, rank=rank,
-                     world=world, seed=seed)
+        keys = _Keys(order, pending=list(state["pending"]), first=self._next, rank=rank, world=world, seed=seed)
         self.loader = torch.utils.data.DataLoader(
-            _Keyed(NativeImages(paths, patch_size, max_patches, in_chans)), batch_sampler=keys,
+            _Keyed(NativeImages(reader, patch_size, max_patches, in_chans)), batch_sampler=keys,
             num_workers=workers, collate_fn=_collate, persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None)
         self._items = self._decoded()

@@ -186,9 +186,11 @@ def _check_native(parser, args) -> None:
             if getattr(args, name) is not None:
                 parser.error(f"{config.flag(name)} needs --native")
         return
-    if args.data in ("digits", "synthetic") or not os.path.isdir(args.data) or is_shard_spec(args.data):
-        parser.error(f"--native reads an ImageFolder directory (images at their own sizes; WebDataset shards not "
-                     f"yet), got --data {args.data!r}")
+    if args.data in ("digits", "synthetic"):
+        parser.error(f"--native reads an ImageFolder directory or WebDataset shards (images at their own sizes), "
+                     f"got --data {args.data!r}")
+    if args.decode != "cpu":
+        parser.error("--native decodes on the CPU (--decode gpu crops to squares)")
     if args.objective != "pixel":
         parser.error("--native trains the pixel objective (the token objective's tokenizer takes square images)")
     cfg = ViTConfig.from_preset(args.preset, **config.model_overrides(img_size=args.img_size))

@@ -91,7 +91,7 @@ class TrainConfig:
         "reference on CPU); 'triton' or 'reference' force a path", group=DATA, resume=KEPT, choices=BACKENDS)
 
     native: bool = option(
-        False, "native resolution (an ImageFolder --data): each image at its own aspect ratio, resized to at "
+        False, "native resolution (an ImageFolder or shards --data): each image at its own aspect ratio, resized to at "
         "most --max-patches patches, packed first fit into --tokens-per-batch tokens a step (no padding inside "
         "an image; the unused tail is one sequence with no loss); --batch-size is then unused", group=DATA)
     max_patches: Optional[int] = option(
