@@ -162,3 +162,33 @@ def test_native_run_on_shards_resumes_to_the_same_lines(folder, tmp_path):
     run(shards, tmp_path / "stopped", "--workers", 1, "--resume", steps=4)
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
     assert sorted(records(tmp_path / "straight")) == [1, 2, 3, 4]
+
+
+def test_preemption_mid_step_saves_the_packer_and_resumes_exactly(folder, tmp_path, monkeypatch):
+    """SIGUSR1 during step 2 of a --native run: the step finishes, a checkpoint with the packer's position is
+    saved, exit 75; --resume then logs the uninterrupted run's lines."""
+    import signal
+
+    import aimkern.train.native as native_module
+    from aimkern.train import checkpoint as ckpt
+    from aimkern.train.errors import PREEMPTED_EXIT_CODE
+
+    straight = tmp_path / "straight"
+    run(folder, straight, "--workers", 0, "--save-every", 0, steps=4)
+    real = native_module.counted_targets
+
+    def count_then_signal(pack, offset):
+        if calls.append(1) or len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # arrives mid-step: the step still finishes
+        return real(pack, offset)
+
+    calls = []
+    monkeypatch.setattr(native_module, "counted_targets", count_then_signal)
+    out = tmp_path / "preempted"
+    with pytest.raises(SystemExit) as e:
+        run(folder, out, "--workers", 0, "--save-every", 0, steps=4)
+    saved = ckpt.load(ckpt.checkpoint_path(out))
+    assert e.value.code == PREEMPTED_EXIT_CODE and saved["step"] == 2 and saved["data_state"][0]["next"] > 0
+    monkeypatch.setattr(native_module, "counted_targets", real)
+    run(folder, out, "--workers", 0, "--resume", steps=4)
+    assert records(out) == records(straight)
