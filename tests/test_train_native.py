@@ -192,3 +192,37 @@ def test_preemption_mid_step_saves_the_packer_and_resumes_exactly(folder, tmp_pa
     monkeypatch.setattr(native_module, "counted_targets", real)
     run(folder, out, "--workers", 0, "--resume", steps=4)
     assert records(out) == records(straight)
+
+
+def _torchrun(folder, out, *extra):
+    """A 2-process (gloo, CPU) --native run; returns its combined output."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(port), "-m", "aimkern.train", *TINY, "--data", str(folder), "--steps",
+           "4", "--workers", "0", "--save-every", "2", "--out", str(out), *map(str, extra)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_native_run_resumes_exactly_and_refuses_another_world(folder, tmp_path):
+    """Two processes, each packing its own positions, the loss weighted by the global target count: a run
+    stopped and resumed under torchrun logs the uninterrupted run's lines; one process may not resume it."""
+    _torchrun(folder, tmp_path / "straight")
+    _torchrun(folder, tmp_path / "stopped", "--stop-at", 3)
+    _torchrun(folder, tmp_path / "stopped", "--resume")
+    assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+    assert sorted(records(tmp_path / "straight")) == [1, 2, 3, 4]
+    from aimkern.train.errors import ResumeError
+
+    with pytest.raises(ResumeError, match="written by 2 process"):
+        run(folder, tmp_path / "stopped", "--resume", "--workers", 0, steps=5)
