@@ -182,3 +182,19 @@ def test_triton_interpreter_rows_equal_reference():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=lambda s: f"{n}: {s}")
     dense = tri.forward_features(dense_input([square[0]]), prefix_len=torch.tensor([3]))[0]
     torch.testing.assert_close(f_tri[12:], dense, rtol=1e-4, atol=1e-4)
+
+
+def test_aimv2_native_family_rows_equal_dense():
+    """AIMv2-native's trunk (patch norm before the positions, RMSNorm, SwiGLU, no biases, sin-cos), shrunk:
+    the patch-norm path of the embedding keeps the packed rows equal to the dense ones."""
+    torch.manual_seed(0)
+    m = CausalViT.from_preset("aimv2-large-native", img_size=28, dim=32, depth=1, num_heads=2, mlp_ratio=2.0,
+                              backend="reference").eval()
+    g = torch.Generator().manual_seed(4)
+    square = [torch.randint(0, 256, (3, 28, 28), generator=g, dtype=torch.uint8) for _ in range(2)]
+    other = torch.randint(0, 256, (3, 14, 42), generator=g, dtype=torch.uint8)
+    pack = pack_images([other, square[0], square[1]], 14, prefix_len=[1, 2, 3])
+    feats = m.forward_features_packed(pack)
+    dense = m.forward_features(dense_input(square), prefix_len=torch.tensor([2, 3]))
+    torch.testing.assert_close(feats[3:7], dense[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats[7:], dense[1], rtol=1e-5, atol=1e-5)

@@ -226,3 +226,9 @@ def test_torchrun_native_run_resumes_exactly_and_refuses_another_world(folder, t
 
     with pytest.raises(ResumeError, match="written by 2 process"):
         run(folder, tmp_path / "stopped", "--resume", "--workers", 0, steps=5)
+
+
+def test_activation_checkpointing_gives_the_same_native_steps(folder, tmp_path):
+    run(folder, tmp_path / "plain", "--workers", 0, "--save-every", 0, steps=2)
+    run(folder, tmp_path / "ckpt", "--workers", 0, "--save-every", 0, "--checkpointing", steps=2)
+    assert records(tmp_path / "ckpt") == records(tmp_path / "plain")
