@@ -10,9 +10,9 @@ ratio (``native_grid``: small images are not enlarged), in uint8.
 Per step (the main process, ``NativePackStream``): the rank reads its global positions r, r + W, r + 2W, ...
 in order; each pack takes, in that order, every image that fits in what is left of ``tokens`` (first fit),
 starting with the images earlier packs skipped; it stops when full, at ``max_images`` images, or after
-``MAX_SKIPPED`` images that did not fit (they go first into the next pack). The unused tail is one padding
-sequence with no loss target (``aimkern.data.packing.pack_to_budget``), and every pack has the same T and the
-same number of sequences. The per-image prefix is drawn in [1, n_i - 1] from (seed, step, rank).
+``MAX_SKIPPED`` images that did not fit (they go first into the next pack). The unused tail is padding with no
+loss target (``pack_to_budget``'s sequence, cut by ``split_padding`` into sequences of at most
+``max_patches`` tokens), so every pack has the same T, number of sequences and ``max_seqlen``. The per-image prefix is drawn in [1, n_i - 1] from (seed, step, rank).
 
 Exact resume: a pack is a pure function of the seed and the packer's state, ``state()`` = (the next position
 index, the skipped ones waiting), which every checkpoint holds; a sample's pixels are a pure function of

@@ -93,7 +93,8 @@ class TrainConfig:
     native: bool = option(
         False, "native resolution (an ImageFolder or shards --data): each image at its own aspect ratio, resized to at "
         "most --max-patches patches, packed first fit into --tokens-per-batch tokens a step (no padding inside "
-        "an image; the unused tail is one sequence with no loss); --batch-size is then unused", group=DATA)
+        "an image; the unused tail is padding with no loss); --batch-size then only sets the default "
+        "--tokens-per-batch", group=DATA)
     max_patches: Optional[int] = option(
         None, "--native: the most patches an image's grid may have (default: the preset's, e.g. 196 for "
         "224 px / 16)", group=DATA, type=positive_int)

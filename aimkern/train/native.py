@@ -1,7 +1,7 @@
 """``python -m aimkern.train --native``: the stream of packs and the step on a pack.
 
 The data (``aimkern.data.native``): each image at its own aspect ratio with at most ``--max-patches`` patches,
-packed first fit into ``--tokens-per-batch`` tokens per rank, the tail one padding sequence with no loss,
+packed first fit into ``--tokens-per-batch`` tokens per rank, the tail padding sequences with no loss,
 AIM's prefix drawn per image in [1, n_i - 1]. The step: the pack's loss (``CausalViT.forward_packed``, the
 mean over its counted targets), weighted by this rank's share of the global step's targets (summed over the
 ranks on the CPU control group: no GPU sync), then the dense step's backward, clipping and optimizer.
