@@ -62,7 +62,7 @@ def test_resume_rules_are_pinned():
     assert set(config.options(config.REFUSED)) == {
         "preset", "data", "decode", "img_size", "objective", "tokenizer", "vocab_size", "tokenizer_images",
         "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "seed", "precision", "init",
-        "init_sha256"}
+        "init_sha256", "native", "max_patches", "tokens_per_batch"}
     assert set(resume.CHANGEABLE) == set(config.options(config.KEPT, config.PER_INVOCATION))
     assert set(resume.KEPT_WHEN_ABSENT) == set(config.options(config.KEPT))
 

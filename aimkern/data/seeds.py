@@ -17,6 +17,7 @@ TAG_PREFIX = 4         # (seed, step, 4): AIM's prefixes of a step
 TAG_REPLACEMENT = 5    # (sample seed, attempt, 5): the replacement of a bad sample
 TAG_SHARD_ORDER = 10   # (seed, epoch, 10): the shard permutation of an epoch
 TAG_WINDOW = 11        # (seed, epoch, window, 11): the sample permutation within a window of shards
+TAG_NATIVE_PREFIX = 12 # (seed, step, rank, 12): the per-image prefixes of a rank's native pack
 
 
 def mix_seed(*values: int) -> int:

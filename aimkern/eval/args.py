@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers per rank for ImageFolder trees (default: min(8, CPUs))")
 
+    g.add_argument("--native", action="store_true",
+                   help="features at native resolution: each --train / --val image whole, at its own aspect "
+                   "ratio with at most --max-patches patches, packed (linear and knn probes; no cache)")
+    g.add_argument("--max-patches", type=positive_int, default=None,
+                   help="--native: the most patches an image's grid may have (default: the model's)")
+
     g = p.add_argument_group("features")
     g.add_argument("--layers", default=None,
                    help="blocks whose outputs are averaged: comma-separated indices (negative from the end), "
@@ -129,6 +135,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.probes = [p for p in PROBES if p in probes]
     if bool(args.train) != bool(args.val):
         parser.error("--train and --val go together: give both ImageFolder trees")
+    if args.max_patches is not None and not args.native:
+        parser.error("--max-patches needs --native")
+    if args.native:
+        from .native import check_native
+
+        try:
+            check_native(args, args.max_patches)
+        except ValueError as e:
+            parser.error(str(e))
     if args.out is None:
         if os.path.isdir(args.model):
             args.out = os.path.join(args.model, "eval")

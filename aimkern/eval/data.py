@@ -117,8 +117,11 @@ def _folder_identity(root: str, samples: list) -> str:
     return h.hexdigest()
 
 
-def image_folders(train_root: str, val_root: str, img_size: int, in_chans: int, workers: int = 0) -> Labelled:
-    """Labelled train / val ImageFolder trees; val labels follow train's class indices by class name."""
+def image_folders(train_root: str, val_root: str, img_size: int, in_chans: int, workers: int = 0, *,
+                  transform=None, collate_fn=None, tag: str = "") -> Labelled:
+    """Labelled train / val ImageFolder trees; val labels follow train's class indices by class name.
+    ``transform`` (bytes -> image; default the centre crop at img_size), ``collate_fn`` (default: a stacked
+    batch) and ``tag`` (in the cache identity) let ``aimkern.eval.native`` read images at their own sizes."""
     from torchvision.datasets import ImageFolder
 
     from ..data.folder import read_file
@@ -130,7 +133,7 @@ def image_folders(train_root: str, val_root: str, img_size: int, in_chans: int, 
         shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
         raise ValueError(f"--val has {len(unknown)} class(es) that --train lacks ({shown}): a probe trained on "
                          f"{train_root} cannot predict them; give both trees the same class folders")
-    transform = eval_transform(img_size, in_chans)
+    transform = transform or eval_transform(img_size, in_chans)
 
     def split(name: str, root: str) -> Split:
         try:
@@ -145,12 +148,13 @@ def image_folders(train_root: str, val_root: str, img_size: int, in_chans: int, 
         def batches(index_batches):
             loader = torch.utils.data.DataLoader(
                 folder, batch_sampler=[list(b) for b in index_batches], num_workers=workers,
+                **({"collate_fn": collate_fn} if collate_fn is not None else {}),
             )
-            for images, _ in loader:
-                yield images
+            for batch in loader:
+                yield batch if collate_fn is not None else batch[0]
 
         # "decode2": the libjpeg-turbo decoder's pixels; features cached from the PIL transform are not reused.
-        identity = f"folder/{_folder_identity(root, samples)}/{img_size}/decode2"
+        identity = f"folder/{_folder_identity(root, samples)}/{img_size}/decode2{tag}"
         return Split(name, labels, batches, identity=identity)
 
     return Labelled(f"folders:{os.path.basename(os.path.normpath(train_root))}", split("train", train_root),

@@ -69,18 +69,26 @@ def run_probes(train: Features, val: Features, *, num_classes: int, num_heads: i
 
 def evaluate_models(models: Dict[str, CausalViT], data: edata.Labelled, *, layers, settings: ProbeSettings,
                     env: DistEnv, cache_dir: Optional[str] = None, batch_size: int = 128,
-                    feature_dtype: str = "float32") -> Dict[str, Dict[str, dict]]:
+                    feature_dtype: str = "float32", native: bool = False) -> Dict[str, Dict[str, dict]]:
     """Extract each model's features of both splits (collective under torchrun) and, on rank 0, probe them:
-    {model tag: {probe: result}} (empty on other ranks). Models are moved to the device and back to the CPU."""
+    {model tag: {probe: result}} (empty on other ranks). Models are moved to the device and back to the CPU.
+    ``native``: the splits yield lists of images at their own sizes (``aimkern.eval.native``)."""
     results = {}
     for tag, model in models.items():
         was_training = model.training
         model.eval().to(env.device)
         model_id = model_digest(model) if cache_dir is not None else ""
-        feats = {split.name: extract(model, split, layers, env=env, batch_size=batch_size, cache_dir=cache_dir,
-                                     model_id=model_id, dtype=feature_dtype, progress=settings.progress,
-                                     desc=f"features {tag} {split.name}")
-                 for split in (data.train, data.val)}
+        if native:
+            from .native import extract_native
+
+            feats = {split.name: extract_native(model, split, layers, env=env, batch_size=batch_size,
+                                                dtype=feature_dtype, desc=f"features {tag} {split.name}")
+                     for split in (data.train, data.val)}
+        else:
+            feats = {split.name: extract(model, split, layers, env=env, batch_size=batch_size, cache_dir=cache_dir,
+                                         model_id=model_id, dtype=feature_dtype, progress=settings.progress,
+                                         desc=f"features {tag} {split.name}")
+                     for split in (data.train, data.val)}
         model.cpu().train(was_training)
         if env.is_main:
             results[tag] = run_probes(feats["train"], feats["val"], num_classes=len(data.classes),
@@ -108,7 +116,16 @@ def _evaluate(args, env: DistEnv) -> dict:
                        img_size=args.img_size, weights=args.weights, timm_kwargs=args.timm_kwargs,
                        num_heads=args.num_heads)
     cfg = trunk.model.config
-    data = edata.load(args.data, args.train, args.val, cfg.img_size, cfg.in_chans, args.workers)
+    native = getattr(args, "native", False)
+    if native:
+        from .native import NativeDecode, collate_list
+
+        max_patches = args.max_patches or cfg.num_patches
+        data = edata.image_folders(args.train, args.val, cfg.img_size, cfg.in_chans, args.workers,
+                                   transform=NativeDecode(cfg.patch_size, max_patches, cfg.in_chans),
+                                   collate_fn=collate_list, tag=f"/native{max_patches}")
+    else:
+        data = edata.load(args.data, args.train, args.val, cfg.img_size, cfg.in_chans, args.workers)
     layers = resolve_layers(args.layers, cfg.depth)
     dtype = args.feature_dtype if args.feature_dtype != "auto" else (
         "float16" if env.device.type == "cuda" else "float32")
@@ -119,10 +136,11 @@ def _evaluate(args, env: DistEnv) -> dict:
         os.makedirs(args.out, exist_ok=True)
         print(f"aimkern.eval: {trunk.name} ({cfg.dim}-wide, {cfg.depth} blocks, {cfg.img_size}px), data "
               f"{data.name} ({data.train.n} train / {data.val.n} val, {len(data.classes)} classes), features "
-              f"{describe_layers(layers)}, {env.world} process(es) on {env.device.type}", flush=True)
+              f"{describe_layers(layers)}{f', native resolution (<= {max_patches} patches)' if native else ''}, "
+              f"{env.world} process(es) on {env.device.type}", flush=True)
     results = evaluate_models(models, data, layers=layers, settings=settings_from_args(args), env=env,
                               cache_dir=None if args.no_cache else args.cache_dir, batch_size=args.batch_size,
-                              feature_dtype=dtype)
+                              feature_dtype=dtype, native=native)
     if not env.is_main:
         return {}
     report = {
@@ -130,6 +148,7 @@ def _evaluate(args, env: DistEnv) -> dict:
         "train_size": data.train.n, "val_size": data.val.n, "classes": len(data.classes),
         "layers": describe_layers(layers), "feature_dtype": dtype, "processes": env.world,
         "device": env.device.type, "seed": args.seed, "results": results,
+        "native_max_patches": max_patches if native else None,
         "settings": asdict(settings_from_args(args)), "wall_s": round(time.perf_counter() - t0, 2),
     }
     with open(os.path.join(args.out, EVAL_NAME), "w") as f:

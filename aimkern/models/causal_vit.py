@@ -126,8 +126,12 @@ class CausalViT(nn.Module):
         Row i of the features predicts patch i + block_size. With the pixel head the target is the patch's
         normalized pixels; with the token head it is ``targets[:, i + block_size]`` from the (B, N) token
         ids. In training with ``config.prefix`` on and no ``prefix_len`` given, a prefix is sampled per image
-        (AIM); prefix patches are context, never targets.
+        (AIM); prefix patches are context, never targets. A ``PackedImages`` goes to ``forward_packed``.
         """
+        from ..data.packing import PackedImages
+
+        if isinstance(images, PackedImages):  # what a wrapped model (DDP, FSDP, compile) is called with
+            return self.forward_packed(images, prefix_len=prefix_len, targets=targets)
         cfg = self.config
         if prefix_len is None and self.training and cfg.prefix and cfg.is_causal:
             prefix_len = self.sample_prefix_len(images.shape[0], images.device)
@@ -140,6 +144,32 @@ class CausalViT(nn.Module):
                 norm_pix=cfg.norm_pix, backend=cfg.backend,
             )
         return self._token_loss(x, targets, prefix_len, offset)
+
+    def forward_features_packed(self, packed, prefix_len: PrefixLen = None, is_causal: Optional[bool] = None
+                                ) -> torch.Tensor:
+        """A pack of images at their own sizes (``aimkern.PackedImages``, uint8 or float patches) -> (T, dim)
+        features after the final norm, image s at rows [cu_seqlens[s], cu_seqlens[s + 1]).
+
+        uint8 patches are normalized like ``model_input``; positions follow each image's grid (sin-cos from
+        the coords, or the learned table bilinearly resized); attention is ``attention_varlen`` with each
+        image's own mask. ``prefix_len`` (None: the pack's own; an int or an (S,) tensor) and ``is_causal``
+        as in ``forward_features``. A square image at the config's size gets the rows ``forward_features``
+        gives it alone (``aimkern.models.packed``)."""
+        from .packed import forward_features_packed
+
+        return forward_features_packed(self, packed, prefix_len=prefix_len, is_causal=is_causal)
+
+    def forward_packed(self, packed, prefix_len: PrefixLen = None, targets: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """The pretraining loss (a scalar) of a pack: the mean over the counted targets of all its images.
+
+        ``prefix_len``: None takes the pack's own (``pack_to_budget`` gives its padding sequence its length:
+        no target); a pack without one, in training with ``config.prefix``, gets AIM's prefix sampled per
+        image in [1, n_i - 1]. The pixel head's targets are the image's own normalized patches; the token
+        head needs ``targets``, the (T,) token ids of the pack's patches."""
+        from .packed import forward_packed
+
+        return forward_packed(self, packed, prefix_len=prefix_len, targets=targets)
 
     def _token_loss(self, x: torch.Tensor, targets, prefix_len: PrefixLen, offset: int) -> torch.Tensor:
         cfg = self.config

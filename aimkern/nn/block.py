@@ -10,7 +10,9 @@ from .attention import Attention
 
 
 class Block(nn.Module):
-    """x + attn(norm1(x)), then x + mlp(norm2(x)). Layers are built by the caller and injected."""
+    """x + attn(norm1(x)), then x + mlp(norm2(x)). Layers are built by the caller and injected.
+
+    x is (B, N, dim), or (T, dim) packed images with ``cu_seqlens`` / ``max_seqlen`` (``Attention``)."""
 
     def __init__(self, attn: Attention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module):
         super().__init__()
@@ -24,8 +26,11 @@ class Block(nn.Module):
         x: torch.Tensor,
         prefix_len: Union[None, int, torch.Tensor] = None,
         is_causal: Optional[bool] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), prefix_len=prefix_len, is_causal=is_causal)
+        varlen = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+        x = x + self.attn(self.norm1(x), prefix_len=prefix_len, is_causal=is_causal, **varlen)
         return x + self.mlp(self.norm2(x))
 
 

@@ -135,6 +135,7 @@ def _check(parser: argparse.ArgumentParser, args: TrainConfig) -> None:
             parser.error(problem)
     _check_model(parser, args)
     _check_world(parser, args)
+    _check_native(parser, args)
     if args.device is not None:
         _check_device(parser, args.device)
 
@@ -175,3 +176,31 @@ def _check_device(parser, device: str) -> None:
             parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
         parser.error(f"--device {device}: aimkern.train runs on 'cpu' or 'cuda'")
+
+
+def _check_native(parser, args) -> None:
+    """--native's options: an ImageFolder, the pixel objective, the patch budget within the token budget
+    (their defaults filled in here, so run.json records the values the run used)."""
+    if not args.native:
+        for name in ("max_patches", "tokens_per_batch"):
+            if getattr(args, name) is not None:
+                parser.error(f"{config.flag(name)} needs --native")
+        return
+    if args.data in ("digits", "synthetic"):
+        parser.error(f"--native reads an ImageFolder directory or WebDataset shards (images at their own sizes), "
+                     f"got --data {args.data!r}")
+    if args.decode != "cpu":
+        parser.error("--native decodes on the CPU (--decode gpu crops to squares)")
+    if args.objective != "pixel":
+        parser.error("--native trains the pixel objective (the token objective's tokenizer takes square images)")
+    cfg = ViTConfig.from_preset(args.preset, **config.model_overrides(img_size=args.img_size))
+    if args.max_patches is None:
+        args.max_patches = cfg.num_patches
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tokens_per_batch is None:
+        args.tokens_per_batch = max(1, args.batch_size // world) * args.max_patches
+    if args.max_patches > args.tokens_per_batch:
+        parser.error(f"--max-patches {args.max_patches} must be at most --tokens-per-batch {args.tokens_per_batch}")
+    if args.max_patches <= cfg.block_size:
+        parser.error(f"--max-patches {args.max_patches} leaves no next patch to predict (block size "
+                     f"{cfg.block_size})")

@@ -90,6 +90,18 @@ class TrainConfig:
         "the fastest correct one (aimkern.dispatch; AIMKERN_DISPATCH=fixed: Triton on CUDA, the "
         "reference on CPU); 'triton' or 'reference' force a path", group=DATA, resume=KEPT, choices=BACKENDS)
 
+    native: bool = option(
+        False, "native resolution (an ImageFolder or shards --data): each image at its own aspect ratio, resized to at "
+        "most --max-patches patches, packed first fit into --tokens-per-batch tokens a step (no padding inside "
+        "an image; the unused tail is padding with no loss); --batch-size then only sets the default "
+        "--tokens-per-batch", group=DATA)
+    max_patches: Optional[int] = option(
+        None, "--native: the most patches an image's grid may have (default: the preset's, e.g. 196 for "
+        "224 px / 16)", group=DATA, type=positive_int)
+    tokens_per_batch: Optional[int] = option(
+        None, "--native: tokens per step PER RANK, fixed, so every step has the same shapes (default: "
+        "--batch-size / processes x --max-patches)", group=DATA, type=positive_int)
+
     # optimization, AIM's recipe: batch, steps, learning rate and schedule, weight decay, clipping, seed, precision
     batch_size: int = option(64, "GLOBAL batch size, over all ranks (default: 64)", group=OPTIM, type=positive_int)
     steps: int = option(300, "optimizer steps in the schedule (default: 300)", group=OPTIM, resume=KEPT,

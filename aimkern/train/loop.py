@@ -25,6 +25,7 @@ from .errors import BadDataError, DivergedError, Preempted
 from .preemption import PreemptionGuard
 from .session import Session, open_session
 from .state import save_checkpoint
+from .native import train_step_native
 from .step import train_step
 from .summary import build_summary, format_summary, probe, write_summary
 
@@ -53,6 +54,12 @@ def advance(s: Session, step: int) -> None:
     window. Never waits for the GPU (tests/test_train_multi.py checks it under CUDA's sync debug mode)."""
     batch = next(s.batches)
     s.bad.add(s.source.take_bad())
+    if s.native:  # a pack of images at their own sizes
+        out, images = train_step_native(s.run, batch, step)
+        s.window.add(out)
+        s.samples_seen += images
+        s.window_images += images
+        return
     s.window.add(train_step(s.run, batch, step))
     s.samples_seen += s.run.args.batch_size
 
@@ -91,7 +98,7 @@ def _enforce_bad(s: Session, done: int) -> None:
         s.bad.check(done)
     except BadDataError as stop:  # fix the data or raise the bound, then --resume
         _, path = save_checkpoint(s.run, step=done, samples_seen=s.samples_seen, bad=s.bad, window=s.window,
-                                  say=s.console.warn)
+                                  say=s.console.warn, data=_data_state(s))
         raise BadDataError(f"{stop} (checkpoint {path or 'of step ' + str(done)} saved)") from None
 
 
@@ -104,6 +111,8 @@ def _log(s: Session, done: int, intervals: list) -> float:
                             "the data, then --resume from the last checkpoint")
     s.bad.sync(s.run.env, s.console.warn, done)
     images, seconds = s.window.images_per_second(done, s.run.args.batch_size)
+    if s.native:
+        images, s.window_images = s.window_images, 0
     grad_norm = last.grad_norm.full_tensor() if hasattr(last.grad_norm, "full_tensor") else last.grad_norm
     s.metrics.write({
         "step": done, "loss": mean_loss, "lr": last.lr, "img_per_s": images / seconds, "grad_norm": float(grad_norm),
@@ -121,4 +130,9 @@ def _save(s: Session, done: int) -> tuple:
     s.bad.sync(s.run.env, s.console.warn, done)
     _enforce_bad(s, done)
     return save_checkpoint(s.run, step=done, samples_seen=s.samples_seen, bad=s.bad, window=s.window,
-                           say=s.console.warn)
+                           say=s.console.warn, data=_data_state(s))
+
+
+def _data_state(s: Session):
+    """--native: this rank's packer position (the packs a resumed run forms next); None otherwise."""
+    return s.source.state() if s.native else None

@@ -40,6 +40,8 @@ class Session:
     metrics: MetricsLog
     console: Console
     t_start: float
+    native: bool = False  # --native: batches are packs (aimkern.train.native)
+    window_images: int = 0  # --native: images of all ranks since the last log line (the img/s field)
 
 
 def _stream(args, env: DistEnv, cfg, *, start: int, rank: int, world: int) -> BatchStream:
@@ -80,15 +82,32 @@ def open_session(args, env: DistEnv) -> Session:
     start_step, samples_seen = restore(run, state, bad, window, console.say) if state is not None else (0, 0)
     window.timed_from = start_step
     banner = schedule_banner(args, state, start_step)
+    data_state = _native_state(args, env, state)
     state = None  # free the checkpoint's tensors before training
     stop = min(args.steps, args.stop_at or args.steps)
-    source = _stream(args, env, run.core.config, start=samples_seen, rank=env.rank, world=env.world)
+    if args.native:
+        from .native import native_stream
+
+        source = native_stream(args, env, run.core.config, first_step=start_step, state=data_state)
+    else:
+        source = _stream(args, env, run.core.config, start=samples_seen, rank=env.rank, world=env.world)
     bad.num_samples = source.num_samples
     console.say(_banner(args, run, start_step, stop, banner))
     console.progress(stop, start_step, not args.no_progress and start_step < stop)
     return Session(run=run, start_step=start_step, stop=stop, samples_seen=samples_seen, source=source,
                    batches=iter(source), bad=bad, window=window, metrics=MetricsLog(args.out, start_step, env.is_main),
-                   console=console, t_start=t_start)
+                   console=console, t_start=t_start, native=args.native)
+
+
+def _native_state(args, env: DistEnv, state):
+    """--native: this rank's packer position from the checkpoint (None from scratch); a ResumeError when the
+    checkpoint was written by another number of processes (each rank packs its own positions)."""
+    if not args.native or state is None:
+        return None
+    if state["world_size"] != env.world:
+        raise ResumeError(f"{state['path']} was written by {state['world_size']} process(es); a --native run "
+                          f"resumes on as many (each rank packs its own images), not {env.world}")
+    return state["data_state"][env.rank]
 
 
 def _banner(args, run: Run, start_step: int, stop: int, schedule: str) -> str:
@@ -97,5 +116,11 @@ def _banner(args, run: Run, start_step: int, stop: int, schedule: str) -> str:
     sharding = " (FSDP2)" if args.fsdp and env.distributed else ""
     return (f"aimkern.train: {args.preset} ({n_params / 1e6:.2f}M params, {cfg.num_patches} patches of "
             f"{cfg.patch_size}px at {cfg.img_size}px), data={args.data}, objective={args.objective}, "
-            f"{env.world} process(es) on {env.device.type}{sharding}, global batch {args.batch_size}, "
-            f"steps {start_step}->{stop} of {args.steps}\n  {schedule}")
+            f"{env.world} process(es) on {env.device.type}{sharding}, "
+            f"{'packs of images at native size' if args.native else f'global batch {args.batch_size}'}, "
+            f"steps {start_step}->{stop} of {args.steps}\n  {schedule}" + (
+                f"\n  native resolution: up to {args.max_patches} patches an image, {args.tokens_per_batch} tokens "
+                "a step per process; positions: " + (
+                    "2-D sin-cos of each image's grid" if cfg.pos_embed == "sincos" else
+                    f"the learned {cfg.grid_size} x {cfg.grid_size} table, bilinearly resized to each image's grid")
+                if args.native else ""))

@@ -23,13 +23,14 @@ from .step import Run
 
 
 def save_checkpoint(run: Run, *, step: int, samples_seen: int, bad: BadSamples, window: LogWindow,
-                    say: Callable[[str], None]) -> tuple:
-    """Collective: gather the full state, every rank's RNGs and loss window; rank 0 writes
+                    say: Callable[[str], None], data: Optional[dict] = None) -> tuple:
+    """Collective: gather the full state, every rank's RNGs, loss window and ``data`` (a --native rank's packer
+    position, ``data_state`` in the file); rank 0 writes
     OUT/checkpoint-STEP.pt atomically (keeping the last --keep). Returns (the full model state dict, the path);
     on other ranks the state dict may be empty (FSDP) and the path is None."""
     bad.sync(run.env, say, step)  # the checkpoint holds every failure so far
     model_sd, optim_sd = ckpt.model_and_optimizer_state(run.core, run.optimizer)
-    ranks = gather_objects({"rng": ckpt.capture_rng(), "window": window.state()}, run.env)
+    ranks = gather_objects({"rng": ckpt.capture_rng(), "window": window.state(), "data": data}, run.env)
     path = None
     if run.env.is_main:
         choices = dispatch.choices()  # the paths the run took: --resume pins them (bit-exact resume)
@@ -39,6 +40,7 @@ def save_checkpoint(run: Run, *, step: int, samples_seen: int, bad: BadSamples, 
             "samples_seen": samples_seen, "rng": [r["rng"] for r in ranks], "world_size": run.env.world,
             "log_window": [r["window"] for r in ranks], "config": run.core.config.to_dict(),
             "args": run_options(run.args), "bad_samples": bad.state_dict(), "dispatch": choices,
+            "data_state": [r["data"] for r in ranks],
         }, run.args.out, run.args.keep)
     return model_sd, path
 

@@ -136,9 +136,16 @@ def train_step(run: Run, batch: torch.Tensor, step: int) -> StepOut:
         images = model_input(batch, run.core.config.in_chans)  # elementwise: float32 under autocast too
         targets = encode(run.tokenizer, images) if run.tokenizer is not None else None
         loss = run.forward(images, prefix_len=prefix, targets=targets)
-    (loss * (run.env.world * count_local / count_global)).backward()
+    grad_norm = optimize(run, loss, run.env.world * count_local / count_global)
+    return StepOut(loss=loss.detach(), targets=count_local, grad_norm=grad_norm, lr=lr)
+
+
+def optimize(run: Run, loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """The step after the forward: backward of ``loss * weight`` (this rank's share of the global mean),
+    global-norm clipping, the optimizer and the scheduler. Returns the gradient norm before clipping."""
+    (loss * weight).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.args.grad_clip or float("inf"))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepOut(loss=loss.detach(), targets=count_local, grad_norm=grad_norm, lr=lr)
+    return grad_norm

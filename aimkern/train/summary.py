@@ -39,6 +39,11 @@ def build_summary(args, session, losses: list, intervals: list, say) -> dict:
             "wall_s": time.perf_counter() - session.t_start,
         }
     summary["bad_samples"], summary["bad_files"] = session.bad.reads, session.bad.records()
+    if getattr(session, "native", False) and session.source.tokens_total:
+        src = session.source  # this rank's packs of this invocation
+        summary["native"] = {"tokens_per_step": args.tokens_per_batch, "max_patches": args.max_patches,
+                             "steps_packed": src.tokens_total // args.tokens_per_batch,
+                             "padding_fraction": src.tokens_padding / src.tokens_total}
     return summary
 
 
@@ -61,6 +66,10 @@ def format_summary(s: dict) -> str:
         from ..eval.report import format_table
 
         lines.append(f"probes on digits (test accuracy, as python -m aimkern.eval):\n{format_table(s['probe'])}")
+    if s.get("native"):
+        n = s["native"]
+        lines.append(f"native packing: {100 * n['padding_fraction']:.1f}% of the {n['tokens_per_step']} tokens a step "
+                     f"were padding (rank 0, {n['steps_packed']} step(s) of this invocation), the rest image patches")
     if s.get("bad_samples"):
         lines.append(f"skipped {s['bad_samples']} unreadable read(s) of {len(s['bad_files'])} sample(s) (listed in "
                      f"{SUMMARY_NAME})")

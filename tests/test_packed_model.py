@@ -1,0 +1,200 @@
+"""CausalViT on packed images: packing changes nothing (issue 29, item 3).
+
+A square image at the config's size gets, in its rows of ``forward_features_packed``, what
+``forward_features`` gives it alone, and the same gradients; any order and any neighbours give the same
+per-image rows; the positions of other grids are the dense ones (sin-cos) or the learned table resized as
+``F.interpolate`` resizes it; padding holds no loss.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aimkern import CausalViT, pack_images
+from aimkern.data.packing import pack_to_budget
+from aimkern.models.packed import sample_prefix_len
+from aimkern.models.positions import resized_learned_at, sincos_at
+from aimkern.nn import sincos_pos_embed_2d
+
+TINY = dict(img_size=16, patch_size=4, dim=32, depth=2, num_heads=2)  # N = 16, head dim 16
+
+
+def model(pos="sincos", backend="reference", seed=0, **kw):
+    torch.manual_seed(seed)
+    m = CausalViT.from_preset("vit-tiny", pos_embed=pos, backend=backend, **dict(TINY, **kw)).eval()
+    if pos == "learned":  # the init's zeros-then-trunc_normal table is random already; make it smooth too
+        with torch.no_grad():
+            m.pos_embed.add_(torch.linspace(-1, 1, m.pos_embed.numel()).view_as(m.pos_embed))
+    return m
+
+
+def images(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    square = [torch.randint(0, 256, (3, 16, 16), generator=g, dtype=torch.uint8) for _ in range(3)]
+    other = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((8, 24), (20, 12), (4, 4))]
+    return square, other
+
+
+def dense_input(imgs):
+    from aimkern.data.inputs import model_input
+
+    return model_input(torch.stack(imgs), 3)
+
+
+def rows(pack, feats, s):
+    cu = pack.cu_seqlens.tolist()
+    return feats[cu[s]:cu[s + 1]]
+
+
+@pytest.mark.parametrize("pos", ["sincos", "learned"])
+def test_square_rows_equal_dense_forward_and_gradients(pos):
+    m = model(pos)
+    square, other = images()
+    prefix = torch.tensor([3, 1, 9])
+    dense = m.forward_features(dense_input(square), prefix_len=prefix)
+    g = torch.Generator().manual_seed(1)
+    cot = torch.randn(dense.shape, generator=g)
+    (dense * cot).sum().backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+
+    # The squares interleaved with images of other grids: the neighbours get a zero cotangent.
+    order = [other[0], square[0], other[1], square[1], square[2], other[2]]
+    pack = pack_images(order, 4, prefix_len=[5, 3, 7, 1, 9, 0])
+    feats = m.forward_features_packed(pack)
+    cot_packed = torch.zeros_like(feats)
+    for i, s in enumerate((1, 3, 4)):
+        torch.testing.assert_close(rows(pack, feats, s), dense[i], rtol=1e-5, atol=1e-5)
+        rows(pack, cot_packed, s).copy_(cot[i])
+    (feats * cot_packed).sum().backward()
+    got = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("pos", ["sincos", "learned"])
+def test_order_and_neighbours_do_not_change_an_image(pos):
+    m = model(pos)
+    square, other = images()
+    a = [square[0], other[0], other[1], square[1]]
+    b = [other[2], square[1], other[1], square[2], other[0], square[0]]
+    pa = pack_images(a, 4, prefix_len=[2, 3, 4, 5])
+    pb = pack_images(b, 4, prefix_len=[1, 5, 4, 6, 3, 2])
+    fa, fb = m.forward_features_packed(pa), m.forward_features_packed(pb)
+    for ia, ib in ((0, 5), (1, 4), (2, 2), (3, 1)):  # native-size images too, not only squares
+        torch.testing.assert_close(rows(pa, fa, ia), rows(pb, fb, ib), rtol=1e-5, atol=1e-5)
+    alone = m.forward_features_packed(pack_images([other[1]], 4, prefix_len=[4]))
+    torch.testing.assert_close(rows(pa, fa, 2), alone, rtol=1e-5, atol=1e-5)
+
+
+def test_full_attention_features_equal_dense():
+    m = model()
+    square, other = images()
+    feats = m.forward_features_packed(pack_images([other[0], square[2]], 4), is_causal=False)
+    dense = m.forward_features(dense_input([square[2]]), is_causal=False)[0]
+    torch.testing.assert_close(feats[other[0].shape[1] // 4 * other[0].shape[2] // 4:], dense, rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_loss_of_a_square_pack_equals_dense_loss_and_padding_adds_nothing():
+    m = model()
+    square, _ = images()
+    prefix = torch.tensor([3, 1, 9])
+    dense = m.forward(dense_input(square), prefix_len=prefix)
+    packed = m.forward_packed(pack_images(square, 4, prefix_len=prefix))
+    torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-6)
+    padded, taken = pack_to_budget(square, 4, 60, prefix_len=prefix, sequences=5)
+    assert taken == [0, 1, 2] and padded.num_tokens == 60 and padded.prefix_len.tolist() == [3, 1, 9, 12, 0]
+    torch.testing.assert_close(m.forward_packed(padded), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_token_loss_of_a_square_pack_equals_dense():
+    m = model(head="token", vocab_size=17)
+    square, other = images()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 17, (3, 16), generator=g)
+    prefix = torch.tensor([3, 1, 9])
+    dense = m.forward(dense_input(square), prefix_len=prefix, targets=ids)
+    packed = m.forward_packed(pack_images(square, 4, prefix_len=prefix), targets=ids.reshape(-1))
+    torch.testing.assert_close(packed, dense, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="token head needs targets"):
+        m.forward_packed(pack_images(square, 4))
+    with pytest.raises(ValueError, match=r"\(T,\)"):
+        m.forward_packed(pack_images(square, 4), targets=ids)
+
+
+def test_sincos_rows_are_the_dense_table_of_each_grid():
+    for h, w in ((4, 4), (3, 7), (9, 2)):
+        pack = pack_images([torch.zeros(1, 4 * h, 4 * w)], 4)
+        assert torch.equal(sincos_at(32, pack.coords, pack.max_seqlen), sincos_pos_embed_2d(32, h, w))
+
+
+def test_learned_table_resized_as_interpolate():
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(1, 36, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    for h, w in ((6, 6), (3, 9), (11, 4), (1, 1)):
+        coords = pack_images([torch.zeros(1, h, w)], 1).coords
+        got = resized_learned_at(table, coords, torch.tensor([[h, w]]).expand(h * w, 2), 6)
+        want = F.interpolate(table.view(6, 6, 8).permute(2, 0, 1)[None], size=(h, w), mode="bilinear",
+                             align_corners=False)[0].permute(1, 2, 0).reshape(h * w, 8)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        if (h, w) == (6, 6):
+            assert torch.equal(got, table[0])
+        cot = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        (dg,) = torch.autograd.grad((got * cot).sum(), table)
+        (dw,) = torch.autograd.grad((want * cot).sum(), table)
+        torch.testing.assert_close(dg, dw, rtol=1e-6, atol=1e-6)  # weights computed in float32
+
+
+def test_sampled_prefix_in_range_and_padding_keeps_its_length():
+    square, other = images()
+    pack, taken = pack_to_budget(other + square, 4, 80, sequences=8)
+    gen = torch.Generator().manual_seed(0)
+    lengths = pack.seqlens.tolist()
+    for _ in range(20):
+        prefix = sample_prefix_len(pack, gen).tolist()
+        for s, (p, n) in enumerate(zip(prefix, lengths)):
+            if s >= pack.num_images:
+                assert p == n
+            elif n >= 2:
+                assert 1 <= p <= n - 1, (s, p, n)
+
+
+def test_bad_pack_is_refused():
+    m = model()
+    square, _ = images()
+    with pytest.raises(ValueError, match="patch size 8"):
+        m.forward_features_packed(pack_images(square, 8))
+    with pytest.raises(TypeError, match="PackedImages"):
+        m.forward_features_packed(torch.zeros(16, 48))
+
+
+@pytest.mark.slow
+def test_triton_interpreter_rows_equal_reference():
+    ref = model(depth=1)
+    tri = model(depth=1, backend="triton")
+    square, other = images()
+    pack = pack_images([other[0], square[0]], 4, prefix_len=[5, 3])
+    f_ref, f_tri = ref.forward_features_packed(pack), tri.forward_features_packed(pack)
+    torch.testing.assert_close(f_tri, f_ref, rtol=1e-4, atol=1e-4)
+    f_ref.square().sum().backward()
+    f_tri.square().sum().backward()
+    for (n, a), (_, b) in zip(ref.named_parameters(), tri.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4, msg=lambda s: f"{n}: {s}")
+    dense = tri.forward_features(dense_input([square[0]]), prefix_len=torch.tensor([3]))[0]
+    torch.testing.assert_close(f_tri[12:], dense, rtol=1e-4, atol=1e-4)
+
+
+def test_aimv2_native_family_rows_equal_dense():
+    """AIMv2-native's trunk (patch norm before the positions, RMSNorm, SwiGLU, no biases, sin-cos), shrunk:
+    the patch-norm path of the embedding keeps the packed rows equal to the dense ones."""
+    torch.manual_seed(0)
+    m = CausalViT.from_preset("aimv2-large-native", img_size=28, dim=32, depth=1, num_heads=2, mlp_ratio=2.0,
+                              backend="reference").eval()
+    g = torch.Generator().manual_seed(4)
+    square = [torch.randint(0, 256, (3, 28, 28), generator=g, dtype=torch.uint8) for _ in range(2)]
+    other = torch.randint(0, 256, (3, 14, 42), generator=g, dtype=torch.uint8)
+    pack = pack_images([other, square[0], square[1]], 14, prefix_len=[1, 2, 3])
+    feats = m.forward_features_packed(pack)
+    dense = m.forward_features(dense_input(square), prefix_len=torch.tensor([2, 3]))
+    torch.testing.assert_close(feats[3:7], dense[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats[7:], dense[1], rtol=1e-5, atol=1e-5)
