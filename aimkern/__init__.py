@@ -59,7 +59,9 @@ for _method, _module in _MODEL_METHODS.items():
 # and aimkern.ops.patch_embed are the ops' modules now (a function of the module's own name shadowed it).
 OPS_MOVED = ("attention_qkvpacked", "linear_cross_entropy", "next_patch_pixel_loss")
 for _op in OPS_MOVED:
-    _hooks.provide("aimkern.ops." + _op, __name__ + ".functional", _op)
+    _hooks.provide("aimkern.ops.deprecated." + _op, __name__ + ".functional", _op)
+# Issue 29 names the packed varlen op aimkern.ops.attention_varlen_qkvpacked: the same function, no warning.
+_hooks.provide("aimkern.ops.attention_varlen_qkvpacked", __name__ + ".functional", "attention_varlen_qkvpacked")
 
 __all__ = sorted(k for k in _LAZY if k not in ("tokenizers", "ops", "models", "integrations", "functional"))
 

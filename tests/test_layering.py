@@ -182,3 +182,14 @@ def test_the_moved_public_ops_keep_a_deprecated_alias_in_ops(name):
     assert alias is getattr(aimkern, name)
     with pytest.raises(AttributeError, match="no attribute 'no_such_op'"):
         aimkern.ops.no_such_op
+
+
+def test_the_packed_varlen_op_is_reachable_from_ops_without_a_warning():
+    import warnings
+
+    import aimkern
+    import aimkern.ops
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert aimkern.ops.attention_varlen_qkvpacked is aimkern.attention_varlen_qkvpacked

@@ -41,12 +41,19 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """The deprecated aliases of the public ops that moved to aimkern.functional (PEP 562)."""
-    try:
-        function = hooks.provided(f"aimkern.ops.{name}")
-    except LookupError:
-        raise AttributeError(f"module 'aimkern.ops' has no attribute {name!r}") from None
-    warnings.warn(f"aimkern.ops.{name} is deprecated and goes in the next release: use aimkern.{name} (the public "
-                  "ops live in aimkern.functional; aimkern.ops holds the Triton paths)", DeprecationWarning,
-                  stacklevel=2)
+    """The public packed op of issue 29's API (``aimkern.ops.attention_varlen_qkvpacked``, the same function as
+    ``aimkern.attention_varlen_qkvpacked``) and the deprecated aliases of the public ops that moved to
+    aimkern.functional (PEP 562)."""
+    for kind in ("", "deprecated."):
+        try:
+            function = hooks.provided(f"aimkern.ops.{kind}{name}")
+            break
+        except LookupError:
+            continue
+    else:
+        raise AttributeError(f"module 'aimkern.ops' has no attribute {name!r}")
+    if kind:
+        warnings.warn(f"aimkern.ops.{name} is deprecated and goes in the next release: use aimkern.{name} (the "
+                      "public ops live in aimkern.functional; aimkern.ops holds the Triton paths)",
+                      DeprecationWarning, stacklevel=2)
     return function
