@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_float_dtype, check_same_device, check_tensor, normalize_prefix_len
-from ..ops._launch import interpreter_dtype_problem, interpreting, sm_count
+from ..ops._launch import sm_count
 from ..ops.attention import (
     AttentionParams, attention_qkvpacked_triton, attention_triton, effective_causal, fused_backward_fits,
 )
 from ..reference.attention import attention_mask, attention_reference
-from .common import exact_or_pow2, pow2, randint, randn
+from .common import exact_or_pow2, kernel_unsupported, pow2, randint, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "attention"
@@ -137,11 +137,7 @@ def reference(q, k, v, prefix_len: Optional[torch.Tensor], params: AttentionPara
 
 # ------------------------------------------------------------------------------------------- Triton paths
 def _triton_unsupported(problem: Problem) -> Optional[str]:
-    if problem.device_type == "cpu" and not interpreting():
-        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
-    if problem.dtype not in ("float16", "bfloat16", "float32"):
-        return f"{problem.dtype} is not a kernel dtype"
-    return interpreter_dtype_problem(problem.dtype, problem.device_type)
+    return kernel_unsupported(problem)
 
 
 def _fused_unsupported(problem: Problem):

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import can_inspect_values, check_float_dtype, check_same_device, check_tensor
-from ..ops._launch import interpreter_dtype_problem, interpreting, pow2
+from ..ops._launch import pow2
 from ..ops.attention_varlen import VarlenAttentionParams, attention_varlen_qkvpacked_triton, attention_varlen_triton
 from ..reference.attention_varlen import attention_varlen_reference, varlen_mask
-from .common import randn
+from .common import kernel_unsupported, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "attention_varlen"
@@ -239,11 +239,7 @@ def torch_varlen(q, k, v, cu, block_size, prefix_len, params: VarlenAttentionPar
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
-    if problem.device_type == "cpu" and not interpreting():
-        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
-    if problem.dtype not in ("float16", "bfloat16", "float32"):
-        return f"{problem.dtype} is not a kernel dtype"
-    return interpreter_dtype_problem(problem.dtype, problem.device_type)
+    return kernel_unsupported(problem)
 
 
 def _torch_varlen_unsupported(problem: Problem):

@@ -5,10 +5,10 @@ from typing import Optional
 
 import torch
 
-from ..ops._launch import pow2
+from ..ops._launch import interpreter_dtype_problem, interpreting, pow2
 from .opspec import Problem
 
-__all__ = ["autotune_min_macs", "exact_or_pow2", "pow2", "randint", "randn"]
+__all__ = ["autotune_min_macs", "exact_or_pow2", "kernel_unsupported", "pow2", "randint", "randn"]
 
 
 def exact_or_pow2(n: int) -> str:
@@ -48,3 +48,14 @@ def autotune_min_macs(sixteen_bit: bool) -> Optional[int]:
     except ImportError:
         return None
     return AUTOTUNE_MIN_MACS
+
+
+def kernel_unsupported(problem: Problem) -> Optional[str]:
+    """Why the Triton kernels cannot run ``problem`` (None when they can), for the ops whose kernels take the
+    first tensor's dtype: CPU tensors need Triton's interpreter, the dtype must be a kernel dtype, and the
+    interpreter's own dtype limits (``interpreter_dtype_problem``) hold."""
+    if problem.device_type == "cpu" and not interpreting():
+        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
+    if problem.dtype not in ("float16", "bfloat16", "float32"):
+        return f"{problem.dtype} is not a kernel dtype"
+    return interpreter_dtype_problem(problem.dtype, problem.device_type)

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..checks import can_inspect_values, check_float_dtype, check_same_device, check_tensor
-from ..ops._launch import gpu_configs_active, interpreter_dtype_problem, interpreting, kernels
+from ..ops._launch import gpu_configs_active, interpreting, kernels
 from ..ops.cross_entropy import REDUCTIONS, CrossEntropyParams, linear_cross_entropy_triton
 from ..reference.cross_entropy import linear_cross_entropy_reference
-from .common import autotune_min_macs, pow2, randint, randn
+from .common import autotune_min_macs, kernel_unsupported, pow2, randint, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "linear_cross_entropy"
@@ -95,11 +95,7 @@ def _float_dtypes_match(problem: Problem) -> Optional[str]:
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
-    if problem.device_type == "cpu" and not interpreting():
-        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
-    if problem.dtype not in ("float16", "bfloat16", "float32"):
-        return f"{problem.dtype} is not a kernel dtype"
-    return interpreter_dtype_problem(problem.dtype, problem.device_type) or _float_dtypes_match(problem)
+    return kernel_unsupported(problem) or _float_dtypes_match(problem)
 
 
 def _chunk_losses(x, w, b, t, ignore_index: int, label_smoothing: float, z_loss: float):

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_float_dtype, check_same_device, check_tensor
-from ..ops._launch import interpreter_dtype_problem, interpreting
 from ..ops.patch_embed import PatchEmbedParams, patch_embed_triton
 from ..reference.patch_embed import patch_embed_reference
-from .common import autotune_min_macs, pow2, randn
+from .common import autotune_min_macs, kernel_unsupported, pow2, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "patch_embed"
@@ -65,11 +64,7 @@ def reference(images, weight, bias, pos_embed, params: PatchEmbedParams) -> torc
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
-    if problem.device_type == "cpu" and not interpreting():
-        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
-    if problem.dtype not in ("float16", "bfloat16", "float32"):
-        return f"{problem.dtype} is not a kernel dtype"
-    wrong = interpreter_dtype_problem(problem.dtype, problem.device_type)
+    wrong = kernel_unsupported(problem)
     if wrong:
         return wrong
     for i, name in ((1, "weight"), (2, "bias")):
