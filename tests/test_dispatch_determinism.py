@@ -110,7 +110,9 @@ def test_a_malformed_forced_config_is_refused_when_forced():
 
 
 # ------------------------------------------------------------------------------------ training + --resume
-TINY = ["--batch-size", "8", "--log-every", "1", "--no-progress", "--save-every", "0", "--device", "cpu"]
+# 24-pixel images: 36 patches, where the tiled backward's two fp32 tiles pad the keys alike (both kept)
+TINY = ["--batch-size", "2", "--img-size", "24", "--log-every", "1", "--no-progress", "--save-every", "0",
+        "--device", "cpu"]
 
 
 class FakeAutotuner:
@@ -166,7 +168,7 @@ def autotuned_triton_attention(monkeypatch, tmp_path):
 def test_recorded_configs_are_installed_on_resume_before_the_first_step(autotuned_triton_attention, tmp_path,
                                                                        monkeypatch):
     out = tmp_path / "run"
-    train([*TINY, "--steps", "3", "--stop-at", "1", "--out", str(out)])
+    train([*TINY, "--steps", "2", "--stop-at", "1", "--out", str(out)])
     assert "attn_bwd_tiled_kernel" in FakeAutotuner.launches
     state, _ = ckpt.load_latest(str(out))
     recorded = state["dispatch"]
@@ -195,7 +197,7 @@ def test_recorded_configs_are_installed_on_resume_before_the_first_step(autotune
 
     monkeypatch.setattr(loop, "train_step", step)
     with forced_configs.recording() as ran:
-        train([*TINY, "--steps", "3", "--out", str(out), "--resume"])
+        train([*TINY, "--steps", "2", "--out", str(out), "--resume"])
     assert sorted(map(json.dumps, at_first_step[0])) == sorted(map(json.dumps, picks))  # installed before step 1
     assert FakeAutotuner.launches == []  # nothing autotuned again: the recorded configs ran
     assert [p["config"] for p in ran if p["kernel"] == "attn_bwd_tiled_kernel"] == [picks[0]["config"]]
