@@ -215,3 +215,40 @@ def test_old_recorded_choices_and_cache_entries_without_configs_still_load(tmp_p
             dispatch.pin({"attention|float32|causal|grad|n64": {"chosen": "sdpa", "configs": [{"kernel": "k"}]}})
     finally:
         dispatch.reset()
+
+
+def _attention_call():
+    import aimkern
+
+    q, k, v = [torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3)]
+    aimkern.attention(q, k, v, is_causal=True).sum().backward()
+
+
+def test_a_cached_decision_installs_its_configs_and_a_malformed_entry_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIMKERN_DISPATCH", "measured")
+    monkeypatch.setenv("AIMKERN_CACHE_DIR", str(tmp_path))
+    dispatch.reset()
+    try:
+        _attention_call()  # decided on the CPU: PyTorch's paths, nothing autotuned, no configs
+        (row,) = dispatch.report()
+        assert row["configs"] == [] and forced_configs.forced() == []
+        path = tmp_path / "dispatch.json"
+        data = json.loads(path.read_text())
+        pick = {"kernel": "some_kernel", "key": [64, True, "float32"],
+                "config": {"kwargs": {"BLOCK": 32}, "num_warps": 4, "num_stages": 2}}
+        data["entries"][row["key"]]["configs"] = [pick]  # as a GPU's decision would have recorded it
+        path.write_text(json.dumps(data))
+        dispatch.reset()
+        _attention_call()
+        (row,) = dispatch.report()
+        assert row["from_cache"] and row["configs"] == [pick] and forced_configs.forced() == [pick]
+        assert dispatch.choices()[row["problem_key"]]["configs"] == [pick]
+
+        data["entries"][row["key"]]["configs"] = [{"kernel": "some_kernel"}]  # malformed: measured again
+        path.write_text(json.dumps(data))
+        dispatch.reset()
+        _attention_call()
+        (row,) = dispatch.report()
+        assert not row["from_cache"] and forced_configs.forced() == []
+    finally:
+        dispatch.reset()
