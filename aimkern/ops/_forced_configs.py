@@ -26,7 +26,6 @@ the decisions file, a checkpoint and a pipe as it is::
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import threading
 from typing import Iterable, Iterator, Optional
 
@@ -34,7 +33,9 @@ import torch
 
 _LOCK = threading.Lock()
 _TABLE: dict = {}  # (kernel name, key tuple) -> (config identity tuple, pick dict, origin)
-_RECORDERS: contextvars.ContextVar[tuple] = contextvars.ContextVar("aimkern_config_recorders", default=())
+# The active recording() blocks. A plain list, not a ContextVar: autograd runs a CUDA backward on its own
+# device thread, which does not see the caller's context, and the tiled backward is what must be recorded.
+_RECORDERS: list = []
 
 
 def _plain(value):
@@ -113,7 +114,7 @@ def clear() -> None:
 
 def active() -> bool:
     """Whether a launch must compute its key: something is forced or recorded."""
-    return bool(_TABLE) or bool(_RECORDERS.get())
+    return bool(_TABLE) or bool(_RECORDERS)
 
 
 def forced_config(choice, key: tuple):
@@ -134,23 +135,26 @@ def forced_config(choice, key: tuple):
 
 def note(choice, key: tuple, config) -> None:
     """Tell the active ``recording()`` blocks that ``choice`` ran ``config`` under ``key``."""
-    recorders = _RECORDERS.get()
-    if recorders:
+    if _RECORDERS:
         pick = {"kernel": choice.name, "key": list(key), "config": config_record(config)}
-        for seen in recorders:
-            seen[(choice.name, key)] = pick
+        with _LOCK:
+            for seen in _RECORDERS:
+                seen[(choice.name, key)] = pick
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[list]:
-    """The picks (one per kernel and key, the last config that ran) of the launches inside the block, in
-    the yielded list, filled when the block ends."""
+    """The picks (one per kernel and key, the last config that ran) of the launches made while the block
+    runs, in any thread (a backward on autograd's device thread too), in the yielded list, filled when the
+    block ends. Dispatch decides one key at a time, so a block sees its own trial's launches."""
     seen: dict = {}
     out: list = []
-    token = _RECORDERS.set(_RECORDERS.get() + (seen,))
+    with _LOCK:
+        _RECORDERS.append(seen)
     try:
         yield out
     finally:
-        _RECORDERS.reset(token)
+        with _LOCK:
+            _RECORDERS[:] = [r for r in _RECORDERS if r is not seen]  # by identity: nested blocks
         out.extend(seen.values())
 
