@@ -14,10 +14,12 @@ CUDA, the reference elsewhere); ``backend="triton"`` / ``"reference"`` force a p
 ``python -m aimkern.tune --preset vit-b16`` decides every op call of one training step and prints why.
 """
 from .cache import DispatchWarning
-from .core import candidates, choices, choose, decision_key, pin, problem_key, register, report, reset, unregister
+from .core import (
+    candidates, chosen_name, choices, choose, decision_key, pin, problem_key, register, report, reset, unregister,
+)
 from .environment import cache_dir, fingerprint, mode
 
 __all__ = [
-    "DispatchWarning", "cache_dir", "candidates", "choices", "choose", "decision_key", "fingerprint", "mode", "pin",
-    "problem_key", "register", "report", "reset", "unregister",
+    "DispatchWarning", "cache_dir", "candidates", "chosen_name", "choices", "choose", "decision_key", "fingerprint",
+    "mode", "pin", "problem_key", "register", "report", "reset", "unregister",
 ]

@@ -4,7 +4,8 @@ Format (one JSON object)::
 
     {"format": "aimkern-dispatch", "version": 1,
      "entries": {KEY: {"chosen": NAME, "candidates": {NAME: {"ms": .., "verified": .., "reason": ..}},
-                       "names": [every candidate considered], "decided_at": "2026-12-01T12:00:00Z"}}}
+                       "names": [every candidate considered], "decided_at": "2026-12-01T12:00:00Z",
+                       "configs": [the autotuned configs the decision fixed, ``picks``; absent in older files]}}}
 
 Writes hold an exclusive ``flock`` on ``dispatch.json.lock``, re-read the file, merge the new entry into
 what is there and replace the file atomically (a temporary file in the same folder, fsync, rename): two

@@ -26,7 +26,8 @@ from typing import Callable, Optional
 import torch
 
 from ..specs import Candidate, OpSpec, Problem, SupportRule, describe, get_spec
-from . import environment, isolation, realshape
+from ..ops import _forced_configs
+from . import environment, isolation, picks, realshape
 from .cache import DecisionCache, DispatchWarning
 from .measure import measure_safely
 from .trial import public_style
@@ -42,13 +43,16 @@ class DispatchState:
         self.fast: dict = {}  # call signature (plain tuple) -> Candidate: the per-call path, a few microseconds
         self.rows: dict = {}  # key -> report row (this process's decisions, in order)
         self.pinned: dict = {}  # problem key (no environment) -> candidate name, from a run being resumed
+        self.pinned_configs: dict = {}  # problem key -> the configs it fixed (installed here), same source
         self.warned: set = set()  # (op, candidate, reason) already reported
         self.caches: dict = {}  # folder -> DecisionCache
 
     def reset(self) -> None:
         with self.lock:
-            for table in (self.memo, self.fast, self.rows, self.pinned, self.warned, self.caches):
+            for table in (self.memo, self.fast, self.rows, self.pinned, self.pinned_configs, self.warned,
+                          self.caches):
                 table.clear()
+            _forced_configs.clear()  # the configs decisions and pins forced
 
     def forget(self, op: str) -> None:
         """Forget the decisions of ``op`` (its candidates changed)."""
@@ -103,8 +107,8 @@ def unregister(op: str, name: str) -> None:
 
 
 def reset() -> None:
-    """Forget this process's decisions, pins and warnings (the decisions file stays; registered candidates
-    stay), and read ``AIMKERN_DISPATCH`` again."""
+    """Forget this process's decisions, pins, the configs they forced (``aimkern.ops._forced_configs``) and
+    warnings (the decisions file stays; registered candidates stay), and read ``AIMKERN_DISPATCH`` again."""
     environment.refresh()
     STATE.reset()
 
@@ -225,6 +229,9 @@ def _decide(spec: OpSpec, problem: Problem) -> Candidate:
         row = row[0]
     else:
         row = _decide_row(spec, problem, key)
+    if row.get("configs"):  # every rank, and every later launch here, runs the configs the decision fixed
+        origin = "a resumed run's recorded choices" if row["pinned"] else f"aimkern.dispatch's decision for {key}"
+        row = dict(row, configs=picks.install(row["configs"], origin))
     STATE.rows[key] = row
     return _by_name(spec, row["chosen"])
 
@@ -246,14 +253,16 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
             if row is not None:
                 return row
         entry = _cache().get(key)
-        if entry is not None and entry.get("names") == names and entry["chosen"] in names:
+        configs = picks.usable(entry.get("configs")) if entry is not None else None
+        if entry is not None and entry.get("names") == names and entry["chosen"] in names and configs is not None:
             cached = entry.get("candidates", {})  # a cached decision: no trial, no worker
             for n, r in cached.items():
                 if n in results and isinstance(r, dict):
                     results[n] = {"ms": r.get("ms"), "verified": bool(r.get("verified")), "reason": r.get("reason")}
                     if isinstance(r.get("kernels"), dict):
                         results[n]["kernels"] = r["kernels"]
-            return dict(base, chosen=entry["chosen"], from_cache=True, pinned=False, candidates=results)
+            return dict(base, chosen=entry["chosen"], from_cache=True, pinned=False, candidates=results,
+                        configs=configs if picks.wanted(problem) else [])
         trusted = _measure_all(spec, problem, usable, results, trials)
     finally:
         trials.close()
@@ -265,8 +274,11 @@ def _decide_row(spec: OpSpec, problem: Problem, key: str) -> dict:
         )
     chosen = min(timed, key=lambda c: results[c.name]["ms"]).name
     check = {"trusted": trusted, "seconds": round(trials.check_s, 4), "isolated": trials.isolate}
-    _cache().put(key, {"chosen": chosen, "names": names, "candidates": results, "real_shape_check": check})
-    return dict(base, chosen=chosen, from_cache=False, pinned=False, candidates=results, real_shape_check=check)
+    configs = results[chosen].get("configs", []) if picks.wanted(problem) else []
+    _cache().put(key, {"chosen": chosen, "names": names, "candidates": results, "real_shape_check": check,
+                       "configs": configs})
+    return dict(base, chosen=chosen, from_cache=False, pinned=False, candidates=results, real_shape_check=check,
+                configs=configs)
 
 
 def _pinned_row(spec, problem, pinned, usable, results, base, trials) -> Optional[dict]:
@@ -277,7 +289,8 @@ def _pinned_row(spec, problem, pinned, usable, results, base, trials) -> Optiona
         reason = trials.run(cand, None, verify_only=True)["reason"]
     if reason is None:
         results[pinned].update(verified=True, reason=None)
-        return dict(base, chosen=pinned, from_cache=False, pinned=True, candidates=results)
+        configs = STATE.pinned_configs.get(problem_key(spec, problem), []) if picks.wanted(problem) else []
+        return dict(base, chosen=pinned, from_cache=False, pinned=True, candidates=results, configs=configs)
     _warn(("pinned", problem_key(spec, problem)), f"the recorded choice {pinned!r} for "
           f"{problem_key(spec, problem)} is not available here ({reason}); measuring instead")
     return None
@@ -308,8 +321,9 @@ def _measure_all(spec: OpSpec, problem: Problem, usable: list, results: dict, tr
 
 def _record(spec: OpSpec, cand: Candidate, result: dict, results: dict) -> None:
     results[cand.name].update(ms=result["ms"], verified=result["verified"], reason=result["reason"])
-    if "kernels" in result:
-        results[cand.name]["kernels"] = result["kernels"]
+    for extra in ("kernels", "configs"):
+        if extra in result:
+            results[cand.name][extra] = result[extra]
     if result["reason"] is not None:
         _warn((spec.name, cand.name, result["reason"]), f"{spec.name} candidate {cand.name!r} rejected: {result['reason']}")
 
@@ -329,24 +343,45 @@ def report() -> list:
     "torch" or "user") and ``"pinned"``. A decision measured in this process also has ``"real_shape_check"``
     (``{"trusted", "seconds", "isolated"}``: what the values at the real shape were checked against, what the
     check cost) and, per Triton candidate, ``"kernels": {"verification": [...], "real": [...]}``: the kernels,
-    table configs and specializations its verification ran beside those its real-shape run launched."""
+    table configs and specializations its verification ran beside those its real-shape run launched, and
+    ``"configs"``: the config each autotuned kernel ran at the real shape. ``"configs"`` of the row: the
+    configs the decision fixed for every later launch (deterministic problems; ``picks``)."""
     with STATE.lock:
         return [dict(row, candidates={n: dict(r) for n, r in row["candidates"].items()}) for row in STATE.rows.values()]
 
 
 def choices() -> dict:
-    """{problem key: chosen candidate} of this process's decisions: what a training run records."""
+    """{problem key: chosen candidate} of this process's decisions: what a training run records. Where a
+    decision fixed autotuned configs the value is ``{"chosen", "configs", "environment", "device"}``
+    (``picks.recorded``)."""
     with STATE.lock:
-        return {row["problem_key"]: row["chosen"] for row in STATE.rows.values()}
+        return {row["problem_key"]: picks.recorded(row) for row in STATE.rows.values()}
+
+
+def chosen_name(value) -> str:
+    """The candidate name of a recorded choice (``choices()``'s value, either form)."""
+    return value if isinstance(value, str) else value["chosen"]
 
 
 def pin(recorded: dict) -> None:
-    """Make the decisions of ``recorded`` ({problem key: candidate name}, from ``choices()`` of an earlier
-    run) win over measuring: a pinned candidate is verified, then used without timing. One that is not
-    available here is reported in one DispatchWarning and the key is measured instead."""
-    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
-        raise TypeError("aimkern.dispatch.pin: recorded must be a {problem key: candidate name} dict of strings")
+    """Make the decisions of ``recorded`` (``choices()`` of an earlier run: {problem key: candidate name or
+    {"chosen", "configs", ...}}) win over measuring: a pinned candidate is verified, then used without
+    timing, and its recorded configs are forced now, before any launch (where this machine's environment is
+    the recorded one; else said once, and those kernels autotune). A candidate that is not available here is
+    reported in one DispatchWarning and the key is measured instead."""
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) for k in recorded):
+        raise TypeError("aimkern.dispatch.pin: recorded must be a {problem key: recorded choice} dict")
+    parsed = {k: picks.parse(k, v) for k, v in recorded.items()}
     with STATE.lock:
-        STATE.pinned.update(recorded)
+        for key, (name, configs, env, device) in parsed.items():
+            STATE.pinned[key] = name
+            STATE.pinned_configs.pop(key, None)
+            if not configs:
+                continue
+            if picks.environment_here(env, device) is None:
+                _warn(("pinned-configs", key), f"the configs recorded for {key} were picked on {env}; this "
+                      "machine differs, so its kernels autotune again (their sums may differ from the recorded run's)")
+                continue
+            STATE.pinned_configs[key] = picks.install(configs, "a resumed run's recorded choices", replace=True)
         STATE.memo.clear()
         STATE.fast.clear()

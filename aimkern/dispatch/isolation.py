@@ -25,6 +25,7 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Callable, Optional
 
+from ..ops import _forced_configs
 from ..specs import Candidate, OpSpec, Problem
 from .realshape import RealShape
 from .trial import resolve, trial
@@ -230,7 +231,7 @@ class Trials:
         self.used_worker = True
         try:
             result = WORKER.ask(("trial", list(sys.path), self.spec.name, self.problem, ref, trusted_ref,
-                                 verify_only), self.timeout)
+                                 verify_only, _forced_configs.forced()), self.timeout)
         except (WorkerUnavailable, OSError) as e:  # no worker at all: decide here rather than not at all
             self.isolate = False
             WORKER.unavailable = str(e)

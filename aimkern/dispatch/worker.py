@@ -7,8 +7,10 @@ in a forked child)::
 
 It reads messages from READ_FD and answers on WRITE_FD (``multiprocessing.connection`` framing, pickled):
 
-    ("trial", sys_path, op, problem, candidate, trusted, verify_only) -> ("result", {"ms", "verified", "reason",
-                                                                                      "check_s"})
+    ("trial", sys_path, op, problem, candidate, trusted, verify_only, forced)
+        -> ("result", {"ms", "verified", "reason", "check_s"[, "kernels", "configs"]})
+    (``forced``: the caller's forced configs, ``ops._forced_configs.forced()``: the worker launches what the
+    caller will)
     (a worker that cannot open a CUDA context answers ("unavailable", why) and exits: the caller decides itself)
     ("release",)  drop the key's real-shape inputs and trusted values (a decision is over)
     ("exit",)     or the parent's end closing: return
@@ -26,6 +28,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
+from ..ops import _forced_configs
 from ..specs import Candidate, OpSpec, get_spec
 from .realshape import RealShape
 from .trial import public_style, resolve, trial
@@ -71,9 +74,11 @@ def main(argv=None) -> None:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
             continue
-        _, path, op, problem, cand_ref, trusted_ref, verify_only = msg
+        _, path, op, problem, cand_ref, trusted_ref, verify_only, forced = msg
         if sys.path != path:
             sys.path[:] = path
+        _forced_configs.clear()
+        _forced_configs.install(forced, origin="the dispatch caller's forced configs")
         spec = get_spec(op)
         if problem.device_type == "cuda" and not torch.cuda.is_initialized():
             try:  # a GPU in exclusive-process mode has no context for a second process: say so, not "crashed"

@@ -6,8 +6,10 @@ One place owns what used to be decided per family:
 * the fp32 dot precision (``dot_precision``): 3xTF32, fp32-level accuracy on the tensor cores for every
   kernel (plain TF32 misses torch's fp32 error by ~100x; "ieee" FMA dots spill tens of KB on sm_90);
 * autotune on / off and the config of a launch (``launch``), from a family's ``Choice``
-  (kernels/launch_table.py): the interpreter config under the interpreter, the autotuner when the
-  policy allows it and the Choice has several configs, else the first config;
+  (kernels/launch_table.py): a config forced for the launch's autotune key (``_forced_configs``: decided
+  once by measured dispatch, so every rank and a resumed run sum alike), else the interpreter config under
+  the interpreter, the autotuner when the policy allows it and the Choice has several configs, else the
+  first config;
 * the launch policy (``LaunchPolicy``): frozen, read once when an op is called, passed into its custom op
   as typed arguments (ops/_custom_op.py) and saved for the backward, so that a choice made at forward time
   (e.g. the fused or split attention backward) still holds when autograd runs the backward;
@@ -29,6 +31,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from . import _forced_configs
 
 BACKWARD_PATHS = ("auto", "fused", "split")
 
@@ -241,11 +245,20 @@ def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.d
         dry = dry or dry_run
     if dry:
         return
+    key = forced = None
+    if len(choice.configs) > 1 and _forced_configs.active():  # a config decided before (e.g. by dispatch)
+        key = _forced_configs.tune_key(choice, args, constexprs, dtype)
+        forced = _forced_configs.forced_config(choice, key)
     with device_guard(device):  # Triton launches on the current CUDA device, not on the tensors'
-        if autotunes(choice, policy):
-            _autotuner(choice)[grid](*args, **constexprs)
+        if forced is None and autotunes(choice, policy):
+            tuner = _autotuner(choice)
+            tuner[grid](*args, **constexprs)
+            if key is not None:  # read back what the autotuner ran (Autotuner.best_config: this launch's)
+                _forced_configs.note(choice, key, tuner.best_config)
             return
-        c = fixed_config(choice, policy)
+        c = forced if forced is not None else fixed_config(choice, policy)
+        if forced is not None:
+            _forced_configs.note(choice, key, c)
         meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         choice.kernel[grid(meta)](*args, **constexprs, **meta)
 

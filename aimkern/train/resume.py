@@ -46,7 +46,8 @@ def write_options(out_dir: str, options: dict) -> None:
 
 
 def write_dispatch(out_dir: str, choices: dict) -> None:
-    """Record the paths ``aimkern.dispatch`` chose ({problem key: candidate}) in ``OUT/run.json`` (rank 0,
+    """Record the paths ``aimkern.dispatch`` chose ({problem key: candidate, or the candidate with the
+    autotuned configs its decision fixed}: ``dispatch.choices()``) in ``OUT/run.json`` (rank 0,
     at each checkpoint; the checkpoint holds the same dict, which is what --resume pins)."""
     _update(out_dir, dispatch=choices)
 

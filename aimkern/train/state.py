@@ -33,7 +33,7 @@ def save_checkpoint(run: Run, *, step: int, samples_seen: int, bad: BadSamples, 
     ranks = gather_objects({"rng": ckpt.capture_rng(), "window": window.state(), "data": data}, run.env)
     path = None
     if run.env.is_main:
-        choices = dispatch.choices()  # the paths the run took: --resume pins them (bit-exact resume)
+        choices = dispatch.choices()  # the paths (and autotuned configs) the run took: --resume pins them
         resume.write_dispatch(run.args.out, choices)
         path = ckpt.save_step({
             "model": model_sd, "optimizer": optim_sd, "scheduler": run.scheduler.state_dict(), "step": step,
@@ -64,8 +64,10 @@ def load_resume_state(args, env: DistEnv, say: Callable[[str], None]) -> Optiona
     recorded = state.get("dispatch")  # absent in checkpoints written before measured dispatch
     if recorded:
         dispatch.pin(recorded)
+        fixed = sum(len(v.get("configs", [])) for v in recorded.values() if isinstance(v, dict))
         say(f"dispatch: reusing the {len(recorded)} path(s) the run chose (" +
-            ", ".join(f"{k.split('|')[0]}: {v}" for k, v in sorted(recorded.items())) + ")")
+            ", ".join(f"{k.split('|')[0]}: {dispatch.chosen_name(v)}" for k, v in sorted(recorded.items())) + ")" +
+            (f" and the {fixed} autotuned kernel config(s) it fixed" if fixed else ""))
     barrier(env)  # every rank has read its checkpoint before rank 0 renames the ones it fell back past
     if env.is_main:
         for moved in ckpt.set_aside_newer(args.out, state["step"]):
