@@ -3,6 +3,8 @@
 ``verify`` runs a candidate on the op's small verification problem (same dtype, mask kind and code path)
 and holds its output and every input gradient to the spec's tolerance rule: the error against a float64
 reference may be at most ``factor`` x the error of the reference run in the candidate's dtype, plus atol.
+It runs each autotuned kernel at every config its autotuner may pick (one kernel at a time), inside the
+spec's ``verification_context`` (the launch geometry the real shape takes, where a small problem would not).
 
 ``time_ms`` runs it at the real shape on synthetic data: forward (+ backward when the call is
 differentiated), warm-up first (compiles, autotuning), then the median of repeated runs: CUDA events on a
@@ -16,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..ops import _forced_configs
 from ..specs import Candidate, OpSpec, Problem, outputs
 
 
@@ -84,9 +87,33 @@ def verify(spec: OpSpec, cand: Candidate, problem: Problem) -> Optional[str]:
         upstream = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in shapes]
     ref64 = run_once(spec, ref_cand, fresh_leaves(base, small, torch.float64), small, upstream)
     same = run_once(spec, ref_cand, fresh_leaves(base, small), small, upstream)
-    got = run_once(spec, cand, fresh_leaves(base, small), small, upstream)
     names = value_names(spec, small)
-    return disagreement(spec, small.dtype, names, got, same, ref64, f"on {_describe(small)}")
+    with spec.verification_context(problem):  # e.g. the launch geometry the real shape takes (flat grid)
+        with _forced_configs.recording() as ran, _forced_configs.pickable() as pickable:
+            got = run_once(spec, cand, fresh_leaves(base, small), small, upstream)
+        why = disagreement(spec, small.dtype, names, got, same, ref64, f"on {_describe(small)}")
+        # Every other config the autotuner may pick, one kernel at a time: the real shape's pick is made
+        # later, from noisy timings, and may be any of them (the verification shape's own pick says nothing).
+        for pick in ([] if why else other_configs(pickable, ran)):
+            with _forced_configs.forcing([pick], origin="dispatch's verification of every autotuned config"):
+                got = run_once(spec, cand, fresh_leaves(base, small), small, upstream)
+            why = disagreement(spec, small.dtype, names, got, same, ref64,
+                               f"on {_describe(small)} with {pick['kernel']} at {_config_text(pick['config'])}")
+    return why
+
+
+def other_configs(pickable: dict, ran: list) -> list:
+    """The picks ``{"kernel", "key", "config"}`` of every config of ``pickable``'s launches (kernel, key ->
+    config records) but the one each ran (``ran``: ``_forced_configs.recording()``'s picks)."""
+    done = {(p["kernel"], tuple(p["key"])): p["config"] for p in ran}
+    return [{"kernel": kernel, "key": list(key), "config": config}
+            for (kernel, key), configs in sorted(pickable.items(), key=lambda item: repr(item[0]))
+            for config in configs if config != done.get((kernel, key))]
+
+
+def _config_text(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in config["kwargs"].items()) + \
+        f",warps={config['num_warps']},stages={config['num_stages']}"
 
 
 def value_names(spec: OpSpec, problem: Problem, short: bool = False) -> tuple:

@@ -12,6 +12,9 @@ decision) fix the pick:
   at the launch, naming the kernel, the config, where it was forced and the configs the Choice has.
 * ``recording()``: the picks of the launches made inside the block (the autotuner's, read back from it
   after the launch, and the forced ones), so a decision can record what ran.
+* ``pickable()``: every autotuned launch made inside the block, with all the configs its autotuner may
+  pick; ``forcing(picks)`` forces picks for the block only. Dispatch's verification uses the two to run
+  each config the autotuner may pick at the real shape, not only the one it picked at the small shape.
 
 Only Choices with several configs are looked up: one config is never autotuned, and launchers size their
 buffers by ``fixed_config`` of exactly those. A pick is plain data, JSON-able and picklable, so it goes into
@@ -36,6 +39,7 @@ _TABLE: dict = {}  # (kernel name, key tuple) -> (config identity tuple, pick di
 # The active recording() blocks. A plain list, not a ContextVar: autograd runs a CUDA backward on its own
 # device thread, which does not see the caller's context, and the tiled backward is what must be recorded.
 _RECORDERS: list = []
+_PICKABLE: list = []  # the active pickable() blocks: {(kernel, key): [config record, ...]} each
 
 
 def _plain(value):
@@ -114,7 +118,7 @@ def clear() -> None:
 
 def active() -> bool:
     """Whether a launch must compute its key: something is forced or recorded."""
-    return bool(_TABLE) or bool(_RECORDERS)
+    return bool(_TABLE) or bool(_RECORDERS) or bool(_PICKABLE)
 
 
 def forced_config(choice, key: tuple):
@@ -140,6 +144,50 @@ def note(choice, key: tuple, config) -> None:
         with _LOCK:
             for seen in _RECORDERS:
                 seen[(choice.name, key)] = pick
+
+
+def offered(choice, key: tuple) -> None:
+    """Tell the active ``pickable()`` blocks that a launch of ``choice`` under ``key`` may run any of its
+    configs (the launch layer calls it for launches the autotuner decides, or would on a GPU)."""
+    if _PICKABLE:
+        configs = [config_record(c) for c in choice.configs]
+        with _LOCK:
+            for seen in _PICKABLE:
+                seen[(choice.name, key)] = configs
+
+
+@contextlib.contextmanager
+def pickable() -> Iterator[dict]:
+    """``{(kernel, key): [config record, ...]}`` of the autotuned launches made while the block runs (in any
+    thread), every config the autotuner may pick for each, in the yielded dict, filled as they launch."""
+    seen: dict = {}
+    with _LOCK:
+        _PICKABLE.append(seen)
+    try:
+        yield seen
+    finally:
+        with _LOCK:
+            _PICKABLE[:] = [r for r in _PICKABLE if r is not seen]
+
+
+@contextlib.contextmanager
+def forcing(picks: Iterable[dict], *, origin: str) -> Iterator[None]:
+    """``force`` each pick while the block runs; the table is as before afterwards (picks forced before for
+    the same kernels and keys come back)."""
+    checked = [check_pick(p) for p in picks]
+    slots = [(p["kernel"], p["key"]) for p in checked]
+    with _LOCK:
+        before = {slot: _TABLE[slot] for slot in slots if slot in _TABLE}
+    try:
+        install(checked, origin=origin)
+        yield
+    finally:
+        with _LOCK:
+            for slot in slots:
+                if slot in before:
+                    _TABLE[slot] = before[slot]
+                else:
+                    _TABLE.pop(slot, None)
 
 
 @contextlib.contextmanager

@@ -249,6 +249,8 @@ def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.d
     if len(choice.configs) > 1 and _forced_configs.active():  # a config decided before (e.g. by dispatch)
         key = _forced_configs.tune_key(choice, args, constexprs, dtype)
         forced = _forced_configs.forced_config(choice, key)
+        if autotunes(choice, policy) or (policy.autotune and gpu_configs_active()):  # (or would on the GPU)
+            _forced_configs.offered(choice, key)
     with device_guard(device):  # Triton launches on the current CUDA device, not on the tensors'
         if forced is None and autotunes(choice, policy):
             tuner = _autotuner(choice)

@@ -28,8 +28,9 @@ Public launcher entry points (the custom ops run them; the compile gate drives t
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -96,9 +97,28 @@ GRID_X_MAX = 2**31 - 1
 FLAT_ABOVE = 65_535  # B * H above which the tiled kernels take the flat grid (tests lower it)
 
 
+# Open flat_grid_forced() blocks. A plain list, not a ContextVar: autograd runs a CUDA backward on its own
+# device thread, which does not see the caller's context, and the backward's launches must be flat too.
+_FLAT_FORCED: list = []
+
+
 def flat_launch(bh: int) -> bool:
     """Whether a launch for ``bh`` = B * H heads takes the flat grid (the kernels' FLAT constexpr)."""
-    return bh > FLAT_ABOVE
+    return bh > FLAT_ABOVE or bool(_FLAT_FORCED)
+
+
+@contextlib.contextmanager
+def flat_grid_forced(flat: bool = True) -> Iterator[None]:
+    """Launches inside the block take the flat grid whatever B * H is (``flat``; False: no change).
+    Dispatch's verification runs in it when the real call has more than FLAT_ABOVE heads, so the small
+    problem runs the kernels' FLAT code that the real call runs."""
+    token = object()
+    if flat:
+        _FLAT_FORCED.append(token)
+    try:
+        yield
+    finally:
+        _FLAT_FORCED[:] = [t for t in _FLAT_FORCED if t is not token]
 
 
 def flat_grid(tiles: int, bh: int) -> tuple:

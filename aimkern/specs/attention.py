@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ..checks import check_float_dtype, check_same_device, check_tensor, normalize_prefix_len
 from ..ops._launch import sm_count
 from ..ops.attention import (
-    AttentionParams, attention_qkvpacked_triton, attention_triton, effective_causal, fused_backward_fits,
+    AttentionParams, attention_qkvpacked_triton, attention_triton, effective_causal, flat_grid_forced, flat_launch,
+    fused_backward_fits,
 )
 from ..reference.attention import attention_mask, attention_reference
 from .common import exact_or_pow2, kernel_unsupported, pow2, randint, randn
@@ -106,6 +107,13 @@ def small_problem(problem: Problem) -> Problem:
     qshape = (b2, h2, n2, d)
     return problem.with_(shapes=(qshape, qshape, qshape, (b2,) if problem.shapes[3] is not None else None),
                          params=params)
+
+
+def verification_launch(problem: Problem):
+    """The real call's grid for the verification problem: the flat one above FLAT_ABOVE heads (B * H that
+    large would not fit a float64 reference), else the launches' own."""
+    b, h = problem.shapes[0][:2]
+    return flat_grid_forced(flat_launch(b * h))
 
 
 def verify_heads(b: int, h: int, n: int, device: str) -> tuple:
@@ -256,4 +264,5 @@ SPEC = add_spec(OpSpec(
     autocast=(0, 1, 2),
     tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
     reference_bytes=reference_bytes,
+    verification_launch=verification_launch,
 ))

@@ -19,6 +19,7 @@ benchmarks/bench_cases.py: none of it is needed to run an op.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -183,6 +184,9 @@ class OpSpec:
     reference_bytes: problem -> about the bytes the float64 reference (forward and backward) holds at that
                  shape, where it builds more than copies of its inputs (attention's N x N scores); None:
                  the dispatcher's estimate from the inputs. Decides whether the real-shape check can use it.
+    verification_launch: problem -> a context manager the verification problem's candidate runs in, so that
+                 it takes the launch geometry the real ``problem`` takes where a small problem would not
+                 (attention's flat grid above 65,535 heads); None: nothing to force.
     """
 
     name: str
@@ -201,10 +205,15 @@ class OpSpec:
     autocast: tuple = ()
     needs_reference: Optional[Callable[[tuple], bool]] = None
     reference_bytes: Optional[Callable[[Problem], int]] = None
+    verification_launch: Optional[Callable[[Problem], Any]] = None
     param_names: tuple = field(init=False)  # the params' field names, read once (a constant to Dynamo)
 
     def __post_init__(self):
         self.param_names = tuple(f.name for f in fields(self.params_type))
+
+    def verification_context(self, problem: Problem):
+        """The context the verification of ``problem`` runs its candidate in (``verification_launch``)."""
+        return self.verification_launch(problem) if self.verification_launch else contextlib.nullcontext()
 
     def candidate(self, name: str) -> Candidate:
         for c in self.candidates:
