@@ -374,6 +374,7 @@ def next_patch_pixel_loss_varlen(
     prefix_len: Union[None, int, torch.Tensor] = None,
     norm_pix: bool = True,
     eps: float = 1e-6,
+    max_seqlen: Optional[int] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``next_patch_pixel_loss`` over a pack of S images laid end to end (``aimkern.pack_images``).
@@ -386,15 +387,18 @@ def next_patch_pixel_loss_varlen(
         offset: row i of an image predicts its patch i + offset.
         prefix_len: None, an int (every image) or an int tensor (S,) with prefix_len[s] in [0, n_s].
         norm_pix, eps: standardize each target patch by its mean and unbiased variance (with eps).
+        max_seqlen: as ``attention_varlen``'s, a host int >= every image's length (a pack's
+            ``max_seqlen``). Given, the op reads nothing on the host: no sync, and cu_seqlens and prefix_len
+            are the caller's promise (a pack from ``pack_images`` keeps it). None: the op reads cu_seqlens
+            (and prefix_len) on the host once to check them (not under torch.compile).
         backend: "auto", "triton" or "reference".
 
     Target j of image s counts when j >= offset and j >= prefix_len[s], within s: no row predicts a patch of
-    another image. The op reads cu_seqlens (and prefix_len) on the host once to check them (not under
-    torch.compile).
+    another image.
 
     Returns:
         float32 scalar (float64 for float64 inputs): the per-value squared error averaged within each patch,
         then over the counted targets of the whole pack; 0 when none counts.
     """
-    params = PixelLossVarlenParams(offset=offset, norm_pix=norm_pix, eps=float(eps))
+    params = PixelLossVarlenParams(offset=offset, norm_pix=norm_pix, eps=float(eps), max_seqlen=max_seqlen)
     return run(PIXEL_LOSS_VARLEN, (pred, patches, cu_seqlens, prefix_len), params, backend)

@@ -26,3 +26,17 @@ def test_packing_beats_padding_on_the_mix():
         assert packed["padding"] < 0.05 < padded["padding"]
         assert packed["work_x"] < padded["work_x"]
         assert packed["work_x"] >= 1.0  # never below the images' minimum
+
+
+def test_naflex_bucket_per_image_count_is_the_anchor_and_timm_schedule_differs():
+    """The issue's NaFlex anchor (2.48x the work, 1.18x the tokens at 576) counts a bucket per image; timm's
+    own schedule draws one per batch and fills it with tokens // bucket images, so small buckets hold most
+    images: fewer tokens than the images' own and less work."""
+    import pytest
+
+    pytest.importorskip("timm.data.naflex_dataset")
+    sizes = nt.mix_sizes(600)
+    per_image = nt.count_naflex(sizes, 8 * 576, 576, per_image=True)
+    timm_way = nt.count_naflex(sizes, 8 * 576, 576)
+    assert 2.0 < per_image["work_x"] < 3.2 and 1.0 < per_image["tokens_x"] < 1.35
+    assert timm_way["tokens_x"] < 1.0 and timm_way["work_x"] < per_image["work_x"]

@@ -198,3 +198,31 @@ def test_aimv2_native_family_rows_equal_dense():
     dense = m.forward_features(dense_input(square), prefix_len=torch.tensor([2, 3]))
     torch.testing.assert_close(feats[3:7], dense[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(feats[7:], dense[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_packed_step_does_not_recompile_when_the_pack_changes():
+    """torch.compile(fullgraph=True) of the whole packed training step (forward_packed, pixel loss,
+    backward through the model) gives one graph for packs of one T, S and max_seqlen whose images differ
+    (so cu_seqlens, grid, coords and prefix_len change values), and the eager reference's loss and grads."""
+    from dataclasses import replace
+
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    tri, ref = model(depth=1, backend="triton"), model(depth=1)
+    step = torch.compile(tri.forward_packed, backend=counter, fullgraph=True)
+    square, other = images()
+    for chosen in ([square[0], other[1]], [other[0], other[2], square[1]], [other[1], other[0]]):
+        prefix = [max(1, (img.shape[1] // 4) * (img.shape[2] // 4) // 2) for img in chosen]
+        pack, taken = pack_to_budget(chosen, 4, 48, prefix_len=prefix, sequences=4)
+        assert len(taken) == len(chosen)
+        pack = replace(pack, max_seqlen=48)  # a fixed host bound, as the native trainer's packs have
+        loss = step(pack)
+        grads = torch.autograd.grad(loss, list(tri.parameters()))
+        want = ref.forward_packed(pack)
+        torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
+        for (name, p), g, w in zip(ref.named_parameters(), grads, torch.autograd.grad(want, list(ref.parameters()))):
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5, msg=lambda s: f"{name}: {s}")
+    assert counter.frame_count == 1

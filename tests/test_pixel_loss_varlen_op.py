@@ -90,7 +90,32 @@ def test_bad_inputs_name_the_argument():
         ((pred, patches, cu), dict(offset=-1), ValueError, "offset"),
         ((pred, patches.to(torch.int32), cu), {}, TypeError, "patches"),
         ((pred.long(), patches, cu), {}, TypeError, "pred"),
+        ((pred, patches, cu), dict(max_seqlen=0), ValueError, "max_seqlen"),
+        ((pred, patches, cu), dict(max_seqlen=True), ValueError, "max_seqlen"),
     ]
     for args, kw, exc, word in cases:
         with pytest.raises(exc, match=word):
             aimkern.next_patch_pixel_loss_varlen(*args, backend="reference", **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
+def test_max_seqlen_reads_nothing_on_the_host(monkeypatch, backend):
+    """With max_seqlen (a pack's host bound) the op skips its host read of cu_seqlens and prefix_len (a sync
+    per training step on CUDA) and computes the same loss and gradient; without it, it reads them once."""
+    from aimkern.specs import attention_varlen, pixel_loss_varlen
+
+    pred, patches, cu = pack([5, 1, 9, 4])
+    prefix = torch.tensor([2, 0, 3, 4])
+    want = loss_and_grad(pred, patches, cu, torch.float32, backend, prefix_len=prefix)
+    reads = []
+
+    def counting(*args, **kw):
+        reads.append(args)
+        return attention_varlen.check_values(*args, **kw)
+
+    monkeypatch.setattr(pixel_loss_varlen, "check_values", counting)
+    got = loss_and_grad(pred, patches, cu, torch.float32, backend, prefix_len=prefix, max_seqlen=9)
+    assert reads == []
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    loss_and_grad(pred, patches, cu, torch.float32, backend, prefix_len=prefix)
+    assert len(reads) == 1

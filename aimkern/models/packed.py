@@ -15,7 +15,7 @@ masks are computed from ``cu_seqlens``, ``grid`` and ``coords`` on the device, a
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -25,19 +25,16 @@ from .positions import resized_learned_at, sincos_at
 
 PrefixLen = Union[None, int, torch.Tensor]
 IGNORE_INDEX = -100
-_AFFINE: Dict[Tuple[str, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _affine(device, in_chans: int, values: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float32 (values,) scale and shift of ``x / 255 - mean) / std`` in (p, q, c) order (channel fastest),
-    rounded once from float64 exactly as ``aimkern.data.inputs.model_input`` rounds its (C,) pair."""
-    key = (str(device), in_chans, values)
-    if key not in _AFFINE:
-        mean, std = (torch.tensor(v, dtype=torch.float64) for v in MEAN_STD[in_chans])
-        scale, shift = (1.0 / (255.0 * std)).to(torch.float32), (-mean / std).to(torch.float32)
-        reps = values // in_chans
-        _AFFINE[key] = (scale.repeat(reps).to(device), shift.repeat(reps).to(device))
-    return _AFFINE[key]
+def _affine(device, in_chans: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 (C,) scale and shift of ``(x / 255 - mean) / std``, rounded once from float64 exactly as
+    ``aimkern.data.inputs.model_input`` rounds its (C,) pair. Built per call, not cached: a cache that a
+    call fills would fail a compiled step's guard on the next call (a recompile)."""
+    mean, std = MEAN_STD[in_chans]
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device)
+    return scale, shift
 
 
 def packed_input(patches: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -49,9 +46,10 @@ def packed_input(patches: torch.Tensor, in_chans: int) -> torch.Tensor:
     if patches.dtype != torch.uint8:
         raise TypeError(f"packed patches must be uint8 or float, got {patches.dtype}")
     check_channels(in_chans)
-    scale, shift = _affine(patches.device, in_chans, patches.shape[1])
-    out = torch.empty(patches.shape, dtype=torch.float32, device=patches.device)
-    return torch.addcmul(shift, patches, scale, out=out)
+    scale, shift = _affine(patches.device, in_chans)
+    t, values = patches.shape  # (p, q, c) order: channel fastest
+    out = torch.empty((t, values // in_chans, in_chans), dtype=torch.float32, device=patches.device)
+    return torch.addcmul(shift, patches.reshape(t, -1, in_chans), scale, out=out).view(t, values)
 
 
 def token_sequence(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
@@ -142,7 +140,8 @@ def forward_packed(model, packed, prefix_len: PrefixLen = None, targets: Optiona
     if cfg.head == "pixel":
         # Targets are the normalized patches, as the dense loss takes them from the normalized images.
         return next_patch_pixel_loss_varlen(model.head(feats), x, packed.cu_seqlens, offset=offset,
-                                            prefix_len=prefix_len, norm_pix=cfg.norm_pix, backend=cfg.backend)
+                                            prefix_len=prefix_len, norm_pix=cfg.norm_pix,
+                                            max_seqlen=max(packed.max_seqlen, 1), backend=cfg.backend)
     return _token_loss(model, packed, feats, targets, prefix_len, offset)
 
 

@@ -30,6 +30,9 @@ class PixelLossVarlenParams:
     offset: int = 1  # row i of a sequence predicts its patch i + offset
     norm_pix: bool = True  # standardize each target patch with its mean and unbiased variance
     eps: float = 1e-6  # added to the variance before the square root
+    # A host bound on the images' lengths; given, the op reads nothing on the host (cu_seqlens' values are
+    # the caller's promise). Only the checks use it: the spec drops it before dispatch and the kernels.
+    max_seqlen: Optional[int] = None
 
 
 def counted_total(cu_seqlens: torch.Tensor, prefix_len: Optional[torch.Tensor], offset: int) -> torch.Tensor:

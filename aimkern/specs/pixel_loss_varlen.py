@@ -8,6 +8,7 @@ Tensors, in order: pred (T, D) float; patches (T, D) raw patch values, uint8 or 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -26,7 +27,8 @@ PATCH_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch
 
 def check(tensors: tuple, params: PixelLossVarlenParams, backend: str, op: str = NAME) -> tuple:
     """((pred, patches, cu_seqlens int32, prefix_len None or int32 (S,)), params), checked. Reads cu_seqlens
-    (and prefix_len) on the host once to check their values, except under torch.compile."""
+    (and prefix_len) on the host once to check their values, except under torch.compile or with
+    ``max_seqlen`` given."""
     pred, patches, cu, prefix_len = tensors
     check_tensor(pred, "pred", op, ndim=2)
     check_tensor(patches, "patches", op, ndim=2)
@@ -36,6 +38,10 @@ def check(tensors: tuple, params: PixelLossVarlenParams, backend: str, op: str =
         raise TypeError(f"{op}: norm_pix must be a bool, got {type(params.norm_pix).__name__}")
     if not params.eps >= 0.0:
         raise ValueError(f"{op}: eps must be >= 0, got {params.eps}")
+    m = params.max_seqlen
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"{op}: max_seqlen must be None or an int >= 1 (a host bound on the images' lengths), "
+                         f"got {m!r}")
     if pred.shape != patches.shape:
         raise ValueError(f"{op}: pred and patches must have the same shape (T, P*P*C), got {tuple(pred.shape)} "
                          f"and {tuple(patches.shape)}")
@@ -61,9 +67,9 @@ def check(tensors: tuple, params: PixelLossVarlenParams, backend: str, op: str =
         checked_prefix = None  # an int may exceed a short image's length: it then has no target
     else:
         prefix_len = checked_prefix = _per_sequence(prefix_len, "prefix_len", s, pred.device, op)
-    if can_inspect_values():
+    if can_inspect_values() and m is None:  # max_seqlen given: no host read (the caller vouches for the pack)
         check_values(cu, t, {} if checked_prefix is None else {"prefix_len": checked_prefix}, op)
-    return (pred, patches, cu, prefix_len), params
+    return (pred, patches, cu, prefix_len), replace(params, max_seqlen=None)  # one dispatch key with or without
 
 
 def reference(pred, patches, cu, prefix_len: Optional[torch.Tensor], params: PixelLossVarlenParams) -> torch.Tensor:
