@@ -1,5 +1,5 @@
 """Verification runs what the real call runs (issue 28, item 2): for every spec's Triton candidate at the
-benchmark shapes (benchmarks/bench_cases.py), the kernels, table configs and specializations that its
+benchmark shapes (benchmarks/bench_cases.py; the packed ops at benchmarks/native_throughput.py's steps), the kernels, table configs and specializations that its
 verification problem launches are those the real call launches (``aimkern.dispatch.coverage``).
 
 Under Triton's interpreter with the GPU tables (``gpu_configs``: the configs, CE chunks and tiles the GPU
@@ -18,9 +18,11 @@ import torch
 from aimkern.dispatch.coverage import launched
 from aimkern.ops._launch import gpu_configs
 from aimkern.ops.attention import AttentionParams, flat_launch, fused_backward_fits
+from aimkern.ops.attention_varlen import VarlenAttentionParams
 from aimkern.ops.cross_entropy import CrossEntropyParams
 from aimkern.ops.patch_embed import PatchEmbedParams
 from aimkern.ops.pixel_loss import PixelLossParams
+from aimkern.ops.pixel_loss_varlen import PixelLossVarlenParams
 from aimkern.specs import Problem, get_spec
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -70,7 +72,25 @@ def _pixel_loss_cases():
                        PixelLossParams(patch_size=p), (True, False, False), ("float16", "float16", "int32")))
 
 
-CASES = [*_attention_cases(), *_cross_entropy_cases(), *_patch_embed_cases(), *_pixel_loss_cases()]
+def _varlen_cases():
+    """The packed ops at benchmarks/native_throughput.py's steps: 8 x N tokens of images of at most N patches
+    (N = 256, 576, 1,024), about 8 x N / (N / 2) images and the padding sequences, 12 heads of 64."""
+    for budget in (256, 576, 1024):
+        t, s = 8 * budget, 20
+        for mask in ("causal", "prefix", "block"):
+            per_seq = ((s,), None) if mask == "block" else (None, (s,) if mask == "prefix" else None)
+            yield (f"attention_varlen T={t} S={s} {mask}",
+                   Problem("attention_varlen", "cpu", "float16", ((t, 12, 64),) * 3 + ((s + 1,),) + per_seq,
+                           VarlenAttentionParams(max_seqlen=budget, is_causal=True), (True, True, True, False,
+                                                                                     False, False),
+                           ("float16",) * 3 + ("int32", "int32" if per_seq[0] else None,
+                                               "int32" if per_seq[1] else None)))
+        yield (f"next_patch_pixel_loss_varlen T={t} S={s}",
+               Problem("next_patch_pixel_loss_varlen", "cpu", "float16", ((t, 768), (t, 768), (s + 1,), (s,)),
+                       PixelLossVarlenParams(), (True, False, False, False), ("float16", "uint8", "int32", "int32")))
+
+
+CASES = [*_attention_cases(), *_cross_entropy_cases(), *_patch_embed_cases(), *_pixel_loss_cases(), *_varlen_cases()]
 
 
 def _fewer_images(problem: Problem) -> Problem:
