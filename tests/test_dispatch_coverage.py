@@ -1,6 +1,7 @@
 """Verification runs what the real call runs (issue 28, item 2): for every spec's Triton candidate at the
-benchmark shapes (benchmarks/bench_cases.py; the packed ops at benchmarks/native_throughput.py's steps), the kernels, table configs and specializations that its
-verification problem launches are those the real call launches (``aimkern.dispatch.coverage``).
+benchmark shapes (benchmarks/bench_cases.py; the packed ops at benchmarks/native_throughput.py's steps),
+the kernels, table configs and specializations that its verification problem launches are those the real
+call launches (``aimkern.dispatch.coverage``).
 
 Under Triton's interpreter with the GPU tables (``gpu_configs``: the configs, CE chunks and tiles the GPU
 runs), with nothing launched (``observe(dry_run=True)``), so the benchmark shapes cost only their
