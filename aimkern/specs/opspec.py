@@ -183,6 +183,8 @@ class OpSpec:
     reference_bytes: problem -> about the bytes the float64 reference (forward and backward) holds at that
                  shape, where it builds more than copies of its inputs (attention's N x N scores); None:
                  the dispatcher's estimate from the inputs. Decides whether the real-shape check can use it.
+    compute_dtype: tensors -> the call's floating dtype (``Problem.dtype``) where the first tensor may not
+                 have it (patch_embed's uint8 images: the weight's); None: the first tensor's dtype.
     """
 
     name: str
@@ -201,6 +203,7 @@ class OpSpec:
     autocast: tuple = ()
     needs_reference: Optional[Callable[[tuple], bool]] = None
     reference_bytes: Optional[Callable[[Problem], int]] = None
+    compute_dtype: Optional[Callable[[tuple], torch.dtype]] = None
     param_names: tuple = field(init=False)  # the params' field names, read once (a constant to Dynamo)
 
     def __post_init__(self):
