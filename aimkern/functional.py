@@ -13,7 +13,7 @@ A new op adds a spec and a function here of a few lines; nothing of the preamble
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -283,22 +283,32 @@ def patch_embed(
     bias: Optional[torch.Tensor] = None,
     pos_embed: Optional[torch.Tensor] = None,
     *,
+    input_scale: Optional[Sequence[float]] = None,
+    input_shift: Optional[Sequence[float]] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Fused patch embedding, equal to ``conv2d(images, weight, bias, stride=P).flatten(2).transpose(1, 2) + pos_embed``.
 
     Args:
-        images: (B, C, H, W), H and W multiples of P.
+        images: (B, C, H, W), H and W multiples of P: float (the GEMM's dtype), or uint8 pixels normalized
+            in the kernels by ``input_scale`` / ``input_shift`` (no normalized copy is made).
         weight: (E, C, P, P), exactly ``nn.Conv2d(C, E, P, stride=P).weight``.
         bias: (E,) or None.
         pos_embed: (N, E) or (1, N, E) with N = (H // P) * (W // P), or None.
+        input_scale, input_shift: for uint8 images (and only for them, both required): C floats each. The
+            GEMM's input for pixel x of channel c is ``x * input_scale[c] + input_shift[c]``, with both
+            numbers rounded to float32 and the multiply-add in fp32, then cast to the weight's dtype.
+            ``aimkern.data.decode.pixel_affine(C)`` gives the model's ``(x / 255 - mean) / std`` (scale =
+            1 / (255 std), shift = -mean / std); ``(1.0,) * C, (0.0,) * C`` the raw values. Integer images
+            get no gradient.
         backend: "auto" (the fastest correct path, measured on first use: aimkern.dispatch), "triton" or
             "reference".
 
     Returns:
-        (B, N, E) tokens in raster order, in the dtype of ``images @ weight``.
+        (B, N, E) tokens in raster order, in the dtype of ``images @ weight`` (the weight's for uint8 images).
     """
-    return run(PATCH_EMBED, (images, weight, bias, pos_embed), PatchEmbedParams(), backend)
+    params = PatchEmbedParams(input_scale=input_scale, input_shift=input_shift)
+    return run(PATCH_EMBED, (images, weight, bias, pos_embed), params, backend)
 
 
 def linear_cross_entropy(

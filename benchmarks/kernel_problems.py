@@ -157,7 +157,7 @@ def cross_entropy_problems(subset: str):
 def patch_embed_problems(subset: str):
     """(label, thunk) pairs driving the patch-embed launchers on meta tensors: ViT-B/16 at batch 256 (the
     autotuned big GEMMs) and a small problem (the fixed small tiles), each dtype, with and without bias, and
-    every subset of the parameter gradients."""
+    every subset of the parameter gradients; and uint8 images normalized in the kernels (forward and dW)."""
     shapes = {"vit-b16 x256": (256, 224, 16, 768), "small": (2, 32, 4, 40)}
     for dname in gate_dtypes(subset):
         dtype = GATE_DTYPES[dname]
@@ -176,6 +176,17 @@ def patch_embed_problems(subset: str):
                     pe.launch_backward_images(out, weight, images, policy)
 
                 yield f"patch_embed {dname} {sname} bias={bias}", run
+
+            def run_uint8(dtype=dtype, b=b, img=img, p=p, e=e):
+                # uint8 images normalized in the kernels (the packed model's call): forward and dW, no dX
+                images, weight = meta(b, 3, img, img, dtype=torch.uint8), meta(e, 3, p, p, dtype=dtype)
+                params = pe.PatchEmbedParams(input_scale=(0.017, 0.0175, 0.0174), input_shift=(-2.1, -2.0, -1.8))
+                policy = LaunchPolicy()
+                out = pe.launch_forward(images, weight, meta(e, dtype=dtype), meta((img // p) ** 2, e, dtype=dtype),
+                                        policy, params)
+                pe.launch_backward_params(out, images, weight, True, True, policy, params)
+
+            yield f"patch_embed {dname} {sname} images=uint8", run_uint8
 
 
 # --------------------------------------------------------------------------------------- pixel loss

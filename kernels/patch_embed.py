@@ -5,6 +5,10 @@ N = (H // P) * (W // P) in raster order, K = C * P * P with k = c * P * P + p * 
 ``weight.reshape(E, K)``). No patch copy is ever made: the kernels gather the (token, k) matrix straight
 from the strided images with the separable address ``row(token) + col(k)``.
 
+uint8 images (NORMALIZE): the forward and dW kernels load the raw pixels and make each GEMM input
+``x * scale[c] + shift[c]`` in fp32 (scale, shift: fp32 (C,) tensors, c = k // (P * P)), cast to the
+weight's dtype, in registers: normalization costs no pass and no copy. There is no dX for them.
+
 Kernels:
   * ``patch_embed_fwd_kernel``: out[m, e] = sum_k x[m, k] W[e, k] + bias[e] + pos[n(m), e], tile (M, E).
   * ``patch_embed_dw_kernel``: dW partials and d(pos) partials in one pass over dOut. A program owns one
@@ -48,13 +52,23 @@ def _patch_offsets(offs_k, s_c, s_h, s_w, P: tl.constexpr):
 
 
 @triton.jit
+def _normalized(x, scale_ptr, shift_ptr, offs_k, k_ok, P: tl.constexpr, dtype: tl.constexpr):
+    """uint8 pixels x (rows, k) -> ``x * scale[c] + shift[c]`` in fp32, c = k // (P * P), as ``dtype``."""
+    c = offs_k // (P * P)
+    scale = tl.load(scale_ptr + c, mask=k_ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=k_ok, other=0.0)
+    return (x.to(tl.float32) * scale[None, :] + shift[None, :]).to(dtype)
+
+
+@triton.jit
 def patch_embed_fwd_kernel(
-    img_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
+    img_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, scale_ptr, shift_ptr,
     M, N_TOK, GW, E, K,
     s_ib, s_ic, s_ih, s_iw,
     s_we, s_wc, s_wh, s_ww,
     s_pn, s_pe, s_bias,
-    P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One flat grid (no 65,535 limit on M tiles). E tiles vary fastest so the programs sharing one
@@ -73,9 +87,11 @@ def patch_embed_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K  # K = C * P * P is rarely a power of two
         x = tl.load(img_ptr + row[:, None] + _patch_offsets(offs_k, s_ic, s_ih, s_iw, P)[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                    mask=m_ok[:, None] & k_ok[None, :], other=0)
         w = tl.load(w_ptr + offs_e[None, :] * s_we + _patch_offsets(offs_k, s_wc, s_wh, s_ww, P)[:, None],
                     mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+        if NORMALIZE:  # rows past M get shift, not 0: their outputs are never stored
+            x = _normalized(x, scale_ptr, shift_ptr, offs_k, k_ok, P, w_ptr.dtype.element_ty)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_e * s_bias, mask=e_ok, other=0.0).to(tl.float32)[None, :]
@@ -90,14 +106,16 @@ def patch_embed_fwd_kernel(
 
 @triton.jit
 def patch_embed_dw_kernel(
-    g_ptr, img_ptr, dw_ptr, dpos_ptr,
+    g_ptr, img_ptr, dw_ptr, dpos_ptr, scale_ptr, shift_ptr,
     B, N_TOK, GW, E, K, B_PER_SLICE, N_BLOCKS,
     s_gb, s_gn, s_ge,
     s_ib, s_ic, s_ih, s_iw,
-    P: tl.constexpr, WANT_W: tl.constexpr, WANT_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    P: tl.constexpr, WANT_W: tl.constexpr, WANT_POS: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dw_ptr: fp32 (S, E, K) partials, S = slices; dpos_ptr: fp32 (b chunks, N, E) partials.
+    # NORMALIZE: uint8 images, normalized as the forward did; the GEMM runs in dOut's dtype (the weight's).
     pid_ek = tl.program_id(0)
     pid_s = tl.program_id(1)
     if WANT_W:
@@ -132,7 +150,9 @@ def patch_embed_dw_kernel(
         if WANT_POS:
             acc_pos += g.to(tl.float32)
         if WANT_W:
-            x = tl.load(x_img + x_off, mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_img + x_off, mask=t_ok[:, None] & k_ok[None, :], other=0)
+            if NORMALIZE:  # rows past N get shift, not 0, but meet g = 0 there
+                x = _normalized(x, scale_ptr, shift_ptr, offs_k, k_ok, P, g_ptr.dtype.element_ty)
             acc_w += tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=DOT_PRECISION)
         g_img += s_gb
         x_img += s_ib

@@ -233,18 +233,29 @@ def ce_cases(dtype: str, config: str) -> list:
 
 
 # ------------------------------------------------------------------------------------------ patch embed
-def patch_problem(dtype: str, b: int, c: int, h: int, w: int, p: int, e: int, *, images_grad: bool = True):
+def patch_problem(dtype: str, b: int, c: int, h: int, w: int, p: int, e: int, *, images_grad: bool = True,
+                  uint8: bool = False):
+    """uint8: uint8 images under the model's normalization (``pixel_affine``), which need no gradient."""
+    from aimkern.data.decode import pixel_affine
+
     n = (h // p) * (w // p)
-    return make_problem("patch_embed", dtype, ((b, c, h, w), (e, c, p, p), (e,), (1, n, e)), {},
-                        (images_grad, True, True, True), (None, None, None, None))
+    scale, shift = pixel_affine(c) if uint8 else (None, None)
+    return make_problem("patch_embed", dtype, ((b, c, h, w), (e, c, p, p), (e,), (1, n, e)),
+                        dict(input_scale=scale, input_shift=shift), (images_grad and not uint8, True, True, True),
+                        ("uint8" if uint8 else None, None, None, None))
 
 
-def patch_inputs(problem, gen, *, images_max=None, weight_scale=None, offsets_max=None) -> tuple:
+def patch_inputs(problem, gen, *, images_max=None, weight_scale=None, offsets_max=None, pixels=None) -> tuple:
     """images, weight, bias, pos_embed: normal (weight times K**-0.5), or uniform up to ``images_max`` /
-    ``offsets_max`` (bias and pos_embed) where given."""
+    ``offsets_max`` (bias and pos_embed) where given; uint8 images uniform in [0, 255], or all ``pixels``
+    where given (an int, or a (B, C, H, W) pattern)."""
     (i_shape, w_shape, b_shape, p_shape), dt = problem.shapes, problem.torch_dtype
     k = w_shape[1] * w_shape[2] * w_shape[3]
-    images = _uniform(i_shape, gen, dt, images_max) if images_max else _randn(i_shape, gen, dt)
+    if problem.dtype_of(0) == torch.uint8:
+        images = (torch.randint(0, 256, i_shape, generator=gen) if pixels is None
+                  else torch.as_tensor(pixels).expand(i_shape)).to(torch.uint8).contiguous()
+    else:
+        images = _uniform(i_shape, gen, dt, images_max) if images_max else _randn(i_shape, gen, dt)
     weight = _randn(w_shape, gen, dt, weight_scale or k**-0.5)
     if offsets_max:
         return images, weight, _uniform(b_shape, gen, dt, offsets_max), _uniform(p_shape, gen, dt, offsets_max)
@@ -252,14 +263,20 @@ def patch_inputs(problem, gen, *, images_max=None, weight_scale=None, offsets_ma
 
 
 def patch_cases(dtype: str, config: str) -> list:
+    """uint8 images at the ends of their range (0 everywhere, 255 everywhere, a 0 / 255 checkerboard: every
+    normalized input at its most negative or most positive value), then fp16's range."""
     from contract_check import Upstream
 
     gen = torch.Generator().manual_seed(9)
+    u8 = patch_problem(dtype, 3, 3, 12, 20, 4, 40, uint8=True)
+    board = (torch.arange(12).view(12, 1) + torch.arange(20)) % 2 * 255
+    out = [(f"uint8-{name}", u8, patch_inputs(u8, gen, pixels=value), Upstream())
+           for name, value in (("all-0", 0), ("all-255", 255), ("checkerboard-0-255", board))]
     p = patch_problem(dtype, 2, 3, 12, 20, 4, 40)
     k = 3 * 4 * 4
     if dtype != "float16":
-        return []  # every case probes fp16's range
-    return [
+        return out  # the rest probe fp16's range
+    return out + [
         ("images-at-half-fp16-max", p, patch_inputs(p, gen, images_max=FP16_HALF_MAX,
                                                     weight_scale=1.0 / (FP16_HALF_MAX * k)), Upstream(scale=2.0**-8)),
         ("bias-and-pos-at-quarter-fp16-max", p, patch_inputs(p, gen, offsets_max=FP16_HALF_MAX / 2), Upstream()),
@@ -382,7 +399,8 @@ def small_cases(op: str, dtype: str) -> list:
         return out
     if op == "patch_embed":
         p = patch_problem(dtype, 2, 3, 12, 20, 4, 40)
-        return [("bias-pos", p, patch_inputs(p, gen))]
+        u8 = patch_problem(dtype, 2, 3, 12, 20, 4, 40, uint8=True)
+        return [("bias-pos", p, patch_inputs(p, gen)), ("uint8-bias-pos", u8, patch_inputs(u8, gen))]
     if op == "next_patch_pixel_loss":
         p = pixel_problem(dtype, 2, 3, 12, 20, 4, offset=2)
         return [("prefix-offset2", p, (_randn(p.shapes[0], gen, dt), _randn(p.shapes[1], gen, dt),

@@ -133,20 +133,35 @@ def cross_entropy_custom_ops() -> list:
 
 
 # ------------------------------------------------------------------------------------------- patch embed
-def _pe(dtype: str, b: int, c: int, h: int, w: int, p: int, e: int, bias: bool, pos, images_grad: bool) -> Problem:
+def uint8_params(c: int) -> "pe.PatchEmbedParams":
+    """The model's normalization of C-channel uint8 images (C = 1 or 3: ``pixel_affine``)."""
+    from aimkern.data.decode import pixel_affine
+
+    scale, shift = pixel_affine(c)
+    return pe.PatchEmbedParams(input_scale=scale, input_shift=shift)
+
+
+def _pe(dtype: str, b: int, c: int, h: int, w: int, p: int, e: int, bias: bool, pos, images_grad: bool,
+        uint8: bool = False) -> Problem:
+    """uint8: the images are uint8 pixels under the model's normalization (no gradient for them)."""
     n = (h // p) * (w // p)
     pos_shape = None if pos is None else ((1, n, e) if pos == "1NE" else (n, e))
+    params = uint8_params(c) if uint8 else pe.PatchEmbedParams()
     return problem("patch_embed", dtype, ((b, c, h, w), (e, c, p, p), (e,) if bias else None, pos_shape),
-                   pe.PatchEmbedParams(), (images_grad, True, bias, pos is not None), (None, None, None, None))
+                   params, (images_grad and not uint8, True, bias, pos is not None),
+                   ("uint8" if uint8 else None, None, None, None))
 
 
 def patch_embed_examples(dtype: str) -> list:
     """K = C*P*P not a power of two, P = 5, H != W, B = 3 (an image chunk of the dW kernel loops), each
-    optional part on and off, images with and without a gradient."""
+    optional part on and off, images with and without a gradient; uint8 images normalized in the kernels
+    (C = 3 and 1, with and without bias)."""
     return [
         _pe(dtype, 2, 3, 12, 20, 4, 40, True, "1NE", True),
         _pe(dtype, 3, 1, 10, 15, 5, 24, False, "NE", False),
         _pe(dtype, 1, 4, 8, 8, 4, 16, True, None, True),
+        _pe(dtype, 3, 3, 12, 20, 4, 40, True, "1NE", False, uint8=True),
+        _pe(dtype, 2, 1, 10, 15, 5, 24, False, "NE", False, uint8=True),
     ]
 
 
@@ -158,12 +173,19 @@ def patch_embed_custom_ops() -> list:
     bias, pos = torch.randn(16, generator=gen), torch.randn(1, 6, 16, generator=gen)
     grad = torch.randn(2, 6, 16, generator=gen)
     leaves = tuple(t.clone().requires_grad_() for t in (images, weight, bias, pos))
-    out = [("patch_embed_fwd", torch.ops.aimkern.patch_embed_fwd, pe.patch_embed_fwd.flat((*leaves, False)))]
+    plain = pe.PatchEmbedParams()
+    out = [("patch_embed_fwd", torch.ops.aimkern.patch_embed_fwd, pe.patch_embed_fwd.flat((*leaves, plain, False)))]
     for want_weight, want_pos in ((True, True), (True, False), (False, True)):
         out.append((f"patch_embed_bwd_params w={want_weight} pos={want_pos}", torch.ops.aimkern.patch_embed_bwd_params,
-                    pe.patch_embed_bwd_params.flat((grad, images, weight, False, want_weight, want_pos))))
+                    pe.patch_embed_bwd_params.flat((grad, images, weight, plain, False, want_weight, want_pos))))
     out.append(("patch_embed_bwd_images", torch.ops.aimkern.patch_embed_bwd_images,
                 pe.patch_embed_bwd_images.flat((grad, weight, images, False))))
+    # uint8 images, normalized in the kernels: the forward (gradients for weight, bias, pos) and the dW pass
+    pixels, norm = torch.randint(0, 256, (2, 3, 8, 12), generator=gen, dtype=torch.uint8), uint8_params(3)
+    out.append(("patch_embed_fwd uint8", torch.ops.aimkern.patch_embed_fwd,
+                pe.patch_embed_fwd.flat((pixels, *leaves[1:], norm, False))))
+    out.append(("patch_embed_bwd_params uint8", torch.ops.aimkern.patch_embed_bwd_params,
+                pe.patch_embed_bwd_params.flat((grad, pixels, weight, norm, False, True, True))))
     return out
 
 

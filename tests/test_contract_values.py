@@ -12,7 +12,8 @@ Hostile values, per op (held to the float64 reference, tests/contract_check.py):
   and "none"); ignore_index on every token but one, and on every token ("mean": NaN, "sum": 0); a confident
   head (every target logit about 12 above the rest, under a GradScaler's 32768); a GradScaler's first
   scale, 65536; input at half the fp16 maximum;
-* patch_embed: images at half the fp16 maximum; bias and position embedding at a quarter of it each; a
+* patch_embed: uint8 images (normalized in the kernels) at 0 everywhere, 255 everywhere and a 0 / 255
+  checkerboard; images at half the fp16 maximum; bias and position embedding at a quarter of it each; a
   large incoming gradient;
 * next_patch_pixel_loss: constant patches (variance 0) and near-constant ones, under norm_pix; pred at half
   the fp16 maximum; a GradScaler's 65536.

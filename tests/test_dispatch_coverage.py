@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from aimkern.data.decode import pixel_affine
 from aimkern.dispatch.coverage import launched
 from aimkern.ops._launch import gpu_configs
 from aimkern.ops.attention import AttentionParams, flat_launch, fused_backward_fits
@@ -62,6 +63,10 @@ def _patch_embed_cases():
         yield (f"patch_embed B={b} {img}px p{p} E={e}",
                Problem("patch_embed", "cpu", "float16", ((b, 3, img, img), (e, 3, p, p), (e,), (n, e)),
                        PatchEmbedParams(), (False, True, True, True), ("float16",) * 4))
+        # uint8 images normalized in the kernels (the packed model's call): the verification takes them too
+        yield (f"patch_embed B={b} {img}px p{p} E={e} uint8",
+               Problem("patch_embed", "cpu", "float16", ((b, 3, img, img), (e, 3, p, p), (e,), (n, e)),
+                       PatchEmbedParams(*pixel_affine(3)), (False, True, True, True), ("uint8",) + ("float16",) * 3))
 
 
 def _pixel_loss_cases():

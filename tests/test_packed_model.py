@@ -226,3 +226,61 @@ def test_compiled_packed_step_does_not_recompile_when_the_pack_changes():
         for (name, p), g, w in zip(ref.named_parameters(), grads, torch.autograd.grad(want, list(ref.parameters()))):
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5, msg=lambda s: f"{name}: {s}")
     assert counter.frame_count == 1
+
+
+# ------------------------------------------------ uint8 patches: normalized inside the fused patch embedding
+def two_pass(pack):
+    """The pack as the model took it before the normalization was fused: a float32 copy of the normalized
+    patches (``packed_input``), then the op on float patches."""
+    import dataclasses
+
+    from aimkern.models.packed import packed_input
+
+    return dataclasses.replace(pack, patches=packed_input(pack.patches, 3))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.slow)])
+def test_uint8_features_equal_the_two_pass_features(backend):
+    """Features and every parameter gradient of a uint8 pack equal those of its normalized float32 copy
+    (today's two passes) within the op tolerance; the Triton backend runs the fused kernels."""
+    m = model(backend=backend, depth=1)
+    square, other = images()
+    pack = pack_images([other[0], square[0], other[1]], 4, prefix_len=[5, 3, 4])
+    results = []
+    for p in (pack, two_pass(pack)):
+        assert p.patches.dtype == (torch.uint8 if p is pack else torch.float32)
+        m.zero_grad()
+        feats = m.forward_features_packed(p)
+        feats.square().sum().backward()
+        results.append((feats.detach(), {n: q.grad.clone() for n, q in m.named_parameters() if q.grad is not None}))
+    (f8, g8), (f32, g32) = results
+    torch.testing.assert_close(f8, f32, rtol=1e-5, atol=1e-5)
+    assert g8.keys() == g32.keys() and "patch_embed.proj.weight" in g8
+    for n in g8:
+        torch.testing.assert_close(g8[n], g32[n], rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("head", ["pixel", "token"])
+def test_feature_path_makes_no_float_copy_of_the_pack(monkeypatch, head):
+    """The patch embedding gets the pack's own uint8 storage (a strided strip view, no copy) and nothing on
+    the feature path normalizes the pack; only the pixel head's loss takes the normalized float targets."""
+    import aimkern.models.packed as packed_mod
+
+    m = model(head=head, **(dict(vocab_size=17) if head == "token" else {}))
+    square, other = images()
+    pack = pack_images([other[0], square[0]], 4, prefix_len=[2, 3])
+    normalized = []
+    real = packed_mod.packed_input
+    monkeypatch.setattr(packed_mod, "packed_input", lambda *a: normalized.append(a[0].shape) or real(*a))
+    seen = []
+    hook = m.patch_embed.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0].dtype, args[0].data_ptr(), kwargs)), with_kwargs=True)
+    m.forward_features_packed(pack)
+    assert normalized == []
+    (dtype, ptr, kwargs), = seen
+    assert dtype == torch.uint8 and ptr == pack.patches.data_ptr()
+    assert kwargs["input_scale"] is not None and kwargs["input_shift"] is not None
+    targets = {"targets": torch.randint(0, 17, (pack.num_tokens,))} if head == "token" else {}
+    m.forward_packed(pack, **targets)
+    hook.remove()
+    assert normalized == ([tuple(pack.patches.shape)] if head == "pixel" else [])

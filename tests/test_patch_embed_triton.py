@@ -106,8 +106,111 @@ def test_only_bias_and_pos_need_grad():
     check_against_references([images, weight.detach(), bias, pos])
 
 
+# ------------------------------------------------------------------ uint8 images, normalized in the kernels
+def uint8_inputs(b, c, h, w, p, e, dtype, pixels=None, **kw):
+    """make_inputs with uint8 images (uniform in [0, 255], or ``pixels`` everywhere)."""
+    inputs = make_inputs(b, c, h, w, p, e, dtype, images_grad=False, **kw)
+    g = torch.Generator().manual_seed(b * 1000 + h * w)
+    img = torch.randint(0, 256, (b, c, h, w), generator=g) if pixels is None else torch.full((b, c, h, w), pixels)
+    return [img.to(device=DEV, dtype=torch.uint8)] + inputs[1:]
 
 
+def check_uint8(inputs, scale, shift):
+    """Triton on uint8 images vs the reference in the weight's dtype and in float64 (the reference normalizes
+    first: ``normalized_images``): output, dW, db, d(pos)."""
+    norm = dict(input_scale=scale, input_shift=shift)
+    out, grads, grad_out = run(lambda *a: aimkern.patch_embed(*a, **norm, backend="triton"), inputs)
+    ref = lambda *a: patch_embed_reference(*a, scale, shift)  # noqa: E731
+    out_t, grads_t, _ = run(ref, inputs, grad_out)
+    inputs64 = [inputs[0]] + [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+                              for t in inputs[1:]]
+    out64, grads64, _ = run(ref, inputs64, grad_out.double())
+    atol = ATOL[inputs[1].dtype]
+    assert out.dtype == inputs[1].dtype and grads[0] is None
+    assert_close_relative(out, out_t, out64, name="output", atol=atol)
+    for name, g, g_t, g64, t in list(zip(NAMES, grads, grads_t, grads64, inputs))[1:]:
+        if t is not None:
+            assert g.dtype == t.dtype and g.shape == t.shape, name
+            assert_close_relative(g, g_t, g64, name=f"d{name}", atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 3, 12, 20, 4, 40), (2, 1, 10, 15, 5, 24)], ids=lambda s: "x".join(map(str, s)))
+def test_uint8_images_against_float64(shape, dtype):
+    from aimkern.data.decode import pixel_affine
+
+    check_uint8(uint8_inputs(*shape, dtype), *pixel_affine(shape[1]))
+
+
+@pytest.mark.parametrize("pixels", [0, 255])
+def test_uint8_images_at_the_ends_of_the_range_with_raw_values(pixels):
+    """Every pixel 0 or 255, normalized by the model's affine and taken raw (scale 1, shift 0: inputs of 255)."""
+    from aimkern.data.decode import pixel_affine
+
+    check_uint8(uint8_inputs(2, 3, 8, 12, 4, 16, torch.float16, pixels=pixels), *pixel_affine(3))
+    check_uint8(uint8_inputs(2, 3, 8, 12, 4, 16, torch.float32, pixels=pixels), (1.0,) * 3, (0.0,) * 3)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runs these tilings natively")
+def test_uint8_tokens_and_pixels_past_the_tiles(monkeypatch, cuda_configs):
+    """M = 130 tokens (two 64-row tiles and a tail of 2), K = 75 (K tiles of 32 that straddle channels), E = 72
+    (an E tail), N = 65 per image (two dW token blocks of 32 and one token), under the interpreter's tables,
+    then the GPU's fixed ones with its batch split of the dW partials."""
+    from aimkern.data.decode import pixel_affine
+    from aimkern.kernels import patch_embed as kern
+
+    inputs = uint8_inputs(2, 3, 325, 5, 5, 72, torch.float32, pos="NE")
+    check_uint8(inputs, *pixel_affine(3))
+    op = importlib.import_module("aimkern.ops.patch_embed")
+    monkeypatch.setattr(op, "interpreting", lambda: False)
+    cuda_configs(kern, "forward", "backward_params")
+    check_uint8(inputs, *pixel_affine(3))
+
+
+def test_uint8_arguments_are_checked():
+    from aimkern.data.decode import pixel_affine
+
+    images, weight, bias, pos = uint8_inputs(1, 3, 8, 8, 4, 16, torch.float32)
+    scale, shift = pixel_affine(3)
+    for kw, err, match in [
+        ({}, ValueError, "uint8 images need input_scale"),
+        (dict(input_scale=scale), ValueError, "go together"),
+        (dict(input_scale=scale[:2], input_shift=shift), ValueError, "C=3"),
+        (dict(input_scale=torch.tensor(scale), input_shift=shift), TypeError, "tuple"),
+        (dict(input_scale=(1.0, True, 1.0), input_shift=shift), TypeError, "floats"),
+        (dict(input_scale=scale, input_shift=(0.0, float("inf"), 0.0)), ValueError, "finite"),
+    ]:
+        for backend in ("triton", "reference"):
+            with pytest.raises(err, match=match):
+                aimkern.patch_embed(images, weight, bias, pos, **kw, backend=backend)
+    with pytest.raises(ValueError, match="normalize uint8 images"):
+        aimkern.patch_embed(images.float(), weight, input_scale=scale, input_shift=shift)
+    with pytest.raises(TypeError, match="bias"):
+        aimkern.patch_embed(images, weight, bias.detach().half(), input_scale=scale, input_shift=shift,
+                            backend="triton")
+    with pytest.raises(TypeError, match="images"):
+        aimkern.patch_embed(images.to(torch.int32), weight, input_scale=scale, input_shift=shift)
+
+
+def test_uint8_images_under_torch_compile():
+    """fullgraph: the affine travels as constant floats into the custom op; forward and dW match eager."""
+    from aimkern.data.decode import pixel_affine
+
+    images, weight, bias, pos = uint8_inputs(2, 3, 8, 12, 4, 16, torch.float32)
+    scale, shift = pixel_affine(3)
+
+    def f(w):
+        return aimkern.patch_embed(images, w, bias.detach(), pos.detach(), input_scale=scale, input_shift=shift,
+                                   backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    w1, w2 = weight.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    out_c, out_e = compiled(w1), f(w2)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.square().sum().backward()
+    out_e.square().sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad)
 
 
 def test_dtype_mismatch_is_a_type_error():
@@ -195,7 +298,7 @@ def test_bf16_under_the_interpreter_is_refused():
 def test_bias_and_pos_embed_in_any_layout_reach_the_kernel(layout):
     # The custom op is what torch.compile graphs and direct callers run: it reads bias and pos_embed through
     # their strides, so no caller has to copy them first.
-    from aimkern.ops.patch_embed import patch_embed_fwd
+    from aimkern.ops.patch_embed import PatchEmbedParams, patch_embed_fwd
 
     images, weight, bias, pos = (t.detach() if t is not None else None
                                  for t in make_inputs(2, 3, 12, 8, 4, 24, torch.float32))
@@ -205,7 +308,7 @@ def test_bias_and_pos_embed_in_any_layout_reach_the_kernel(layout):
     else:
         bias_in = bias[:1].expand(24)  # stride 0
         pos_in = pos[:, :1].expand(pos.shape)
-    got = patch_embed_fwd(images, weight, bias_in, pos_in, aimkern.ops.LaunchPolicy().autotune)
+    got = patch_embed_fwd(images, weight, bias_in, pos_in, PatchEmbedParams(), aimkern.ops.LaunchPolicy().autotune)
     want = patch_embed_reference(images.double(), weight.double(), bias_in.double(), pos_in.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     check_against_references([images, weight.requires_grad_(), bias_in.clone().requires_grad_(), pos_in])

@@ -45,6 +45,21 @@ Box = Tuple[float, float, float, float]  # left, top, right, bottom in source pi
 View = Callable[[int, int], Tuple[Box, bool]]  # (width, height) of the stored image -> (crop box, flip)
 
 
+def pixel_affine(in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(scale, shift), C floats each, with ``x * scale[c] + shift[c] == (x / 255 - mean[c]) / std[c]`` for the
+    uint8 value x of channel c: ``scale = 1 / (255 std)`` and ``shift = -mean / std``, computed in float64 and
+    rounded once to float32 (the values are float32 numbers, held as Python floats).
+
+    The one definition of the model's input normalization: ``aimkern.data.inputs.model_input`` (the dense
+    batch, one elementwise pass) and the packed model (normalization fused into ``aimkern.patch_embed``'s
+    kernels, ``input_scale`` / ``input_shift``) both take these numbers, so both paths see the same float32
+    affine."""
+    check_channels(in_chans)
+    mean, std = (torch.tensor(v, dtype=torch.float64) for v in MEAN_STD[in_chans])
+    scale, shift = (1.0 / (255.0 * std)).to(torch.float32), (-mean / std).to(torch.float32)
+    return tuple(scale.tolist()), tuple(shift.tolist())
+
+
 def check_channels(in_chans: int) -> None:
     if in_chans not in MEAN_STD:
         raise ValueError(f"images are read as RGB or grayscale, but the preset has in_chans={in_chans}")

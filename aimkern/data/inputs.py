@@ -17,19 +17,19 @@ from typing import Dict, Iterable, Iterator, Tuple
 
 import torch
 
-from .decode import MEAN_STD, check_channels
+from .decode import check_channels, pixel_affine
 
 _AFFINE: Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _affine(device: torch.device, in_chans: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift), float32 (1, C, 1, 1) on ``device``: made once per device, so a step copies nothing
-    to the GPU for them (a host-to-device copy of a fresh tensor would be one more transfer a step)."""
+    """(scale, shift), float32 (1, C, 1, 1) on ``device`` (``aimkern.data.decode.pixel_affine``'s numbers):
+    made once per device, so a step copies nothing to the GPU for them (a host-to-device copy of a fresh
+    tensor would be one more transfer a step)."""
     key = (str(device), in_chans)
     if key not in _AFFINE:
-        mean, std = (torch.tensor(v, dtype=torch.float64) for v in MEAN_STD[in_chans])
-        scale, shift = 1.0 / (255.0 * std), -mean / std  # rounded once, from float64
-        _AFFINE[key] = tuple(t.to(torch.float32).view(1, -1, 1, 1).to(device) for t in (scale, shift))
+        _AFFINE[key] = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+                             for v in pixel_affine(in_chans))
     return _AFFINE[key]
 
 

@@ -134,7 +134,7 @@ def select(spec: OpSpec, tensors: tuple, params) -> Candidate:
     """The candidate for a call of ``spec``'s op on ``tensors`` (in the spec's order, None where absent) with
     ``params``: one dict look-up once the call's signature was seen, ``choose`` otherwise."""
     compiling = torch.compiler.is_compiling()
-    dtype = tensors[0].dtype
+    dtype = spec.compute_dtype(tensors) if spec.compute_dtype is not None else tensors[0].dtype
     if not compiling:
         # Cheap to build and to hash: shapes are tuples, dtypes hash by identity, get_device() is an int
         # (-1 on the CPU); torch.device objects would cost more than the rest. The params enter as their field

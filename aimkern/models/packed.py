@@ -1,8 +1,14 @@
 """CausalViT on packed images (``aimkern.PackedImages``): native resolution, no padding inside an image.
 
-    pack (T tokens of S images) -> normalize + project + positions per image grid -> depth x Block on
-    attention_varlen (each image its own AIM mask, no image sees another) -> norm -> (T, dim) features
+    pack (T tokens of S images) -> normalize + project + positions per image grid (one fused op on the
+    uint8 patches) -> depth x Block on attention_varlen (each image its own AIM mask, no image sees
+    another) -> norm -> (T, dim) features
     features -> head -> next_patch_pixel_loss_varlen (pixel) or linear_cross_entropy over ids (token)
+
+uint8 patches are read once, by ``aimkern.patch_embed``'s kernels, which normalize them in registers
+(``input_scale`` / ``input_shift`` = ``aimkern.data.decode.pixel_affine``): the feature path makes no float
+copy of the pack. Only the pixel head's loss still takes the normalized float32 patches as its targets
+(``packed_input``, made after the features; the loss op does not normalize per channel).
 
 ``CausalViT.forward_features_packed`` / ``forward_packed`` forward here. Packing changes nothing: a square
 image at the config's size gets, in its rows of the pack, the features, loss terms and gradients of
@@ -19,7 +25,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..data.decode import MEAN_STD, check_channels
+from ..data.decode import check_channels, pixel_affine
 from ..functional import linear_cross_entropy, next_patch_pixel_loss_varlen
 from .positions import resized_learned_at, sincos_at
 
@@ -28,12 +34,10 @@ IGNORE_INDEX = -100
 
 
 def _affine(device, in_chans: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float32 (C,) scale and shift of ``(x / 255 - mean) / std``, rounded once from float64 exactly as
-    ``aimkern.data.inputs.model_input`` rounds its (C,) pair. Built per call, not cached: a cache that a
-    call fills would fail a compiled step's guard on the next call (a recompile)."""
-    mean, std = MEAN_STD[in_chans]
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device)
+    """float32 (C,) scale and shift of ``(x / 255 - mean) / std``: ``pixel_affine``'s numbers, the ones
+    ``model_input`` and the fused patch embedding use. Built per call, not cached: a cache that a call fills
+    would fail a compiled step's guard on the next call (a recompile)."""
+    scale, shift = (torch.tensor(v, dtype=torch.float32, device=device) for v in pixel_affine(in_chans))
     return scale, shift
 
 
@@ -86,27 +90,37 @@ def positions(model, packed, seq: torch.Tensor) -> torch.Tensor:
 
 
 def embed(model, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """(T, P*P*C) float patches in (p, q, c) order -> (T, dim) tokens through the model's own PatchEmbed
-    (the fused ``patch_embed`` op: projection, bias, patch norm, positions). The patches are handed over as
-    a 1 x T strip image (1, C, T * P, P), a strided view of ``x`` (no copy): its raster order is the pack's."""
+    """(T, P*P*C) patches in (p, q, c) order -> (T, dim) tokens through the model's own PatchEmbed (the fused
+    ``patch_embed`` op: projection, bias, patch norm, positions). The patches are handed over as a 1 x T
+    strip image (1, C, T * P, P), a strided view of ``x`` (no copy): its raster order is the pack's.
+
+    uint8 patches go to the op as they are, with the model's normalization (``pixel_affine``) fused into
+    its kernels: the pixels are read once, and no float copy is made. Float patches are the model's input
+    already and pass as they are (positions in their dtype, as before)."""
     t = x.shape[0]
     p, c = model.config.patch_size, model.config.in_chans
     strip = x.view(t, p, p, c).permute(3, 0, 1, 2).reshape(1, c, t * p, p)
-    return model.patch_embed(strip, pos.to(x.dtype))[0]
+    if x.is_floating_point():
+        return model.patch_embed(strip, pos.to(x.dtype))[0]
+    if x.dtype != torch.uint8:
+        raise TypeError(f"packed patches must be uint8 or float, got {x.dtype}")
+    check_channels(c)
+    scale, shift = pixel_affine(c)
+    return model.patch_embed(strip, pos, input_scale=scale, input_shift=shift)[0]
 
 
 def forward_features_packed(model, packed, prefix_len: PrefixLen = None, is_causal: Optional[bool] = None
                             ) -> torch.Tensor:
     """(T, dim) features after the final norm; see ``CausalViT.forward_features_packed``."""
     check_pack(model, packed)
-    return _features(model, packed, packed_input(packed.patches, model.config.in_chans), prefix_len, is_causal)
+    return _features(model, packed, prefix_len, is_causal)
 
 
-def _features(model, packed, x: torch.Tensor, prefix_len: PrefixLen, is_causal: Optional[bool]) -> torch.Tensor:
+def _features(model, packed, prefix_len: PrefixLen, is_causal: Optional[bool]) -> torch.Tensor:
     if prefix_len is None:
         prefix_len = packed.prefix_len
     seq = token_sequence(packed.cu_seqlens, packed.num_tokens)
-    h = embed(model, x, positions(model, packed, seq))
+    h = embed(model, packed.patches, positions(model, packed, seq))
     for block in model.blocks:
         h = block(h, prefix_len=prefix_len, is_causal=is_causal, cu_seqlens=packed.cu_seqlens,
                   max_seqlen=max(packed.max_seqlen, 1))
@@ -134,11 +148,13 @@ def forward_packed(model, packed, prefix_len: PrefixLen = None, targets: Optiona
         prefix_len = packed.prefix_len
     if prefix_len is None and model.training and cfg.prefix and cfg.is_causal:
         prefix_len = sample_prefix_len(packed)
-    x = packed_input(packed.patches, cfg.in_chans)
-    feats = _features(model, packed, x, prefix_len, None)
+    feats = _features(model, packed, prefix_len, None)
     offset = cfg.block_size
     if cfg.head == "pixel":
-        # Targets are the normalized patches, as the dense loss takes them from the normalized images.
+        # Targets are the normalized patches, as the dense loss takes them from the normalized images: the one
+        # float copy of the pack left, made for this loss only (its norm_pix statistics are per patch over
+        # normalized channels, which the uint8 patches alone do not give).
+        x = packed_input(packed.patches, cfg.in_chans)
         return next_patch_pixel_loss_varlen(model.head(feats), x, packed.cu_seqlens, offset=offset,
                                             prefix_len=prefix_len, norm_pix=cfg.norm_pix,
                                             max_seqlen=max(packed.max_seqlen, 1), backend=cfg.backend)

@@ -1,7 +1,7 @@
 """PatchEmbed: images -> raster-order tokens through `aimkern.patch_embed`."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,9 +32,14 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.norm = norm_layer if norm_layer is not None else nn.Identity()
 
-    def forward(self, images: torch.Tensor, pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, pos_embed: Optional[torch.Tensor] = None, *,
+                input_scale: Optional[Sequence[float]] = None,
+                input_shift: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """images (B, C, H, W) float, or uint8 with ``input_scale`` / ``input_shift`` (C floats each, see
+        ``aimkern.patch_embed``: normalized inside the op's kernels); pos_embed (N, E) / (1, N, E) or None."""
+        norm = dict(input_scale=input_scale, input_shift=input_shift, backend=self.backend)
         if isinstance(self.norm, nn.Identity):
-            return patch_embed(images, self.proj.weight, self.proj.bias, pos_embed, backend=self.backend)
+            return patch_embed(images, self.proj.weight, self.proj.bias, pos_embed, **norm)
         # With a patch norm the position embedding goes after the norm (AIMv2's order).
-        x = self.norm(patch_embed(images, self.proj.weight, self.proj.bias, None, backend=self.backend))
+        x = self.norm(patch_embed(images, self.proj.weight, self.proj.bias, None, **norm))
         return x if pos_embed is None else x + pos_embed.reshape(1, -1, x.shape[-1]).to(x.dtype)

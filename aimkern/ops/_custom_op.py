@@ -9,7 +9,8 @@ choices, ``LaunchPolicy``) and a few named flags (attention's layout, which grad
                            str attention_backward, str layout) -> (Tensor, Tensor)
 
 (bool -> ``bool``, int -> ``int``, float -> ``float``, Optional[float] -> ``float?``, torch.dtype ->
-``ScalarType``, str -> ``str``: a str field is a name, such as a reduction or a backward path), so a graph
+``ScalarType``, str -> ``str``: a str field is a name, such as a reduction or a backward path;
+Optional[Tuple[float, ...]] -> ``float[]?``, handed back as a tuple: patch_embed's per-channel affine), so a graph
 dump or an error shows every value by its name and ``torch.library.opcheck`` checks them like any aten
 argument. The call side hands over the dataclass instances (``op(q, k, v, prefix, params, policy,
 "bhnd")``); the implementation, the fake and the autograd formula get them back as the same frozen
@@ -42,8 +43,10 @@ def _schema_type(tp) -> str:
         inner = args[0] if args[1] is type(None) else args[1]
         if inner in _SCALARS:
             return _SCALARS[inner] + "?"
+        if typing.get_origin(inner) is tuple and typing.get_args(inner) == (float, Ellipsis):
+            return "float[]?"
     raise TypeError(f"TypedOp: a custom-op argument must be bool, int, float, str, torch.dtype or Optional of one, "
-                    f"got {tp!r}")
+                    f"or Optional[Tuple[float, ...]], got {tp!r}")
 
 
 def _arguments(part) -> tuple:
@@ -117,7 +120,9 @@ class TypedOp:
                 out.append(flat[i])
                 i += 1
             else:
-                out.append(_rebuild(part, tuple(flat[i : i + len(names)])))
+                # a float[] argument comes back as a list: a tuple again, so the instance stays hashable
+                values = tuple(tuple(v) if isinstance(v, list) else v for v in flat[i : i + len(names)])
+                out.append(_rebuild(part, values))
                 i += len(names)
         return tuple(out)
 

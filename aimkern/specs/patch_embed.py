@@ -1,13 +1,18 @@
 """The spec of ``aimkern.patch_embed``: checks, candidates, key parts, tolerance.
 
-Candidates (each ``fn(images, weight, bias, pos_embed, params)``, params the empty PatchEmbedParams):
+Candidates (each ``fn(images, weight, bias, pos_embed, params)``, params a PatchEmbedParams):
 
-    triton         aimkern's fused patchify + GEMM + bias + position add (one dtype for images and weight)
-    conv2d         F.conv2d(stride=P) + flatten + transpose + position add (cuDNN on a GPU)
-    unfold-linear  patchify + F.linear + position add: the reference
+    triton         aimkern's fused patchify + GEMM + bias + position add (one dtype for images and weight,
+                   or uint8 images normalized in its kernels)
+    conv2d         F.conv2d(stride=P) + flatten + transpose + position add (cuDNN on a GPU; float images)
+    unfold-linear  (normalize +) patchify + F.linear + position add: the reference
+
+uint8 images: the call's floating dtype (``Problem.dtype``, the dispatch key's) is the weight's; the
+problem records uint8 for the images (``Problem.dtypes``) and the mask kind says "uint8".
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -16,15 +21,53 @@ import torch.nn.functional as F
 from ..checks import check_float_dtype, check_same_device, check_tensor
 from ..ops.patch_embed import PatchEmbedParams, patch_embed_triton
 from ..reference.patch_embed import patch_embed_reference
-from .common import autotune_min_macs, kernel_unsupported, pow2, randn
+from .common import autotune_min_macs, kernel_unsupported, pow2, randint, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "patch_embed"
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _channel_values(value, name: str, c: int, op: str) -> Optional[tuple]:
+    """``value`` (None, or C finite real numbers within float32's range) as a tuple of floats."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{op}: {name} must be None or a tuple of C={c} floats (one per channel), got "
+                        f"{type(value).__name__}")
+    if len(value) != c:
+        raise ValueError(f"{op}: {name} must hold C={c} floats (one per channel), got {len(value)}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{op}: {name} must hold floats, got {type(v).__name__} {v!r}")
+        if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX):
+            raise ValueError(f"{op}: {name} must hold finite floats within float32's range, got {v!r}")
+    return tuple(float(v) for v in value)
+
+
+def check_params(images: torch.Tensor, params: PatchEmbedParams, op: str) -> PatchEmbedParams:
+    """``params`` with its affine as tuples of floats; uint8 images need it, float images take none."""
+    c = images.shape[1]
+    scale = _channel_values(params.input_scale, "input_scale", c, op)
+    shift = _channel_values(params.input_shift, "input_shift", c, op)
+    if (scale is None) != (shift is None):
+        raise ValueError(f"{op}: input_scale and input_shift go together: give both or neither")
+    if images.dtype == torch.uint8:
+        if scale is None:
+            raise ValueError(f"{op}: uint8 images need input_scale and input_shift (C floats each: the GEMM's "
+                             "input is x * input_scale[c] + input_shift[c]; aimkern.data.decode.pixel_affine(C) "
+                             "gives (x / 255 - mean) / std, and (1.0,) * C, (0.0,) * C the raw values)")
+    elif images.is_floating_point() and scale is not None:
+        raise ValueError(f"{op}: input_scale / input_shift normalize uint8 images; {images.dtype} images are "
+                         "taken as they are (normalize them first, or pass the uint8 pixels)")
+    return PatchEmbedParams(input_scale=scale, input_shift=shift)
+
+
 def check(tensors: tuple, params: PatchEmbedParams, backend: str, op: str = NAME) -> tuple:
-    """((images (B, C, H, W), weight (E, C, P, P), bias (E,) or None, pos_embed (N, E) / (1, N, E) or None),
-    params), checked."""
+    """((images (B, C, H, W) float or uint8, weight (E, C, P, P), bias (E,) or None, pos_embed (N, E) /
+    (1, N, E) or None), params), checked; the params' affine normalized to tuples of floats."""
     images, weight, bias, pos_embed = tensors
     check_tensor(images, "images", op, ndim=4)
     check_tensor(weight, "weight", op, ndim=4)
@@ -48,28 +91,38 @@ def check(tensors: tuple, params: PatchEmbedParams, backend: str, op: str = NAME
                 f"{op}: pos_embed must have shape (N, E) or (1, N, E) = (1, {n}, {e}), got {tuple(pos_embed.shape)}"
             )
     check_same_device((("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)), op)
+    uint8 = images.dtype == torch.uint8
     for name, t in (("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
-        if t is not None:
+        if t is not None and not (uint8 and name == "images"):
             check_float_dtype(t, name, op, backend)
+    params = check_params(images, params, op)
     if backend == "reference":  # one GEMM in one dtype (F.linear's rule), said with the argument's name
+        compute, whose = (weight.dtype, "the weight's") if uint8 else (images.dtype, "images'")
         for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != images.dtype:
-                raise TypeError(f"{op}: {name} must have images' dtype {images.dtype} on the reference backend, "
+            if t is not None and t.dtype != compute:
+                raise TypeError(f"{op}: {name} must have {whose} dtype {compute} on the reference backend, "
                                 f"got {t.dtype}")
     return tensors, params
 
 
+def compute_dtype(tensors: tuple) -> torch.dtype:
+    """The call's floating dtype: the images', or the weight's for uint8 images."""
+    return tensors[1].dtype if tensors[0].dtype == torch.uint8 else tensors[0].dtype
+
+
 def reference(images, weight, bias, pos_embed, params: PatchEmbedParams) -> torch.Tensor:
-    return patch_embed_reference(images, weight, bias, pos_embed)
+    return patch_embed_reference(images, weight, bias, pos_embed, params.input_scale, params.input_shift)
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
     wrong = kernel_unsupported(problem)
     if wrong:
         return wrong
+    if problem.dtype_of(0) not in (torch.uint8, problem.torch_dtype):
+        return f"images in {problem.dtype_of(0)} are neither uint8 nor the weight's dtype"
     for i, name in ((1, "weight"), (2, "bias")):
-        if problem.shapes[i] is not None and problem.dtype_of(i) != problem.dtype_of(0):
-            return f"the fused GEMM needs {name} in the images' dtype"
+        if problem.shapes[i] is not None and problem.dtype_of(i) != problem.torch_dtype:
+            return f"the fused GEMM needs {name} in the call's dtype {problem.dtype}"
     return None
 
 
@@ -81,12 +134,16 @@ def _conv2d(images, weight, bias, pos_embed, params: PatchEmbedParams) -> torch.
 
 
 def _conv_unsupported(problem: Problem) -> Optional[str]:
+    if problem.dtype_of(0) == torch.uint8:
+        return "conv2d takes float images (uint8 ones would need a normalized copy first)"
     dtypes = {problem.dtype_of(i) for i in range(3) if problem.shapes[i] is not None}
     return None if len(dtypes) == 1 else "conv2d needs one dtype for images, weight and bias"
 
 
 def mask_kind(problem: Problem) -> str:
     parts = [n for n, i in (("bias", 2), ("pos", 3)) if problem.shapes[i] is not None]
+    if problem.dtype_of(0) == torch.uint8:  # the candidates that apply differ: never one key with float images
+        parts.append("uint8")
     return "+".join(parts) or "plain"
 
 
@@ -117,9 +174,11 @@ def small_problem(problem: Problem) -> Problem:
 
 
 def make_inputs(problem: Problem, gen: torch.Generator) -> tuple:
+    """Normal floats (the weight times K**-0.5); uint8 images uniform in [0, 255] (under the params'
+    affine they then spread like normalized pixels)."""
     fan_in = problem.shapes[1][1] * problem.shapes[1][2] * problem.shapes[1][3]
-    return (randn(problem, 0, gen), randn(problem, 1, gen, fan_in**-0.5), randn(problem, 2, gen),
-            randn(problem, 3, gen))
+    images = randint(problem, 0, 0, 256, gen) if problem.dtype_of(0) == torch.uint8 else randn(problem, 0, gen)
+    return (images, randn(problem, 1, gen, fan_in**-0.5), randn(problem, 2, gen), randn(problem, 3, gen))
 
 
 SPEC = add_spec(OpSpec(
@@ -127,6 +186,7 @@ SPEC = add_spec(OpSpec(
     tensor_args=("images", "weight", "bias", "pos_embed"),
     positional=4,
     params_type=PatchEmbedParams,
+    compute_dtype=compute_dtype,
     check=check,
     reference=reference,
     triton=patch_embed_triton,
