@@ -184,14 +184,11 @@ class OpSpec:
     reference_bytes: problem -> about the bytes the float64 reference (forward and backward) holds at that
                  shape, where it builds more than copies of its inputs (attention's N x N scores); None:
                  the dispatcher's estimate from the inputs. Decides whether the real-shape check can use it.
-<<<<<<< HEAD
     verification_launch: problem -> a context manager the verification problem's candidate runs in, so that
                  it takes the launch geometry the real ``problem`` takes where a small problem would not
                  (attention's flat grid above 65,535 heads); None: nothing to force.
-=======
     compute_dtype: tensors -> the call's floating dtype (``Problem.dtype``) where the first tensor may not
                  have it (patch_embed's uint8 images: the weight's); None: the first tensor's dtype.
->>>>>>> i29-embed
     """
 
     name: str
@@ -210,11 +207,8 @@ class OpSpec:
     autocast: tuple = ()
     needs_reference: Optional[Callable[[tuple], bool]] = None
     reference_bytes: Optional[Callable[[Problem], int]] = None
-<<<<<<< HEAD
     verification_launch: Optional[Callable[[Problem], Any]] = None
-=======
     compute_dtype: Optional[Callable[[tuple], torch.dtype]] = None
->>>>>>> i29-embed
     param_names: tuple = field(init=False)  # the params' field names, read once (a constant to Dynamo)
 
     def __post_init__(self):
