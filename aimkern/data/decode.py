@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import struct
 from typing import Callable, Tuple
 
 import numpy as np
@@ -55,9 +56,11 @@ def pixel_affine(in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     kernels, ``input_scale`` / ``input_shift``) both take these numbers, so both paths see the same float32
     affine."""
     check_channels(in_chans)
-    mean, std = (torch.tensor(v, dtype=torch.float64) for v in MEAN_STD[in_chans])
-    scale, shift = (1.0 / (255.0 * std)).to(torch.float32), (-mean / std).to(torch.float32)
-    return tuple(scale.tolist()), tuple(shift.tolist())
+    mean, std = MEAN_STD[in_chans]
+    # Python floats are float64 (IEEE, as torch's float64); struct's "f" rounds to nearest float32 as
+    # Tensor.to(torch.float32) does. No tensor: torch.compile traces this as constants.
+    to32 = lambda x: struct.unpack("f", struct.pack("f", x))[0]  # noqa: E731
+    return (tuple(to32(1.0 / (255.0 * s)) for s in std), tuple(to32(-m / s) for m, s in zip(mean, std)))
 
 
 def check_channels(in_chans: int) -> None:

@@ -28,6 +28,8 @@ _SINCOS_1D: Dict[Tuple[int, str], torch.Tensor] = {}
 
 def _sincos_rows(dim: int, length: int, device) -> torch.Tensor:
     """float64 (>= length, dim // 2): ``_sincos_1d(dim // 2, arange(length))``, cached per (dim, device)."""
+    if torch.compiler.is_compiling():  # no cache in a graph: a cache an eager call fills would fail its guard
+        return _sincos_1d(dim // 2, torch.arange(length, device=device))
     key = (dim, str(device))
     table = _SINCOS_1D.get(key)
     if table is None or table.shape[0] < length:
