@@ -385,6 +385,8 @@ def next_patch_pixel_loss_varlen(
     norm_pix: bool = True,
     eps: float = 1e-6,
     max_seqlen: Optional[int] = None,
+    input_scale: Optional[Sequence[float]] = None,
+    input_shift: Optional[Sequence[float]] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``next_patch_pixel_loss`` over a pack of S images laid end to end (``aimkern.pack_images``).
@@ -401,6 +403,10 @@ def next_patch_pixel_loss_varlen(
             ``max_seqlen``). Given, the op reads nothing on the host: no sync, and cu_seqlens and prefix_len
             are the caller's promise (a pack from ``pack_images`` keeps it). None: the op reads cu_seqlens
             (and prefix_len) on the host once to check them (not under torch.compile).
+        input_scale, input_shift: for uint8 patches, None (raw values) or C floats each: the target value
+            of pixel x of channel c is ``x * input_scale[c] + input_shift[c]`` (fp32) before norm_pix, as
+            ``patch_embed`` normalizes its input (``aimkern.data.decode.pixel_affine(C)`` gives the model's
+            ``(x / 255 - mean) / std``), so the loss reads the uint8 pack and no normalized copy is made.
         backend: "auto", "triton" or "reference".
 
     Target j of image s counts when j >= offset and j >= prefix_len[s], within s: no row predicts a patch of
@@ -410,5 +416,6 @@ def next_patch_pixel_loss_varlen(
         float32 scalar (float64 for float64 inputs): the per-value squared error averaged within each patch,
         then over the counted targets of the whole pack; 0 when none counts.
     """
-    params = PixelLossVarlenParams(offset=offset, norm_pix=norm_pix, eps=float(eps), max_seqlen=max_seqlen)
+    params = PixelLossVarlenParams(offset=offset, norm_pix=norm_pix, eps=float(eps), max_seqlen=max_seqlen,
+                                   input_scale=input_scale, input_shift=input_shift)
     return run(PIXEL_LOSS_VARLEN, (pred, patches, cu_seqlens, prefix_len), params, backend)

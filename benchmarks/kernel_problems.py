@@ -210,23 +210,27 @@ def pixel_loss_problems(subset: str):
 
 def pixel_loss_varlen_problems(subset: str):
     """(label, thunk) pairs driving the packed pixel-loss launchers on meta tensors: 65,536 tokens of P = 16
-    RGB patches in 100 images, uint8 patches (as pack_images keeps them) and float ones in pred's dtype, with
-    and without a prefix and norm_pix; forward and backward."""
+    RGB patches in 100 images, uint8 patches (as pack_images keeps them; raw, and normalized per channel as
+    the packed model passes them) and float ones in pred's dtype, with and without a prefix and norm_pix;
+    forward and backward."""
+    scale, shift = (0.02,) * 3, (-2.0,) * 3  # any affine: its values are read at run time, not compiled in
     for dname in gate_dtypes(subset):
         dtype = GATE_DTYPES[dname]
-        for patch_dtype in (torch.uint8, dtype):
+        # uint8 patches raw, and normalized per channel in the kernel (the packed model's targets)
+        for patch_dtype, affine in ((torch.uint8, False), (torch.uint8, True), (dtype, False)):
             for prefix in (True, False) if dname == "bf16" else (True,):
                 for norm_pix in (True, False) if dname == "bf16" else (True,):
-                    def run(dtype=dtype, patch_dtype=patch_dtype, prefix=prefix, norm_pix=norm_pix):
+                    def run(dtype=dtype, patch_dtype=patch_dtype, affine=affine, prefix=prefix, norm_pix=norm_pix):
                         pred, patches = meta(65536, 768, dtype=dtype), meta(65536, 768, dtype=patch_dtype)
                         cu = meta(101, dtype=torch.int32)
                         pre = meta(100, dtype=torch.int32) if prefix else None
-                        params = plv.PixelLossVarlenParams(norm_pix=norm_pix)
+                        params = plv.PixelLossVarlenParams(norm_pix=norm_pix, input_scale=scale if affine else None,
+                                                           input_shift=shift if affine else None)
                         policy = LaunchPolicy()
                         plv.launch_forward(pred, patches, cu, pre, params, policy)
                         plv.launch_backward(pred, patches, cu, pre, meta(1, dtype=torch.float32), params, policy)
 
-                    pname = "uint8" if patch_dtype == torch.uint8 else dname
+                    pname = ("uint8 normalized" if affine else "uint8") if patch_dtype == torch.uint8 else dname
                     yield f"pixel_loss_varlen {dname} patches={pname} prefix={prefix} norm_pix={norm_pix}", run
 
 

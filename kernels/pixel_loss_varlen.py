@@ -7,7 +7,9 @@ One program owns BLOCK_R consecutive rows of the pack. Each row finds its own se
 cu_seqlens (STEPS = bit length of S halvings, a runtime bound: no recompile as S changes), so a program's rows
 may belong to several images. Row i of sequence s (local position l = i - cu[s]) predicts target patch i +
 OFFSET, which counts when it lies in s (i + OFFSET < cu[s + 1]) and l + OFFSET >= prefix_len[s]: never a
-patch of the next image. The target is standardized in fp32 (mean, unbiased variance, eps) when NORM_PIX,
+patch of the next image. With AFFINE, a raw target value x of channel c (value d of a patch is channel
+d % C) is first taken to x * in_scale[c] + in_shift[c] in fp32 (the model's input normalization, from two
+(C,) fp32 vectors). The target is standardized in fp32 (mean, unbiased variance, eps) when NORM_PIX,
 in registers, as kernels/pixel_loss.py does.
 
   * forward (BACKWARD=False): one fp32 partial per program, the sum over its counted rows of
@@ -28,10 +30,10 @@ from .pixel_loss import _config, _shared
 
 @triton.jit
 def pixel_loss_varlen_kernel(
-    pred_ptr, patch_ptr, cu_ptr, prefix_ptr, scale_ptr, out_ptr,
-    T, S, STEPS, OFFSET, D, eps,
+    pred_ptr, patch_ptr, cu_ptr, prefix_ptr, scale_ptr, in_scale_ptr, in_shift_ptr, out_ptr,
+    T, S, STEPS, OFFSET, D, C, eps,
     s_pt, s_pd, s_xt, s_xd, s_prefix,
-    HAS_PREFIX: tl.constexpr, NORM_PIX: tl.constexpr, BACKWARD: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, NORM_PIX: tl.constexpr, BACKWARD: tl.constexpr, AFFINE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -58,6 +60,11 @@ def pixel_loss_varlen_kernel(
 
     t = tl.load(patch_ptr + j.to(tl.int64)[:, None] * s_xt + offs_d[None, :] * s_xd, mask=full,
                 other=0).to(tl.float32)
+    if AFFINE:  # value d is channel d % C ((p, q, c) order): the model's per-channel input normalization
+        chan = offs_d % C
+        in_scale = tl.load(in_scale_ptr + chan, mask=d_ok, other=0.0)
+        in_shift = tl.load(in_shift_ptr + chan, mask=d_ok, other=0.0)
+        t = tl.where(full, t * in_scale[None, :] + in_shift[None, :], 0.0)
     if NORM_PIX:
         mean = tl.sum(t, axis=1) / D
         diff = tl.where(full, t - mean[:, None], 0.0)

@@ -272,27 +272,37 @@ def _plv(dtype: str, t: int, s: int, d: int, prefix: bool, grad: bool, patches: 
 
 def pixel_loss_varlen_examples(dtype: str) -> list:
     """Packs of 2-3 random lengths in T = 23-40 (rows of one program span images), D = 48 and 25, uint8 and
-    float patches, offsets 0 to 3, prefixes, raw and normalized targets."""
+    float patches, offsets 0 to 3, prefixes, raw and normalized targets, uint8 normalized per channel."""
     return [
         _plv(dtype, 40, 3, 48, True, True, "uint8", offset=2),
         _plv(dtype, 23, 2, 25, False, True, None, norm_pix=False),
         _plv(dtype, 31, 3, 48, True, True, None, offset=0, eps=0.5),
         _plv(dtype, 17, 2, 48, False, False, "uint8", offset=3),
+        # the packed model's targets: uint8 normalized per channel in the kernel (C = 3, and C = 1 on D = 25)
+        _plv(dtype, 29, 3, 48, True, True, "uint8", input_scale=(0.0171, 0.0175, 0.0174),
+             input_shift=(-2.118, -2.036, -1.804)),
+        _plv(dtype, 19, 2, 25, False, True, "uint8", norm_pix=False, input_scale=(0.5,), input_shift=(-60.0,)),
     ]
 
 
 def pixel_loss_varlen_custom_ops() -> list:
-    """opcheck samples of the packed pixel-loss forward (uint8 patches, a prefix) and backward."""
+    """opcheck samples of the packed pixel-loss forward (uint8 patches, a prefix; raw and normalized per
+    channel) and backward."""
     gen = torch.Generator().manual_seed(0)
     pred, patches = torch.randn(13, 48, generator=gen), (torch.rand(13, 48, generator=gen) * 255).to(torch.uint8)
     cu, prefix = torch.tensor([0, 6, 6, 13], dtype=torch.int32), torch.tensor([1, 0, 2], dtype=torch.int32)
-    scalars = (plv.PixelLossVarlenParams(offset=1), False)
-    return [
-        ("next_patch_pixel_loss_varlen_fwd", torch.ops.aimkern.next_patch_pixel_loss_varlen_fwd,
-         plv.pixel_loss_varlen_fwd.flat((pred.clone().requires_grad_(), patches, cu, prefix, *scalars))),
-        ("next_patch_pixel_loss_varlen_bwd", torch.ops.aimkern.next_patch_pixel_loss_varlen_bwd,
-         plv.pixel_loss_varlen_bwd.flat((torch.tensor(1.5), pred, patches, cu, prefix, *scalars))),
-    ]
+    out = []
+    for name, params in (("", plv.PixelLossVarlenParams(offset=1)),
+                         (" affine", plv.PixelLossVarlenParams(offset=1, input_scale=(0.02, 0.01, 0.03),
+                                                               input_shift=(-2.0, -1.0, 0.5)))):
+        scalars = (params, False)
+        out += [
+            ("next_patch_pixel_loss_varlen_fwd" + name, torch.ops.aimkern.next_patch_pixel_loss_varlen_fwd,
+             plv.pixel_loss_varlen_fwd.flat((pred.clone().requires_grad_(), patches, cu, prefix, *scalars))),
+            ("next_patch_pixel_loss_varlen_bwd" + name, torch.ops.aimkern.next_patch_pixel_loss_varlen_bwd,
+             plv.pixel_loss_varlen_bwd.flat((torch.tensor(1.5), pred, patches, cu, prefix, *scalars))),
+        ]
+    return out
 
 
 # ------------------------------------------------------------------------------------------- by op name

@@ -234,9 +234,12 @@ def two_pass(pack):
     patches (``packed_input``), then the op on float patches."""
     import dataclasses
 
-    from aimkern.models.packed import packed_input
+    from aimkern.data.inputs import model_input
 
-    return dataclasses.replace(pack, patches=packed_input(pack.patches, 3))
+    t, d = pack.patches.shape
+    strip = pack.patches.view(t, d // 3, 3).permute(2, 0, 1).reshape(1, 3, t, d // 3)  # channels as model_input
+    x = model_input(strip, 3).reshape(3, t, d // 3).permute(1, 2, 0).reshape(t, d)
+    return dataclasses.replace(pack, patches=x)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.slow)])
@@ -261,26 +264,30 @@ def test_uint8_features_equal_the_two_pass_features(backend):
 
 
 @pytest.mark.parametrize("head", ["pixel", "token"])
-def test_feature_path_makes_no_float_copy_of_the_pack(monkeypatch, head):
-    """The patch embedding gets the pack's own uint8 storage (a strided strip view, no copy) and nothing on
-    the feature path normalizes the pack; only the pixel head's loss takes the normalized float targets."""
+def test_the_step_makes_no_float_copy_of_the_pack(monkeypatch, head):
+    """The patch embedding and the pixel loss get the pack's own uint8 storage (the embedding a strided strip
+    view of it, no copy) with the model's normalization as input_scale / input_shift."""
     import aimkern.models.packed as packed_mod
+    from aimkern.data.decode import pixel_affine
 
     m = model(head=head, **(dict(vocab_size=17) if head == "token" else {}))
     square, other = images()
     pack = pack_images([other[0], square[0]], 4, prefix_len=[2, 3])
-    normalized = []
-    real = packed_mod.packed_input
-    monkeypatch.setattr(packed_mod, "packed_input", lambda *a: normalized.append(a[0].shape) or real(*a))
     seen = []
     hook = m.patch_embed.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append((args[0].dtype, args[0].data_ptr(), kwargs)), with_kwargs=True)
-    m.forward_features_packed(pack)
-    assert normalized == []
-    (dtype, ptr, kwargs), = seen
-    assert dtype == torch.uint8 and ptr == pack.patches.data_ptr()
-    assert kwargs["input_scale"] is not None and kwargs["input_shift"] is not None
+    losses = []
+    real_loss = packed_mod.next_patch_pixel_loss_varlen
+    monkeypatch.setattr(packed_mod, "next_patch_pixel_loss_varlen",
+                        lambda pred, patches, *a, **kw: losses.append((patches, kw)) or real_loss(pred, patches, *a, **kw))
     targets = {"targets": torch.randint(0, 17, (pack.num_tokens,))} if head == "token" else {}
     m.forward_packed(pack, **targets)
     hook.remove()
-    assert normalized == ([tuple(pack.patches.shape)] if head == "pixel" else [])
+    (dtype, ptr, kwargs), = seen
+    assert dtype == torch.uint8 and ptr == pack.patches.data_ptr()
+    assert (kwargs["input_scale"], kwargs["input_shift"]) == pixel_affine(3)
+    if head == "pixel":
+        (patches, kw), = losses
+        assert patches is pack.patches and (kw["input_scale"], kw["input_shift"]) == pixel_affine(3)
+    else:
+        assert losses == []

@@ -91,6 +91,13 @@ def test_bad_inputs_name_the_argument():
         ((pred, patches.to(torch.int32), cu), {}, TypeError, "patches"),
         ((pred.long(), patches, cu), {}, TypeError, "pred"),
         ((pred, patches, cu), dict(max_seqlen=0), ValueError, "max_seqlen"),
+        ((pred, patches, cu), dict(input_scale=(1.0, 1.0, 1.0), input_shift=(0.0,) * 3), ValueError, "uint8"),
+        ((pred, patches.to(torch.uint8), cu), dict(input_scale=(1.0,) * 3), ValueError, "together"),
+        ((pred, patches.to(torch.uint8), cu), dict(input_scale=(1.0,) * 5, input_shift=(0.0,) * 5), ValueError,
+         "C floats"),
+        ((pred, patches.to(torch.uint8), cu), dict(input_scale=(1.0, float("nan"), 1.0), input_shift=(0.0,) * 3),
+         ValueError, "finite"),
+        ((pred, patches.to(torch.uint8), cu), dict(input_scale=1.0, input_shift=0.0), ValueError, "C floats"),
         ((pred, patches, cu), dict(max_seqlen=True), ValueError, "max_seqlen"),
     ]
     for args, kw, exc, word in cases:
@@ -119,3 +126,25 @@ def test_max_seqlen_reads_nothing_on_the_host(monkeypatch, backend):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     loss_and_grad(pred, patches, cu, torch.float32, backend, prefix_len=prefix)
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "raw"])
+def test_input_affine_equals_the_normalized_copy(backend, norm_pix):
+    """uint8 patches with the model's input normalization (pixel_affine) give the loss and d(pred) of the
+    float32 copy normalized per channel beforehand (what the packed model passed before), within fp32
+    rounding, and the float64 reference's within the op tolerance."""
+    from aimkern.data.decode import pixel_affine
+
+    pred, patches, cu = pack([5, 1, 9, 4])
+    scale, shift = pixel_affine(3)
+    copy = (patches.view(-1, D // 3, 3).float() * torch.tensor(scale) + torch.tensor(shift)).view(-1, D)
+    kw = dict(prefix_len=torch.tensor([2, 0, 3, 1]), norm_pix=norm_pix)
+    got = loss_and_grad(pred, patches, cu, torch.float32, backend, input_scale=scale, input_shift=shift, **kw)
+    want = loss_and_grad(pred, copy, cu, torch.float32, backend, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+    ref = loss_and_grad(pred, patches, cu, torch.float64, "reference", input_scale=scale, input_shift=shift, **kw)
+    same = loss_and_grad(pred, patches, cu, torch.float32, "reference", input_scale=scale, input_shift=shift, **kw)
+    for g, s, r in zip(got, same, ref):
+        assert_close_relative(g, s, r)

@@ -5,10 +5,9 @@
     another) -> norm -> (T, dim) features
     features -> head -> next_patch_pixel_loss_varlen (pixel) or linear_cross_entropy over ids (token)
 
-uint8 patches are read once, by ``aimkern.patch_embed``'s kernels, which normalize them in registers
-(``input_scale`` / ``input_shift`` = ``aimkern.data.decode.pixel_affine``): the feature path makes no float
-copy of the pack. Only the pixel head's loss still takes the normalized float32 patches as its targets
-(``packed_input``, made after the features; the loss op does not normalize per channel).
+uint8 patches are read by the fused kernels as they are: ``aimkern.patch_embed``'s and the pixel loss's
+normalize them per channel in registers (``input_scale`` / ``input_shift`` = ``aimkern.data.decode.pixel_affine``,
+``input_affine``), so no float copy of the pack is made.
 
 ``CausalViT.forward_features_packed`` / ``forward_packed`` forward here. Packing changes nothing: a square
 image at the config's size gets, in its rows of the pack, the features, loss terms and gradients of
@@ -33,27 +32,18 @@ PrefixLen = Union[None, int, torch.Tensor]
 IGNORE_INDEX = -100
 
 
-def _affine(device, in_chans: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float32 (C,) scale and shift of ``(x / 255 - mean) / std``: ``pixel_affine``'s numbers, the ones
-    ``model_input`` and the fused patch embedding use. Built per call, not cached: a cache that a call fills
-    would fail a compiled step's guard on the next call (a recompile)."""
-    scale, shift = (torch.tensor(v, dtype=torch.float32, device=device) for v in pixel_affine(in_chans))
-    return scale, shift
-
-
-def packed_input(patches: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """(T, P*P*C) uint8 patches -> float32 ``(x / 255 - mean) / std`` per channel (the ImageNet statistics
-    of ``model_input``, so a packed image is normalized exactly like the dense batch); float patches are
-    the model's input already and pass as they are."""
+def input_affine(patches: torch.Tensor, in_chans: int) -> dict:
+    """The keywords that make the fused ops (``patch_embed``, ``next_patch_pixel_loss_varlen``) read uint8
+    patches as the model's input, ``(x / 255 - mean) / std`` per channel in fp32 in their kernels
+    (``pixel_affine``: the numbers ``model_input`` uses for the dense batch); none for float patches, which
+    are the model's input already."""
     if patches.is_floating_point():
-        return patches
+        return {}
     if patches.dtype != torch.uint8:
         raise TypeError(f"packed patches must be uint8 or float, got {patches.dtype}")
     check_channels(in_chans)
-    scale, shift = _affine(patches.device, in_chans)
-    t, values = patches.shape  # (p, q, c) order: channel fastest
-    out = torch.empty((t, values // in_chans, in_chans), dtype=torch.float32, device=patches.device)
-    return torch.addcmul(shift, patches.reshape(t, -1, in_chans), scale, out=out).view(t, values)
+    scale, shift = pixel_affine(in_chans)
+    return {"input_scale": scale, "input_shift": shift}
 
 
 def token_sequence(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
@@ -99,14 +89,9 @@ def embed(model, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     already and pass as they are (positions in their dtype, as before)."""
     t = x.shape[0]
     p, c = model.config.patch_size, model.config.in_chans
+    affine = input_affine(x, c)
     strip = x.view(t, p, p, c).permute(3, 0, 1, 2).reshape(1, c, t * p, p)
-    if x.is_floating_point():
-        return model.patch_embed(strip, pos.to(x.dtype))[0]
-    if x.dtype != torch.uint8:
-        raise TypeError(f"packed patches must be uint8 or float, got {x.dtype}")
-    check_channels(c)
-    scale, shift = pixel_affine(c)
-    return model.patch_embed(strip, pos, input_scale=scale, input_shift=shift)[0]
+    return model.patch_embed(strip, pos if affine else pos.to(x.dtype), **affine)[0]
 
 
 def forward_features_packed(model, packed, prefix_len: PrefixLen = None, is_causal: Optional[bool] = None
@@ -151,13 +136,12 @@ def forward_packed(model, packed, prefix_len: PrefixLen = None, targets: Optiona
     feats = _features(model, packed, prefix_len, None)
     offset = cfg.block_size
     if cfg.head == "pixel":
-        # Targets are the normalized patches, as the dense loss takes them from the normalized images: the one
-        # float copy of the pack left, made for this loss only (its norm_pix statistics are per patch over
-        # normalized channels, which the uint8 patches alone do not give).
-        x = packed_input(packed.patches, cfg.in_chans)
-        return next_patch_pixel_loss_varlen(model.head(feats), x, packed.cu_seqlens, offset=offset,
+        # Targets are the normalized patches, as the dense loss takes them from the normalized images: the
+        # loss's kernel normalizes the uint8 pack per channel (input_affine) before its per-patch statistics.
+        return next_patch_pixel_loss_varlen(model.head(feats), packed.patches, packed.cu_seqlens, offset=offset,
                                             prefix_len=prefix_len, norm_pix=cfg.norm_pix,
-                                            max_seqlen=max(packed.max_seqlen, 1), backend=cfg.backend)
+                                            max_seqlen=max(packed.max_seqlen, 1), backend=cfg.backend,
+                                            **input_affine(packed.patches, cfg.in_chans))
     return _token_loss(model, packed, feats, targets, prefix_len, offset)
 
 

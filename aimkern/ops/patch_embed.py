@@ -20,10 +20,11 @@ Public launcher entry points (the custom ops run them; the compile gate drives t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from ._channel_affine import device_affine
 from ._custom_op import TypedOp
 from ._launch import (
     LaunchPolicy, cdiv, check_interpretable_dtype, current_policy, fixed_config, interpreting, kernels, launch,
@@ -58,20 +59,10 @@ def _geometry(images: torch.Tensor, weight: torch.Tensor):
     return b, c, p, w // p, (h // p) * (w // p), e, c * p * p
 
 
-_AFFINE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def _affine(params: PatchEmbedParams, device: torch.device, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (C,) float32 scale and shift the kernels read (``out`` stands in for both where the call has
-    none: NORMALIZE=False never reads them). Made once per (device, values): a training step copies nothing
-    to the GPU for them."""
-    if not params.normalizes:
-        return out, out
-    key = (str(device), params.input_scale, params.input_shift)
-    if key not in _AFFINE:
-        _AFFINE[key] = tuple(torch.tensor(v, dtype=torch.float32).to(device)
-                             for v in (params.input_scale, params.input_shift))
-    return _AFFINE[key]
+    none: NORMALIZE=False never reads them)."""
+    return device_affine(params.input_scale, params.input_shift, device, out)
 
 
 def launch_forward(images, weight, bias, pos_embed, policy: LaunchPolicy,

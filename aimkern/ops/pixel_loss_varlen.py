@@ -13,10 +13,11 @@ counted targets is computed on the device from cu_seqlens and prefix_len (no hos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
+from ._channel_affine import device_affine
 from ._custom_op import TypedOp
 from ._launch import LaunchPolicy, cdiv, current_policy, fixed_config, kernels, launch
 
@@ -33,6 +34,10 @@ class PixelLossVarlenParams:
     # A host bound on the images' lengths; given, the op reads nothing on the host (cu_seqlens' values are
     # the caller's promise). Only the checks use it: the spec drops it before dispatch and the kernels.
     max_seqlen: Optional[int] = None
+    # uint8 patches only: the targets are x * input_scale[c] + input_shift[c] (C floats each, fp32) before
+    # norm_pix, the model's input normalization applied in the kernel (no normalized copy of the pack).
+    input_scale: Optional[Tuple[float, ...]] = None
+    input_shift: Optional[Tuple[float, ...]] = None
 
 
 def counted_total(cu_seqlens: torch.Tensor, prefix_len: Optional[torch.Tensor], offset: int) -> torch.Tensor:
@@ -57,13 +62,14 @@ def _launch(pred, patches, cu, prefix, scale, params: PixelLossVarlenParams, pol
     if t == 0:
         return out
     s = cu.numel() - 1
+    in_scale, in_shift = device_affine(params.input_scale, params.input_shift, pred.device, out)
     launch(
         choice, lambda META: (blocks,),
-        (pred, patches, cu, prefix if prefix is not None else cu, scale if scale is not None else out, out,
-         t, s, kern.search_steps(s), params.offset, d, params.eps, *pred.stride(), *patches.stride(),
-         prefix.stride(0) if prefix is not None else 0),
+        (pred, patches, cu, prefix if prefix is not None else cu, scale if scale is not None else out, in_scale,
+         in_shift, out, t, s, kern.search_steps(s), params.offset, d, len(params.input_scale or (1,)), params.eps,
+         *pred.stride(), *patches.stride(), prefix.stride(0) if prefix is not None else 0),
         dtype=pred.dtype, policy=policy, HAS_PREFIX=prefix is not None, NORM_PIX=params.norm_pix,
-        BACKWARD=backward,
+        BACKWARD=backward, AFFINE=params.input_scale is not None,
     )
     return out
 

@@ -9,7 +9,7 @@ batch. Patch values are normalized per patch exactly as the dense loss does (``n
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -27,9 +27,14 @@ def next_patch_pixel_loss_varlen_reference(
     prefix_len: Union[None, int, torch.Tensor] = None,
     norm_pix: bool = True,
     eps: float = 1e-6,
+    input_scale: Optional[Tuple[float, ...]] = None,
+    input_shift: Optional[Tuple[float, ...]] = None,
 ) -> torch.Tensor:
     """pred (T, P*P*C) float, patches (T, P*P*C) raw patch values in (p, q, c) order (uint8 or float, as
     ``aimkern.data.packing.pack_images`` makes them), cu_seqlens (S + 1,), prefix_len None, an int or (S,).
+    input_scale, input_shift: None, or C floats each: target value x of channel c (value d of a patch is
+    channel d % C) is first ``x * input_scale[c] + input_shift[c]``, both rounded to float32, computed in
+    fp32 (float64 when pred is float64: the ground truth), before the per-patch standardization.
 
     Returns a 0-dim float32 (float64 for float64 patches). When no target counts the loss is 0 with a
     zero gradient.
@@ -41,6 +46,12 @@ def next_patch_pixel_loss_varlen_reference(
     if not bounds or bounds[0][0] != 0 or bounds[-1][1] != pred.shape[0] or any(b < a for a, b in bounds):
         raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={pred.shape[0]}, got {cu_seqlens.tolist()}")
     prefixes = per_sequence(prefix_len, len(bounds), "prefix_len")
+    if input_scale is not None:
+        compute = torch.float64 if pred.dtype == torch.float64 else torch.float32
+        scale, shift = (torch.tensor(v, dtype=torch.float32).to(device=patches.device, dtype=compute)
+                        for v in (input_scale, input_shift))
+        patches = (patches.to(compute).reshape(patches.shape[0], -1, scale.numel()) * scale + shift).reshape(
+            patches.shape)
     target = normalize_patches(patches, norm_pix, eps)
     total = target.new_zeros(())
     count = target.new_zeros(())

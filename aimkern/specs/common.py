@@ -1,6 +1,7 @@
 """Helpers the op specs share: shape bands of the dispatch key and synthetic inputs."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -59,3 +60,24 @@ def kernel_unsupported(problem: Problem) -> Optional[str]:
     if problem.dtype not in ("float16", "bfloat16", "float32"):
         return f"{problem.dtype} is not a kernel dtype"
     return interpreter_dtype_problem(problem.dtype, problem.device_type)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def channel_values(value, name: str, c: int, op: str) -> Optional[tuple]:
+    """``value`` (None, or C finite real numbers within float32's range: a per-channel input affine, as
+    ``input_scale`` / ``input_shift``) as a tuple of floats; a TypeError / ValueError naming ``name``."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{op}: {name} must be None or a tuple of C={c} floats (one per channel), got "
+                        f"{type(value).__name__}")
+    if len(value) != c:
+        raise ValueError(f"{op}: {name} must hold C={c} floats (one per channel), got {len(value)}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{op}: {name} must hold floats, got {type(v).__name__} {v!r}")
+        if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX):
+            raise ValueError(f"{op}: {name} must hold finite floats within float32's range, got {v!r}")
+    return tuple(float(v) for v in value)

@@ -12,7 +12,6 @@ problem records uint8 for the images (``Problem.dtypes``) and the mask kind says
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -21,37 +20,17 @@ import torch.nn.functional as F
 from ..checks import check_float_dtype, check_same_device, check_tensor
 from ..ops.patch_embed import PatchEmbedParams, patch_embed_triton
 from ..reference.patch_embed import patch_embed_reference
-from .common import autotune_min_macs, kernel_unsupported, pow2, randint, randn
+from .common import autotune_min_macs, channel_values, kernel_unsupported, pow2, randint, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "patch_embed"
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _channel_values(value, name: str, c: int, op: str) -> Optional[tuple]:
-    """``value`` (None, or C finite real numbers within float32's range) as a tuple of floats."""
-    if value is None:
-        return None
-    if not isinstance(value, (tuple, list)):
-        raise TypeError(f"{op}: {name} must be None or a tuple of C={c} floats (one per channel), got "
-                        f"{type(value).__name__}")
-    if len(value) != c:
-        raise ValueError(f"{op}: {name} must hold C={c} floats (one per channel), got {len(value)}")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{op}: {name} must hold floats, got {type(v).__name__} {v!r}")
-        if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX):
-            raise ValueError(f"{op}: {name} must hold finite floats within float32's range, got {v!r}")
-    return tuple(float(v) for v in value)
-
-
 def check_params(images: torch.Tensor, params: PatchEmbedParams, op: str) -> PatchEmbedParams:
     """``params`` with its affine as tuples of floats; uint8 images need it, float images take none."""
     c = images.shape[1]
-    scale = _channel_values(params.input_scale, "input_scale", c, op)
-    shift = _channel_values(params.input_shift, "input_shift", c, op)
+    scale = channel_values(params.input_scale, "input_scale", c, op)
+    shift = channel_values(params.input_shift, "input_shift", c, op)
     if (scale is None) != (shift is None):
         raise ValueError(f"{op}: input_scale and input_shift go together: give both or neither")
     if images.dtype == torch.uint8:

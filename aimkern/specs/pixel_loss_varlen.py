@@ -18,11 +18,29 @@ from ..ops._launch import interpreting
 from ..ops.pixel_loss_varlen import PixelLossVarlenParams, pixel_loss_varlen_triton
 from ..reference.pixel_loss_varlen import next_patch_pixel_loss_varlen_reference
 from .attention_varlen import _lengths, _per_sequence, check_cu_seqlens, check_values
-from .common import pow2, randn
+from .common import channel_values, pow2, randn
 from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
 
 NAME = "next_patch_pixel_loss_varlen"
 PATCH_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_affine(patches: torch.Tensor, params: PixelLossVarlenParams, op: str) -> PixelLossVarlenParams:
+    """``params`` with input_scale / input_shift as tuples of C floats: both or neither, for uint8 patches
+    only, C dividing the patch's values."""
+    if (params.input_scale is None) != (params.input_shift is None):
+        raise ValueError(f"{op}: input_scale and input_shift go together: give both or neither")
+    if params.input_scale is None:
+        return params
+    if patches.dtype != torch.uint8:
+        raise ValueError(f"{op}: input_scale / input_shift normalize uint8 patches; {patches.dtype} patches are "
+                         "taken as they are")
+    c = len(params.input_scale) if isinstance(params.input_scale, (tuple, list)) else 0
+    if c < 1 or patches.shape[1] % c:
+        raise ValueError(f"{op}: input_scale must hold C floats (one per channel) with C dividing the "
+                         f"{patches.shape[1]} values of a patch, got {params.input_scale!r}")
+    return replace(params, input_scale=channel_values(params.input_scale, "input_scale", c, op),
+                   input_shift=channel_values(params.input_shift, "input_shift", c, op))
 
 
 def check(tensors: tuple, params: PixelLossVarlenParams, backend: str, op: str = NAME) -> tuple:
@@ -56,6 +74,7 @@ def check(tensors: tuple, params: PixelLossVarlenParams, backend: str, op: str =
     if patches.dtype not in allowed:
         raise TypeError(f"{op}: patches must be one of {', '.join(str(x)[6:] for x in allowed)} for "
                         f"backend={backend!r}, got {patches.dtype}")
+    params = check_affine(patches, params, op)
     cu = check_cu_seqlens(cu, t, pred.device, op)
     s = cu.numel() - 1
     if isinstance(prefix_len, bool):
@@ -74,7 +93,8 @@ def check(tensors: tuple, params: PixelLossVarlenParams, backend: str, op: str =
 
 def reference(pred, patches, cu, prefix_len: Optional[torch.Tensor], params: PixelLossVarlenParams) -> torch.Tensor:
     return next_patch_pixel_loss_varlen_reference(pred, patches, cu, offset=params.offset, prefix_len=prefix_len,
-                                                  norm_pix=params.norm_pix, eps=params.eps)
+                                                  norm_pix=params.norm_pix, eps=params.eps,
+                                                  input_scale=params.input_scale, input_shift=params.input_shift)
 
 
 def needs_reference(tensors: tuple) -> bool:
