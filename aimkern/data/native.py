@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bad import BadRecord, decode_errors, load_or_replace
+from .bad import BadRecord, load_or_replace
 from .decode import SCALE, RATIO, check_channels, open_image, pil_pixels
 from .packing import PackedImages, pack_to_budget
 from .sampling import SampleOrder, sample_seed

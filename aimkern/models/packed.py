@@ -20,7 +20,7 @@ masks are computed from ``cu_seqlens``, ``grid`` and ``coords`` on the device, a
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import torch
 
