@@ -28,8 +28,8 @@ from ..ops.attention import (
     fused_backward_fits,
 )
 from ..reference.attention import attention_mask, attention_reference
-from .common import exact_or_pow2, kernel_unsupported, pow2, randint, randn
-from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
+from .common import DOT_TOLERANCE, exact_or_pow2, kernel_unsupported, pow2, randint, randn
+from .opspec import Candidate, OpSpec, Problem, add_spec
 
 NAME = "attention"
 TENSORS = ("q", "k", "v", "prefix_len")
@@ -262,7 +262,7 @@ SPEC = add_spec(OpSpec(
     mask_kind=mask_kind,
     shape_band=shape_band,
     autocast=(0, 1, 2),
-    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    tolerance=DOT_TOLERANCE,
     reference_bytes=reference_bytes,
     verification_launch=verification_launch,
 ))

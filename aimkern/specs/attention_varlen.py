@@ -25,8 +25,8 @@ from ..checks import can_inspect_values, check_float_dtype, check_same_device, c
 from ..ops._launch import pow2
 from ..ops.attention_varlen import VarlenAttentionParams, attention_varlen_qkvpacked_triton, attention_varlen_triton
 from ..reference.attention_varlen import attention_varlen_reference, varlen_mask
-from .common import kernel_unsupported, randn
-from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
+from .common import DOT_TOLERANCE, kernel_unsupported, randn
+from .opspec import Candidate, OpSpec, Problem, add_spec
 
 NAME = "attention_varlen"
 TENSORS = ("q", "k", "v", "cu_seqlens", "block_size", "prefix_len")
@@ -292,5 +292,5 @@ SPEC = add_spec(VarlenOpSpec(
     mask_kind=mask_kind,
     shape_band=shape_band,
     autocast=(0, 1, 2),
-    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    tolerance=DOT_TOLERANCE,
 ))

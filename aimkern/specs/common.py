@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..ops._launch import interpreter_dtype_problem, interpreting, pow2
-from .opspec import Problem
+from .opspec import Problem, Tolerance
 
 __all__ = ["autotune_min_macs", "exact_or_pow2", "kernel_unsupported", "pow2", "randint", "randn"]
 
@@ -81,3 +81,11 @@ def channel_values(value, name: str, c: int, op: str) -> Optional[tuple]:
         if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX):
             raise ValueError(f"{op}: {name} must hold finite floats within float32's range, got {v!r}")
     return tuple(float(v) for v in value)
+
+
+# The tolerance rules the specs share (``Tolerance``: the error against float64 may be ``factor`` x the
+# same-dtype PyTorch error plus ``atol``). Dot products of 16-bit operands (attention, packed or not, and
+# the patch embedding's GEMM) round each operand once; a pixel loss is an fp32 reduction of fp32 errors,
+# whose only 16-bit rounding is of pred and of its gradient.
+DOT_TOLERANCE = Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2})
+PIXEL_LOSS_TOLERANCE = Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3})

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from ..checks import check_float_dtype, check_same_device, check_tensor
 from ..ops.patch_embed import PatchEmbedParams, patch_embed_triton
 from ..reference.patch_embed import patch_embed_reference
-from .common import autotune_min_macs, channel_values, kernel_unsupported, pow2, randint, randn
-from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
+from .common import DOT_TOLERANCE, autotune_min_macs, channel_values, kernel_unsupported, pow2, randint, randn
+from .opspec import Candidate, OpSpec, Problem, add_spec
 
 NAME = "patch_embed"
 
@@ -179,5 +179,5 @@ SPEC = add_spec(OpSpec(
     mask_kind=mask_kind,
     shape_band=shape_band,
     autocast=(0, 1, 2, 3),
-    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}),
+    tolerance=DOT_TOLERANCE,
 ))

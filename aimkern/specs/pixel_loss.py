@@ -15,8 +15,8 @@ from ..checks import check_float_dtype, check_same_device, check_tensor, normali
 from ..ops._launch import interpreting
 from ..ops.pixel_loss import PixelLossParams, images_need_grad, pixel_loss_triton
 from ..reference.pixel_loss import next_patch_pixel_loss_reference
-from .common import exact_or_pow2, pow2, randint, randn
-from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
+from .common import PIXEL_LOSS_TOLERANCE, exact_or_pow2, pow2, randint, randn
+from .opspec import Candidate, OpSpec, Problem, add_spec
 
 NAME = "next_patch_pixel_loss"
 
@@ -114,6 +114,6 @@ SPEC = add_spec(OpSpec(
     small_problem=small_problem,
     mask_kind=mask_kind,
     shape_band=shape_band,
-    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3}),
+    tolerance=PIXEL_LOSS_TOLERANCE,
     needs_reference=needs_reference,
 ))

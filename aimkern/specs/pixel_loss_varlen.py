@@ -18,8 +18,8 @@ from ..ops._launch import interpreting
 from ..ops.pixel_loss_varlen import PixelLossVarlenParams, pixel_loss_varlen_triton
 from ..reference.pixel_loss_varlen import next_patch_pixel_loss_varlen_reference
 from .attention_varlen import _lengths, _per_sequence, check_cu_seqlens, check_values
-from .common import channel_values, pow2, randn
-from .opspec import Candidate, OpSpec, Problem, Tolerance, add_spec
+from .common import PIXEL_LOSS_TOLERANCE, channel_values, pow2, randn
+from .opspec import Candidate, OpSpec, Problem, add_spec
 
 NAME = "next_patch_pixel_loss_varlen"
 PATCH_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -166,6 +166,6 @@ SPEC = add_spec(OpSpec(
     small_problem=small_problem,
     mask_kind=mask_kind,
     shape_band=shape_band,
-    tolerance=Tolerance(factor=2.0, atol={"float32": 1e-5, "float16": 1e-4, "bfloat16": 1e-3}),
+    tolerance=PIXEL_LOSS_TOLERANCE,
     needs_reference=needs_reference,
 ))
