@@ -62,6 +62,24 @@ def kernel_unsupported(problem: Problem) -> Optional[str]:
     return interpreter_dtype_problem(problem.dtype, problem.device_type)
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def loss_kernel_unsupported(problem: Problem, data: str, data_dtypes: tuple) -> Optional[str]:
+    """Why a pixel loss's kernel cannot run ``problem`` (None when it can): CPU tensors need Triton's
+    interpreter, pred (tensor 0) must be a kernel dtype, the target data (tensor 1, named ``data``) one of
+    ``data_dtypes``, and the data must need no gradient (the kernels read it as data)."""
+    if problem.device_type == "cpu" and not interpreting():
+        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
+    if problem.dtype_of(0) not in KERNEL_DTYPES:
+        return f"pred in {problem.dtype_of(0)} is not a kernel dtype"
+    if problem.dtype_of(1) not in data_dtypes:
+        return f"{data} in {problem.dtype_of(1)}: not a dtype the kernel reads"
+    if problem.requires_grad[1]:
+        return f"treats {data} as data (no gradient); the {data} require grad"
+    return None
+
+
 _FLOAT32_MAX = 3.4028234663852886e38
 
 

@@ -12,10 +12,9 @@ from typing import Optional
 import torch
 
 from ..checks import check_float_dtype, check_same_device, check_tensor, normalize_prefix_len
-from ..ops._launch import interpreting
 from ..ops.pixel_loss import PixelLossParams, images_need_grad, pixel_loss_triton
 from ..reference.pixel_loss import next_patch_pixel_loss_reference
-from .common import PIXEL_LOSS_TOLERANCE, exact_or_pow2, pow2, randint, randn
+from .common import KERNEL_DTYPES, PIXEL_LOSS_TOLERANCE, exact_or_pow2, loss_kernel_unsupported, pow2, randint, randn
 from .opspec import Candidate, OpSpec, Problem, add_spec
 
 NAME = "next_patch_pixel_loss"
@@ -61,14 +60,7 @@ def needs_reference(tensors: tuple) -> bool:
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
-    if problem.device_type == "cpu" and not interpreting():
-        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
-    for i, name in ((0, "pred"), (1, "images")):
-        if problem.dtype_of(i) not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"{name} in {problem.dtype_of(i)} is not a kernel dtype"
-    if problem.requires_grad[1]:
-        return "treats images as data (no gradient); the images require grad"
-    return None
+    return loss_kernel_unsupported(problem, "images", KERNEL_DTYPES)
 
 
 def mask_kind(problem: Problem) -> str:

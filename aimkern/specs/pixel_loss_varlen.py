@@ -14,11 +14,10 @@ from typing import Optional
 import torch
 
 from ..checks import can_inspect_values, check_float_dtype, check_same_device, check_tensor
-from ..ops._launch import interpreting
 from ..ops.pixel_loss_varlen import PixelLossVarlenParams, pixel_loss_varlen_triton
 from ..reference.pixel_loss_varlen import next_patch_pixel_loss_varlen_reference
 from .attention_varlen import _lengths, _per_sequence, check_cu_seqlens, check_values
-from .common import PIXEL_LOSS_TOLERANCE, channel_values, pow2, randn
+from .common import PIXEL_LOSS_TOLERANCE, channel_values, loss_kernel_unsupported, pow2, randn
 from .opspec import Candidate, OpSpec, Problem, add_spec
 
 NAME = "next_patch_pixel_loss_varlen"
@@ -104,15 +103,7 @@ def needs_reference(tensors: tuple) -> bool:
 
 
 def _triton_unsupported(problem: Problem) -> Optional[str]:
-    if problem.device_type == "cpu" and not interpreting():
-        return "Triton on CPU tensors needs its interpreter (TRITON_INTERPRET=1)"
-    if problem.dtype_of(0) not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"pred in {problem.dtype_of(0)} is not a kernel dtype"
-    if problem.dtype_of(1) not in PATCH_DTYPES[:-1]:
-        return f"patches in {problem.dtype_of(1)} are not a kernel dtype"
-    if problem.requires_grad[1]:
-        return "treats patches as data (no gradient); the patches require grad"
-    return None
+    return loss_kernel_unsupported(problem, "patches", PATCH_DTYPES[:-1])
 
 
 def mask_kind(problem: Problem) -> str:
