@@ -231,7 +231,7 @@ def test_compiled_packed_step_does_not_recompile_when_the_pack_changes():
 # ------------------------------------------------ uint8 patches: normalized inside the fused patch embedding
 def two_pass(pack):
     """The pack as the model took it before the normalization was fused: a float32 copy of the normalized
-    patches (``packed_input``), then the op on float patches."""
+    patches (``model_input`` per channel), then the op on float patches."""
     import dataclasses
 
     from aimkern.data.inputs import model_input
