@@ -212,9 +212,11 @@ def attention_varlen(
             length 1 (and 0) are allowed.
         max_seqlen: a host int >= every sequence's length: it sizes the grid, and the op then reads nothing
             back from the device (the values of cu_seqlens, block_size and prefix_len are the caller's
-            responsibility; a bound below a sequence's length leaves that sequence's last rows unrun). None:
-            the op reads cu_seqlens (and the mask tensors) on the host once and checks them; under
-            torch.compile, where nothing can be read, it takes T as the bound.
+            responsibility). On the Triton backend, max_seqlen below a sequence's length gives NaN for that
+            sequence: all its output rows, and its rows of the q, k, v gradients, are NaN (never finite and
+            wrong); the other sequences are unaffected. None: the op reads cu_seqlens (and the mask tensors)
+            on the host once and checks them; under torch.compile, where nothing can be read, it takes T as
+            the bound.
         is_causal: False for full attention within each sequence; True for raster-order (block-)causal.
         block_size: an int, or an int tensor (S,) (one block per image: its grid width gives row-causal
             order): with is_causal, query i of s sees key j of s when j // block_size[s] <= i // block_size[s].

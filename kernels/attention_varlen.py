@@ -1,10 +1,20 @@
 """Varlen attention: S sequences laid end to end in (T, H, D), bounded by int32 cu_seqlens (S + 1,).
 
 The kernels and their launch configurations, one family (launched by aimkern/ops/attention_varlen.py).
-Every tile belongs to one sequence: program (tile, s * H + h) reads cu_seqlens[s], cu_seqlens[s + 1],
+Every tile belongs to one sequence: program (tile, h, s) reads cu_seqlens[s], cu_seqlens[s + 1],
 block_size[s] and prefix_len[s], and addresses its sequence's rows from its first token, so tiles start
-at token 0 of a sequence and never straddle two. The grid is sized by a host-side bound on the sequence
-lengths (max_seqlen); a program whose tile lies past its own sequence's end does nothing.
+at token 0 of a sequence and never straddle two. The tiled kernels' grid is (tiles, H, S): CUDA caps axes 1
+and 2 at 65,535 each (so S and H may each reach that; S * H is not bounded by it), and launches axis 0
+fastest, so one head's tiles of one sequence run side by side. The backward's key tail runs one program per
+(s, h) on a flat axis 0 (2**31 - 1). The grid is sized by a host-side bound on the sequence lengths
+(max_seqlen, also a kernel argument); a program whose tile lies past its own sequence's end does nothing.
+
+max_seqlen below a sequence's length (the caller's bound is wrong; checking it would cost the host sync it
+saves): that sequence, and only it, comes out NaN in every row of O and LSE (the forward), and of dK, dV and
+dQ (the backward), never a finite wrong value and never a hang. Each program compares n with max_seqlen; for
+such a sequence the main kernels' programs write NaN over all n rows among them (``nan_rows``, the grid's
+axis-0 programs striding over the rows) and the tail kernels skip it. A branch taken only then: a covered
+sequence runs exactly as before.
 
 Inside a sequence everything is the dense kernels' code (kernels/attention_fwd.py, attention_bwd.py), shared
 as @triton.jit helpers: the same mask (query i of s sees key j of s when j < prefix_len[s], or not
@@ -90,25 +100,39 @@ def key_split(n, HAS_KEY_TAIL: tl.constexpr):
     return k_end
 
 
+@triton.jit
+def nan_rows(base, first, n, stride_n, stride_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_ROWS: tl.constexpr):
+    """NaN into rows [0, n) (HEAD_D wide) at ``base``, for a sequence the grid does not cover (n > max_seqlen),
+    shared among the programs of grid axis 0: this one writes row tiles first, first + num_programs(0), ..."""
+    offs_d = tl.arange(0, BLOCK_D)
+    nan = tl.full([BLOCK_ROWS, BLOCK_D], float("nan"), base.dtype.element_ty)
+    for r0 in range(first * BLOCK_ROWS, n, tl.num_programs(0) * BLOCK_ROWS):
+        store_rows(base, nan, r0 + tl.arange(0, BLOCK_ROWS), n, offs_d, stride_n, stride_d, HEAD_D)
+
+
 # -------------------------------------------------------------------------------------------- forward
 @triton.jit
 def attn_varlen_fwd_kernel(
     Q, K, V, O, LSE, CU, BLOCK_SIZE, PREFIX,
     sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod,
-    H, T, qk_scale,
+    H, T, max_seqlen, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (query tile, s * H + h) over its sequence's queries [0, split); grid
-    (cdiv(max_seqlen, BLOCK_M), S * H). Writes O (T, H, D strides) and LSE (H, T) fp32, natural log."""
+    """One program per (query tile, h, s) over its sequence's queries [0, split); grid
+    (cdiv(max_seqlen, BLOCK_M), H, S). Writes O (T, H, D strides) and LSE (H, T) fp32, natural log; a
+    sequence longer than max_seqlen gets NaN in all its O and LSE rows (``nan_rows``)."""
     pid_m = tl.program_id(0)
-    sh = tl.program_id(1)
-    s = sh // H
-    h = (sh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
     start, n = sequence(CU, s)
     m_end = query_split(n)
     m0 = pid_m * BLOCK_M
-    if m0 < m_end:
+    if n > max_seqlen:  # uncovered: NaN in every row (the tail kernel leaves the sequence alone)
+        nan_rows(O + start * sot + h * soh, pid_m, n, sot, sod, HEAD_D, BLOCK_D, BLOCK_M)
+        nan_rows(LSE + h * T + start, pid_m, n, 1, 0, 1, 1, BLOCK_M)
+    elif m0 < m_end:
         block_size, prefix = sequence_mask(BLOCK_SIZE, PREFIX, s, IS_CAUSAL, HAS_PREFIX)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -125,19 +149,19 @@ def attn_varlen_fwd_kernel(
 def attn_varlen_fwd_tail_kernel(
     Q, K, V, O, LSE, CU, BLOCK_SIZE, PREFIX,
     sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod,
-    H, T, qk_scale,
+    H, T, max_seqlen, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """The last queries [split, n) of each sequence (fewer than 64), BLOCK_M (16) at a time, key-major (the
-    dense attn_fwd_tail_kernel); grid (cdiv(63, BLOCK_M), S * H)."""
+    dense attn_fwd_tail_kernel); grid (cdiv(63, BLOCK_M), H, S). Skips a sequence longer than max_seqlen
+    (attn_varlen_fwd_kernel has written its rows NaN)."""
     pid_m = tl.program_id(0)
-    sh = tl.program_id(1)
-    s = sh // H
-    h = (sh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
     start, n = sequence(CU, s)
     m0 = query_split(n) + pid_m * BLOCK_M
-    if m0 < n:
+    if (m0 < n) & (n <= max_seqlen):
         block_size, prefix = sequence_mask(BLOCK_SIZE, PREFIX, s, IS_CAUSAL, HAS_PREFIX)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -157,12 +181,13 @@ def attn_varlen_fwd_tail_kernel(
 def attn_varlen_bwd_key_tail_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU, BLOCK_SIZE, PREFIX,
     sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd, skgt, skgh, skgd, svgt, svgh, svgd,
-    H, T, qk_scale, sm_scale,
+    H, T, max_seqlen, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KEY_TILE: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of each sequence's keys [key_split(n), n) (at most 32) in KEY_TILE-key tiles, and their dQ
-    shares; one program per (s * H + h), launched before attn_varlen_bwd_kernel. Grid (S * H,)."""
+    shares; one program per (s * H + h), launched before attn_varlen_bwd_kernel. Grid (S * H,), flat (S * H
+    may pass 65,535). Skips a sequence longer than max_seqlen (attn_varlen_bwd_kernel writes it NaN)."""
     sh = tl.program_id(0)
     s = sh // H
     h = (sh % H).to(tl.int64)
@@ -170,7 +195,8 @@ def attn_varlen_bwd_key_tail_kernel(
     block_size, prefix = sequence_mask(BLOCK_SIZE, PREFIX, s, IS_CAUSAL, HAS_PREFIX)
     offs_d = tl.arange(0, BLOCK_D)
     row = h * T + start
-    for k_start in range(key_split(n, True), n, KEY_TILE):
+    k_stop = tl.where(n > max_seqlen, 0, n)  # uncovered: no tile
+    for k_start in range(key_split(n, True), k_stop, KEY_TILE):
         key_tail_tile(K + start * skt + h * skh, V + start * svt + h * svh, Q + start * sqt + h * sqh,
                       DO + start * sdt + h * sdh, LSE + row, DELTA + row, DQ_ACC + row * HEAD_D,
                       DK + start * skgt + h * skgh, DV + start * svgt + h * svgh, k_start, offs_d,
@@ -182,27 +208,34 @@ def attn_varlen_bwd_key_tail_kernel(
 def attn_varlen_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEM, CU, BLOCK_SIZE, PREFIX,
     sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd, skgt, skgh, skgd, svgt, svgh, svgd,
-    H, T, sem_stride, qk_scale, sm_scale,
+    H, T, max_seqlen, sem_stride, qk_scale, sm_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KEY_TAIL: tl.constexpr,
     DETERMINISTIC: tl.constexpr, DQ_KEY_MAJOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (key tile, s * H + h) over keys [0, key_split(n)), grid (cdiv(max_seqlen, BLOCK_N),
-    S * H), key tiles in descending order along axis 0: a sequence's highest tile is launched first, so a
-    DETERMINISTIC program only waits for programs launched before it. dK, dV written once (rows of the
-    sequence only); dQ shares added into DQ_ACC. SEM (H, sem_stride) int32 zeros: sequence s's query
-    tiles count turns in slots [cu[s] // 16 + s, ... + cdiv(n, 16)), disjoint across sequences
-    (sem_stride = T // 16 + S)."""
-    n_tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    sh = tl.program_id(1)
-    s = sh // H
-    h = (sh % H).to(tl.int64)
+    """One program per (key tile, h, s) over keys [0, key_split(n)), grid (cdiv(max_seqlen, BLOCK_N), H, S),
+    key tiles in descending order along axis 0. CUDA launches axis 0 fastest, then 1, then 2: the tiles of
+    one (s, h) are launched together, its highest key tile first, so a DETERMINISTIC program only waits for
+    programs launched before it (the turns of a query tile come from its own (s, h) only). dK, dV written
+    once (rows of the sequence only); dQ shares added into DQ_ACC. SEM (H, sem_stride) int32 zeros:
+    sequence s's query tiles count turns in slots [cu[s] // 16 + s, ... + cdiv(n, 16)), disjoint across
+    sequences (sem_stride = T // 16 + S). A sequence longer than max_seqlen gets NaN in all its dK, dV and
+    DQ_ACC rows (``nan_rows``), and no program waits on it."""
+    pid = tl.program_id(0)
+    n_tile = tl.num_programs(0) - 1 - pid
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
     start, n = sequence(CU, s)
     k_end = key_split(n, HAS_KEY_TAIL)
-    # A grid too short for the sequence (max_seqlen below its length: the launcher's caller must not) drops
-    # its high key tiles rather than leaving the ordered dQ turns waiting for them forever.
+    # n <= max_seqlen puts every key tile on the grid; the minimum keeps a grid too short for the launcher's
+    # max_seqlen from leaving the ordered dQ turns waiting forever for tiles that never run.
     tiles = tl.minimum(tl.cdiv(k_end, BLOCK_N), tl.num_programs(0))
-    if n_tile < tiles:
+    if n > max_seqlen:  # uncovered: NaN gradients for every row (the key tail left the sequence alone)
+        row = h * T + start
+        nan_rows(DK + start * skgt + h * skgh, pid, n, skgt, skgd, HEAD_D, BLOCK_D, BLOCK_N)
+        nan_rows(DV + start * svgt + h * svgh, pid, n, svgt, svgd, HEAD_D, BLOCK_D, BLOCK_N)
+        nan_rows(DQ_ACC + row * HEAD_D, pid, n, HEAD_D, 1, HEAD_D, BLOCK_D, BLOCK_N)
+    elif n_tile < tiles:
         block_size, prefix = sequence_mask(BLOCK_SIZE, PREFIX, s, IS_CAUSAL, HAS_PREFIX)
         n0 = n_tile * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -256,7 +289,7 @@ def _forward(bd: int, fp32: bool, tile: int, arch: int) -> Choice:
 
 
 def forward(head_dim: int, fp32: bool, max_seqlen: int, arch: int = 90) -> Choice:
-    """attn_varlen_fwd_kernel; grid (cdiv(max_seqlen, BLOCK_M), S * H)."""
+    """attn_varlen_fwd_kernel; grid (cdiv(max_seqlen, BLOCK_M), H, S)."""
     return _forward(block_d(head_dim), fp32, interpret_tile(max_seqlen), arch)
 
 
@@ -267,7 +300,7 @@ def _forward_tail(bd: int, fp32: bool) -> Choice:
 
 
 def forward_tail(head_dim: int, fp32: bool) -> Choice:
-    """attn_varlen_fwd_tail_kernel (16-query tiles); grid (cdiv(QUERY_TAIL_QUANTUM - 1, BLOCK_M), S * H)."""
+    """attn_varlen_fwd_tail_kernel (16-query tiles); grid (cdiv(QUERY_TAIL_QUANTUM - 1, BLOCK_M), H, S)."""
     return _forward_tail(block_d(head_dim), fp32)
 
 
@@ -294,7 +327,7 @@ def _backward_tiled(bd: int, fp32: bool, tile: int, arch: int) -> Choice:
 
 
 def backward_tiled(head_dim: int, fp32: bool, max_seqlen: int, arch: int = 90) -> Choice:
-    """attn_varlen_bwd_kernel; grid (cdiv(max_seqlen, BLOCK_N), S * H); DQ_ACC (H, T, D) fp32 zeros and,
+    """attn_varlen_bwd_kernel; grid (cdiv(max_seqlen, BLOCK_N), H, S); DQ_ACC (H, T, D) fp32 zeros and,
     when DETERMINISTIC, SEM (H, T // 16 + S) int32 zeros."""
     return _backward_tiled(block_d(head_dim), fp32, interpret_tile(max_seqlen), arch)
 

@@ -66,3 +66,52 @@ def test_gpu_torch_varlen_candidate_passes_verification():
     if reason is not None:
         pytest.skip(reason)
     assert measure.verify(spec, spec.candidate("torch-varlen"), problem) is None
+
+
+def test_gpu_more_than_65535_sequence_head_pairs():
+    """4,375 short images x 16 heads = 70,000 (sequence, head) pairs (the grid (tiles, H, S) launches it):
+    the output held to the float64 reference, and every head's output and gradients bit for bit those of the
+    same pack run one head at a time."""
+    import aimkern
+    from aimkern.reference.attention_varlen import attention_varlen_reference
+    from tolerances import assert_close_relative
+
+    lengths = [1 + i % 40 for i in range(4375)]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    t, h = sum(lengths), 16
+    base = [torch.randn(t, h, 64, device="cuda") for _ in range(3)]
+    do = torch.randn(t, h, 64, device="cuda", dtype=torch.float16)
+
+    def run(xs, grad_out):
+        xs = [x.half().requires_grad_() for x in xs]
+        o = aimkern.attention_varlen(*xs, cu, max_seqlen=40, is_causal=True, prefix_len=3, backend="triton")
+        return (o, *torch.autograd.grad(o, xs, grad_out))
+
+    got = run(base, do)
+    ref = attention_varlen_reference(*(x.half().double() for x in base), cu, is_causal=True, prefix_len=3)
+    same = attention_varlen_reference(*(x.half() for x in base), cu, is_causal=True, prefix_len=3)
+    assert_close_relative(got[0], same, ref, name="o", atol=2e-3)
+    for head in (0, 7, 15):
+        one = run([x[:, head:head + 1] for x in base], do[:, head:head + 1])
+        for name, g, e in zip(("o", "dq", "dk", "dv"), got, one):
+            assert torch.equal(g[:, head:head + 1], e), (name, head)
+
+
+def test_gpu_max_seqlen_below_a_length_gives_nan():
+    """A 300-token image under max_seqlen=256 (compiled tiles): NaN in all its rows of the output and the
+    gradients; the other images bit for bit the max_seqlen=None call's."""
+    import aimkern
+
+    lengths = [5, 300, 20, 256]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    t = sum(lengths)
+    base = [torch.randn(t, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    do = torch.randn(t, 4, 64, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for bound in (None, 256):
+        xs = [x.clone().requires_grad_() for x in base]
+        o = aimkern.attention_varlen(*xs, cu, max_seqlen=bound, is_causal=True, prefix_len=7, backend="triton")
+        outs.append((o.detach(), *torch.autograd.grad(o, xs, do)))
+    for name, exact, got in zip(("o", "dq", "dk", "dv"), *outs):
+        assert got[5:305].isnan().all() and exact[5:305].isfinite().all(), name
+        assert torch.equal(torch.cat([got[:5], got[305:]]), torch.cat([exact[:5], exact[305:]])), name

@@ -136,12 +136,14 @@ def kernels(family: str):
 # ------------------------------------------------------------------------------------------- observers
 @dataclass(frozen=True)
 class Launch:
-    """One launch as the launch layer made it: the Choice, its positional args and constexpr kwargs."""
+    """One launch as the launch layer made it: the Choice, its positional args and constexpr kwargs, and its
+    grid (META -> grid tuple, as ``launch`` took it: call it with a config's kwargs)."""
 
     choice: object
     args: tuple
     constexprs: dict
     policy: LaunchPolicy
+    grid: Optional[Callable[[dict], tuple]] = None
 
     @property
     def name(self) -> str:
@@ -241,7 +243,7 @@ def launch(choice, grid: Callable[[dict], tuple], args: tuple, *, dtype: torch.d
     choice = fit_to_device(choice, device, constexprs, dtype)
     dry = False
     for seen, dry_run in _OBSERVERS.get():
-        seen.append(Launch(choice, args, constexprs, policy))
+        seen.append(Launch(choice, args, constexprs, policy, grid))
         dry = dry or dry_run
     if dry:
         return

@@ -11,8 +11,10 @@ entries ``attention_varlen_triton`` / ``attention_varlen_qkvpacked_triton`` (che
 Shapes: q, k, v, o, do (T, H, D), any strides; cu_seqlens int32 (S + 1,) from 0 to T, non-decreasing;
 block_sizes None (``params.block_size`` for every sequence) or int32 (S,); prefix_len None or int32 (S,) in
 [0, n_s]; lse (H, T) fp32, natural log (each head's rows contiguous, as the kernels read them).
-``params.max_seqlen`` is resolved before the ops (a host int >= every sequence's length: it sizes the grid,
-and a smaller one would leave the longer sequences' high tiles unrun).
+``params.max_seqlen`` is resolved before the ops (a host int, meant to be >= every sequence's length: it sizes
+the grid). The kernels get it too: a sequence longer than it, which the grid may not cover, comes out NaN in
+all its rows (o, lse, and dq, dk, dv), never finite and wrong; the other sequences are unaffected. Nothing
+reads cu_seqlens on the host to check it (that sync is what max_seqlen saves).
 
 Layout "packed": a (T, 3, H, D) qkv in place of q (k, v None); the backward writes dq, dk, dv through strides
 into one (T, 3, H, D) gradient, as attention's packed layout does.
@@ -29,8 +31,18 @@ from ._launch import LaunchPolicy, cdiv, check_interpretable_dtype, current_poli
 
 OP = "attention_varlen"
 FAMILY = "attention_varlen"
-_LOG2E = 1.4426950408889634  # the kernels use exp2: scores are pre-scaled by log2(e)
-MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the kernels put S * H
+# CUDA's grid limits: axis 0 takes 2**31 - 1 programs, axes 1 and 2 take 65,535 each. The tiled kernels run on
+# (tiles, H, S): tiles fastest, so one head's tiles of one sequence are launched side by side (and the tiled
+# backward's highest-key-tile-first order holds), H and S each on an axis of its own. The key-tail kernel
+# runs one program per (s, h) on a flat axis 0.
+GRID_X_MAX = 2**31 - 1
+GRID_YZ_MAX = 65_535
+
+
+def _log2e() -> float:
+    """log2(e), from kernels/constants.py (as ops/attention.py reads it): the kernels use exp2, so the
+    launchers pre-scale the scores by it."""
+    return kernels("constants").LOG2E.value
 
 
 @dataclass(frozen=True)
@@ -89,11 +101,20 @@ def _fixed(policy: LaunchPolicy) -> LaunchPolicy:
     return replace(policy, autotune=False)
 
 
-def _grid_rows(s: int, h: int) -> int:
-    if s * h > MAX_GRID_Y:
-        raise ValueError(f"{OP}: S * H = {s} * {h} exceeds the {MAX_GRID_Y} programs of grid axis 1; "
-                         "pack fewer sequences per call")
-    return s * h
+def check_grid(s: int, h: int) -> None:
+    """A ValueError naming the quantity when S sequences x H heads cannot be launched: S (grid axis 2) or H
+    (axis 1) above 65,535, or S * H above the 2**31 - 1 programs of the key tail's flat axis 0 (the tile
+    axis 0 holds cdiv(max_seqlen, BLOCK) <= T programs, under it whenever cu_seqlens is int32)."""
+    if s > GRID_YZ_MAX:
+        raise ValueError(f"{OP}: S = {s} sequences exceed CUDA's {GRID_YZ_MAX} programs of grid axis 2 (one "
+                         f"per sequence); split the pack into calls of at most {GRID_YZ_MAX} sequences")
+    if h > GRID_YZ_MAX:
+        raise ValueError(f"{OP}: H = {h} heads exceed CUDA's {GRID_YZ_MAX} programs of grid axis 1 (one per "
+                         f"head); run the heads in groups of at most {GRID_YZ_MAX}")
+    if s * h > GRID_X_MAX:
+        raise ValueError(f"{OP}: S * H = {s} * {h} = {s * h} (sequence, head) pairs exceed CUDA's {GRID_X_MAX} "
+                         "programs of grid axis 0 (the backward's key tail runs one program per pair); "
+                         "split the pack or the heads")
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -107,18 +128,18 @@ def launch_forward(q, k, v, cu_seqlens, block_sizes, prefix_len, params: VarlenA
     lse = torch.empty((h, t), device=q.device, dtype=torch.float32)
     if t == 0 or h == 0 or s == 0 or not max_seqlen:
         return o, lse
-    rows = _grid_rows(s, h)
+    check_grid(s, h)
     kern = kernels(FAMILY)
     fp32 = q.dtype == torch.float32
     cu, bs, pf, has_prefix = _mask_tensors(cu_seqlens, block_sizes, prefix_len, params)
-    args = (q, k, v, o, lse, cu, bs, pf, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, t,
-            params.resolved_scale(d) * _LOG2E)
+    args = (q, k, v, o, lse, cu, bs, pf, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, t, max_seqlen,
+            params.resolved_scale(d) * _log2e())
     flags = dict(dtype=q.dtype, policy=_fixed(policy), HEAD_D=d, BLOCK_D=kern.block_d(d), IS_CAUSAL=params.is_causal,
                  HAS_PREFIX=has_prefix)
     launch(kern.forward(d, fp32, max_seqlen, table_arch(q.device)),
-           lambda META: (cdiv(max_seqlen, META["BLOCK_M"]), rows), args, **flags)
+           lambda META: (cdiv(max_seqlen, META["BLOCK_M"]), h, s), args, **flags)
     if max_seqlen > kern.QUERY_TAIL_QUANTUM:  # only sequences longer than 64 have a query tail
-        launch(kern.forward_tail(d, fp32), lambda META: (cdiv(kern.QUERY_TAIL_QUANTUM - 1, META["BLOCK_M"]), rows),
+        launch(kern.forward_tail(d, fp32), lambda META: (cdiv(kern.QUERY_TAIL_QUANTUM - 1, META["BLOCK_M"]), h, s),
                args, **flags)
     return o, lse
 
@@ -134,7 +155,7 @@ def launch_backward(do, q, k, v, o, lse, cu_seqlens, block_sizes, prefix_len, pa
     dq, dk, dv = out if out is not None else (q.new_empty((t, h, d)), k.new_empty((t, h, d)), v.new_empty((t, h, d)))
     if t == 0 or h == 0 or s == 0 or not max_seqlen:
         return dq, dk, dv
-    rows = _grid_rows(s, h)
+    check_grid(s, h)
     kern = kernels(FAMILY)
     fp32 = q.dtype == torch.float32
     arch = table_arch(q.device)
@@ -154,10 +175,10 @@ def launch_backward(do, q, k, v, o, lse, cu_seqlens, block_sizes, prefix_len, pa
                   HAS_PREFIX=has_prefix)
     key_tail = kern.has_key_tail(d)
     if key_tail and max_seqlen > kern.KEY_TAIL_QUANTUM:  # the last <= 32 keys first: their dQ shares land first
-        launch(kern.backward_key_tail(d, fp32, arch), lambda META: (rows,),
-               (*tensors, cu, bs, pf, *strides, h, t, scale * _LOG2E, scale), **common)
-    launch(kern.backward_tiled(d, fp32, max_seqlen, arch), lambda META: (cdiv(max_seqlen, META["BLOCK_N"]), rows),
-           (*tensors, sem, cu, bs, pf, *strides, h, t, slots, scale * _LOG2E, scale),
+        launch(kern.backward_key_tail(d, fp32, arch), lambda META: (s * h,),
+               (*tensors, cu, bs, pf, *strides, h, t, max_seqlen, scale * _log2e(), scale), **common)
+    launch(kern.backward_tiled(d, fp32, max_seqlen, arch), lambda META: (cdiv(max_seqlen, META["BLOCK_N"]), h, s),
+           (*tensors, sem, cu, bs, pf, *strides, h, t, max_seqlen, slots, scale * _log2e(), scale),
            HAS_KEY_TAIL=key_tail, DETERMINISTIC=params.deterministic, DQ_KEY_MAJOR=arch >= 90, **common)
     dq.copy_(dq_acc.mul_(scale).permute(1, 0, 2))  # one pass: scale and cast into dq's strides
     return dq, dk, dv
